@@ -1,0 +1,198 @@
+"""Networks and the LightningModule that trains them as image classifiers.
+
+``SmallCNN`` is the default: conv-bn-relu blocks and a linear head, the shapes that QAT fuses and channel
+pruning shrinks. torchvision classifiers are built with ``num_classes`` and ``in_channels`` and, for small
+inputs (digits, CIFAR), with a 3x3 stride-1 stem and no early down-sampling, as is usual for 32x32 data.
+"""
+
+from __future__ import annotations
+
+import importlib
+from functools import partial
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+
+class SmallCNN(nn.Module):
+    """Conv-BN-ReLU blocks, max-pooling between blocks, global average pooling and a linear head.
+
+    Args:
+        num_classes: outputs of the head.
+        in_channels: channels of the input images.
+        widths: output channels of each block.
+    """
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, widths: Sequence[int] = (32, 64, 128)):
+        super().__init__()
+        blocks: list[nn.Module] = []
+        channels = in_channels
+        for index, width in enumerate(widths):
+            if index > 0:
+                blocks.append(nn.MaxPool2d(2))
+            blocks += [nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
+            channels = width
+        self.features = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(channels, num_classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.pool(self.features(images)), 1))
+
+
+def _small_input_stem(conv: nn.Conv2d, in_channels: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, conv.out_channels, 3, stride=stride, padding=1, bias=conv.bias is not None)
+
+
+def torchvision_classifier(
+    name: str, num_classes: int = 10, in_channels: int = 3, small_input: bool = True
+) -> nn.Module:
+    """A torchvision classifier with random weights (no weight download happens here).
+
+    Args:
+        name: ``resnet18``, ``mobilenet_v2`` or ``mobilenet_v3_small``.
+        num_classes: outputs of the head.
+        in_channels: channels of the input images.
+        small_input: adapt the stem to inputs of 8 to 64 pixels instead of 224.
+    """
+    if name not in TORCHVISION_ARCHITECTURES:
+        raise ValueError(f"model.architecture={name!r} is unknown: allowed are {sorted(ARCHITECTURES)}.")
+    net = getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
+    if name == "resnet18":
+        if small_input:
+            net.conv1 = _small_input_stem(net.conv1, in_channels)
+            net.maxpool = nn.Identity()
+        elif in_channels != 3:
+            net.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
+    else:  # mobilenets: features[0] is Conv-BN-activation
+        stem = net.features[0][0]
+        if small_input or in_channels != 3:
+            net.features[0][0] = _small_input_stem(stem, in_channels, stride=1 if small_input else 2)
+    return net
+
+
+TORCHVISION_ARCHITECTURES = ("resnet18", "mobilenet_v2", "mobilenet_v3_small")
+
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
+    "cnn": SmallCNN,
+    **{name: partial(torchvision_classifier, name) for name in TORCHVISION_ARCHITECTURES},
+}
+
+
+def build_network(architecture: str, num_classes: int, in_channels: int, **options) -> nn.Module:
+    """Build a registered architecture by name, or any ``package.module.Class`` taking the same arguments."""
+    if architecture in ARCHITECTURES:
+        factory = ARCHITECTURES[architecture]
+    elif "." in architecture:
+        module_name, _, class_name = architecture.rpartition(".")
+        try:
+            factory = getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError) as error:
+            raise ValueError(f"model.architecture={architecture!r} cannot be imported: {error}.") from error
+    else:
+        raise ValueError(
+            f"model.architecture={architecture!r} is unknown: allowed are {sorted(ARCHITECTURES)} "
+            "or an import path such as 'my_package.models.MyNet'."
+        )
+    return factory(num_classes=num_classes, in_channels=in_channels, **options)
+
+
+def load_network_weights(net: nn.Module, checkpoint: str | Path, prefix: str = "net.") -> None:
+    """Load trained weights into ``net`` from a Lightning checkpoint or a plain ``state_dict`` file.
+
+    Loading uses ``weights_only=True``, so a file can carry tensors but no code. A Lightning checkpoint's
+    keys lose ``prefix`` (the attribute that holds the network). Any difference in keys or shapes is an
+    error naming the first offending key, because a partially loaded model trains silently from garbage.
+    """
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"model.checkpoint={str(checkpoint)!r} does not exist.")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = {key[len(prefix):]: value for key, value in state["state_dict"].items() if key.startswith(prefix)}
+    expected = net.state_dict()
+    for key, value in expected.items():
+        if key not in state:
+            raise ValueError(f"model.checkpoint={str(checkpoint)!r} does not fit: key {key!r} is missing.")
+        if state[key].shape != value.shape:
+            raise ValueError(
+                f"model.checkpoint={str(checkpoint)!r} does not fit: key {key!r} has shape "
+                f"{tuple(state[key].shape)}, the model expects {tuple(value.shape)}."
+            )
+    unexpected = [key for key in state if key not in expected]
+    if unexpected:
+        raise ValueError(
+            f"model.checkpoint={str(checkpoint)!r} does not fit: unexpected key {unexpected[0]!r}."
+        )
+    net.load_state_dict(state)
+
+
+class ImageClassifier(L.LightningModule):
+    """Trains ``net`` with cross-entropy and AdamW under a cosine learning-rate schedule.
+
+    Args:
+        architecture: a name from ``ARCHITECTURES`` or an import path of an ``nn.Module`` class that takes
+            ``num_classes`` and ``in_channels``.
+        num_classes: outputs of the network (``train.py`` takes it from the datamodule).
+        in_channels: channels of the input images (``train.py`` takes it from the datamodule).
+        lr: peak learning rate.
+        weight_decay: AdamW weight decay.
+        checkpoint: start from trained weights (a Lightning checkpoint or a ``state_dict`` file).
+        architecture_options: extra keyword arguments of the architecture (``widths`` of the CNN, say).
+    """
+
+    def __init__(
+        self,
+        architecture: str = "cnn",
+        num_classes: int = 10,
+        in_channels: int = 1,
+        lr: float = 3e-3,
+        weight_decay: float = 1e-4,
+        checkpoint: str | None = None,
+        architecture_options: dict | None = None,
+    ) -> None:
+        super().__init__()
+        if lr <= 0:
+            raise ValueError(f"model.lr={lr!r} is invalid: it must be positive.")
+        if weight_decay < 0:
+            raise ValueError(f"model.weight_decay={weight_decay!r} is invalid: it must be 0 or more.")
+        self.save_hyperparameters()
+        self.net = build_network(architecture, num_classes, in_channels, **(architecture_options or {}))
+        if checkpoint is not None:
+            load_network_weights(self.net, checkpoint)
+        self.train_accuracy = MulticlassAccuracy(num_classes, average="micro")
+        self.val_accuracy = MulticlassAccuracy(num_classes, average="micro")
+        self.test_accuracy = MulticlassAccuracy(num_classes, average="micro")
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, accuracy: MulticlassAccuracy):
+        images, labels = batch
+        logits = self(images)
+        loss = F.cross_entropy(logits, labels)
+        accuracy(logits, labels)
+        self.log(f"{stage}/loss", loss, prog_bar=stage != "test")
+        self.log(f"{stage}/acc", accuracy, prog_bar=True, on_step=False, on_epoch=True)
+        return loss
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train", self.train_accuracy)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._step(batch, "val", self.val_accuracy)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._step(batch, "test", self.test_accuracy)
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        epochs = max(self.trainer.max_epochs or 1, 1)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}

@@ -1,0 +1,242 @@
+"""The compression report: the yardstick every feature is judged by.
+
+Each model in the report (the fp32 model, and whatever the compression callbacks produced) is measured the
+same way: test accuracy over the same loader, weights counted exactly (quantized weights included, zeros
+counted on the dequantized values), the byte size of its serialized ``state_dict``, and the median latency
+of a batch-1 forward on one CPU thread, after warm-up, in eval mode and without autograd.
+
+Callbacks contribute models by defining ``report_models() -> dict[str, nn.Module]``; a name they return
+replaces the same name from earlier sources (the QAT callback, for one, supplies the true fp32 model,
+since the trained module itself holds fake-quant observers).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import statistics
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+from torch.utils.data import DataLoader
+
+BASELINE = "fp32"
+
+
+@contextmanager
+def _measuring(model: nn.Module, threads: int | None = None) -> Iterator[None]:
+    """Eval mode, no autograd, optionally a fixed thread count; everything restored afterwards.
+
+    Deterministic algorithms are switched off meanwhile: ``Trainer(deterministic=True)`` leaves them on
+    after ``fit``, and int8 kernels have no deterministic implementation, so they would refuse to run.
+    """
+    was_training = model.training
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    previous_threads = torch.get_num_threads()
+    model.eval()
+    torch.use_deterministic_algorithms(False)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        torch.set_num_threads(previous_threads)
+        torch.use_deterministic_algorithms(deterministic)
+        model.train(was_training)
+
+
+def top1_accuracy(model: nn.Module, dataloader: Iterable) -> float:
+    """Top-1 accuracy (fraction) of ``model`` over ``(images, labels)`` batches."""
+    correct = total = 0
+    with _measuring(model):
+        for images, labels in dataloader:
+            correct += int((model(images).argmax(dim=1) == labels).sum())
+            total += len(labels)
+    return correct / total
+
+
+def _weights(module: nn.Module) -> Iterator[torch.Tensor]:
+    """Every weight and bias once; quantized Conv/Linear keep theirs packed, with the packed holder as a
+    child that exposes them again, so the walk stops at the first module that unpacks them."""
+    packed = getattr(module, "_weight_bias", None)
+    if callable(packed):
+        yield from (tensor for tensor in packed() if tensor is not None)
+        yield from module.parameters(recurse=False)
+        return
+    yield from module.parameters(recurse=False)
+    for child in module.children():
+        yield from _weights(child)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """All weights and biases, float or quantized, and how many of them are not zero."""
+    total = nonzero = 0
+    for tensor in _weights(model):
+        values = tensor.dequantize() if tensor.is_quantized else tensor.detach()
+        total += values.numel()
+        nonzero += int(torch.count_nonzero(values))
+    return total, nonzero
+
+
+def serialized_size(model: nn.Module) -> int:
+    """Bytes of ``torch.save(model.state_dict())``: what a user stores and ships."""
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.getbuffer().nbytes
+
+
+def latency_ms(model: nn.Module, example_input: torch.Tensor, runs: int = 50, warmup: int = 10) -> float:
+    """Median milliseconds of one forward on ``example_input``, single-threaded."""
+    timings = []
+    with _measuring(model, threads=1):
+        for _ in range(warmup):
+            model(example_input)
+        for _ in range(runs):
+            start = time.perf_counter()
+            model(example_input)
+            timings.append((time.perf_counter() - start) * 1000.0)
+    return statistics.median(timings)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    name: str
+    accuracy: float | None
+    parameters: int
+    nonzero_parameters: int
+    size_bytes: int
+    latency_ms: float
+
+
+def measure(
+    name: str,
+    model: nn.Module,
+    dataloader: Iterable | None,
+    example_input: torch.Tensor,
+    runs: int = 50,
+    warmup: int = 10,
+    known_accuracy: float | None = None,
+) -> Measurement:
+    """Measure one model; ``known_accuracy`` skips evaluating a figure computed elsewhere."""
+    total, nonzero = count_parameters(model)
+    if known_accuracy is None and dataloader is not None:
+        known_accuracy = top1_accuracy(model, dataloader)
+    return Measurement(
+        name=name,
+        accuracy=known_accuracy,
+        parameters=total,
+        nonzero_parameters=nonzero,
+        size_bytes=serialized_size(model),
+        latency_ms=latency_ms(model, example_input, runs, warmup),
+    )
+
+
+@dataclass
+class CompressionReport:
+    """Measurements side by side, with ratios against the ``fp32`` row."""
+
+    measurements: list[Measurement]
+    settings: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_models(
+        cls,
+        models: dict[str, nn.Module],
+        dataloader: DataLoader,
+        example_input: torch.Tensor,
+        runs: int = 50,
+        warmup: int = 10,
+        accuracies: dict[str, float] | None = None,
+    ) -> CompressionReport:
+        """Measure every model; ``accuracies`` gives figures already computed (the teacher's, say)."""
+        accuracies = accuracies or {}
+        measurements = [
+            measure(name, model, dataloader, example_input, runs, warmup, accuracies.get(name))
+            for name, model in models.items()
+        ]
+        settings = {
+            "input_shape": list(example_input.shape),
+            "threads": 1,
+            "latency_runs": runs,
+            "warmup_runs": warmup,
+            "latency_statistic": "median",
+            "torch": torch.__version__,
+            "quantized_engine": torch.backends.quantized.engine,
+        }
+        return cls(measurements, settings)
+
+    def rows(self) -> list[dict]:
+        """Each measurement with its ratios to the baseline (absent when there is no ``fp32`` row)."""
+        baseline = next((row for row in self.measurements if row.name == BASELINE), None)
+        rows = []
+        for row in self.measurements:
+            values = asdict(row)
+            if baseline is not None:
+                values["accuracy_delta_points"] = (
+                    None
+                    if row.accuracy is None or baseline.accuracy is None
+                    else 100.0 * (row.accuracy - baseline.accuracy)
+                )
+                values["size_ratio"] = row.size_bytes / baseline.size_bytes
+                values["nonzero_ratio"] = row.nonzero_parameters / max(baseline.nonzero_parameters, 1)
+                values["speedup"] = baseline.latency_ms / row.latency_ms
+            rows.append(values)
+        return rows
+
+    def table(self) -> Table:
+        table = Table(title=f"Compression report (batch {self.settings['input_shape'][0]}, 1 thread)")
+        for column in ("model", "test acc", "params", "non-zero", "size", "latency ms", "Δacc pts", "size x",
+                       "speedup"):
+            table.add_column(column, justify="left" if column == "model" else "right")
+        for row in self.rows():
+            table.add_row(
+                row["name"],
+                "-" if row["accuracy"] is None else f"{100 * row['accuracy']:.2f}%",
+                f"{row['parameters']:,}",
+                f"{row['nonzero_parameters']:,}",
+                f"{row['size_bytes'] / 1024:,.1f} KiB",
+                f"{row['latency_ms']:.3f}",
+                "-" if row.get("accuracy_delta_points") is None else f"{row['accuracy_delta_points']:+.2f}",
+                "-" if "size_ratio" not in row else f"{row['size_ratio']:.3f}",
+                "-" if "speedup" not in row else f"{row['speedup']:.2f}x",
+            )
+        return table
+
+    def print(self, console: Console | None = None) -> None:
+        (console or Console(width=max(Console().width, 120))).print(self.table())
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps({"settings": self.settings, "rows": self.rows()}, indent=2))
+
+    def log_to(self, loggers: Iterable) -> None:
+        """Every figure as a metric ``report/<model>/<field>``; W&B also gets the table itself."""
+        metrics = {
+            f"report/{row['name']}/{key}": float(value)
+            for row in self.rows()
+            for key, value in row.items()
+            if key != "name" and value is not None
+        }
+        for logger in loggers:
+            logger.log_metrics(metrics)
+            if hasattr(logger, "log_table"):
+                rows = self.rows()
+                columns = list(rows[0])
+                logger.log_table(key="report", columns=columns, data=[[row.get(c) for c in columns] for row in rows])
+
+
+def models_to_report(trainer, pl_module: nn.Module) -> dict[str, nn.Module]:
+    """The trained module as ``fp32``, then what each compression callback contributes."""
+    models: dict[str, nn.Module] = {BASELINE: pl_module}
+    for callback in trainer.callbacks:
+        report_models = getattr(callback, "report_models", None)
+        if callable(report_models):
+            models.update(report_models())
+    return models

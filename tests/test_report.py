@@ -1,0 +1,59 @@
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_compress.report import CompressionReport, count_parameters, serialized_size, top1_accuracy
+
+
+def test_count_parameters_counts_zeros_exactly():
+    layer = nn.Linear(4, 3)
+    with torch.no_grad():
+        layer.weight[0].zero_()
+        layer.bias.zero_()
+    assert count_parameters(layer) == (15, 8)
+
+
+def test_count_parameters_sees_quantized_packed_weights():
+    layer = nn.Linear(256, 128)
+    with torch.no_grad():
+        layer.weight[:32].zero_()
+    quantized = torch.ao.quantization.quantize_dynamic(nn.Sequential(layer), {nn.Linear}, dtype=torch.qint8)
+    assert sum(p.numel() for p in quantized.parameters()) == 0  # what a naive count would report
+    total, nonzero = count_parameters(quantized)
+    assert total == 256 * 128 + 128
+    # zeros are counted on the dequantized values: the pruned rows, plus weights that rounded to zero
+    weight, bias = quantized[0]._weight_bias()
+    assert nonzero == int(torch.count_nonzero(weight.dequantize())) + int(torch.count_nonzero(bias))
+    assert 0.9 * 96 * 256 <= nonzero <= 96 * 256 + 128
+    assert serialized_size(quantized) < 0.3 * serialized_size(nn.Sequential(layer))
+
+
+def test_report_ratios_against_fp32(digits, tmp_path):
+    big, small = nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    with torch.no_grad():
+        small[1].weight[:, 32:].zero_()
+    loader = digits.test_dataloader()
+    example = next(iter(loader))[0][:1]
+    report = CompressionReport.from_models({"fp32": big, "pruned": small}, loader, example, runs=5, warmup=1)
+    fp32, pruned = report.rows()
+    assert fp32["speedup"] == 1.0 and fp32["size_ratio"] == 1.0
+    assert pruned["nonzero_ratio"] == pytest.approx((320 + 10) / 650)
+    assert pruned["accuracy"] == top1_accuracy(small, loader)
+    assert pruned["accuracy_delta_points"] == pytest.approx(100 * (pruned["accuracy"] - fp32["accuracy"]))
+    assert report.settings["threads"] == 1 and report.settings["input_shape"] == [1, 1, 8, 8]
+    report.save(tmp_path / "report.json")
+    assert json.loads((tmp_path / "report.json").read_text())["rows"][1]["name"] == "pruned"
+
+
+def test_measuring_restores_threads_mode_and_determinism(digits):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).train()
+    threads = torch.get_num_threads()
+    torch.use_deterministic_algorithms(True)
+    try:
+        CompressionReport.from_models({"fp32": model}, digits.test_dataloader(), torch.randn(1, 1, 8, 8), runs=2)
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert model.training and torch.get_num_threads() == threads

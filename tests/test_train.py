@@ -1,0 +1,66 @@
+"""`train.py` end to end, as a user runs it: real digits, real models, real output folders."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import run_train
+from wandb_records import run_summary
+
+
+def test_five_epochs_reach_95_percent_and_report(tmp_path: Path):
+    result = run_train("trainer.max_epochs=5", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Compression report" in result.stdout
+    report = json.loads((tmp_path / "report.json").read_text())
+    fp32 = report["rows"][0]
+    assert fp32["name"] == "fp32" and fp32["accuracy"] >= 0.95
+    assert fp32["parameters"] == fp32["nonzero_parameters"] > 0 and fp32["latency_ms"] > 0
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert list((tmp_path / "csv").rglob("metrics.csv"))
+
+
+def test_wandb_offline_run_holds_config_and_metrics(tmp_path: Path):
+    result = run_train("logger=[csv,wandb]", "trainer.max_epochs=1", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    run = run_summary(run_file)
+    assert run["config"]["trainer"]["max_epochs"] == 1
+    assert run["config"]["data"]["_target_"] == "lightning_compress.data.DigitsDataModule"
+    assert run["group"] == "baseline" and "trainer.max_epochs=1" in run["name"]
+    assert 0.0 < run["metrics"]["test/acc"] <= 1.0
+    assert run["metrics"]["report/fp32/parameters"] > 0
+
+
+def test_multirun_gives_one_wandb_run_per_job(tmp_path: Path):
+    result = run_train(
+        "-m", "seed=1,2", "logger=wandb", "trainer.max_epochs=1", f"hydra.sweep.dir={tmp_path}", "report.latency_runs=3"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = sorted(tmp_path.glob("*/wandb/offline-run-*/run-*.wandb"))
+    assert len(runs) == 2
+    summaries = [run_summary(path) for path in runs]
+    assert [summary["config"]["seed"] for summary in summaries] == [1, 2]
+    assert all("test/acc" in summary["metrics"] for summary in summaries)
+    assert summaries[0]["group"] == summaries[1]["group"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data=svhn"], "Could not find 'data/svhn'"),
+        (["trainer.max_epochs=-3"], "`max_epochs` must be a non-negative integer or -1. You passed in -3."),
+        (["data.batch_size=0"], "data.batch_size=0 is invalid: it must be a positive integer."),
+        (["data=image_folder", "data.root=/no/such/folder"], "data.root='/no/such/folder' must hold the folders"),
+        (["data=mnist", "data.root=/no/such/folder"], "data.download=False"),
+        (["model.architecture=vgg"], "model.architecture='vgg' is unknown"),
+    ],
+)
+def test_bad_input_fails_before_training_and_leaves_nothing(tmp_path: Path, overrides, message):
+    run_dir = tmp_path / "run"
+    result = run_train(*overrides, f"hydra.run.dir={run_dir}")
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Epoch" not in result.stdout
+    assert not run_dir.exists()

@@ -1,0 +1,85 @@
+"""Train, compress and report: `python train.py [group=option ...] [+compress=<recipe>]`.
+
+Every object comes from `conf/` through `_target_`, so pointing a group at your own class needs no edit here.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_compress.report import CompressionReport, models_to_report
+
+log = logging.getLogger(__name__)
+
+
+def _configuration_error(error: Exception) -> str:
+    """The one line a user needs: Hydra wraps constructor errors, the innermost message names the key."""
+    while isinstance(error, InstantiationException) and error.__cause__ is not None:
+        error = error.__cause__
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+def build(cfg: DictConfig):
+    """Everything `main` needs, built and checked before any training starts."""
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()  # a missing dataset fails now, not after the trainer is set up
+    model = instantiate(cfg.model, num_classes=datamodule.num_classes, in_channels=datamodule.num_channels)
+    callbacks = [instantiate(c) for c in cfg.callbacks.values()]
+    callbacks += [instantiate(c) for c in cfg.get("compress", {}).get("callbacks", {}).values()]
+    loggers = [instantiate(c) for c in cfg.logger.values()]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    return datamodule, model, trainer
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    output_dir = Path(HydraConfig.get().runtime.output_dir)
+    L.seed_everything(cfg.seed, workers=True)
+    try:
+        datamodule, model, trainer = build(cfg)
+    except (InstantiationException, ValueError, FileNotFoundError) as error:
+        # Nothing was trained: leave no half-filled output folder behind.
+        shutil.rmtree(output_dir, ignore_errors=True)
+        print(f"error: {_configuration_error(error)}", file=sys.stderr)
+        sys.exit(2)
+
+    for logger in trainer.loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    try:
+        trainer.fit(model, datamodule=datamodule)
+        trainer.test(model, datamodule=datamodule)
+
+        test_loader = datamodule.test_dataloader()
+        example_input = next(iter(test_loader))[0][:1]
+        report = CompressionReport.from_models(
+            models_to_report(trainer, model),
+            test_loader,
+            example_input,
+            runs=cfg.report.latency_runs,
+            warmup=cfg.report.warmup_runs,
+        )
+        report.print()
+        report.save(output_dir / "report.json")
+        report.log_to(trainer.loggers)
+        log.info("Report written to %s", output_dir / "report.json")
+        return float(trainer.callback_metrics[cfg.optimized_metric])
+    finally:
+        # One W&B run per job: without this, a -m multirun appends every job to the first run.
+        if any(type(logger).__name__ == "WandbLogger" for logger in trainer.loggers):
+            import wandb
+
+            wandb.finish()
+
+
+if __name__ == "__main__":
+    main()
