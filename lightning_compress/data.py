@@ -203,8 +203,11 @@ class TorchvisionDataModule(_ClassificationDataModule):
     def _transform(self) -> transforms.Compose:
         steps: list = [transforms.Resize(self.image_size), transforms.ToTensor()]
         if self.num_channels != self._native_channels:
-            steps.append(transforms.Grayscale(self.num_channels) if self._native_channels == 3 else
-                         transforms.Lambda(lambda image: image.repeat(3, 1, 1)))
+            steps.append(
+                transforms.Grayscale(self.num_channels)
+                if self._native_channels == 3
+                else transforms.Lambda(lambda image: image.repeat(3, 1, 1))
+            )
         steps.append(transforms.Normalize([0.5] * self.num_channels, [0.5] * self.num_channels))
         return transforms.Compose(steps)
 

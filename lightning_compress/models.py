@@ -8,8 +8,8 @@ inputs (digits, CIFAR), with a 3x3 stride-1 stem and no early down-sampling, as 
 from __future__ import annotations
 
 import importlib
-from functools import partial
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -115,7 +115,7 @@ def load_network_weights(net: nn.Module, checkpoint: str | Path, prefix: str = "
         raise FileNotFoundError(f"model.checkpoint={str(checkpoint)!r} does not exist.")
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state:
-        state = {key[len(prefix):]: value for key, value in state["state_dict"].items() if key.startswith(prefix)}
+        state = {key[len(prefix) :]: value for key, value in state["state_dict"].items() if key.startswith(prefix)}
     expected = net.state_dict()
     for key, value in expected.items():
         if key not in state:
@@ -127,9 +127,7 @@ def load_network_weights(net: nn.Module, checkpoint: str | Path, prefix: str = "
             )
     unexpected = [key for key in state if key not in expected]
     if unexpected:
-        raise ValueError(
-            f"model.checkpoint={str(checkpoint)!r} does not fit: unexpected key {unexpected[0]!r}."
-        )
+        raise ValueError(f"model.checkpoint={str(checkpoint)!r} does not fit: unexpected key {unexpected[0]!r}.")
     net.load_state_dict(state)
 
 

@@ -193,8 +193,17 @@ class CompressionReport:
 
     def table(self) -> Table:
         table = Table(title=f"Compression report (batch {self.settings['input_shape'][0]}, 1 thread)")
-        for column in ("model", "test acc", "params", "non-zero", "size", "latency ms", "Δacc pts", "size x",
-                       "speedup"):
+        for column in (
+            "model",
+            "test acc",
+            "params",
+            "non-zero",
+            "size",
+            "latency ms",
+            "Δacc pts",
+            "size x",
+            "speedup",
+        ):
             table.add_column(column, justify="left" if column == "model" else "right")
         for row in self.rows():
             table.add_row(
