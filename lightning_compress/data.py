@@ -9,6 +9,7 @@ reachable before any training starts.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
-from torch.utils.data import DataLoader, Dataset, TensorDataset, random_split
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset, random_split
 from torchvision import datasets, transforms
 from torchvision.datasets.folder import find_classes
 
@@ -34,6 +35,27 @@ def _check_fraction(name: str, value: float) -> None:
 def _check_channels(value: int) -> None:
     if value not in (1, 3):
         raise ValueError(f"data.channels={value!r} is invalid: allowed values are 1 and 3.")
+
+
+class EpochSeededSampler(Sampler[int]):
+    """Shuffles with a generator seeded by ``seed + epoch``: the order of epoch k does not depend on what
+    ran before, so a run resumed from a checkpoint sees the same batches as an uninterrupted one.
+    Lightning calls ``set_epoch`` before every training epoch."""
+
+    def __init__(self, length: int, seed: int) -> None:
+        self.length = length
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.length, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.length
 
 
 class _ClassificationDataModule(L.LightningDataModule):
@@ -56,10 +78,13 @@ class _ClassificationDataModule(L.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if getattr(self, split) is None:  # used outside a Trainer, which would have called setup
             self.setup()
+        dataset = getattr(self, split)
+        # seeded from torch's seed (seed_everything) when the loader is built
+        sampler = EpochSeededSampler(len(dataset), torch.initial_seed() % 2**31) if shuffle else None
         return DataLoader(
-            getattr(self, split),
+            dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )

@@ -19,6 +19,8 @@ import torchvision
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_compress.quantization import restore_quantization
+
 
 class SmallCNN(nn.Module):
     """Conv-BN-ReLU blocks, max-pooling between blocks, global average pooling and a linear head.
@@ -170,6 +172,10 @@ class ImageClassifier(L.LightningModule):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # A QAT checkpoint holds fake-quant modules: rebuild them so that load_from_checkpoint fits.
+        restore_quantization(self, checkpoint)
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, accuracy: MulticlassAccuracy):
         images, labels = batch

@@ -63,3 +63,13 @@ def test_bad_input_fails_before_training_and_leaves_nothing(tmp_path: Path, over
     assert message in result.stderr
     assert "Epoch" not in result.stdout
     assert not run_dir.exists()
+
+
+def test_qat_recipe_reports_fp32_fake_quant_and_int8(tmp_path: Path):
+    result = run_train("+compress=qat", "report.latency_runs=10", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {row["name"]: row for row in json.loads((tmp_path / "report.json").read_text())["rows"]}
+    assert list(rows) == ["fp32", "fake-quant", "int8"]
+    assert rows["int8"]["size_ratio"] <= 0.3
+    assert rows["int8"]["accuracy"] >= 0.95 and abs(rows["int8"]["accuracy_delta_points"]) <= 1.0
+    assert (tmp_path / "checkpoints" / "model_int8.pt").is_file()

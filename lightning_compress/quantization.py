@@ -1,0 +1,560 @@
+"""``QuantizationAwareTraining``: the QAT schedule as a Lightning callback.
+
+The callback holds *when* things happen (insert, calibrate, freeze BN, freeze observers, convert); the
+mechanism (*how*) lives in ``fx_quantization``. Fake-quant modules are inserted in ``setup``, before
+Lightning builds the optimizer, wraps the model for DDP or loads a checkpoint's weights, so the module's
+structure is the same for the whole run and every checkpoint of it. Before ``start_epoch`` they are
+switched off and the model trains in fp32. Observers are off during validation and test, so evaluation data
+never moves the quantization ranges.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.core.module import _jit_is_scripting
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+from torchmetrics import Metric
+from typing_extensions import override
+
+from lightning_compress import fx_quantization as backend
+from lightning_compress.fx_quantization import QuantizationConfig
+
+log = logging.getLogger(__name__)
+
+EXPORT_FORMATS = ("torchscript", "none")
+
+
+@dataclass
+class QuantizedPart:
+    """One submodule of the LightningModule and what became of it."""
+
+    name: str
+    quantized: bool
+    reason: str = ""
+
+
+class QuantizationAwareTraining(Callback):
+    r"""Train with fake-quantized weights and activations, then convert to a real int8 model.
+
+    .. code-block:: python
+
+        from lightning_compress import QuantizationAwareTraining
+
+        qat = QuantizationAwareTraining(start_epoch=2, freeze_bn_epoch=6, freeze_observer_epoch=7)
+        trainer = Trainer(max_epochs=8, callbacks=[qat])
+        trainer.fit(model, datamodule=datamodule)
+        int8_model = qat.quantized_model  # also saved as TorchScript next to the checkpoints
+
+    By default every child of the LightningModule that holds trainable parameters is quantized (metrics and
+    frozen modules, such as a distillation teacher, never are). A child that cannot be traced symbolically
+    (data-dependent control flow, say) is split into its own children, down to single Conv/Linear layers;
+    what stays in float, and why, is printed in one table at setup and kept in ``parts``.
+
+    Args:
+        start_epoch: epoch at which fake-quant switches on; earlier epochs train in fp32.
+        freeze_bn_epoch: epoch from which fused BatchNorm statistics stop updating (``None``: never).
+        freeze_observer_epoch: epoch from which scales and zero-points stop updating (``None``: never).
+        backend: int8 kernels: ``x86`` (default, fastest on x86), ``fbgemm``, or ``qnnpack`` for ARM.
+        per_channel_weights: one weight scale per output channel (default) or one per tensor.
+        observer: activation observer, ``moving_average_minmax`` or ``histogram``.
+        modules: names of submodules to quantize (e.g. ``["net"]``) instead of the default choice.
+        skip: names (``"net.classifier"``) or types (``torch.nn.Linear`` or ``"torch.nn.Linear"``) of
+            layers to keep in float; first and last layers are common choices.
+        calibration_batches: training batches run through the model with observers on and fake-quant off
+            when fake-quant starts, so that a trained model starts QAT from calibrated ranges.
+        convert_on_fit_end: build the int8 model at the end of ``fit``.
+        export_format: ``torchscript`` writes ``model_int8.pt`` next to the checkpoints, loadable with
+            ``torch.jit.load`` without this package; ``none`` writes nothing.
+        export_dir: where to write the export (default: the checkpoint folder, else the log folder).
+    """
+
+    def __init__(
+        self,
+        start_epoch: int = 0,
+        freeze_bn_epoch: int | None = None,
+        freeze_observer_epoch: int | None = None,
+        backend: str = "x86",
+        per_channel_weights: bool = True,
+        observer: str = "moving_average_minmax",
+        modules: Sequence[str] | None = None,
+        skip: Sequence[str | type] = (),
+        calibration_batches: int = 0,
+        convert_on_fit_end: bool = True,
+        export_format: str = "torchscript",
+        export_dir: str | None = None,
+    ) -> None:
+        if not isinstance(start_epoch, int) or start_epoch < 0:
+            raise ValueError(f"start_epoch={start_epoch!r} is invalid: it must be an integer >= 0.")
+        for name, epoch in (("freeze_bn_epoch", freeze_bn_epoch), ("freeze_observer_epoch", freeze_observer_epoch)):
+            if epoch is not None and (not isinstance(epoch, int) or epoch < start_epoch):
+                raise ValueError(
+                    f"{name}={epoch!r} is invalid: it must be an integer >= start_epoch ({start_epoch}), or None."
+                )
+        if not isinstance(calibration_batches, int) or calibration_batches < 0:
+            raise ValueError(f"calibration_batches={calibration_batches!r} is invalid: it must be an integer >= 0.")
+        if export_format not in EXPORT_FORMATS:
+            raise ValueError(f"export_format={export_format!r} is unknown: allowed values are {list(EXPORT_FORMATS)}.")
+        self.config = QuantizationConfig(backend, per_channel_weights, observer)
+        self.start_epoch = start_epoch
+        self.freeze_bn_epoch = freeze_bn_epoch
+        self.freeze_observer_epoch = freeze_observer_epoch
+        self.modules = list(modules) if modules is not None else None
+        self.skip_names = [entry for entry in skip if not _names_a_type(entry)]
+        self.skip_types = [_resolve_type(entry) for entry in skip if _names_a_type(entry)]
+        self.calibration_batches = calibration_batches
+        self.convert_on_fit_end = convert_on_fit_end
+        self.export_format = export_format
+        self.export_dir = export_dir
+
+        self.parts: list[QuantizedPart] = []
+        self.quantized_model: nn.Module | None = None
+        self.export_path: Path | None = None
+        self._calibrated = False
+        self._float_templates: dict[str, nn.Module] = {}
+        self._float_names: dict[str, dict[str, str]] = {}
+        self._example_inputs: dict[str, tuple[tuple, dict]] = {}
+
+    # ------------------------------------------------------------------ Lightning hooks
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(backend=self.config.backend)
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.prepared_names:
+            return
+        if stage != "fit":
+            # test/validate/predict(ckpt_path=...) on a fresh float module: Lightning loads the weights
+            # before any callback hook runs, but after the module's own on_load_checkpoint.
+            self._restore_before_weights_load(pl_module)
+            return
+        for name, epoch in (
+            ("freeze_bn_epoch", self.freeze_bn_epoch),
+            ("freeze_observer_epoch", self.freeze_observer_epoch),
+        ):
+            if epoch is not None and trainer.max_epochs not in (None, -1) and epoch >= trainer.max_epochs:
+                raise ValueError(
+                    f"{name}={epoch} is invalid: it must be below max_epochs ({trainer.max_epochs}) to happen."
+                )
+        if self.start_epoch > 0 and trainer.max_epochs not in (None, -1) and self.start_epoch >= trainer.max_epochs:
+            raise ValueError(
+                f"start_epoch={self.start_epoch} is invalid: it must be below max_epochs ({trainer.max_epochs})."
+            )
+        targets = self._targets(pl_module)
+        if not targets:
+            rank_zero_warn("QuantizationAwareTraining: nothing quantizable (no Conv/Linear layers); model unchanged.")
+            return
+        backend.use_backend(self.config)
+        self._example_inputs = _capture_inputs(pl_module, _example_input(trainer, pl_module), targets)
+        for name in targets:
+            self._quantize(pl_module, name)
+        if not self.prepared_names:
+            rank_zero_warn("QuantizationAwareTraining: no submodule could be quantized; model unchanged.")
+        self._show_parts()
+        # Off until on_train_epoch_start of start_epoch, also when that is 0: the sanity-check validation
+        # would otherwise fake-quantize with ranges that no observer has set yet.
+        self._set_fake_quant(pl_module, enabled=False)
+
+    @override
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Apply the schedule for this epoch; derived from the epoch alone, so a resumed run matches."""
+        epoch = trainer.current_epoch
+        if epoch < self.start_epoch or not self.prepared_names:
+            return
+        if epoch == self.start_epoch and self.calibration_batches and not self._calibrated:
+            self._calibrate(trainer, pl_module)
+        for module in self._prepared_modules(pl_module):
+            backend.set_fake_quant(module, enabled=True)
+            backend.set_observers(module, enabled=self._observers_on(epoch))
+            if self.freeze_bn_epoch is not None and epoch >= self.freeze_bn_epoch:
+                backend.freeze_batch_norm(module)
+        if epoch in (self.start_epoch, self.freeze_bn_epoch, self.freeze_observer_epoch):
+            rank_zero_info(
+                f"QuantizationAwareTraining: epoch {epoch}: fake-quant on, observers "
+                f"{'on' if self._observers_on(epoch) else 'frozen'}, BatchNorm statistics "
+                f"{'frozen' if self.freeze_bn_epoch is not None and epoch >= self.freeze_bn_epoch else 'updating'}."
+            )
+
+    @override
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Observers also record in eval mode: validation data must not move the quantization ranges.
+        for module in self._prepared_modules(pl_module):
+            backend.set_observers(module, enabled=False)
+
+    @override
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "fit":
+            for module in self._prepared_modules(pl_module):
+                backend.set_observers(module, enabled=self._observers_on(trainer.current_epoch))
+
+    @override
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.on_validation_start(trainer, pl_module)
+
+    def _observers_on(self, epoch: int) -> bool:
+        return self.start_epoch <= epoch and (self.freeze_observer_epoch is None or epoch < self.freeze_observer_epoch)
+
+    @override
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.convert_on_fit_end or not self.prepared_names:
+            return
+        self.quantized_model = self.convert(pl_module)
+        if self.export_format == "torchscript":
+            self.export_path = self._export(trainer, pl_module)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "start_epoch": self.start_epoch,
+            "freeze_bn_epoch": self.freeze_bn_epoch,
+            "freeze_observer_epoch": self.freeze_observer_epoch,
+            "config": {
+                "backend": self.config.backend,
+                "per_channel_weights": self.config.per_channel_weights,
+                "observer": self.config.observer,
+            },
+            "prepared": self.prepared_names,
+            "skip_names": self.skip_names,
+            "skip_types": [f"{t.__module__}.{t.__qualname__}" for t in self.skip_types],
+            "calibrated": self._calibrated,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        changed = [
+            key
+            for key in ("start_epoch", "freeze_bn_epoch", "freeze_observer_epoch", "prepared")
+            if state_dict.get(key) != (self.prepared_names if key == "prepared" else getattr(self, key))
+        ]
+        if changed:
+            rank_zero_warn(f"QuantizationAwareTraining: the checkpoint was made with other settings for {changed}.")
+        self._calibrated = state_dict.get("calibrated", False)
+
+    # ------------------------------------------------------------------ results
+
+    @property
+    def prepared_names(self) -> list[str]:
+        return [part.name for part in self.parts if part.quantized]
+
+    def convert(self, pl_module: nn.Module) -> nn.Module:
+        """An int8 copy of ``pl_module``: each fake-quant part converted; a part whose int8 version fails
+        to run (an op with no int8 kernel) is kept in float and marked so in ``parts``."""
+        quantized = copy.deepcopy(pl_module).eval()
+        for part in self.parts:
+            if not part.quantized:
+                continue
+            int8_part = backend.convert(_get(pl_module, part.name))
+            args, kwargs = self._example_inputs.get(part.name, ((), {}))
+            try:
+                with torch.no_grad():
+                    int8_part(*args, **kwargs)
+            except (RuntimeError, NotImplementedError) as error:
+                part.reason = f"kept in float: its int8 version fails to run ({str(error).splitlines()[0]})"
+                int8_part = self._float_part(pl_module, part.name)
+            _set(quantized, part.name, int8_part)
+        return quantized
+
+    def float_model(self, pl_module: nn.Module) -> nn.Module:
+        """A plain fp32 copy of ``pl_module`` with the current weights (separate Conv and BN again)."""
+        float_module = copy.deepcopy(pl_module).eval()
+        for name in self.prepared_names:
+            _set(float_module, name, self._float_part(pl_module, name))
+        return float_module
+
+    def report_models(self) -> dict[str, nn.Module]:
+        """fp32, fake-quant and int8 models for the compression report."""
+        if self._pl_module is None or not self.prepared_names:
+            return {}
+        models = {"fp32": self.float_model(self._pl_module), "fake-quant": self._pl_module}
+        if self.quantized_model is not None:
+            models["int8"] = self.quantized_model
+        return models
+
+    # ------------------------------------------------------------------ internals
+
+    _pl_module: nn.Module | None = None
+
+    def _targets(self, pl_module: L.LightningModule) -> list[str]:
+        self._pl_module = pl_module
+        names = dict(pl_module.named_modules())
+        for entry in self.skip_names:
+            if entry not in names:
+                raise ValueError(f"skip={entry!r} names no submodule; submodules are e.g. {_some(names)}.")
+        if self.modules is not None:
+            for name in self.modules:
+                if name not in names or name == "":
+                    raise ValueError(f"modules={name!r} names no submodule; submodules are e.g. {_some(names)}.")
+            candidates = self.modules
+        else:
+            candidates = []
+            for name, child in pl_module.named_children():
+                if isinstance(child, Metric):
+                    continue
+                if not any(p.requires_grad for p in child.parameters()):
+                    if any(True for _ in child.parameters()):
+                        self.parts.append(QuantizedPart(name, False, "frozen (no trainable parameters)"))
+                    continue
+                candidates.append(name)
+        return [name for name in candidates if backend.has_quantizable_layers(names[name])]
+
+    def _quantize(self, pl_module: nn.Module, name: str) -> None:
+        """Prepare ``name`` whole, or else its children one by one."""
+        module = _get(pl_module, name)
+        if name in self.skip_names or isinstance(module, tuple(self.skip_types)):
+            self.parts.append(QuantizedPart(name, False, "skipped by the skip setting"))
+            return
+        if not backend.has_quantizable_layers(module):
+            return
+        if name not in self._example_inputs:
+            self.parts.append(QuantizedPart(name, False, "not called in forward"))
+            return
+        args, kwargs = self._example_inputs[name]
+        prefix = f"{name}."
+        mapping = backend.qconfig_mapping(
+            self.config,
+            [entry[len(prefix) :] for entry in self.skip_names if entry.startswith(prefix)],
+            self.skip_types,
+        )
+        template = copy.deepcopy(module)
+        try:
+            prepared = backend.prepare(module, mapping, args)
+            _check_same_output(module, prepared, args, kwargs)
+        except Exception as error:  # noqa: BLE001 - any tracing failure means: try the children instead
+            reason = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
+            children = [child for child, _ in module.named_children()]
+            if not children:
+                self.parts.append(QuantizedPart(name, False, f"cannot be traced: {reason}"))
+                return
+            self.parts.append(QuantizedPart(name, False, f"split into its children: {reason}"))
+            for child in children:
+                self._quantize(pl_module, f"{name}.{child}")
+            return
+        self._float_templates[name] = template
+        self._float_names[name] = backend.shared_tensor_names(module, prepared)
+        _set(pl_module, name, prepared)
+        self.parts.append(QuantizedPart(name, True))
+
+    def _restore_before_weights_load(self, pl_module: L.LightningModule) -> None:
+        own_hook = pl_module.on_load_checkpoint
+
+        def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
+            names = restore_quantization(pl_module, checkpoint)
+            self.parts = [QuantizedPart(name, True, "restored from the checkpoint") for name in names]
+            own_hook(checkpoint)
+
+        pl_module.on_load_checkpoint = on_load_checkpoint
+
+    def _float_part(self, pl_module: nn.Module, name: str) -> nn.Module:
+        return backend.float_copy(self._float_templates[name], _get(pl_module, name), self._float_names[name])
+
+    def _prepared_modules(self, pl_module: nn.Module) -> list[nn.Module]:
+        return [_get(pl_module, name) for name in self.prepared_names]
+
+    def _set_fake_quant(self, pl_module: nn.Module, enabled: bool) -> None:
+        for module in self._prepared_modules(pl_module):
+            backend.set_fake_quant(module, enabled)
+            backend.set_observers(module, enabled)
+
+    def _calibrate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Observe activation ranges on a few batches before fake-quant starts, BN statistics untouched."""
+        was_training = pl_module.training
+        pl_module.eval()
+        for module in self._prepared_modules(pl_module):
+            backend.set_fake_quant(module, enabled=False)
+            backend.set_observers(module, enabled=True)
+        seen = 0
+        with torch.no_grad():
+            for batch in trainer.train_dataloader:
+                if seen == self.calibration_batches:
+                    break
+                pl_module(_model_input(batch, pl_module.device))
+                seen += 1
+        pl_module.train(was_training)
+        self._calibrated = True
+        rank_zero_info(f"QuantizationAwareTraining: calibrated observers on {seen} batches.")
+
+    @rank_zero_only
+    def _export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
+        folder = Path(
+            self.export_dir
+            or getattr(trainer.checkpoint_callback, "dirpath", None)
+            or trainer.log_dir
+            or trainer.default_root_dir
+        )
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / "model_int8.pt"
+        args, kwargs = self._example_inputs[""]
+        with _jit_is_scripting():  # tracing probes `trainer`, which raises on a detached LightningModule
+            scripted = torch.jit.trace(
+                self.quantized_model, args, example_kwarg_inputs=kwargs or None, check_trace=False
+            )
+        torch.jit.save(scripted, str(path))
+        rank_zero_info(f"QuantizationAwareTraining: int8 TorchScript model saved to {path}")
+        return path
+
+    @rank_zero_only
+    def _show_parts(self) -> None:
+        table = Table(title=f"Quantization-aware training ({self.config.backend} backend)")
+        table.add_column("submodule")
+        table.add_column("quantized")
+        table.add_column("note")
+        for part in self.parts:
+            table.add_row(part.name, "yes" if part.quantized else "no", part.reason)
+        Console(width=max(Console().width, 120)).print(table)
+
+
+def restore_quantization(pl_module: nn.Module, checkpoint: dict[str, Any]) -> list[str]:
+    """Give a float module the fake-quant structure recorded in a QAT checkpoint, so its weights load.
+
+    Call it from your LightningModule's ``on_load_checkpoint`` to make ``load_from_checkpoint`` work on
+    QAT checkpoints (``ImageClassifier`` does). Parts that are already prepared are left alone.
+    Returns the names of the fake-quant parts.
+    """
+    names: list[str] = []
+    for key, state in checkpoint.get("callbacks", {}).items():
+        if not key.startswith("QuantizationAwareTraining"):
+            continue
+        config = QuantizationConfig(**state["config"])
+        skip_types = [_resolve_type(entry) for entry in state["skip_types"]]
+        backend.use_backend(config)
+        names += state["prepared"]
+        for name in state["prepared"]:
+            module = _get(pl_module, name)
+            if backend.is_prepared(module):
+                continue
+            prefix = f"{name}."
+            skip_names = [entry[len(prefix) :] for entry in state["skip_names"] if entry.startswith(prefix)]
+            _set(pl_module, name, backend.prepare(module, backend.qconfig_mapping(config, skip_names, skip_types)))
+    return names
+
+
+# ---------------------------------------------------------------------- helpers of this module
+
+
+def _get(root: nn.Module, name: str) -> nn.Module:
+    return root.get_submodule(name) if name else root
+
+
+def _set(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(_get(root, parent), child, module)
+
+
+def _some(names: dict[str, nn.Module]) -> list[str]:
+    return [name for name in names if name][:8]
+
+
+def _names_a_type(entry: str | type) -> bool:
+    """Classes are CamelCase, submodule names are not: ``"torch.nn.Linear"`` versus ``"net.classifier"``."""
+    return isinstance(entry, type) or entry.rsplit(".", 1)[-1][:1].isupper()
+
+
+def _resolve_type(entry: str | type) -> type:
+    if isinstance(entry, type):
+        return entry
+    module_name, _, class_name = entry.rpartition(".")
+    try:
+        resolved = getattr(importlib.import_module(module_name or "torch.nn"), class_name)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"skip={entry!r} is neither a submodule name nor an importable module type.") from error
+    if not (isinstance(resolved, type) and issubclass(resolved, nn.Module)):
+        raise ValueError(f"skip={entry!r} is not an nn.Module type.")
+    return resolved
+
+
+def _model_input(batch: Any, device: torch.device) -> torch.Tensor:
+    """The model input of a batch: the tensor itself, or the first item of a (input, target) pair."""
+    item = batch[0] if isinstance(batch, list | tuple) else batch
+    if not isinstance(item, torch.Tensor):
+        raise ValueError(
+            "QuantizationAwareTraining cannot tell the model input in a batch of type "
+            f"{type(batch).__name__}: set `example_input_array` on your LightningModule."
+        )
+    return item.to(device)
+
+
+def _example_input(trainer: L.Trainer, pl_module: L.LightningModule) -> Any:
+    if pl_module.example_input_array is not None:
+        return pl_module.example_input_array
+    # The fit loop's data source covers both a datamodule and dataloaders passed to fit().
+    dataloader = trainer.fit_loop._data_source.dataloader()
+    return _model_input(next(iter(dataloader)), pl_module.device)[:2]
+
+
+def _capture_inputs(pl_module: nn.Module, example: Any, targets: list[str]) -> dict[str, tuple[tuple, dict]]:
+    """Run ``pl_module`` once (eval, no grad) and record the arguments each target submodule receives,
+    and those of all their descendants (needed when a target must be split)."""
+    captured: dict[str, tuple[tuple, dict]] = {}
+    handles = []
+    for target in targets:
+        for name, module in _get(pl_module, target).named_modules():
+            full_name = f"{target}.{name}" if name else target
+
+            def record(module, args, kwargs, full_name=full_name):
+                captured.setdefault(full_name, (args, kwargs))
+
+            handles.append(module.register_forward_pre_hook(record, with_kwargs=True))
+    was_training = pl_module.training
+    pl_module.eval()
+    try:
+        with torch.no_grad():
+            if isinstance(example, dict):
+                pl_module(**example)
+                captured[""] = ((), example)
+            elif isinstance(example, tuple):
+                pl_module(*example)
+                captured[""] = (example, {})
+            else:
+                pl_module(example)
+                captured[""] = ((example,), {})
+    finally:
+        for handle in handles:
+            handle.remove()
+        pl_module.train(was_training)
+    return captured
+
+
+def _check_same_output(module: nn.Module, prepared: nn.Module, args: tuple, kwargs: dict) -> None:
+    """A traced graph that silently took one branch of Python control flow would compute something else:
+    with fake-quant off, the prepared module must reproduce the float module's output."""
+    backend.set_fake_quant(prepared, enabled=False)
+    backend.set_observers(prepared, enabled=False)
+    was_training = module.training
+    module.eval()
+    prepared.eval()
+    try:
+        with torch.no_grad():
+            expected, actual = module(*args, **kwargs), prepared(*args, **kwargs)
+        for want, got in zip(_flatten(expected), _flatten(actual), strict=True):
+            if not torch.allclose(want, got, rtol=1e-3, atol=1e-4):
+                raise RuntimeError("the traced graph computes a different output (data-dependent control flow?)")
+    finally:
+        module.train(was_training)
+        prepared.train(was_training)
+        backend.set_fake_quant(prepared, enabled=True)
+        backend.set_observers(prepared, enabled=True)
+
+
+def _flatten(output: Any) -> list[torch.Tensor]:
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, dict):
+        return [t for value in output.values() for t in _flatten(value)]
+    if isinstance(output, list | tuple):
+        return [t for value in output for t in _flatten(value)]
+    return []

@@ -1,0 +1,317 @@
+"""QuantizationAwareTraining on real digits with real models, as a user would add it to a Trainer."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+from torch.ao.nn.intrinsic.quantized import ConvReLU2d as ConvReLU2dInt8
+from torch.ao.nn.quantized import Conv2d as Conv2dInt8
+from torch.ao.nn.quantized import Linear as LinearInt8
+
+from lightning_compress import QuantizationAwareTraining
+from lightning_compress.data import DigitsDataModule
+from lightning_compress.fx_quantization import is_prepared
+from lightning_compress.models import ImageClassifier
+from lightning_compress.report import top1_accuracy
+
+
+def _trainer(tmp_path: Path, callbacks: list, max_epochs: int, **kwargs) -> L.Trainer:
+    return L.Trainer(
+        default_root_dir=tmp_path,
+        max_epochs=max_epochs,
+        accelerator="cpu",
+        callbacks=callbacks,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
+
+
+def _predictions(model: nn.Module, datamodule: DigitsDataModule) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([model.eval()(images) for images, _ in datamodule.test_dataloader()])
+
+
+def freeze_observers(model: nn.Module) -> None:
+    """Observers record in eval mode too; freeze them so that comparing outputs does not move the ranges."""
+    for module in model.modules():
+        if hasattr(module, "observer_enabled"):
+            module.observer_enabled.zero_()
+
+
+def _fit_qat(tmp_path, architecture="cnn", max_epochs=4, datamodule=None, checkpoint=None, **qat_options):
+    L.seed_everything(0)
+    datamodule = datamodule or DigitsDataModule(batch_size=64)
+    model = ImageClassifier(architecture=architecture, num_classes=10, in_channels=datamodule.num_channels)
+    qat = QuantizationAwareTraining(**qat_options)
+    callbacks = [qat] + ([checkpoint] if checkpoint else [])
+    trainer = _trainer(tmp_path, callbacks, max_epochs, enable_checkpointing=checkpoint is not None)
+    trainer.fit(model, datamodule=datamodule)
+    return trainer, model, qat, datamodule
+
+
+def test_default_cnn_trains_fake_quant_and_converts_to_int8(tmp_path: Path):
+    trainer, model, qat, digits = _fit_qat(tmp_path, start_epoch=1, freeze_bn_epoch=2, freeze_observer_epoch=3)
+    assert [(part.name, part.quantized) for part in qat.parts] == [("net", True)]
+    int8 = qat.quantized_model
+    assert any(isinstance(m, ConvReLU2dInt8) for m in int8.net.modules())
+    assert any(isinstance(m, LinearInt8) for m in int8.net.modules())
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in int8.net.modules())  # folded into int8 convs
+
+    fake_quant, quantized = _predictions(model, digits), _predictions(int8, digits)
+    fp32 = _predictions(qat.float_model(model), digits)
+    # int8 reproduces the fake-quant model up to a few output quantization steps
+    output_scale = float(int8.net.classifier.scale)
+    assert (quantized - fake_quant).abs().max() <= 4 * output_scale
+    assert (quantized.argmax(1) == fake_quant.argmax(1)).float().mean() >= 0.98
+    accuracy = top1_accuracy(int8, digits.test_dataloader())
+    assert accuracy >= 0.95 and abs(accuracy - top1_accuracy(qat.float_model(model), digits.test_dataloader())) <= 0.02
+    assert not torch.equal(fp32, fake_quant)  # the fp32 copy really runs without fake-quant
+
+    # the schedule was applied: BN frozen, observers frozen, fake-quant on
+    fused = [m for m in model.net.modules() if hasattr(m, "freeze_bn")]
+    assert fused and all(m.freeze_bn for m in fused)
+    observers = [m for m in model.net.modules() if hasattr(m, "observer_enabled")]
+    assert observers and all(int(m.observer_enabled) == 0 and int(m.fake_quant_enabled) == 1 for m in observers)
+
+    # the exported TorchScript runs in a process that never imports this package
+    assert qat.export_path == tmp_path / "model_int8.pt" or qat.export_path.is_file()
+    images = next(iter(digits.test_dataloader()))[0][:4]
+    torch.save(images, tmp_path / "images.pt")
+    script = (
+        "import sys, torch; model = torch.jit.load(sys.argv[1]); images = torch.load(sys.argv[2]);"
+        "print(' '.join(map(str, model(images).argmax(1).tolist())));"
+        "assert 'lightning_compress' not in sys.modules"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(qat.export_path), str(tmp_path / "images.pt")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    with torch.no_grad():
+        expected = int8(images).argmax(1).tolist()
+    assert result.stdout.split() == [str(label) for label in expected]
+
+
+def test_before_start_epoch_the_model_trains_in_fp32(tmp_path: Path):
+    digits = DigitsDataModule(batch_size=64)
+    digits.setup()
+    images = digits.test_set.tensors[0][:64]
+    gaps = {}
+
+    class Probe(L.Callback):
+        """Distance between the trained module and its plain fp32 copy, at the end of each epoch."""
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            with torch.no_grad():
+                reference = qat.float_model(pl_module)(images)
+                pl_module.eval()
+                gaps[trainer.current_epoch] = float((pl_module(images) - reference).abs().max())
+                pl_module.train()
+
+    L.seed_everything(0)
+    model = ImageClassifier(architecture="cnn")
+    qat = QuantizationAwareTraining(start_epoch=1, export_format="none")
+    _trainer(tmp_path, [qat, Probe()], 2, enable_checkpointing=False).fit(model, datamodule=digits)
+    assert is_prepared(model.net)  # inserted at setup, before the optimizer was built
+    assert gaps[0] < 1e-4  # fake-quant off: the prepared model computes exactly the fp32 model
+    assert gaps[1] > 1e-2  # fake-quant on from start_epoch
+
+
+@pytest.mark.parametrize("architecture", ["resnet18", "mobilenet_v3_small"])
+def test_torchvision_models(tmp_path: Path, architecture: str):
+    digits = DigitsDataModule(batch_size=32, image_size=16, channels=3)
+    L.seed_everything(0)
+    model = ImageClassifier(architecture=architecture, num_classes=10, in_channels=3)
+    qat = QuantizationAwareTraining(start_epoch=1, export_format="none")
+    trainer = _trainer(tmp_path, [qat], 2, limit_train_batches=20, limit_val_batches=2, enable_checkpointing=False)
+    trainer.fit(model, datamodule=digits)
+    assert qat.prepared_names == ["net"]
+    int8 = qat.quantized_model
+    assert any(isinstance(m, ConvReLU2dInt8 | Conv2dInt8) for m in int8.net.modules())
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in int8.net.modules())
+    fake_quant, quantized = _predictions(model, digits), _predictions(int8, digits)
+    assert (quantized.argmax(1) == fake_quant.argmax(1)).float().mean() >= 0.95
+    assert (quantized - fake_quant).abs().mean() <= 0.25 * fake_quant.std()
+    if architecture == "resnet18":  # mobilenet_v3_small barely learns in 40 steps; resnet18 does
+        assert top1_accuracy(int8, digits.test_dataloader()) >= 0.85
+
+
+class _Branchy(nn.Module):
+    """A data-dependent branch (untraceable) around two traceable parts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.head = nn.Linear(16 * 8 * 8, 10)
+
+    def forward(self, images: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
+        features = self.stem(images)
+        if features.mean() > 10.0:  # Python control flow on a tensor value: FX cannot trace this
+            features = features / 2
+        return self.head(features.flatten(1)) / temperature
+
+
+class _BranchyClassifier(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = _Branchy()
+
+    def forward(self, images: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
+        return self.body(images, temperature=temperature)
+
+    def training_step(self, batch, batch_idx):
+        images, labels = batch
+        return F.cross_entropy(self(images, temperature=1.0), labels)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=3e-3)
+
+
+def test_untraceable_branch_and_keyword_input_are_quantized_piecewise(tmp_path: Path, capsys):
+    L.seed_everything(0)
+    digits = DigitsDataModule(batch_size=64)
+    model = _BranchyClassifier()
+    qat = QuantizationAwareTraining(export_format="torchscript")
+    trainer = _trainer(tmp_path, [qat], 2, enable_checkpointing=False)
+    trainer.fit(model, datamodule=digits)
+    parts = {part.name: part for part in qat.parts}
+    assert not parts["body"].quantized and "split into its children" in parts["body"].reason
+    assert parts["body.stem"].quantized and parts["body.head"].quantized
+    assert "split into its children" in capsys.readouterr().out  # the table was printed
+    int8 = qat.quantized_model
+    assert any(isinstance(m, ConvReLU2dInt8) for m in int8.body.stem.modules())
+    assert any(isinstance(m, LinearInt8) for m in int8.body.head.modules())
+    assert top1_accuracy(int8, digits.test_dataloader()) >= 0.9
+    assert qat.export_path.is_file()
+
+
+def test_resume_mid_qat_matches_uninterrupted_run(tmp_path: Path):
+    schedule = {"start_epoch": 1, "freeze_bn_epoch": 2, "freeze_observer_epoch": 3, "export_format": "none"}
+    every_epoch = ModelCheckpoint(dirpath=tmp_path / "full", filename="{epoch}", save_top_k=-1)
+    _, _, full, digits = _fit_qat(tmp_path / "full", max_epochs=4, checkpoint=every_epoch, **schedule)
+    expected = _predictions(full.quantized_model, digits)
+
+    # a new process's view: fresh model, callback and trainer, resumed from the checkpoint after epoch 1
+    L.seed_everything(0)
+    model = ImageClassifier(architecture="cnn")
+    resumed = QuantizationAwareTraining(**schedule)
+    trainer = _trainer(tmp_path / "resumed", [resumed], 4, enable_checkpointing=False)
+    trainer.fit(model, datamodule=DigitsDataModule(batch_size=64), ckpt_path=tmp_path / "full" / "epoch=1.ckpt")
+    actual = _predictions(resumed.quantized_model, digits)
+    assert torch.allclose(actual, expected, atol=1e-5)
+    assert torch.equal(actual.argmax(1), expected.argmax(1))
+
+
+def test_qat_checkpoints_load_in_test_and_load_from_checkpoint(tmp_path: Path):
+    best = ModelCheckpoint(dirpath=tmp_path, monitor="val/acc", mode="max", save_last=True)
+    trainer, model, qat, digits = _fit_qat(tmp_path, max_epochs=3, start_epoch=1, checkpoint=best, export_format="none")
+    freeze_observers(model)
+    last_epoch = _predictions(model, digits)
+    results = trainer.test(model, datamodule=digits, ckpt_path="best")
+    assert results[0]["test/acc"] >= 0.9
+
+    # a fresh float module with no callback: the QAT structure is rebuilt from the checkpoint
+    restored = ImageClassifier.load_from_checkpoint(tmp_path / "last.ckpt", weights_only=True)
+    assert is_prepared(restored.net)
+    freeze_observers(restored)
+    assert torch.allclose(_predictions(restored, digits), last_epoch, atol=1e-5)
+
+    # trainer.test(ckpt_path=...) on a fresh float module, the callback attached to the trainer
+    tester = _trainer(tmp_path / "test", [QuantizationAwareTraining()], 1)
+    tested = tester.test(ImageClassifier(), datamodule=digits, ckpt_path=tmp_path / "last.ckpt", weights_only=True)
+    expected = (last_epoch.argmax(1) == digits.test_set.tensors[1]).float().mean()
+    assert tested[0]["test/acc"] == pytest.approx(float(expected), abs=1e-6)
+
+
+def test_calibration_batches_set_ranges_before_fake_quant(tmp_path: Path):
+    _, model, qat, _ = _fit_qat(
+        tmp_path, max_epochs=1, start_epoch=0, calibration_batches=3, convert_on_fit_end=False, freeze_bn_epoch=None
+    )
+    assert qat.state_dict()["calibrated"] is True
+    scales = [float(m.scale.max()) for m in model.net.modules() if hasattr(m, "observer_enabled")]
+    assert all(scale != 1.0 for scale in scales)  # 1.0 is the uncalibrated default
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            {"start_epoch": 2, "freeze_bn_epoch": 1},
+            r"freeze_bn_epoch=1 is invalid: it must be an integer >= start_epoch",
+        ),
+        ({"start_epoch": 2, "freeze_observer_epoch": 0}, r"freeze_observer_epoch=0 is invalid"),
+        ({"start_epoch": -1}, r"start_epoch=-1 is invalid"),
+        ({"backend": "tensorrt"}, r"backend='tensorrt' is unknown: allowed values are \['x86', 'fbgemm', 'qnnpack'\]"),
+        ({"observer": "entropy"}, r"observer='entropy' is unknown"),
+        ({"export_format": "onnx"}, r"export_format='onnx' is unknown"),
+        ({"skip": ["torch.nn.Nope"]}, r"skip='torch.nn.Nope' is neither a submodule name nor an importable"),
+        ({"calibration_batches": -2}, r"calibration_batches=-2 is invalid"),
+    ],
+)
+def test_bad_settings_fail_at_construction(options, message):
+    with pytest.raises(ValueError, match=message):
+        QuantizationAwareTraining(**options)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"freeze_bn_epoch": 5}, r"freeze_bn_epoch=5 is invalid: it must be below max_epochs \(2\)"),
+        ({"start_epoch": 2}, r"start_epoch=2 is invalid: it must be below max_epochs \(2\)"),
+        ({"modules": ["net.nope"]}, r"modules='net.nope' names no submodule"),
+        ({"skip": ["net.nope"]}, r"skip='net.nope' names no submodule"),
+    ],
+)
+def test_bad_settings_fail_before_training(tmp_path: Path, options, message):
+    model = ImageClassifier(architecture="cnn")
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    trainer = _trainer(tmp_path, [QuantizationAwareTraining(**options)], 2)
+    with pytest.raises(ValueError, match=message):
+        trainer.fit(model, datamodule=DigitsDataModule())
+    assert trainer.global_step == 0
+    assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())
+
+
+def test_nothing_quantizable_warns_and_leaves_the_model_alone(tmp_path: Path):
+    class NoLayers(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(1))
+
+        def forward(self, images):
+            return images.flatten(1)[:, :10] * self.scale
+
+        def training_step(self, batch, batch_idx):
+            return F.cross_entropy(self(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    qat = QuantizationAwareTraining()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _trainer(tmp_path, [qat], 1, limit_train_batches=2).fit(NoLayers(), datamodule=DigitsDataModule())
+    assert any("nothing quantizable" in str(w.message) for w in caught)
+    assert qat.parts == [] and qat.quantized_model is None
+
+
+def test_skip_keeps_named_layers_and_types_in_float(tmp_path: Path):
+    _, model, qat, digits = _fit_qat(
+        tmp_path, max_epochs=2, start_epoch=1, skip=["net.classifier", "torch.nn.MaxPool2d"], export_format="none"
+    )
+    int8 = qat.quantized_model
+    assert isinstance(int8.net.classifier, nn.Linear)  # still float
+    assert any(isinstance(m, ConvReLU2dInt8) for m in int8.net.modules())
+    assert top1_accuracy(int8, digits.test_dataloader()) > 0.8
