@@ -17,6 +17,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_compress.models import ImageClassifier
 from lightning_compress.report import CompressionReport, models_to_report
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,29 @@ def _configuration_error(error: Exception) -> str:
     while isinstance(error, InstantiationException) and error.__cause__ is not None:
         error = error.__cause__
     return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+def train_teacher(cfg: DictConfig, datamodule, output_dir: Path) -> str:
+    """A distillation recipe without `teacher.checkpoint`: train the teacher first, as its own fit."""
+    teacher = ImageClassifier(
+        cfg.teacher.architecture,
+        num_classes=datamodule.num_classes,
+        in_channels=datamodule.num_channels,
+        lr=cfg.teacher.lr,
+        architecture_options=dict(cfg.teacher.architecture_options or {}),
+    )
+    trainer = instantiate(
+        cfg.trainer,
+        max_epochs=cfg.teacher.max_epochs,
+        default_root_dir=output_dir / "teacher",
+        logger=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(teacher, datamodule=datamodule)
+    path = output_dir / "teacher" / "teacher.ckpt"
+    trainer.save_checkpoint(path, weights_only=True)
+    log.info("Teacher trained for %d epochs, saved to %s", cfg.teacher.max_epochs, path)
+    return str(path)
 
 
 def build(cfg: DictConfig):
@@ -52,6 +76,10 @@ def main(cfg: DictConfig) -> float:
         shutil.rmtree(output_dir, ignore_errors=True)
         print(f"error: {_configuration_error(error)}", file=sys.stderr)
         sys.exit(2)
+    if "teacher" in cfg and cfg.teacher.checkpoint is None:
+        cfg.teacher.checkpoint = train_teacher(cfg, datamodule, output_dir)
+        L.seed_everything(cfg.seed, workers=True)
+        model = instantiate(cfg.model, num_classes=datamodule.num_classes, in_channels=datamodule.num_channels)
 
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))

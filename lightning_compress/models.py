@@ -105,40 +105,44 @@ def build_network(architecture: str, num_classes: int, in_channels: int, **optio
     return factory(num_classes=num_classes, in_channels=in_channels, **options)
 
 
-def load_network_weights(net: nn.Module, checkpoint: str | Path, prefix: str = "net.") -> None:
+def load_network_weights(
+    net: nn.Module, checkpoint: str | Path, prefix: str = "net.", setting: str = "model.checkpoint"
+) -> None:
     """Load trained weights into ``net`` from a Lightning checkpoint or a plain ``state_dict`` file.
 
     Loading uses ``weights_only=True``, so a file can carry tensors but no code. A Lightning checkpoint's
     keys lose ``prefix`` (the attribute that holds the network). Any difference in keys or shapes is an
-    error naming the first offending key, because a partially loaded model trains silently from garbage.
+    error naming the first offending key, because a partially loaded model trains silently from garbage;
+    ``setting`` is the configuration key the error names.
     """
     path = Path(checkpoint)
     if not path.is_file():
-        raise FileNotFoundError(f"model.checkpoint={str(checkpoint)!r} does not exist.")
+        raise FileNotFoundError(f"{setting}={str(checkpoint)!r} does not exist.")
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state:
         state = {key[len(prefix) :]: value for key, value in state["state_dict"].items() if key.startswith(prefix)}
     expected = net.state_dict()
     for key, value in expected.items():
         if key not in state:
-            raise ValueError(f"model.checkpoint={str(checkpoint)!r} does not fit: key {key!r} is missing.")
+            raise ValueError(f"{setting}={str(checkpoint)!r} does not fit: key {key!r} is missing.")
         if state[key].shape != value.shape:
             raise ValueError(
-                f"model.checkpoint={str(checkpoint)!r} does not fit: key {key!r} has shape "
+                f"{setting}={str(checkpoint)!r} does not fit: key {key!r} has shape "
                 f"{tuple(state[key].shape)}, the model expects {tuple(value.shape)}."
             )
     unexpected = [key for key in state if key not in expected]
     if unexpected:
-        raise ValueError(f"model.checkpoint={str(checkpoint)!r} does not fit: unexpected key {unexpected[0]!r}.")
+        raise ValueError(f"{setting}={str(checkpoint)!r} does not fit: unexpected key {unexpected[0]!r}.")
     net.load_state_dict(state)
 
 
 class ImageClassifier(L.LightningModule):
-    """Trains ``net`` with cross-entropy and AdamW under a cosine learning-rate schedule.
+    """Trains a network with cross-entropy and AdamW under a cosine learning-rate schedule.
 
     Args:
         architecture: a name from ``ARCHITECTURES`` or an import path of an ``nn.Module`` class that takes
-            ``num_classes`` and ``in_channels``.
+            ``num_classes`` and ``in_channels``; or a ready ``nn.Module`` (then not saved in hparams, so
+            ``load_from_checkpoint`` needs it passed again).
         num_classes: outputs of the network (``train.py`` takes it from the datamodule).
         in_channels: channels of the input images (``train.py`` takes it from the datamodule).
         lr: peak learning rate.
@@ -149,7 +153,7 @@ class ImageClassifier(L.LightningModule):
 
     def __init__(
         self,
-        architecture: str = "cnn",
+        architecture: str | nn.Module = "cnn",
         num_classes: int = 10,
         in_channels: int = 1,
         lr: float = 3e-3,
@@ -162,8 +166,11 @@ class ImageClassifier(L.LightningModule):
             raise ValueError(f"model.lr={lr!r} is invalid: it must be positive.")
         if weight_decay < 0:
             raise ValueError(f"model.weight_decay={weight_decay!r} is invalid: it must be 0 or more.")
-        self.save_hyperparameters()
-        self.net = build_network(architecture, num_classes, in_channels, **(architecture_options or {}))
+        self.save_hyperparameters(ignore=["architecture"] if isinstance(architecture, nn.Module) else [])
+        if isinstance(architecture, nn.Module):
+            self.net = architecture
+        else:
+            self.net = build_network(architecture, num_classes, in_channels, **(architecture_options or {}))
         if checkpoint is not None:
             load_network_weights(self.net, checkpoint)
         self.train_accuracy = MulticlassAccuracy(num_classes, average="micro")

@@ -31,6 +31,7 @@ from typing_extensions import override
 
 from lightning_compress import fx_quantization as backend
 from lightning_compress.fx_quantization import QuantizationConfig
+from lightning_compress.inputs import example_input, model_input
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +161,7 @@ class QuantizationAwareTraining(Callback):
             rank_zero_warn("QuantizationAwareTraining: nothing quantizable (no Conv/Linear layers); model unchanged.")
             return
         backend.use_backend(self.config)
-        self._example_inputs = _capture_inputs(pl_module, _example_input(trainer, pl_module), targets)
+        self._example_inputs = _capture_inputs(pl_module, example_input(trainer, pl_module), targets)
         for name in targets:
             self._quantize(pl_module, name)
         if not self.prepared_names:
@@ -211,7 +212,12 @@ class QuantizationAwareTraining(Callback):
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self.convert_on_fit_end or not self.prepared_names:
+        if not self.prepared_names:
+            return
+        # Training is over: the ranges are final, and evaluating the model must not move them.
+        for module in self._prepared_modules(pl_module):
+            backend.set_observers(module, enabled=False)
+        if not self.convert_on_fit_end:
             return
         self.quantized_model = self.convert(pl_module)
         if self.export_format == "torchscript":
@@ -382,7 +388,7 @@ class QuantizationAwareTraining(Callback):
             for batch in trainer.train_dataloader:
                 if seen == self.calibration_batches:
                     break
-                pl_module(_model_input(batch, pl_module.device))
+                pl_module(model_input(batch, pl_module.device))
                 seen += 1
         pl_module.train(was_training)
         self._calibrated = True
@@ -475,25 +481,6 @@ def _resolve_type(entry: str | type) -> type:
     if not (isinstance(resolved, type) and issubclass(resolved, nn.Module)):
         raise ValueError(f"skip={entry!r} is not an nn.Module type.")
     return resolved
-
-
-def _model_input(batch: Any, device: torch.device) -> torch.Tensor:
-    """The model input of a batch: the tensor itself, or the first item of a (input, target) pair."""
-    item = batch[0] if isinstance(batch, list | tuple) else batch
-    if not isinstance(item, torch.Tensor):
-        raise ValueError(
-            "QuantizationAwareTraining cannot tell the model input in a batch of type "
-            f"{type(batch).__name__}: set `example_input_array` on your LightningModule."
-        )
-    return item.to(device)
-
-
-def _example_input(trainer: L.Trainer, pl_module: L.LightningModule) -> Any:
-    if pl_module.example_input_array is not None:
-        return pl_module.example_input_array
-    # The fit loop's data source covers both a datamodule and dataloaders passed to fit().
-    dataloader = trainer.fit_loop._data_source.dataloader()
-    return _model_input(next(iter(dataloader)), pl_module.device)[:2]
 
 
 def _capture_inputs(pl_module: nn.Module, example: Any, targets: list[str]) -> dict[str, tuple[tuple, dict]]:

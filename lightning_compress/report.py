@@ -5,9 +5,9 @@ same way: test accuracy over the same loader, weights counted exactly (quantized
 counted on the dequantized values), the byte size of its serialized ``state_dict``, and the median latency
 of a batch-1 forward on one CPU thread, after warm-up, in eval mode and without autograd.
 
-Callbacks contribute models by defining ``report_models() -> dict[str, nn.Module]``; a name they return
-replaces the same name from earlier sources (the QAT callback, for one, supplies the true fp32 model,
-since the trained module itself holds fake-quant observers).
+Callbacks (and the LightningModule) contribute models by defining ``report_models() -> dict[str, nn.Module]``;
+a name they return replaces the same name from earlier sources (the QAT callback, for one, supplies the true
+fp32 model, since the trained module itself holds fake-quant observers).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import json
 import statistics
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -93,17 +93,27 @@ def serialized_size(model: nn.Module) -> int:
     return buffer.getbuffer().nbytes
 
 
-def latency_ms(model: nn.Module, example_input: torch.Tensor, runs: int = 50, warmup: int = 10) -> float:
-    """Median milliseconds of one forward on ``example_input``, single-threaded."""
-    timings = []
-    with _measuring(model, threads=1):
+def latency_ms(
+    models: dict[str, nn.Module], example_input: torch.Tensor, runs: int = 50, warmup: int = 10
+) -> dict[str, float]:
+    """Median milliseconds of one single-threaded forward on ``example_input``, per model.
+
+    The models take turns, one forward each per round, so that a burst of load on a shared machine
+    slows all of them alike and their ratios stay fair.
+    """
+    timings: dict[str, list[float]] = {name: [] for name in models}
+    with ExitStack() as stack:
+        for model in models.values():
+            stack.enter_context(_measuring(model, threads=1))
         for _ in range(warmup):
-            model(example_input)
+            for model in models.values():
+                model(example_input)
         for _ in range(runs):
-            start = time.perf_counter()
-            model(example_input)
-            timings.append((time.perf_counter() - start) * 1000.0)
-    return statistics.median(timings)
+            for name, model in models.items():
+                start = time.perf_counter()
+                model(example_input)
+                timings[name].append((time.perf_counter() - start) * 1000.0)
+    return {name: statistics.median(values) for name, values in timings.items()}
 
 
 @dataclass(frozen=True)
@@ -117,15 +127,10 @@ class Measurement:
 
 
 def measure(
-    name: str,
-    model: nn.Module,
-    dataloader: Iterable | None,
-    example_input: torch.Tensor,
-    runs: int = 50,
-    warmup: int = 10,
-    known_accuracy: float | None = None,
+    name: str, model: nn.Module, dataloader: Iterable | None, latency: float, known_accuracy: float | None = None
 ) -> Measurement:
-    """Measure one model; ``known_accuracy`` skips evaluating a figure computed elsewhere."""
+    """Measure one model; ``latency`` comes from ``latency_ms``, ``known_accuracy`` skips evaluating a
+    figure computed elsewhere."""
     total, nonzero = count_parameters(model)
     if known_accuracy is None and dataloader is not None:
         known_accuracy = top1_accuracy(model, dataloader)
@@ -135,7 +140,7 @@ def measure(
         parameters=total,
         nonzero_parameters=nonzero,
         size_bytes=serialized_size(model),
-        latency_ms=latency_ms(model, example_input, runs, warmup),
+        latency_ms=latency,
     )
 
 
@@ -158,16 +163,16 @@ class CompressionReport:
     ) -> CompressionReport:
         """Measure every model; ``accuracies`` gives figures already computed (the teacher's, say)."""
         accuracies = accuracies or {}
+        latencies = latency_ms(models, example_input, runs, warmup)
         measurements = [
-            measure(name, model, dataloader, example_input, runs, warmup, accuracies.get(name))
-            for name, model in models.items()
+            measure(name, model, dataloader, latencies[name], accuracies.get(name)) for name, model in models.items()
         ]
         settings = {
             "input_shape": list(example_input.shape),
             "threads": 1,
             "latency_runs": runs,
             "warmup_runs": warmup,
-            "latency_statistic": "median",
+            "latency_statistic": "median, models interleaved",
             "torch": torch.__version__,
             "quantized_engine": torch.backends.quantized.engine,
         }
@@ -242,10 +247,11 @@ class CompressionReport:
 
 
 def models_to_report(trainer, pl_module: nn.Module) -> dict[str, nn.Module]:
-    """The trained module as ``fp32``, then what each compression callback contributes."""
+    """The trained module as ``fp32``, then what the module itself (a distillation teacher, say) and each
+    compression callback contribute."""
     models: dict[str, nn.Module] = {BASELINE: pl_module}
-    for callback in trainer.callbacks:
-        report_models = getattr(callback, "report_models", None)
+    for source in (pl_module, *trainer.callbacks):
+        report_models = getattr(source, "report_models", None)
         if callable(report_models):
             models.update(report_models())
     return models

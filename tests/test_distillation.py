@@ -1,0 +1,202 @@
+"""DistillationModule on real digits: the loss, a teacher that never changes, student-only checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from conftest import run_train
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_compress import DistillationModule, QuantizationAwareTraining
+from lightning_compress.data import DigitsDataModule
+from lightning_compress.distillation import distillation_loss
+from lightning_compress.fx_quantization import is_prepared
+from lightning_compress.models import ImageClassifier, SmallCNN
+
+
+def _trainer(tmp_path: Path, max_epochs: int = 1, **kwargs) -> L.Trainer:
+    return L.Trainer(
+        default_root_dir=tmp_path,
+        max_epochs=max_epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
+
+
+@pytest.fixture(scope="module")
+def teacher_checkpoint(tmp_path_factory) -> Path:
+    """A real teacher: the default CNN trained on digits for 3 epochs."""
+    folder = tmp_path_factory.mktemp("teacher")
+    L.seed_everything(0)
+    teacher = ImageClassifier(architecture="cnn")
+    trainer = _trainer(folder, 3, enable_checkpointing=False)
+    trainer.fit(teacher, datamodule=DigitsDataModule())
+    trainer.save_checkpoint(folder / "teacher.ckpt", weights_only=True)
+    return folder / "teacher.ckpt"
+
+
+def _module(teacher_checkpoint: Path, **options) -> DistillationModule:
+    return DistillationModule(
+        student="cnn",
+        student_options={"widths": [8, 16]},
+        teacher="cnn",
+        teacher_checkpoint=str(teacher_checkpoint),
+        **options,
+    )
+
+
+def test_loss_matches_a_hand_computation(digits):
+    torch.manual_seed(0)
+    student, teacher = torch.randn(4, 10), torch.randn(4, 10)
+    labels = digits.train_set.tensors[1][:4]
+    temperature, alpha = 3.0, 0.7
+    total, kd, ce = distillation_loss(student, teacher, labels, temperature, alpha)
+    expected_kd = 0.0
+    for row in range(4):
+        p = [math.exp(v / temperature) for v in teacher[row].tolist()]
+        q = [math.exp(v / temperature) for v in student[row].tolist()]
+        p = [v / sum(p) for v in p]
+        q = [v / sum(q) for v in q]
+        expected_kd += sum(pi * math.log(pi / qi) for pi, qi in zip(p, q, strict=True))
+    expected_kd = expected_kd / 4 * temperature**2
+    expected_ce = (
+        sum(
+            -math.log(math.exp(student[row, labels[row]].item()) / sum(math.exp(v) for v in student[row].tolist()))
+            for row in range(4)
+        )
+        / 4
+    )
+    assert kd.item() == pytest.approx(expected_kd, rel=1e-5)
+    assert ce.item() == pytest.approx(expected_ce, rel=1e-5)
+    assert total.item() == pytest.approx(alpha * expected_kd + (1 - alpha) * expected_ce, rel=1e-5)
+
+
+def test_teacher_is_bit_identical_after_fit_and_absent_from_checkpoints(tmp_path: Path, teacher_checkpoint: Path):
+    module = _module(teacher_checkpoint)
+    before = {key: value.clone() for key, value in module.teacher.state_dict().items()}
+    assert any("running_mean" in key for key in before)  # BN buffers are part of the check
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer = _trainer(tmp_path, 2, callbacks=[checkpoints])  # validation runs after each epoch
+    trainer.fit(module, datamodule=DigitsDataModule())
+    after = module.teacher.state_dict()
+    assert all(torch.equal(before[key], after[key]) for key in before)
+    assert not module.teacher.training and all(not p.requires_grad for p in module.teacher.parameters())
+    optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert not optimized & {id(p) for p in module.teacher.parameters()}
+
+    state = torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]
+    assert state and all(key.startswith(("net.", "train_", "val_", "test_", "teacher_accuracy")) for key in state)
+    assert not any(key.startswith("teacher.") or "_teacher" in key for key in state)
+    restored = DistillationModule.load_from_checkpoint(tmp_path / "last.ckpt", weights_only=True)
+    assert torch.equal(restored.student.classifier.weight, module.student.classifier.weight)
+
+
+def test_save_teacher_keeps_teacher_weights_on_request(tmp_path: Path, teacher_checkpoint: Path):
+    module = _module(teacher_checkpoint, save_teacher=True)
+    _trainer(
+        tmp_path, 1, limit_train_batches=2, limit_val_batches=1, callbacks=[ModelCheckpoint(dirpath=tmp_path)]
+    ).fit(module, datamodule=DigitsDataModule())
+    (path,) = tmp_path.glob("*.ckpt")
+    saved = torch.load(path, weights_only=True)["teacher_state_dict"]
+    assert torch.equal(saved["classifier.weight"], module.teacher.classifier.weight)
+
+
+def test_distilled_student_learns_and_teacher_accuracy_is_reported(tmp_path: Path, teacher_checkpoint: Path):
+    L.seed_everything(0)
+    module = _module(teacher_checkpoint, lr=1e-2)
+    trainer = _trainer(tmp_path, 8, enable_checkpointing=False)
+    digits = DigitsDataModule()
+    trainer.fit(module, datamodule=digits)
+    (results,) = trainer.test(module, datamodule=digits)
+    teacher_only = _trainer(tmp_path).test(ImageClassifier.load_from_checkpoint(teacher_checkpoint), datamodule=digits)
+    assert results["test/teacher_acc"] == pytest.approx(teacher_only[0]["test/acc"], abs=1e-6)
+    assert results["test/acc"] >= 0.85
+    assert results["test/teacher_minus_student"] == pytest.approx(results["test/teacher_acc"] - results["test/acc"])
+    assert module.teacher_val_accuracy is not None and module.teacher_val_accuracy > 0.9
+
+
+def test_qat_acts_on_the_student_only(tmp_path: Path, teacher_checkpoint: Path):
+    module = _module(teacher_checkpoint)
+    qat = QuantizationAwareTraining(export_format="none")
+    _trainer(tmp_path, 1, limit_train_batches=3, limit_val_batches=1, callbacks=[qat], enable_checkpointing=False).fit(
+        module, datamodule=DigitsDataModule()
+    )
+    assert qat.prepared_names == ["net"]
+    assert is_prepared(module.student) and not is_prepared(module.teacher)
+    int8 = qat.quantized_model
+    assert isinstance(int8.teacher, SmallCNN)  # the teacher is no part of what gets quantized
+    assert not any(key.startswith("teacher") for key in int8.state_dict() if "accuracy" not in key)
+
+
+def test_teacher_follows_the_student_to_its_device(teacher_checkpoint: Path):
+    module = _module(teacher_checkpoint).to(torch.float64)
+    assert module.teacher.classifier.weight.dtype == torch.float64
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        ({"temperature": 0.0}, ValueError, r"temperature=0.0 is invalid: it must be > 0"),
+        ({"alpha": 1.5}, ValueError, r"alpha=1.5 is invalid: it must lie in \[0, 1\]"),
+        (
+            {"teacher_checkpoint": "missing.ckpt"},
+            FileNotFoundError,
+            r"teacher.checkpoint='missing.ckpt' does not exist",
+        ),
+        ({"teacher": "resnet18"}, ValueError, r"teacher.checkpoint=.* does not fit: key 'conv1.weight' is missing"),
+    ],
+)
+def test_bad_settings_fail_at_construction(teacher_checkpoint: Path, options, error, message):
+    settings = {"student": "cnn", "teacher": "cnn", "teacher_checkpoint": str(teacher_checkpoint), **options}
+    with pytest.raises(error, match=message):
+        DistillationModule(**settings)
+
+
+def test_output_shapes_that_differ_fail_before_training(tmp_path: Path):
+    module = DistillationModule(student=SmallCNN(num_classes=7), teacher=SmallCNN(num_classes=10))
+    trainer = _trainer(tmp_path)
+    with pytest.raises(ValueError, match=r"teacher and student outputs differ: teacher \(2, 10\), student \(2, 7\)"):
+        trainer.fit(module, datamodule=DigitsDataModule())
+    assert trainer.global_step == 0
+
+
+def test_one_command_trains_the_teacher_then_distills(tmp_path: Path):
+    result = run_train(
+        "+compress=distill",
+        "trainer.max_epochs=2",
+        "teacher.max_epochs=1",
+        "teacher.architecture=cnn",
+        "teacher.architecture_options=null",
+        "report.latency_runs=5",
+        f"hydra.run.dir={tmp_path}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "teacher" / "teacher.ckpt").is_file()
+    rows = {row["name"]: row for row in json.loads((tmp_path / "report.json").read_text())["rows"]}
+    assert set(rows) == {"fp32", "teacher"}
+    assert rows["teacher"]["parameters"] > rows["fp32"]["parameters"]
+    assert 0 < rows["teacher"]["accuracy"] <= 1 and 0 < rows["fp32"]["accuracy"] <= 1
+
+
+def test_teacher_checkpoint_from_the_command_line(tmp_path: Path, teacher_checkpoint: Path):
+    result = run_train(
+        "+compress=distill",
+        "trainer.max_epochs=1",
+        "teacher.architecture=cnn",
+        "teacher.architecture_options=null",
+        f"teacher.checkpoint={teacher_checkpoint}",
+        "report.latency_runs=5",
+        f"hydra.run.dir={tmp_path}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not (tmp_path / "teacher").exists()  # loaded, not trained
+    rows = {row["name"]: row for row in json.loads((tmp_path / "report.json").read_text())["rows"]}
+    assert rows["teacher"]["accuracy"] >= 0.9
