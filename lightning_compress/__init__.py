@@ -1,7 +1,8 @@
-"""Compression for PyTorch Lightning: QAT as a callback, distillation as a module, measured by one report."""
+"""Compression for PyTorch Lightning: QAT and pruning as callbacks, distillation as a module, measured by one report."""
 
 from lightning_compress.distillation import DistillationModule
+from lightning_compress.pruning import MagnitudePruning
 from lightning_compress.quantization import QuantizationAwareTraining
 
-__all__ = ["DistillationModule", "QuantizationAwareTraining"]
+__all__ = ["DistillationModule", "MagnitudePruning", "QuantizationAwareTraining"]
 __version__ = "0.1.0"

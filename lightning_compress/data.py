@@ -157,9 +157,7 @@ class DigitsDataModule(_ClassificationDataModule):
         digits = load_digits()
         pixels, labels = torch.from_numpy(digits.data), torch.from_numpy(digits.target).long()
         indices = torch.arange(len(labels)).numpy()
-        rest, test = train_test_split(
-            indices, test_size=self.test_fraction, stratify=labels, random_state=self.split_seed
-        )
+        rest, test = train_test_split(indices, test_size=self.test_fraction, stratify=labels, random_state=self.split_seed)
         train, val = train_test_split(
             rest,
             test_size=self.val_fraction / (1.0 - self.test_fraction),
@@ -209,9 +207,7 @@ class TorchvisionDataModule(_ClassificationDataModule):
     ) -> None:
         super().__init__(batch_size, num_workers)
         if dataset not in _TORCHVISION_DATASETS:
-            raise ValueError(
-                f"data.dataset={dataset!r} is unknown: allowed values are {sorted(_TORCHVISION_DATASETS)}."
-            )
+            raise ValueError(f"data.dataset={dataset!r} is unknown: allowed values are {sorted(_TORCHVISION_DATASETS)}.")
         self.dataset_class, self.num_classes, native_channels, native_size = _TORCHVISION_DATASETS[dataset]
         self.num_channels = native_channels if channels is None else channels
         _check_channels(self.num_channels)
@@ -289,16 +285,13 @@ class ImageFolderDataModule(_ClassificationDataModule):
         _check_channels(channels)
         missing = [split for split in self.splits if not (Path(root) / split).is_dir()]
         if missing:
-            raise FileNotFoundError(
-                f"data.root={root!r} must hold the folders {list(self.splits)}; missing: {missing}."
-            )
+            raise FileNotFoundError(f"data.root={root!r} must hold the folders {list(self.splits)}; missing: {missing}.")
         classes, _ = find_classes(str(Path(root) / "train"))
         for split in self.splits[1:]:
             split_classes, _ = find_classes(str(Path(root) / split))
             if split_classes != classes:
                 raise ValueError(
-                    f"data.root={root!r}: the class folders of {split!r} {split_classes} differ from "
-                    f"those of 'train' {classes}."
+                    f"data.root={root!r}: the class folders of {split!r} {split_classes} differ from those of 'train' {classes}."
                 )
         self.root = root
         self.classes = classes

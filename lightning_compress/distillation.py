@@ -99,9 +99,7 @@ class DistillationModule(ImageClassifier):
             raise ValueError(f"alpha={alpha!r} is invalid: it must lie in [0, 1].")
         super().__init__(student, num_classes, in_channels, lr, weight_decay, checkpoint, student_options)
         self.save_hyperparameters(
-            ignore=[
-                name for name, value in (("student", student), ("teacher", teacher)) if isinstance(value, nn.Module)
-            ]
+            ignore=[name for name, value in (("student", student), ("teacher", teacher)) if isinstance(value, nn.Module)]
         )
         if isinstance(teacher, nn.Module):
             teacher_net = teacher

@@ -94,9 +94,7 @@ def _qconfig(config: QuantizationConfig) -> QConfig:
     return QConfig(activation=activation, weight=weight)
 
 
-def qconfig_mapping(
-    config: QuantizationConfig, skip_names: list[str] = (), skip_types: list[type] = ()
-) -> QConfigMapping:
+def qconfig_mapping(config: QuantizationConfig, skip_names: list[str] = (), skip_types: list[type] = ()) -> QConfigMapping:
     """The backend's default mapping (it keeps fixed ranges for sigmoid-like ops) with our global qconfig;
     ``skip_names`` (relative to the prepared module) and ``skip_types`` stay in float."""
     mapping = get_default_qat_qconfig_mapping(config.backend).set_global(_qconfig(config))

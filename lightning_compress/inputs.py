@@ -6,6 +6,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from torch import nn
 
 
 def model_input(batch: Any, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -26,3 +27,36 @@ def example_input(trainer: L.Trainer, pl_module: L.LightningModule, size: int = 
     # The fit loop's data source covers both a datamodule and dataloaders passed to fit().
     dataloader = trainer.fit_loop._data_source.dataloader()
     return model_input(next(iter(dataloader)), pl_module.device)[:size]
+
+
+def capture_inputs(pl_module: nn.Module, example: Any, targets: list[str]) -> dict[str, tuple[tuple, dict]]:
+    """Run ``pl_module`` once (eval, no grad) and record the arguments each target submodule receives,
+    and those of all their descendants (needed when a target must be split)."""
+    captured: dict[str, tuple[tuple, dict]] = {}
+    handles = []
+    for target in targets:
+        for name, module in pl_module.get_submodule(target).named_modules():
+            full_name = f"{target}.{name}" if name else target
+
+            def record(module, args, kwargs, full_name=full_name):
+                captured.setdefault(full_name, (args, kwargs))
+
+            handles.append(module.register_forward_pre_hook(record, with_kwargs=True))
+    was_training = pl_module.training
+    pl_module.eval()
+    try:
+        with torch.no_grad():
+            if isinstance(example, dict):
+                pl_module(**example)
+                captured[""] = ((), example)
+            elif isinstance(example, tuple):
+                pl_module(*example)
+                captured[""] = (example, {})
+            else:
+                pl_module(example)
+                captured[""] = ((example,), {})
+    finally:
+        for handle in handles:
+            handle.remove()
+        pl_module.train(was_training)
+    return captured

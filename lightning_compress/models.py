@@ -52,9 +52,7 @@ def _small_input_stem(conv: nn.Conv2d, in_channels: int, stride: int = 1) -> nn.
     return nn.Conv2d(in_channels, conv.out_channels, 3, stride=stride, padding=1, bias=conv.bias is not None)
 
 
-def torchvision_classifier(
-    name: str, num_classes: int = 10, in_channels: int = 3, small_input: bool = True
-) -> nn.Module:
+def torchvision_classifier(name: str, num_classes: int = 10, in_channels: int = 3, small_input: bool = True) -> nn.Module:
     """A torchvision classifier with random weights (no weight download happens here).
 
     Args:
@@ -105,9 +103,7 @@ def build_network(architecture: str, num_classes: int, in_channels: int, **optio
     return factory(num_classes=num_classes, in_channels=in_channels, **options)
 
 
-def load_network_weights(
-    net: nn.Module, checkpoint: str | Path, prefix: str = "net.", setting: str = "model.checkpoint"
-) -> None:
+def load_network_weights(net: nn.Module, checkpoint: str | Path, prefix: str = "net.", setting: str = "model.checkpoint") -> None:
     """Load trained weights into ``net`` from a Lightning checkpoint or a plain ``state_dict`` file.
 
     Loading uses ``weights_only=True``, so a file can carry tensors but no code. A Lightning checkpoint's

@@ -11,7 +11,6 @@ never moves the quantization ranges.
 from __future__ import annotations
 
 import copy
-import importlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,7 +20,6 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.core.module import _jit_is_scripting
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from rich.console import Console
 from rich.table import Table
@@ -30,8 +28,10 @@ from torchmetrics import Metric
 from typing_extensions import override
 
 from lightning_compress import fx_quantization as backend
+from lightning_compress.export import export_torchscript, output_folder
 from lightning_compress.fx_quantization import QuantizationConfig
-from lightning_compress.inputs import example_input, model_input
+from lightning_compress.inputs import capture_inputs, example_input, model_input
+from lightning_compress.selection import compressible_children, resolve_module_type
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +101,7 @@ class QuantizationAwareTraining(Callback):
             raise ValueError(f"start_epoch={start_epoch!r} is invalid: it must be an integer >= 0.")
         for name, epoch in (("freeze_bn_epoch", freeze_bn_epoch), ("freeze_observer_epoch", freeze_observer_epoch)):
             if epoch is not None and (not isinstance(epoch, int) or epoch < start_epoch):
-                raise ValueError(
-                    f"{name}={epoch!r} is invalid: it must be an integer >= start_epoch ({start_epoch}), or None."
-                )
+                raise ValueError(f"{name}={epoch!r} is invalid: it must be an integer >= start_epoch ({start_epoch}), or None.")
         if not isinstance(calibration_batches, int) or calibration_batches < 0:
             raise ValueError(f"calibration_batches={calibration_batches!r} is invalid: it must be an integer >= 0.")
         if export_format not in EXPORT_FORMATS:
@@ -114,7 +112,7 @@ class QuantizationAwareTraining(Callback):
         self.freeze_observer_epoch = freeze_observer_epoch
         self.modules = list(modules) if modules is not None else None
         self.skip_names = [entry for entry in skip if not _names_a_type(entry)]
-        self.skip_types = [_resolve_type(entry) for entry in skip if _names_a_type(entry)]
+        self.skip_types = [resolve_module_type(entry, "skip") for entry in skip if _names_a_type(entry)]
         self.calibration_batches = calibration_batches
         self.convert_on_fit_end = convert_on_fit_end
         self.export_format = export_format
@@ -149,19 +147,15 @@ class QuantizationAwareTraining(Callback):
             ("freeze_observer_epoch", self.freeze_observer_epoch),
         ):
             if epoch is not None and trainer.max_epochs not in (None, -1) and epoch >= trainer.max_epochs:
-                raise ValueError(
-                    f"{name}={epoch} is invalid: it must be below max_epochs ({trainer.max_epochs}) to happen."
-                )
+                raise ValueError(f"{name}={epoch} is invalid: it must be below max_epochs ({trainer.max_epochs}) to happen.")
         if self.start_epoch > 0 and trainer.max_epochs not in (None, -1) and self.start_epoch >= trainer.max_epochs:
-            raise ValueError(
-                f"start_epoch={self.start_epoch} is invalid: it must be below max_epochs ({trainer.max_epochs})."
-            )
+            raise ValueError(f"start_epoch={self.start_epoch} is invalid: it must be below max_epochs ({trainer.max_epochs}).")
         targets = self._targets(pl_module)
         if not targets:
             rank_zero_warn("QuantizationAwareTraining: nothing quantizable (no Conv/Linear layers); model unchanged.")
             return
         backend.use_backend(self.config)
-        self._example_inputs = _capture_inputs(pl_module, example_input(trainer, pl_module), targets)
+        self._example_inputs = capture_inputs(pl_module, example_input(trainer, pl_module), targets)
         for name in targets:
             self._quantize(pl_module, name)
         if not self.prepared_names:
@@ -307,15 +301,10 @@ class QuantizationAwareTraining(Callback):
                     raise ValueError(f"modules={name!r} names no submodule; submodules are e.g. {_some(names)}.")
             candidates = self.modules
         else:
-            candidates = []
+            candidates = [name for name, _ in compressible_children(pl_module)]
             for name, child in pl_module.named_children():
-                if isinstance(child, Metric):
-                    continue
-                if not any(p.requires_grad for p in child.parameters()):
-                    if any(True for _ in child.parameters()):
-                        self.parts.append(QuantizedPart(name, False, "frozen (no trainable parameters)"))
-                    continue
-                candidates.append(name)
+                if name not in candidates and not isinstance(child, Metric) and any(True for _ in child.parameters()):
+                    self.parts.append(QuantizedPart(name, False, "frozen (no trainable parameters)"))
         return [name for name in candidates if backend.has_quantizable_layers(names[name])]
 
     def _quantize(self, pl_module: nn.Module, name: str) -> None:
@@ -396,22 +385,8 @@ class QuantizationAwareTraining(Callback):
 
     @rank_zero_only
     def _export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
-        folder = Path(
-            self.export_dir
-            or getattr(trainer.checkpoint_callback, "dirpath", None)
-            or trainer.log_dir
-            or trainer.default_root_dir
-        )
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / "model_int8.pt"
         args, kwargs = self._example_inputs[""]
-        with _jit_is_scripting():  # tracing probes `trainer`, which raises on a detached LightningModule
-            scripted = torch.jit.trace(
-                self.quantized_model, args, example_kwarg_inputs=kwargs or None, check_trace=False
-            )
-        torch.jit.save(scripted, str(path))
-        rank_zero_info(f"QuantizationAwareTraining: int8 TorchScript model saved to {path}")
-        return path
+        return export_torchscript(self.quantized_model, args, kwargs, output_folder(trainer, self.export_dir) / "model_int8.pt")
 
     @rank_zero_only
     def _show_parts(self) -> None:
@@ -436,7 +411,7 @@ def restore_quantization(pl_module: nn.Module, checkpoint: dict[str, Any]) -> li
         if not key.startswith("QuantizationAwareTraining"):
             continue
         config = QuantizationConfig(**state["config"])
-        skip_types = [_resolve_type(entry) for entry in state["skip_types"]]
+        skip_types = [resolve_module_type(entry, "skip") for entry in state["skip_types"]]
         backend.use_backend(config)
         names += state["prepared"]
         for name in state["prepared"]:
@@ -468,52 +443,6 @@ def _some(names: dict[str, nn.Module]) -> list[str]:
 def _names_a_type(entry: str | type) -> bool:
     """Classes are CamelCase, submodule names are not: ``"torch.nn.Linear"`` versus ``"net.classifier"``."""
     return isinstance(entry, type) or entry.rsplit(".", 1)[-1][:1].isupper()
-
-
-def _resolve_type(entry: str | type) -> type:
-    if isinstance(entry, type):
-        return entry
-    module_name, _, class_name = entry.rpartition(".")
-    try:
-        resolved = getattr(importlib.import_module(module_name or "torch.nn"), class_name)
-    except (ImportError, AttributeError) as error:
-        raise ValueError(f"skip={entry!r} is neither a submodule name nor an importable module type.") from error
-    if not (isinstance(resolved, type) and issubclass(resolved, nn.Module)):
-        raise ValueError(f"skip={entry!r} is not an nn.Module type.")
-    return resolved
-
-
-def _capture_inputs(pl_module: nn.Module, example: Any, targets: list[str]) -> dict[str, tuple[tuple, dict]]:
-    """Run ``pl_module`` once (eval, no grad) and record the arguments each target submodule receives,
-    and those of all their descendants (needed when a target must be split)."""
-    captured: dict[str, tuple[tuple, dict]] = {}
-    handles = []
-    for target in targets:
-        for name, module in _get(pl_module, target).named_modules():
-            full_name = f"{target}.{name}" if name else target
-
-            def record(module, args, kwargs, full_name=full_name):
-                captured.setdefault(full_name, (args, kwargs))
-
-            handles.append(module.register_forward_pre_hook(record, with_kwargs=True))
-    was_training = pl_module.training
-    pl_module.eval()
-    try:
-        with torch.no_grad():
-            if isinstance(example, dict):
-                pl_module(**example)
-                captured[""] = ((), example)
-            elif isinstance(example, tuple):
-                pl_module(*example)
-                captured[""] = (example, {})
-            else:
-                pl_module(example)
-                captured[""] = ((example,), {})
-    finally:
-        for handle in handles:
-            handle.remove()
-        pl_module.train(was_training)
-    return captured
 
 
 def _check_same_output(module: nn.Module, prepared: nn.Module, args: tuple, kwargs: dict) -> None:

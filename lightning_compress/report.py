@@ -93,9 +93,7 @@ def serialized_size(model: nn.Module) -> int:
     return buffer.getbuffer().nbytes
 
 
-def latency_ms(
-    models: dict[str, nn.Module], example_input: torch.Tensor, runs: int = 50, warmup: int = 10
-) -> dict[str, float]:
+def latency_ms(models: dict[str, nn.Module], example_input: torch.Tensor, runs: int = 50, warmup: int = 10) -> dict[str, float]:
     """Median milliseconds of one single-threaded forward on ``example_input``, per model.
 
     The models take turns, one forward each per round, so that a burst of load on a shared machine
@@ -164,9 +162,7 @@ class CompressionReport:
         """Measure every model; ``accuracies`` gives figures already computed (the teacher's, say)."""
         accuracies = accuracies or {}
         latencies = latency_ms(models, example_input, runs, warmup)
-        measurements = [
-            measure(name, model, dataloader, latencies[name], accuracies.get(name)) for name, model in models.items()
-        ]
+        measurements = [measure(name, model, dataloader, latencies[name], accuracies.get(name)) for name, model in models.items()]
         settings = {
             "input_shape": list(example_input.shape),
             "threads": 1,
@@ -186,9 +182,7 @@ class CompressionReport:
             values = asdict(row)
             if baseline is not None:
                 values["accuracy_delta_points"] = (
-                    None
-                    if row.accuracy is None or baseline.accuracy is None
-                    else 100.0 * (row.accuracy - baseline.accuracy)
+                    None if row.accuracy is None or baseline.accuracy is None else 100.0 * (row.accuracy - baseline.accuracy)
                 )
                 values["size_ratio"] = row.size_bytes / baseline.size_bytes
                 values["nonzero_ratio"] = row.nonzero_parameters / max(baseline.nonzero_parameters, 1)

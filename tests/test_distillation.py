@@ -9,7 +9,6 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import run_train
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_compress import DistillationModule, QuantizationAwareTraining
@@ -17,6 +16,8 @@ from lightning_compress.data import DigitsDataModule
 from lightning_compress.distillation import distillation_loss
 from lightning_compress.fx_quantization import is_prepared
 from lightning_compress.models import ImageClassifier, SmallCNN
+
+from conftest import run_train
 
 
 def _trainer(tmp_path: Path, max_epochs: int = 1, **kwargs) -> L.Trainer:
@@ -101,9 +102,9 @@ def test_teacher_is_bit_identical_after_fit_and_absent_from_checkpoints(tmp_path
 
 def test_save_teacher_keeps_teacher_weights_on_request(tmp_path: Path, teacher_checkpoint: Path):
     module = _module(teacher_checkpoint, save_teacher=True)
-    _trainer(
-        tmp_path, 1, limit_train_batches=2, limit_val_batches=1, callbacks=[ModelCheckpoint(dirpath=tmp_path)]
-    ).fit(module, datamodule=DigitsDataModule())
+    _trainer(tmp_path, 1, limit_train_batches=2, limit_val_batches=1, callbacks=[ModelCheckpoint(dirpath=tmp_path)]).fit(
+        module, datamodule=DigitsDataModule()
+    )
     (path,) = tmp_path.glob("*.ckpt")
     saved = torch.load(path, weights_only=True)["teacher_state_dict"]
     assert torch.equal(saved["classifier.weight"], module.teacher.classifier.weight)

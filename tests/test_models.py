@@ -41,9 +41,7 @@ def test_checkpoint_round_trip_from_lightning_and_state_dict(tmp_path: Path):
 
 def test_checkpoint_shape_mismatch_names_the_key(tmp_path: Path):
     torch.save(ImageClassifier(architecture="cnn", num_classes=5).net.state_dict(), tmp_path / "five.pt")
-    with pytest.raises(
-        ValueError, match=r"key 'classifier.weight' has shape \(5, 128\), the model expects \(10, 128\)"
-    ):
+    with pytest.raises(ValueError, match=r"key 'classifier.weight' has shape \(5, 128\), the model expects \(10, 128\)"):
         ImageClassifier(architecture="cnn", num_classes=10, checkpoint=str(tmp_path / "five.pt"))
 
 

@@ -256,7 +256,7 @@ def test_calibration_batches_set_ranges_before_fake_quant(tmp_path: Path):
         ({"backend": "tensorrt"}, r"backend='tensorrt' is unknown: allowed values are \['x86', 'fbgemm', 'qnnpack'\]"),
         ({"observer": "entropy"}, r"observer='entropy' is unknown"),
         ({"export_format": "onnx"}, r"export_format='onnx' is unknown"),
-        ({"skip": ["torch.nn.Nope"]}, r"skip='torch.nn.Nope' is neither a submodule name nor an importable"),
+        ({"skip": ["torch.nn.Nope"]}, r"skip='torch.nn.Nope' names no importable module type"),
         ({"calibration_batches": -2}, r"calibration_batches=-2 is invalid"),
     ],
 )

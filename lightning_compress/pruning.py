@@ -1,0 +1,407 @@
+"""``MagnitudePruning``: gradual magnitude pruning on a schedule, as a Lightning callback.
+
+Masks live in the callback, not in the model: the model's weights are plain tensors whose pruned entries
+are exactly zero, so its ``state_dict`` never gains ``_orig``/``_mask`` keys, checkpoints load into an
+unmodified module, and other callbacks (QAT) see ordinary layers. The masks and the schedule position are
+the callback's ``state_dict``, so a resumed run continues where it stopped. After every optimizer step
+the masks are applied again, so neither momentum nor weight decay can revive a pruned weight.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_only
+from torch import nn
+from typing_extensions import override
+
+from lightning_compress import channel_groups
+from lightning_compress.export import export_torchscript, output_folder
+from lightning_compress.inputs import capture_inputs, example_input
+from lightning_compress.schedules import SCHEDULES, SparsitySchedule
+from lightning_compress.selection import compressible_children, resolve_module_type
+
+MODES = ("unstructured", "channels")
+SCOPES = ("global", "layer")
+
+
+class MagnitudePruning(Callback):
+    r"""Prune the smallest weights (or output channels) to a target sparsity that ramps up over training.
+
+    .. code-block:: python
+
+        from lightning_compress import MagnitudePruning
+
+        pruning = MagnitudePruning(final_sparsity=0.8, start_epoch=1, end_epoch=6)
+        trainer = Trainer(max_epochs=8, callbacks=[pruning])
+        trainer.fit(model, datamodule=datamodule)
+        pruning.pruned_model  # with mode="channels": pruned channels physically removed
+
+    Args:
+        final_sparsity: fraction of weights (or channels) pruned at ``end_epoch`` and after, in [0, 1).
+        initial_sparsity: fraction pruned at ``start_epoch``, in [0, ``final_sparsity``].
+        start_epoch: epoch at whose start pruning begins.
+        end_epoch: epoch at whose start ``final_sparsity`` is reached (after ``start_epoch``, at most
+            ``max_epochs``).
+        schedule: ``cubic`` (Zhu and Gupta), ``linear`` or ``constant``.
+        update_every: optimizer steps between mask updates; ``None`` updates once per epoch.
+        mode: ``unstructured`` (single weights) or ``channels`` (whole output channels, ranked by norm,
+            kept consistent across BatchNorm, residual adds and the layers that read them).
+        scope: ``global`` ranks weights across all pruned layers, ``layer`` prunes each layer alike
+            (``channels`` always ranks within each coupled channel group).
+        layer_types: layer classes (or their import paths) to prune.
+        names: regular expressions; when given, only layers whose name matches one are pruned.
+        skip: regular expressions of layer names left dense (the first and last layer are common choices).
+        channel_norm: 1 or 2, the norm that ranks channels.
+        export_format: ``torchscript`` writes ``model_pruned.pt`` at fit end; ``none`` writes nothing.
+        export_dir: where to write it (default: the checkpoint folder, else the log folder).
+        plot: write ``pruning.png`` (schedule and per-layer sparsity) at fit end, and log it to W&B.
+    """
+
+    def __init__(
+        self,
+        final_sparsity: float = 0.8,
+        initial_sparsity: float = 0.0,
+        start_epoch: int = 0,
+        end_epoch: int = 5,
+        schedule: str = "cubic",
+        update_every: int | None = 10,
+        mode: str = "unstructured",
+        scope: str = "global",
+        layer_types: Sequence[type | str] = (nn.Conv2d, nn.Linear),
+        names: Sequence[str] | None = None,
+        skip: Sequence[str] = (),
+        channel_norm: int = 2,
+        export_format: str = "torchscript",
+        export_dir: str | None = None,
+        plot: bool = True,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r} is unknown: allowed values are {list(MODES)}.")
+        if scope not in SCOPES:
+            raise ValueError(f"scope={scope!r} is unknown: allowed values are {list(SCOPES)}.")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule={schedule!r} is unknown: allowed values are {list(SCHEDULES)}.")
+        if not isinstance(start_epoch, int) or start_epoch < 0:
+            raise ValueError(f"start_epoch={start_epoch!r} is invalid: it must be an integer >= 0.")
+        if not isinstance(end_epoch, int) or end_epoch <= start_epoch:
+            raise ValueError(f"end_epoch={end_epoch!r} is invalid: it must be an integer after start_epoch={start_epoch}.")
+        if channel_norm not in (1, 2):
+            raise ValueError(f"channel_norm={channel_norm!r} is invalid: allowed values are 1 and 2.")
+        if export_format not in ("torchscript", "none"):
+            raise ValueError(f"export_format={export_format!r} is unknown: allowed values are ['torchscript', 'none'].")
+        if update_every is not None and (not isinstance(update_every, int) or update_every < 1):
+            raise ValueError(f"update_every={update_every!r} is invalid: it must be a positive integer, or None (per epoch).")
+        # Checks the sparsities now, before any training; the steps are set in on_train_start.
+        SparsitySchedule(schedule, initial_sparsity, final_sparsity, 0, 1, update_every or 1)
+        self.final_sparsity = final_sparsity
+        self.initial_sparsity = initial_sparsity
+        self.start_epoch = start_epoch
+        self.end_epoch = end_epoch
+        self.schedule_kind = schedule
+        self.update_every = update_every
+        self.mode = mode
+        self.scope = scope
+        self.layer_types = tuple(resolve_module_type(entry, "layer_types") for entry in layer_types)
+        self.names = [re.compile(pattern) for pattern in names] if names else None
+        self.skip = [re.compile(pattern) for pattern in skip]
+        self.channel_norm = channel_norm
+        self.export_format = export_format
+        self.export_dir = export_dir
+        self.plot = plot
+
+        self.schedule: SparsitySchedule | None = None
+        self.masks: dict[str, torch.Tensor] = {}
+        self.history: list[dict[str, float]] = []
+        self.pruned_model: nn.Module | None = None
+        self.dense_model: nn.Module | None = None
+        self.export_path: Path | None = None
+        self.plot_path: Path | None = None
+        self._last_update_step = -1
+        self._targets: dict[str, nn.Parameter] = {}
+        self._groups: dict[str, list[channel_groups.ChannelGroup]] = {}
+
+    # ------------------------------------------------------------------ Lightning hooks
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if trainer.max_epochs is None or trainer.max_epochs < 1:
+            raise ValueError("MagnitudePruning needs Trainer(max_epochs=...) to place its schedule.")
+        if self.end_epoch > trainer.max_epochs:
+            raise ValueError(f"end_epoch={self.end_epoch} is invalid: it must be at most max_epochs ({trainer.max_epochs}).")
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Resolve what to prune (after other callbacks such as QAT have set the model up)."""
+        if self.mode == "channels":
+            self._find_groups(trainer, pl_module)
+        else:
+            self._targets = self._select_layers(pl_module)
+        self._apply_masks(pl_module)  # masks restored from a checkpoint take effect at once
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        steps_per_epoch = max(trainer.num_training_batches // trainer.accumulate_grad_batches, 1)
+        self.schedule = SparsitySchedule(
+            self.schedule_kind,
+            self.initial_sparsity,
+            self.final_sparsity,
+            self.start_epoch * steps_per_epoch,
+            self.end_epoch * steps_per_epoch,
+            self.update_every or steps_per_epoch,
+        )
+
+    @override
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if self.schedule is None or step == self._last_update_step or not self.schedule.is_update_step(step):
+            return
+        if self.dense_model is None and not self.masks:
+            self.dense_model = copy.deepcopy(pl_module).eval()  # the report's dense baseline
+        target = self.schedule.target(step)
+        self._update_masks(pl_module, target)
+        self._apply_masks(pl_module)
+        self._last_update_step = step
+        measured, per_layer = self.measured_sparsity(pl_module)
+        self.history.append({"step": step, "target": target, "measured": measured})
+        metrics = {
+            "pruning/target_sparsity": target,
+            "pruning/sparsity": measured,
+            **{f"pruning/sparsity/{name}": value for name, value in per_layer.items()},
+        }
+        # Straight to the loggers: self.log would only keep the updates that fall on log_every_n_steps.
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._apply_masks(pl_module)  # after the optimizer step: pruned weights stay exactly zero
+
+    @override
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._apply_masks(pl_module)
+        self.pruned_model = copy.deepcopy(pl_module).eval()
+        if self.mode == "channels":
+            for root, groups in self._groups.items():
+                network = self.pruned_model.get_submodule(root)
+                keeps = [self._channel_keep(network, group) for group in groups]
+                channel_groups.remove_channels(network, groups, keeps)
+        if self.export_format == "torchscript":
+            self.export_path = self._export(trainer, pl_module)
+        if self.plot:
+            self.plot_path = self._plot(trainer, pl_module)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "masks": {name: mask.cpu() for name, mask in self.masks.items()},
+            "last_update_step": self._last_update_step,
+            "history": self.history,
+            "final_sparsity": self.final_sparsity,
+            "mode": self.mode,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict["mode"] != self.mode:
+            raise ValueError(f"the checkpoint was pruned with mode={state_dict['mode']!r}, not mode={self.mode!r}.")
+        self.masks = dict(state_dict["masks"])
+        self._last_update_step = state_dict["last_update_step"]
+        self.history = list(state_dict["history"])
+
+    # ------------------------------------------------------------------ results
+
+    def measured_sparsity(self, pl_module: nn.Module) -> tuple[float, dict[str, float]]:
+        """Exact fraction of zeros over the pruned weight tensors, overall and per layer."""
+        parameters = dict(pl_module.named_parameters())
+        zeros = total = 0
+        per_layer = {}
+        for name in self._weight_names():
+            weight = parameters[name].detach()
+            layer_zeros = int((weight == 0).sum())
+            per_layer[name.removesuffix(".weight")] = layer_zeros / weight.numel()
+            zeros += layer_zeros
+            total += weight.numel()
+        return (zeros / total if total else 0.0), per_layer
+
+    def report_models(self) -> dict[str, nn.Module]:
+        """The dense model from when pruning began and, for channel pruning, the physically smaller one."""
+        models: dict[str, nn.Module] = {}
+        if self.dense_model is not None:
+            models["dense"] = self.dense_model
+        if self.mode == "channels" and self.pruned_model is not None:
+            models["channels removed"] = self.pruned_model
+        return models
+
+    # ------------------------------------------------------------------ internals
+
+    def _weight_names(self) -> list[str]:
+        if self.mode == "unstructured":
+            return list(self._targets)
+        return [
+            f"{root}.{name}.weight" if root else f"{name}.weight"
+            for root, groups in self._groups.items()
+            for group in groups
+            for name in group.producers
+        ]
+
+    def _selected(self, name: str, module: nn.Module) -> bool:
+        return (
+            isinstance(module, self.layer_types)
+            and (self.names is None or any(pattern.search(name) for pattern in self.names))
+            and not any(pattern.search(name) for pattern in self.skip)
+        )
+
+    def _select_layers(self, pl_module: nn.Module) -> dict[str, nn.Parameter]:
+        targets = {}
+        for root, child in compressible_children(pl_module):
+            for name, module in child.named_modules():
+                full_name = f"{root}.{name}" if name else root
+                weight = getattr(module, "weight", None)
+                if isinstance(weight, nn.Parameter) and weight.requires_grad and self._selected(full_name, module):
+                    targets[f"{full_name}.weight"] = weight
+        if not targets:
+            raise ValueError(
+                "MagnitudePruning selects no layer: layer_types="
+                f"{[t.__name__ for t in self.layer_types]}, names={self._patterns(self.names)}, "
+                f"skip={self._patterns(self.skip)} match nothing with trainable weights."
+            )
+        return targets
+
+    def _find_groups(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        roots = [name for name, _ in compressible_children(pl_module)]
+        captured = capture_inputs(pl_module, example_input(trainer, pl_module), roots)
+        selected_layers = set()
+        for root in roots:
+            network = pl_module.get_submodule(root)
+            for name, module in network.named_modules():
+                if name and self._selected(f"{root}.{name}", module):
+                    selected_layers.add(f"{root}.{name}")
+            args, _ = captured.get(root, ((), {}))
+            try:
+                groups = channel_groups.find_channel_groups(network, *args)
+            except Exception as error:  # noqa: BLE001 - a network FX cannot trace cannot be shrunk safely
+                raise ValueError(
+                    f"mode='channels' cannot prune {root!r}: it cannot be traced ({str(error).splitlines()[0]})."
+                ) from error
+            self._groups[root] = [
+                group
+                for group in groups
+                if group.prunable and all(f"{root}.{name}" in selected_layers for name in group.producers)
+            ]
+        prunable = {f"{root}.{name}" for root, groups in self._groups.items() for g in groups for name in g.producers}
+        unshrinkable = sorted(name for name in selected_layers - prunable if self.names is not None)
+        if unshrinkable:
+            raise ValueError(
+                f"mode='channels' cannot shrink {unshrinkable[0]!r}: its output channels feed the network output "
+                "or an op whose channels cannot be removed (see lightning_compress.channel_groups)."
+            )
+        if self.names is not None and not prunable:
+            raise ValueError(f"names={self._patterns(self.names)} selects no layer that mode='channels' can shrink.")
+        if not prunable:
+            raise ValueError("mode='channels' found no channel group it can shrink in this model.")
+
+    def _channel_keep(self, network: nn.Module, group: channel_groups.ChannelGroup) -> torch.Tensor:
+        """Channels currently kept: those whose producer rows are not all zero."""
+        weight = network.get_submodule(group.producers[0]).weight.detach()
+        return weight.flatten(1).abs().sum(dim=1).cpu() != 0
+
+    def _update_masks(self, pl_module: nn.Module, target: float) -> None:
+        if self.mode == "channels":
+            for root, groups in self._groups.items():
+                network = pl_module.get_submodule(root)
+                for group in groups:
+                    importance = channel_groups.channel_importance(network, group, self.channel_norm)
+                    dropped = min(round(target * group.size), group.size - 1)  # never remove every channel
+                    keep = torch.ones(group.size, dtype=torch.bool)
+                    keep[importance.argsort()[:dropped]] = False
+                    for name, mask in channel_groups.channel_masks(network, group, keep).items():
+                        self.masks[f"{root}.{name}" if root else name] = mask.bool()
+            return
+        magnitudes = {name: weight.detach().abs() for name, weight in self._targets.items()}
+        if self.scope == "layer":
+            for name, magnitude in magnitudes.items():
+                self.masks[name] = _keep_largest(magnitude.flatten(), round(target * magnitude.numel())).view_as(magnitude)
+            return
+        flat = torch.cat([magnitude.flatten() for magnitude in magnitudes.values()])
+        keep = _keep_largest(flat, round(target * flat.numel()))
+        for name, chunk in zip(magnitudes, keep.split([m.numel() for m in magnitudes.values()]), strict=True):
+            self.masks[name] = chunk.view_as(magnitudes[name])
+
+    def _apply_masks(self, pl_module: nn.Module) -> None:
+        if not self.masks:
+            return
+        parameters = dict(pl_module.named_parameters())
+        with torch.no_grad():
+            for name, mask in self.masks.items():
+                parameter = parameters[name]
+                if mask.device != parameter.device:
+                    self.masks[name] = mask = mask.to(parameter.device)
+                parameter.mul_(mask)
+
+    @rank_zero_only
+    def _export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
+        path = output_folder(trainer, self.export_dir) / "model_pruned.pt"
+        return export_torchscript(self.pruned_model, (example_input(trainer, pl_module),), {}, path)
+
+    @rank_zero_only
+    def _plot(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        _, per_layer = self.measured_sparsity(pl_module)
+        figure, (schedule_axis, layer_axis) = plt.subplots(1, 2, figsize=(12, 4.5))
+        if self.schedule is not None:
+            steps = range(0, max(self.schedule.end_step + 1, trainer.global_step + 1))
+            schedule_axis.plot(steps, [self.schedule.target(step) for step in steps], label="schedule")
+        schedule_axis.step(
+            [h["step"] for h in self.history],
+            [h["target"] for h in self.history],
+            where="post",
+            label="target at updates",
+        )
+        schedule_axis.plot(
+            [h["step"] for h in self.history],
+            [h["measured"] for h in self.history],
+            "o",
+            markersize=3,
+            label="measured",
+        )
+        schedule_axis.set(xlabel="optimizer step", ylabel="sparsity", title=f"{self.schedule_kind} schedule")
+        schedule_axis.legend()
+        layer_axis.barh(list(per_layer), list(per_layer.values()))
+        layer_axis.set(xlabel="fraction of zero weights", title="sparsity per layer", xlim=(0, 1))
+        layer_axis.tick_params(axis="y", labelsize=7)
+        figure.tight_layout()
+        path = output_folder(trainer, self.export_dir) / "pruning.png"
+        figure.savefig(path, dpi=100)
+        plt.close(figure)
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_image"):
+                logger.log_image(key="pruning/sparsity", images=[str(path)])
+        return path
+
+    @staticmethod
+    def _patterns(patterns: list[re.Pattern] | None) -> list[str] | None:
+        return None if patterns is None else [pattern.pattern for pattern in patterns]
+
+
+def _keep_largest(magnitudes: torch.Tensor, pruned: int) -> torch.Tensor:
+    """A boolean mask that drops exactly ``pruned`` entries, the smallest (already-zero ones first)."""
+    keep = torch.ones_like(magnitudes, dtype=torch.bool)
+    if pruned > 0:
+        keep[torch.topk(magnitudes, pruned, largest=False).indices] = False
+    return keep

@@ -1,0 +1,33 @@
+"""What compression acts on: a LightningModule's own networks, and layers chosen by type."""
+
+from __future__ import annotations
+
+import importlib
+
+from torch import nn
+from torchmetrics import Metric
+
+
+def compressible_children(pl_module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Children that hold trainable parameters. Metrics hold none worth compressing, and a frozen network
+    (a distillation teacher passed as a child) is not what is being trained."""
+    return [
+        (name, child)
+        for name, child in pl_module.named_children()
+        if not isinstance(child, Metric) and any(parameter.requires_grad for parameter in child.parameters())
+    ]
+
+
+def resolve_module_type(entry: type | str, setting: str) -> type[nn.Module]:
+    """A module class, given as itself or as an import path such as ``"torch.nn.Linear"``."""
+    if isinstance(entry, type):
+        resolved = entry
+    else:
+        module_name, _, class_name = entry.rpartition(".")
+        try:
+            resolved = getattr(importlib.import_module(module_name or "torch.nn"), class_name)
+        except (ImportError, AttributeError, ValueError) as error:
+            raise ValueError(f"{setting}={entry!r} names no importable module type (nor, for skip, a submodule).") from error
+    if not (isinstance(resolved, type) and issubclass(resolved, nn.Module)):
+        raise ValueError(f"{setting}={entry!r} is not an nn.Module type.")
+    return resolved

@@ -1,0 +1,231 @@
+"""MagnitudePruning on real digits: schedule, exact sparsity, resume, channel removal, pruning with QAT."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from torch.ao.nn.intrinsic.quantized import ConvReLU2d as ConvReLU2dInt8
+from torch.ao.nn.quantized import Linear as LinearInt8
+
+from lightning_compress import MagnitudePruning, QuantizationAwareTraining
+from lightning_compress.data import DigitsDataModule
+from lightning_compress.models import ImageClassifier
+from lightning_compress.report import count_parameters, top1_accuracy
+from lightning_compress.schedules import SparsitySchedule
+
+from conftest import run_train
+
+
+def _trainer(tmp_path: Path, callbacks: list, max_epochs: int, **kwargs) -> L.Trainer:
+    kwargs.setdefault("logger", False)
+    kwargs.setdefault("enable_checkpointing", False)
+    return L.Trainer(
+        default_root_dir=tmp_path,
+        max_epochs=max_epochs,
+        accelerator="cpu",
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
+
+
+def _fit(tmp_path: Path, pruning: MagnitudePruning, max_epochs: int = 4, architecture: str = "cnn", extra=(), **kwargs):
+    L.seed_everything(0)
+    model = ImageClassifier(architecture=architecture)
+    digits = DigitsDataModule(batch_size=64)
+    trainer = _trainer(tmp_path, [pruning, *extra], max_epochs, **kwargs)
+    trainer.fit(model, datamodule=digits)
+    return trainer, model, digits
+
+
+def test_cubic_schedule_follows_zhu_and_gupta():
+    schedule = SparsitySchedule("cubic", 0.0, 0.8, start_step=10, end_step=110, update_every=20)
+    assert schedule.target(0) == 0.0 and schedule.target(10) == 0.0
+    assert schedule.target(60) == pytest.approx(0.8 + (0.0 - 0.8) * (1 - 0.5) ** 3)  # 0.7 at half way
+    assert schedule.target(110) == schedule.target(500) == 0.8
+    targets = [schedule.target(step) for step in range(10, 111)]
+    assert targets == sorted(targets)
+    assert [step for step in range(200) if schedule.is_update_step(step)] == [10, 30, 50, 70, 90, 110]
+    linear = SparsitySchedule("linear", 0.2, 0.6, 0, 100, 1)
+    assert linear.target(25) == pytest.approx(0.3)
+    assert SparsitySchedule("constant", 0.0, 0.5, 5, 10, 1).target(5) == 0.5
+
+
+def test_targets_reached_at_the_right_steps_with_exact_sparsity(tmp_path: Path):
+    pruning = MagnitudePruning(final_sparsity=0.8, start_epoch=1, end_epoch=3, update_every=5, export_format="none", plot=False)
+    trainer, model, digits = _fit(tmp_path, pruning, max_epochs=4)
+    steps_per_epoch = trainer.num_training_batches
+    schedule = pruning.schedule
+    assert schedule.start_step == steps_per_epoch and schedule.end_step == 3 * steps_per_epoch
+    expected_steps = [step for step in range(trainer.global_step) if schedule.is_update_step(step)]
+    assert [entry["step"] for entry in pruning.history] == expected_steps
+    total = sum(weight.numel() for weight in pruning._targets.values())
+    for entry in pruning.history:  # global ranking zeroes exactly round(target * total) weights
+        assert entry["target"] == pytest.approx(schedule.target(entry["step"]))
+        assert entry["measured"] == pytest.approx(round(entry["target"] * total) / total, abs=1e-9)
+    measured, per_layer = pruning.measured_sparsity(model)
+    assert measured == pytest.approx(0.8, abs=1 / total)
+    assert set(per_layer) == {"net.features.0", "net.features.4", "net.features.8", "net.classifier"}
+    # permanent: plain weights, no hooks, no _orig/_mask keys
+    assert not any(key.endswith(("_orig", "_mask")) for key in model.state_dict())
+    assert all(not module._forward_pre_hooks for module in model.modules())
+    assert top1_accuracy(model, digits.test_dataloader()) >= 0.9
+
+
+def test_pruned_weights_stay_zero_after_every_optimizer_step(tmp_path: Path):
+    violations = []
+
+    class Probe(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            parameters = dict(pl_module.named_parameters())
+            for name, mask in pruning.masks.items():
+                if bool((parameters[name][~mask] != 0).any()):
+                    violations.append((trainer.global_step, name))
+
+    class MomentumClassifier(ImageClassifier):  # heavy momentum: would revive weights if masks were not reapplied
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.99)
+
+    pruning = MagnitudePruning(final_sparsity=0.7, start_epoch=0, end_epoch=1, update_every=3, export_format="none", plot=False)
+    L.seed_everything(0)
+    _trainer(tmp_path, [pruning, Probe()], 2).fit(MomentumClassifier(), datamodule=DigitsDataModule())
+    assert pruning.masks and not violations
+
+
+def test_resume_mid_schedule_continues_exactly(tmp_path: Path):
+    options = {"final_sparsity": 0.8, "start_epoch": 1, "end_epoch": 3, "update_every": 7, "export_format": "none", "plot": False}
+    every_epoch = ModelCheckpoint(dirpath=tmp_path / "full", filename="{epoch}", save_top_k=-1)
+    full = MagnitudePruning(**options)
+    _, uninterrupted, digits = _fit(tmp_path / "full", full, 4, extra=[every_epoch], enable_checkpointing=True)
+
+    L.seed_everything(0)
+    resumed = MagnitudePruning(**options)
+    model = ImageClassifier()
+    _trainer(tmp_path / "resumed", [resumed], 4).fit(
+        model, datamodule=DigitsDataModule(batch_size=64), ckpt_path=tmp_path / "full" / "epoch=1.ckpt"
+    )
+    assert resumed.history == full.history
+    assert all(torch.equal(resumed.masks[name], full.masks[name]) for name in full.masks)
+    for (name, expected), actual in zip(uninterrupted.state_dict().items(), model.state_dict().values(), strict=True):
+        assert torch.allclose(actual, expected, atol=1e-6), name
+
+
+@pytest.mark.parametrize("architecture", ["cnn", "resnet18"])
+def test_channel_pruning_removes_channels_and_keeps_outputs(tmp_path: Path, architecture: str):
+    pruning = MagnitudePruning(final_sparsity=0.5, start_epoch=0, end_epoch=1, mode="channels", update_every=None)
+    trainer, model, digits = _fit(
+        tmp_path, pruning, max_epochs=2, architecture=architecture, limit_train_batches=6 if architecture == "resnet18" else None
+    )
+    small = pruning.pruned_model
+    dense_parameters, _ = count_parameters(model)
+    small_parameters, small_nonzero = count_parameters(small)
+    assert small_parameters < 0.4 * dense_parameters  # about a quarter of the conv weights remain
+    images = digits.test_set.tensors[0][:64]
+    with torch.no_grad():
+        assert torch.allclose(small(images), model.eval()(images), atol=1e-4)
+    if architecture == "resnet18":  # the residual stages lost the same channels on both sides of each add
+        assert small.net.layer1[0].conv2.out_channels == small.net.conv1.out_channels == 32
+        assert small.net.fc.in_features == small.net.layer4[1].conv2.out_channels == 256
+    loaded = torch.jit.load(str(pruning.export_path))  # runs without this package
+    assert torch.allclose(loaded(images), small(images), atol=1e-5)
+
+
+def test_logging_and_plot(tmp_path: Path):
+    pruning = MagnitudePruning(final_sparsity=0.5, start_epoch=0, end_epoch=2, update_every=10, export_format="none")
+    trainer, _, _ = _fit(tmp_path, pruning, max_epochs=2, logger=CSVLogger(tmp_path))
+    lines = (Path(trainer.logger.log_dir) / "metrics.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    for column in ("pruning/target_sparsity", "pruning/sparsity", "pruning/sparsity/net.classifier"):
+        assert column in header
+    logged = [
+        float(row.split(",")[header.index("pruning/sparsity")])
+        for row in lines[1:]
+        if row.split(",")[header.index("pruning/sparsity")]
+    ]
+    assert logged == [entry["measured"] for entry in pruning.history]
+    assert pruning.plot_path.is_file() and pruning.plot_path.stat().st_size > 10_000
+
+
+def test_pruning_with_qat_keeps_zeros_in_the_int8_model(tmp_path: Path):
+    pruning = MagnitudePruning(final_sparsity=0.6, start_epoch=0, end_epoch=2, update_every=5, export_format="none", plot=False)
+    qat = QuantizationAwareTraining(start_epoch=2, export_format="none")
+    trainer, model, digits = _fit(tmp_path, pruning, max_epochs=3, extra=[qat])
+    int8 = qat.quantized_model
+    quantized_layers = [m for m in int8.net.modules() if isinstance(m, ConvReLU2dInt8 | LinearInt8)]
+    assert len(quantized_layers) == 4
+    int8_zeros = sum(int((m._weight_bias()[0].dequantize() == 0).sum()) for m in quantized_layers)
+    weights = sum(m._weight_bias()[0].numel() for m in quantized_layers)
+    assert int8_zeros / weights >= 0.6  # every pruned weight is still zero in int8 (rounding adds a few)
+    masked = [name for name, mask in pruning.masks.items()]
+    assert masked and all(name.startswith("net.") for name in masked)
+    assert top1_accuracy(int8, digits.test_dataloader()) >= 0.9
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"final_sparsity": 1.0}, r"final_sparsity=1.0 is invalid: it must lie in \[0, 1\)"),
+        ({"final_sparsity": -0.1}, r"final_sparsity=-0.1 is invalid"),
+        ({"initial_sparsity": 0.5, "final_sparsity": 0.3}, r"initial_sparsity=0.5 is above final_sparsity=0.3"),
+        ({"start_epoch": 3, "end_epoch": 3}, r"end_epoch=3 is invalid: it must be an integer after start_epoch=3"),
+        ({"mode": "blocks"}, r"mode='blocks' is unknown: allowed values are \['unstructured', 'channels'\]"),
+        ({"schedule": "exp"}, r"schedule='exp' is unknown"),
+        ({"update_every": 0}, r"update_every=0 is invalid"),
+        ({"layer_types": ["torch.nn.Nope"]}, r"layer_types='torch.nn.Nope' names no importable module type"),
+    ],
+)
+def test_bad_settings_fail_at_construction(options, message):
+    with pytest.raises(ValueError, match=message):
+        MagnitudePruning(**options)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"end_epoch": 5}, r"end_epoch=5 is invalid: it must be at most max_epochs \(2\)"),
+        ({"names": [r"^decoder\."]}, r"MagnitudePruning selects no layer: .*names=\['\^decoder\\\\.'\]"),
+        ({"layer_types": ["torch.nn.LSTM"]}, r"MagnitudePruning selects no layer"),
+        ({"mode": "channels", "names": [r"classifier"]}, r"mode='channels' cannot shrink 'net.classifier'"),
+    ],
+)
+def test_bad_settings_fail_before_training(tmp_path: Path, options, message):
+    settings = {"end_epoch": 2, "export_format": "none", "plot": False, **options}
+    model = ImageClassifier()
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    trainer = _trainer(tmp_path, [MagnitudePruning(**settings)], 2)
+    with pytest.raises(ValueError, match=message):
+        trainer.fit(model, datamodule=DigitsDataModule())
+    assert trainer.global_step == 0
+    assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())
+
+
+@pytest.mark.parametrize("recipe", ["prune", "prune_channels"])
+def test_recipes_end_to_end(tmp_path: Path, recipe: str):
+    result = run_train(
+        f"+compress={recipe}",
+        "trainer.max_epochs=4",
+        "compress.callbacks.pruning.end_epoch=3",
+        "report.latency_runs=5",
+        f"hydra.run.dir={tmp_path}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {row["name"]: row for row in json.loads((tmp_path / "report.json").read_text())["rows"]}
+    assert rows["fp32"]["accuracy"] >= 0.9
+    if recipe == "prune":
+        assert rows["fp32"]["nonzero_parameters"] <= 0.21 * rows["dense"]["nonzero_parameters"]
+    else:
+        assert rows["channels removed"]["parameters"] < 0.4 * rows["dense"]["parameters"]
+        assert rows["channels removed"]["accuracy"] == pytest.approx(rows["fp32"]["accuracy"])
+    assert (tmp_path / "checkpoints" / "model_pruned.pt").is_file()
+    assert (tmp_path / "checkpoints" / "pruning.png").is_file()
+    script = "import sys, torch; torch.jit.load(sys.argv[1]); assert 'lightning_compress' not in sys.modules"
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "checkpoints" / "model_pruned.pt")], check=True)
