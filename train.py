@@ -31,7 +31,12 @@ def _configuration_error(error: Exception) -> str:
 
 
 def train_teacher(cfg: DictConfig, datamodule, output_dir: Path) -> str:
-    """A distillation recipe without `teacher.checkpoint`: train the teacher first, as its own fit."""
+    """A distillation recipe without `teacher.checkpoint`: train the teacher first, as its own fit
+    (once: a resumed run finds it in its output folder)."""
+    path = output_dir / "teacher" / "teacher.ckpt"
+    if path.is_file():
+        log.info("Reusing the teacher trained earlier in this run: %s", path)
+        return str(path)
     teacher = ImageClassifier(
         cfg.teacher.architecture,
         num_classes=datamodule.num_classes,
@@ -47,7 +52,6 @@ def train_teacher(cfg: DictConfig, datamodule, output_dir: Path) -> str:
         enable_checkpointing=False,
     )
     trainer.fit(teacher, datamodule=datamodule)
-    path = output_dir / "teacher" / "teacher.ckpt"
     trainer.save_checkpoint(path, weights_only=True)
     log.info("Teacher trained for %d epochs, saved to %s", cfg.teacher.max_epochs, path)
     return str(path)
@@ -72,8 +76,10 @@ def main(cfg: DictConfig) -> float:
     try:
         datamodule, model, trainer = build(cfg)
     except (InstantiationException, ValueError, FileNotFoundError) as error:
-        # Nothing was trained: leave no half-filled output folder behind.
-        shutil.rmtree(output_dir, ignore_errors=True)
+        # Nothing was trained: leave no half-filled output folder behind (but never delete an earlier run
+        # that is being resumed into the same folder).
+        if {entry.name for entry in output_dir.iterdir()} <= {".hydra", f"{HydraConfig.get().job.name}.log"}:
+            shutil.rmtree(output_dir, ignore_errors=True)
         print(f"error: {_configuration_error(error)}", file=sys.stderr)
         sys.exit(2)
     if "teacher" in cfg and cfg.teacher.checkpoint is None:
@@ -84,7 +90,7 @@ def main(cfg: DictConfig) -> float:
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     try:
-        trainer.fit(model, datamodule=datamodule)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
         trainer.test(model, datamodule=datamodule)
 
         test_loader = datamodule.test_dataloader()

@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=int, default=50, help="timed forwards per latency figure")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--fp32-epochs", type=int, default=10)
-    parser.add_argument("--qat-epochs", type=int, default=4)
+    parser.add_argument("--qat-epochs", type=int, default=6)
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     args.output.mkdir(parents=True, exist_ok=True)

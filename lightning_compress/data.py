@@ -114,6 +114,8 @@ class DigitsDataModule(_ClassificationDataModule):
         test_fraction: share of all images held out for the test.
         split_seed: seed of the train/val/test split.
         num_workers: DataLoader worker processes; the data is tiny and in memory, so 0 is fastest.
+        train_fraction: keep only this stratified share of the training split (for low-data studies, such
+            as distilling a student that sees less data than its teacher did); val and test are unchanged.
     """
 
     num_classes = 10
@@ -127,10 +129,13 @@ class DigitsDataModule(_ClassificationDataModule):
         test_fraction: float = 0.15,
         split_seed: int = 0,
         num_workers: int = 0,
+        train_fraction: float = 1.0,
     ) -> None:
         super().__init__(batch_size, num_workers)
         _check_positive("image_size", image_size)
         _check_channels(channels)
+        if not 0.0 < train_fraction <= 1.0:
+            raise ValueError(f"data.train_fraction={train_fraction!r} is invalid: it must lie in (0, 1].")
         _check_fraction("val_fraction", val_fraction)
         _check_fraction("test_fraction", test_fraction)
         if val_fraction + test_fraction >= 1.0:
@@ -143,6 +148,7 @@ class DigitsDataModule(_ClassificationDataModule):
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
         self.split_seed = split_seed
+        self.train_fraction = train_fraction
 
     def _images(self, pixels: torch.Tensor) -> torch.Tensor:
         # load_digits pixels are integers 0..16; centre them so the first layer sees zero-mean input.
@@ -164,6 +170,10 @@ class DigitsDataModule(_ClassificationDataModule):
             stratify=labels[rest],
             random_state=self.split_seed,
         )
+        if self.train_fraction < 1.0:
+            train, _ = train_test_split(
+                train, train_size=self.train_fraction, stratify=labels[train], random_state=self.split_seed
+            )
         images = self._images(pixels)
         self.train_set = TensorDataset(images[train], labels[train])
         self.val_set = TensorDataset(images[val], labels[val])

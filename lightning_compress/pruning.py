@@ -151,12 +151,15 @@ class MagnitudePruning(Callback):
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         steps_per_epoch = max(trainer.num_training_batches // trainer.accumulate_grad_batches, 1)
+        start_step = self.start_epoch * steps_per_epoch
+        # end_epoch == max_epochs: reach final_sparsity at the last step that runs, not one that never does.
+        end_step = max(min(self.end_epoch * steps_per_epoch, trainer.max_epochs * steps_per_epoch - 1), start_step + 1)
         self.schedule = SparsitySchedule(
             self.schedule_kind,
             self.initial_sparsity,
             self.final_sparsity,
-            self.start_epoch * steps_per_epoch,
-            self.end_epoch * steps_per_epoch,
+            start_step,
+            end_step,
             self.update_every or steps_per_epoch,
         )
 

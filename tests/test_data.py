@@ -88,3 +88,13 @@ def test_torchvision_dataset_absent_offline_names_root_and_download(tmp_path: Pa
 def test_torchvision_unknown_dataset():
     with pytest.raises(ValueError, match=r"data.dataset='svhn' is unknown: allowed values are"):
         TorchvisionDataModule("svhn")
+
+
+def test_train_fraction_keeps_a_stratified_subset_and_the_same_test_split(digits: DigitsDataModule):
+    small = DigitsDataModule(train_fraction=0.1)
+    small.setup()
+    assert len(small.train_set) == pytest.approx(0.1 * len(digits.train_set), abs=1)
+    assert set(_labels(small.train_set).tolist()) == set(range(10))
+    assert torch.equal(_labels(small.test_set), _labels(digits.test_set))
+    with pytest.raises(ValueError, match=r"data.train_fraction=0 is invalid"):
+        DigitsDataModule(train_fraction=0)

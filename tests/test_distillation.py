@@ -201,3 +201,15 @@ def test_teacher_checkpoint_from_the_command_line(tmp_path: Path, teacher_checkp
     assert not (tmp_path / "teacher").exists()  # loaded, not trained
     rows = {row["name"]: row for row in json.loads((tmp_path / "report.json").read_text())["rows"]}
     assert rows["teacher"]["accuracy"] >= 0.9
+
+
+def test_pruning_acts_on_the_student_only(tmp_path: Path, teacher_checkpoint: Path):
+    from lightning_compress import MagnitudePruning
+
+    module = _module(teacher_checkpoint)
+    teacher_before = {key: value.clone() for key, value in module.teacher.state_dict().items()}
+    pruning = MagnitudePruning(final_sparsity=0.5, start_epoch=0, end_epoch=1, export_format="none", plot=False)
+    _trainer(tmp_path, 1, callbacks=[pruning], enable_checkpointing=False).fit(module, datamodule=DigitsDataModule())
+    assert pruning.masks and all(name.startswith("net.") for name in pruning.masks)
+    assert pruning.measured_sparsity(module)[0] == pytest.approx(0.5, abs=0.01)
+    assert all(torch.equal(teacher_before[key], value) for key, value in module.teacher.state_dict().items())

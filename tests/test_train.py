@@ -74,3 +74,11 @@ def test_qat_recipe_reports_fp32_fake_quant_and_int8(tmp_path: Path):
     assert rows["int8"]["size_ratio"] <= 0.3
     assert rows["int8"]["accuracy"] >= 0.95 and abs(rows["int8"]["accuracy_delta_points"]) <= 1.0
     assert (tmp_path / "checkpoints" / "model_int8.pt").is_file()
+
+
+def test_bad_input_never_deletes_an_earlier_run_in_the_same_folder(tmp_path: Path):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"an earlier run")
+    result = run_train("data.batch_size=0", "ckpt_path=last", f"hydra.run.dir={tmp_path}")
+    assert result.returncode != 0 and "data.batch_size=0" in result.stderr
+    assert (tmp_path / "checkpoints" / "last.ckpt").read_bytes() == b"an earlier run"
