@@ -57,13 +57,19 @@ def train_teacher(cfg: DictConfig, datamodule, output_dir: Path) -> str:
     return str(path)
 
 
+def build_model(cfg: DictConfig, datamodule):
+    """The LightningModule, sized for the data; plain containers keep its checkpoints weights_only-loadable."""
+    return instantiate(cfg.model, num_classes=datamodule.num_classes, in_channels=datamodule.num_channels, _convert_="all")
+
+
 def build(cfg: DictConfig):
     """Everything `main` needs, built and checked before any training starts."""
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()  # a missing dataset fails now, not after the trainer is set up
-    model = instantiate(cfg.model, num_classes=datamodule.num_classes, in_channels=datamodule.num_channels)
-    callbacks = [instantiate(c) for c in cfg.callbacks.values()]
-    callbacks += [instantiate(c) for c in cfg.get("compress", {}).get("callbacks", {}).values()]
+    model = build_model(cfg, datamodule)
+    # _convert_="all": plain dicts and lists, so that hyperparameters in checkpoints load with weights_only=True
+    callbacks = [instantiate(c, _convert_="all") for c in cfg.callbacks.values()]
+    callbacks += [instantiate(c, _convert_="all") for c in cfg.get("compress", {}).get("callbacks", {}).values()]
     loggers = [instantiate(c) for c in cfg.logger.values()]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
     return datamodule, model, trainer
@@ -85,7 +91,7 @@ def main(cfg: DictConfig) -> float:
     if "teacher" in cfg and cfg.teacher.checkpoint is None:
         cfg.teacher.checkpoint = train_teacher(cfg, datamodule, output_dir)
         L.seed_everything(cfg.seed, workers=True)
-        model = instantiate(cfg.model, num_classes=datamodule.num_classes, in_channels=datamodule.num_channels)
+        model = build_model(cfg, datamodule)
 
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))

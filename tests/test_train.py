@@ -82,3 +82,12 @@ def test_bad_input_never_deletes_an_earlier_run_in_the_same_folder(tmp_path: Pat
     result = run_train("data.batch_size=0", "ckpt_path=last", f"hydra.run.dir={tmp_path}")
     assert result.returncode != 0 and "data.batch_size=0" in result.stderr
     assert (tmp_path / "checkpoints" / "last.ckpt").read_bytes() == b"an earlier run"
+
+
+def test_checkpoints_of_configured_runs_load_with_weights_only(tmp_path: Path):
+    import torch
+
+    result = run_train("trainer.max_epochs=1", "report.latency_runs=3", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["hyper_parameters"]["architecture_options"] == {"widths": [32, 64, 128]}
