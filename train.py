@@ -98,6 +98,8 @@ def main(cfg: DictConfig) -> float:
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
         trainer.test(model, datamodule=datamodule)
+        if not trainer.is_global_zero:  # one report per run, written by rank 0
+            return float(trainer.callback_metrics[cfg.optimized_metric])
 
         test_loader = datamodule.test_dataloader()
         example_input = next(iter(test_loader))[0][:1]

@@ -211,6 +211,9 @@ class QuantizationAwareTraining(Callback):
         # Training is over: the ranges are final, and evaluating the model must not move them.
         for module in self._prepared_modules(pl_module):
             backend.set_observers(module, enabled=False)
+            if trainer.world_size > 1:  # every rank converts rank 0's ranges, whatever its last batch saw
+                for buffer in module.buffers():
+                    torch.distributed.broadcast(buffer, src=0)
         if not self.convert_on_fit_end:
             return
         self.quantized_model = self.convert(pl_module)

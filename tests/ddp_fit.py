@@ -1,0 +1,60 @@
+"""Run by test_distributed.py: QAT and pruning under 2-process CPU DDP; each rank dumps its state.
+
+Lightning's DDP launcher starts rank 1 by re-running this script, so it must be a script, not a test.
+"""
+
+import sys
+import warnings
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from lightning_compress import MagnitudePruning, QuantizationAwareTraining
+from lightning_compress.data import DigitsDataModule
+from lightning_compress.models import ImageClassifier
+
+warnings.filterwarnings("ignore")
+
+
+def main(output: Path, devices: int) -> None:
+    L.seed_everything(0)
+    model = ImageClassifier()
+    pruning = MagnitudePruning(final_sparsity=0.6, start_epoch=0, end_epoch=2, update_every=3, export_format="none", plot=False)
+    qat = QuantizationAwareTraining(start_epoch=2, freeze_bn_epoch=3, export_format="torchscript", export_dir=str(output))
+    strategy = "ddp" if devices > 1 else "auto"
+    trainer = L.Trainer(
+        max_epochs=4,
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[pruning, qat],
+    )
+    trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
+    observers = {
+        name: tensor.clone()
+        for name, tensor in model.net.state_dict().items()
+        if name.rsplit(".", 1)[-1] in ("min_val", "max_val", "scale", "zero_point")
+    }
+    digits = DigitsDataModule()
+    digits.setup()
+    with torch.no_grad():
+        predictions = qat.quantized_model(digits.test_set.tensors[0])
+    torch.save(
+        {
+            "masks": pruning.masks,
+            "observers": observers,
+            "weights": model.net.state_dict(),
+            "predictions": predictions,
+            "labels": digits.test_set.tensors[1],
+        },
+        output / f"{'ddp' if devices > 1 else 'single'}_rank{trainer.global_rank}.pt",
+    )
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), int(sys.argv[2]))
