@@ -114,7 +114,15 @@ def main(cfg: DictConfig) -> float:
         report.save(output_dir / "report.json")
         report.log_to(trainer.loggers)
         log.info("Report written to %s", output_dir / "report.json")
-        return float(trainer.callback_metrics[cfg.optimized_metric])
+        if cfg.objective.nonzero_budget is None:
+            return float(trainer.callback_metrics[cfg.optimized_metric])
+        judged = next((row for row in report.measurements if row.name == cfg.objective.model), None)
+        if judged is None:
+            raise ValueError(
+                f"objective.model={cfg.objective.model!r} is not a report row: rows are "
+                f"{[row.name for row in report.measurements]}."
+            )
+        return judged.accuracy - max(0.0, judged.nonzero_parameters / cfg.objective.nonzero_budget - 1.0)
     finally:
         # One W&B run per job: without this, a -m multirun appends every job to the first run.
         if any(type(logger).__name__ == "WandbLogger" for logger in trainer.loggers):
