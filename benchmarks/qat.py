@@ -55,6 +55,19 @@ def _int8(model: torch.nn.Module, calibration: torch.Tensor, config: Quantizatio
     return backend.convert(prepared)
 
 
+def _reference_int8(model: torch.nn.Module, calibration: torch.Tensor) -> torch.nn.Module:
+    """The hand-written torch.ao FX flow (prepare_fx with the x86 defaults, calibrate, convert_fx), as a
+    yardstick for what this package's backend adds or loses."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    prepared = prepare_fx(copy.deepcopy(model).eval(), get_default_qconfig_mapping("x86"), (calibration[:1],))
+    with torch.no_grad():
+        for batch in calibration.split(8):
+            prepared(batch)
+    return convert_fx(prepared)
+
+
 def latency_and_size(runs: int) -> list[dict]:
     config = QuantizationConfig()
     rows = []
@@ -71,7 +84,10 @@ def latency_and_size(runs: int) -> list[dict]:
             fp32 = build().eval()
             folded = fold_batch_norm(copy.deepcopy(fp32))
             int8 = _int8(fp32, calibration, config)
-            timings = latency_ms({"fp32": fp32, "fp32_bn_folded": folded, "int8": int8}, example, runs, warmup=5)
+            reference = _reference_int8(fp32, calibration)
+            timings = latency_ms(
+                {"fp32": fp32, "fp32_bn_folded": folded, "int8": int8, "reference_int8": reference}, example, runs, warmup=5
+            )
             row = {
                 "model": name,
                 "input": f"{size}x{size}",
@@ -173,12 +189,14 @@ def markdown(results: dict) -> str:
         f"QAT benchmark ({results['machine']}, torch {results['torch']}, engine {results['engine']}); "
         "latency: batch 1, 1 thread, median, models interleaved.",
         "",
-        "| model | input | fp32 ms | fp32 BN-folded ms | int8 ms | speedup vs fp32 | vs BN-folded | size int8/fp32 |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | input | fp32 ms | fp32 BN-folded ms | int8 ms | hand-written FX int8 ms | speedup vs fp32 | vs BN-folded "
+        "| size int8/fp32 |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in results["latency"]:
         lines.append(
             f"| {row['model']} | {row['input']} | {row['fp32_ms']} | {row['fp32_bn_folded_ms']} | {row['int8_ms']} "
+            f"| {row['reference_int8_ms']} "
             f"| {row['speedup_vs_fp32']}x | {row['speedup_vs_bn_folded']}x | {row['size_ratio']} |"
         )
     lines += [

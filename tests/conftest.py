@@ -5,7 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_compress.data import DigitsDataModule
 
@@ -37,4 +39,19 @@ def run_train(*overrides: str, cwd: Path = ROOT, timeout: int = 600) -> subproce
         capture_output=True,
         text=True,
         timeout=timeout,
+    )
+
+
+def quiet_trainer(tmp_path: Path, callbacks: list = (), max_epochs: int = 1, **kwargs) -> L.Trainer:
+    """A CPU Trainer without progress bar, summary or logger; it checkpoints only when given a ModelCheckpoint."""
+    kwargs.setdefault("logger", False)
+    kwargs.setdefault("enable_checkpointing", any(isinstance(callback, ModelCheckpoint) for callback in callbacks))
+    return L.Trainer(
+        default_root_dir=tmp_path,
+        max_epochs=max_epochs,
+        accelerator="cpu",
+        callbacks=list(callbacks),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
     )

@@ -17,19 +17,7 @@ from lightning_compress.distillation import distillation_loss
 from lightning_compress.fx_quantization import is_prepared
 from lightning_compress.models import ImageClassifier, SmallCNN
 
-from conftest import run_train
-
-
-def _trainer(tmp_path: Path, max_epochs: int = 1, **kwargs) -> L.Trainer:
-    return L.Trainer(
-        default_root_dir=tmp_path,
-        max_epochs=max_epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kwargs,
-    )
+from conftest import quiet_trainer, run_train
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +26,7 @@ def teacher_checkpoint(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("teacher")
     L.seed_everything(0)
     teacher = ImageClassifier(architecture="cnn")
-    trainer = _trainer(folder, 3, enable_checkpointing=False)
+    trainer = quiet_trainer(folder, [], 3)
     trainer.fit(teacher, datamodule=DigitsDataModule())
     trainer.save_checkpoint(folder / "teacher.ckpt", weights_only=True)
     return folder / "teacher.ckpt"
@@ -85,7 +73,7 @@ def test_teacher_is_bit_identical_after_fit_and_absent_from_checkpoints(tmp_path
     before = {key: value.clone() for key, value in module.teacher.state_dict().items()}
     assert any("running_mean" in key for key in before)  # BN buffers are part of the check
     checkpoints = ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    trainer = _trainer(tmp_path, 2, callbacks=[checkpoints])  # validation runs after each epoch
+    trainer = quiet_trainer(tmp_path, [checkpoints], 2)  # validation runs after each epoch
     trainer.fit(module, datamodule=DigitsDataModule())
     after = module.teacher.state_dict()
     assert all(torch.equal(before[key], after[key]) for key in before)
@@ -102,7 +90,7 @@ def test_teacher_is_bit_identical_after_fit_and_absent_from_checkpoints(tmp_path
 
 def test_save_teacher_keeps_teacher_weights_on_request(tmp_path: Path, teacher_checkpoint: Path):
     module = _module(teacher_checkpoint, save_teacher=True)
-    _trainer(tmp_path, 1, limit_train_batches=2, limit_val_batches=1, callbacks=[ModelCheckpoint(dirpath=tmp_path)]).fit(
+    quiet_trainer(tmp_path, [ModelCheckpoint(dirpath=tmp_path)], 1, limit_train_batches=2, limit_val_batches=1).fit(
         module, datamodule=DigitsDataModule()
     )
     (path,) = tmp_path.glob("*.ckpt")
@@ -113,11 +101,11 @@ def test_save_teacher_keeps_teacher_weights_on_request(tmp_path: Path, teacher_c
 def test_distilled_student_learns_and_teacher_accuracy_is_reported(tmp_path: Path, teacher_checkpoint: Path):
     L.seed_everything(0)
     module = _module(teacher_checkpoint, lr=1e-2)
-    trainer = _trainer(tmp_path, 8, enable_checkpointing=False)
+    trainer = quiet_trainer(tmp_path, [], 8)
     digits = DigitsDataModule()
     trainer.fit(module, datamodule=digits)
     (results,) = trainer.test(module, datamodule=digits)
-    teacher_only = _trainer(tmp_path).test(ImageClassifier.load_from_checkpoint(teacher_checkpoint), datamodule=digits)
+    teacher_only = quiet_trainer(tmp_path).test(ImageClassifier.load_from_checkpoint(teacher_checkpoint), datamodule=digits)
     assert results["test/teacher_acc"] == pytest.approx(teacher_only[0]["test/acc"], abs=1e-6)
     assert results["test/acc"] >= 0.85
     assert results["test/teacher_minus_student"] == pytest.approx(results["test/teacher_acc"] - results["test/acc"])
@@ -127,9 +115,7 @@ def test_distilled_student_learns_and_teacher_accuracy_is_reported(tmp_path: Pat
 def test_qat_acts_on_the_student_only(tmp_path: Path, teacher_checkpoint: Path):
     module = _module(teacher_checkpoint)
     qat = QuantizationAwareTraining(export_format="none")
-    _trainer(tmp_path, 1, limit_train_batches=3, limit_val_batches=1, callbacks=[qat], enable_checkpointing=False).fit(
-        module, datamodule=DigitsDataModule()
-    )
+    quiet_trainer(tmp_path, [qat], 1, limit_train_batches=3, limit_val_batches=1).fit(module, datamodule=DigitsDataModule())
     assert qat.prepared_names == ["net"]
     assert is_prepared(module.student) and not is_prepared(module.teacher)
     int8 = qat.quantized_model
@@ -163,7 +149,7 @@ def test_bad_settings_fail_at_construction(teacher_checkpoint: Path, options, er
 
 def test_output_shapes_that_differ_fail_before_training(tmp_path: Path):
     module = DistillationModule(student=SmallCNN(num_classes=7), teacher=SmallCNN(num_classes=10))
-    trainer = _trainer(tmp_path)
+    trainer = quiet_trainer(tmp_path)
     with pytest.raises(ValueError, match=r"teacher and student outputs differ: teacher \(2, 10\), student \(2, 7\)"):
         trainer.fit(module, datamodule=DigitsDataModule())
     assert trainer.global_step == 0
@@ -209,7 +195,7 @@ def test_pruning_acts_on_the_student_only(tmp_path: Path, teacher_checkpoint: Pa
     module = _module(teacher_checkpoint)
     teacher_before = {key: value.clone() for key, value in module.teacher.state_dict().items()}
     pruning = MagnitudePruning(final_sparsity=0.5, start_epoch=0, end_epoch=1, export_format="none", plot=False)
-    _trainer(tmp_path, 1, callbacks=[pruning], enable_checkpointing=False).fit(module, datamodule=DigitsDataModule())
+    quiet_trainer(tmp_path, [pruning], 1).fit(module, datamodule=DigitsDataModule())
     assert pruning.masks and all(name.startswith("net.") for name in pruning.masks)
     assert pruning.measured_sparsity(module)[0] == pytest.approx(0.5, abs=0.01)
     assert all(torch.equal(teacher_before[key], value) for key, value in module.teacher.state_dict().items())

@@ -21,28 +21,14 @@ from lightning_compress.models import ImageClassifier
 from lightning_compress.report import count_parameters, top1_accuracy
 from lightning_compress.schedules import SparsitySchedule
 
-from conftest import run_train
-
-
-def _trainer(tmp_path: Path, callbacks: list, max_epochs: int, **kwargs) -> L.Trainer:
-    kwargs.setdefault("logger", False)
-    kwargs.setdefault("enable_checkpointing", False)
-    return L.Trainer(
-        default_root_dir=tmp_path,
-        max_epochs=max_epochs,
-        accelerator="cpu",
-        callbacks=callbacks,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kwargs,
-    )
+from conftest import quiet_trainer, run_train
 
 
 def _fit(tmp_path: Path, pruning: MagnitudePruning, max_epochs: int = 4, architecture: str = "cnn", extra=(), **kwargs):
     L.seed_everything(0)
     model = ImageClassifier(architecture=architecture)
     digits = DigitsDataModule(batch_size=64)
-    trainer = _trainer(tmp_path, [pruning, *extra], max_epochs, **kwargs)
+    trainer = quiet_trainer(tmp_path, [pruning, *extra], max_epochs, **kwargs)
     trainer.fit(model, datamodule=digits)
     return trainer, model, digits
 
@@ -97,7 +83,7 @@ def test_pruned_weights_stay_zero_after_every_optimizer_step(tmp_path: Path):
 
     pruning = MagnitudePruning(final_sparsity=0.7, start_epoch=0, end_epoch=1, update_every=3, export_format="none", plot=False)
     L.seed_everything(0)
-    _trainer(tmp_path, [pruning, Probe()], 2).fit(MomentumClassifier(), datamodule=DigitsDataModule())
+    quiet_trainer(tmp_path, [pruning, Probe()], 2).fit(MomentumClassifier(), datamodule=DigitsDataModule())
     assert pruning.masks and not violations
 
 
@@ -110,7 +96,7 @@ def test_resume_mid_schedule_continues_exactly(tmp_path: Path):
     L.seed_everything(0)
     resumed = MagnitudePruning(**options)
     model = ImageClassifier()
-    _trainer(tmp_path / "resumed", [resumed], 4).fit(
+    quiet_trainer(tmp_path / "resumed", [resumed], 4).fit(
         model, datamodule=DigitsDataModule(batch_size=64), ckpt_path=tmp_path / "full" / "epoch=1.ckpt"
     )
     assert resumed.history == full.history
@@ -201,7 +187,7 @@ def test_bad_settings_fail_before_training(tmp_path: Path, options, message):
     settings = {"end_epoch": 2, "export_format": "none", "plot": False, **options}
     model = ImageClassifier()
     before = {key: value.clone() for key, value in model.state_dict().items()}
-    trainer = _trainer(tmp_path, [MagnitudePruning(**settings)], 2)
+    trainer = quiet_trainer(tmp_path, [MagnitudePruning(**settings)], 2)
     with pytest.raises(ValueError, match=message):
         trainer.fit(model, datamodule=DigitsDataModule())
     assert trainer.global_step == 0

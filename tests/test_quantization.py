@@ -23,18 +23,7 @@ from lightning_compress.fx_quantization import is_prepared
 from lightning_compress.models import ImageClassifier
 from lightning_compress.report import top1_accuracy
 
-
-def _trainer(tmp_path: Path, callbacks: list, max_epochs: int, **kwargs) -> L.Trainer:
-    return L.Trainer(
-        default_root_dir=tmp_path,
-        max_epochs=max_epochs,
-        accelerator="cpu",
-        callbacks=callbacks,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kwargs,
-    )
+from conftest import quiet_trainer
 
 
 def _predictions(model: nn.Module, datamodule: DigitsDataModule) -> torch.Tensor:
@@ -55,7 +44,7 @@ def _fit_qat(tmp_path, architecture="cnn", max_epochs=4, datamodule=None, checkp
     model = ImageClassifier(architecture=architecture, num_classes=10, in_channels=datamodule.num_channels)
     qat = QuantizationAwareTraining(**qat_options)
     callbacks = [qat] + ([checkpoint] if checkpoint else [])
-    trainer = _trainer(tmp_path, callbacks, max_epochs, enable_checkpointing=checkpoint is not None)
+    trainer = quiet_trainer(tmp_path, callbacks, max_epochs, enable_checkpointing=checkpoint is not None)
     trainer.fit(model, datamodule=datamodule)
     return trainer, model, qat, datamodule
 
@@ -123,7 +112,7 @@ def test_before_start_epoch_the_model_trains_in_fp32(tmp_path: Path):
     L.seed_everything(0)
     model = ImageClassifier(architecture="cnn")
     qat = QuantizationAwareTraining(start_epoch=1, export_format="none")
-    _trainer(tmp_path, [qat, Probe()], 2, enable_checkpointing=False).fit(model, datamodule=digits)
+    quiet_trainer(tmp_path, [qat, Probe()], 2).fit(model, datamodule=digits)
     assert is_prepared(model.net)  # inserted at setup, before the optimizer was built
     assert gaps[0] < 1e-4  # fake-quant off: the prepared model computes exactly the fp32 model
     assert gaps[1] > 1e-2  # fake-quant on from start_epoch
@@ -135,7 +124,7 @@ def test_torchvision_models(tmp_path: Path, architecture: str):
     L.seed_everything(0)
     model = ImageClassifier(architecture=architecture, num_classes=10, in_channels=3)
     qat = QuantizationAwareTraining(start_epoch=1, export_format="none")
-    trainer = _trainer(tmp_path, [qat], 2, limit_train_batches=20, limit_val_batches=2, enable_checkpointing=False)
+    trainer = quiet_trainer(tmp_path, [qat], 2, limit_train_batches=20, limit_val_batches=2)
     trainer.fit(model, datamodule=digits)
     assert qat.prepared_names == ["net"]
     int8 = qat.quantized_model
@@ -184,7 +173,7 @@ def test_untraceable_branch_and_keyword_input_are_quantized_piecewise(tmp_path: 
     digits = DigitsDataModule(batch_size=64)
     model = _BranchyClassifier()
     qat = QuantizationAwareTraining(export_format="torchscript")
-    trainer = _trainer(tmp_path, [qat], 2, enable_checkpointing=False)
+    trainer = quiet_trainer(tmp_path, [qat], 2)
     trainer.fit(model, datamodule=digits)
     parts = {part.name: part for part in qat.parts}
     assert not parts["body"].quantized and "split into its children" in parts["body"].reason
@@ -207,7 +196,7 @@ def test_resume_mid_qat_matches_uninterrupted_run(tmp_path: Path):
     L.seed_everything(0)
     model = ImageClassifier(architecture="cnn")
     resumed = QuantizationAwareTraining(**schedule)
-    trainer = _trainer(tmp_path / "resumed", [resumed], 4, enable_checkpointing=False)
+    trainer = quiet_trainer(tmp_path / "resumed", [resumed], 4)
     trainer.fit(model, datamodule=DigitsDataModule(batch_size=64), ckpt_path=tmp_path / "full" / "epoch=1.ckpt")
     actual = _predictions(resumed.quantized_model, digits)
     assert torch.allclose(actual, expected, atol=1e-5)
@@ -229,7 +218,7 @@ def test_qat_checkpoints_load_in_test_and_load_from_checkpoint(tmp_path: Path):
     assert torch.allclose(_predictions(restored, digits), last_epoch, atol=1e-5)
 
     # trainer.test(ckpt_path=...) on a fresh float module, the callback attached to the trainer
-    tester = _trainer(tmp_path / "test", [QuantizationAwareTraining()], 1)
+    tester = quiet_trainer(tmp_path / "test", [QuantizationAwareTraining()], 1)
     tested = tester.test(ImageClassifier(), datamodule=digits, ckpt_path=tmp_path / "last.ckpt", weights_only=True)
     expected = (last_epoch.argmax(1) == digits.test_set.tensors[1]).float().mean()
     assert tested[0]["test/acc"] == pytest.approx(float(expected), abs=1e-6)
@@ -277,7 +266,7 @@ def test_bad_settings_fail_at_construction(options, message):
 def test_bad_settings_fail_before_training(tmp_path: Path, options, message):
     model = ImageClassifier(architecture="cnn")
     before = {key: value.clone() for key, value in model.state_dict().items()}
-    trainer = _trainer(tmp_path, [QuantizationAwareTraining(**options)], 2)
+    trainer = quiet_trainer(tmp_path, [QuantizationAwareTraining(**options)], 2)
     with pytest.raises(ValueError, match=message):
         trainer.fit(model, datamodule=DigitsDataModule())
     assert trainer.global_step == 0
@@ -302,7 +291,7 @@ def test_nothing_quantizable_warns_and_leaves_the_model_alone(tmp_path: Path):
     qat = QuantizationAwareTraining()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _trainer(tmp_path, [qat], 1, limit_train_batches=2).fit(NoLayers(), datamodule=DigitsDataModule())
+        quiet_trainer(tmp_path, [qat], 1, limit_train_batches=2).fit(NoLayers(), datamodule=DigitsDataModule())
     assert any("nothing quantizable" in str(w.message) for w in caught)
     assert qat.parts == [] and qat.quantized_model is None
 
