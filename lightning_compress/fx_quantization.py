@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -20,6 +21,7 @@ from torch.ao.quantization import (
     FakeQuantize,
     FakeQuantizeBase,
     HistogramObserver,
+    MinMaxObserver,
     MovingAverageMinMaxObserver,
     MovingAveragePerChannelMinMaxObserver,
     QConfig,
@@ -30,11 +32,57 @@ from torch.ao.quantization import (
     enable_observer,
     get_default_qat_qconfig_mapping,
 )
-from torch.ao.quantization.quantize_fx import convert_fx, prepare_qat_fx
+from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qat_fx
 from torch.fx import GraphModule
 
 BACKENDS = ("x86", "fbgemm", "qnnpack")
-OBSERVERS = ("moving_average_minmax", "histogram")
+OBSERVERS = ("minmax", "moving_average_minmax", "histogram")
+RANGE_METHODS = ("max", "percentile", "entropy", "mse")
+
+
+class PercentileObserver(HistogramObserver):
+    """Clips the activation range to the ``percentile`` of the observed values on each side."""
+
+    def __init__(self, percentile: float = 99.99, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.percentile = percentile
+
+    def _non_linear_param_search(self) -> tuple[torch.Tensor, torch.Tensor]:
+        bin_width = (self.max_val - self.min_val) / self.bins
+        cumulative = torch.cumsum(self.histogram, dim=0) / self.histogram.sum()
+        tail = (100.0 - self.percentile) / 100.0
+        start_bin = int(torch.searchsorted(cumulative, torch.tensor(tail)))
+        end_bin = int(torch.searchsorted(cumulative, torch.tensor(1.0 - tail)))
+        end_bin = min(max(end_bin, start_bin), self.bins - 1)
+        return self.min_val + bin_width * start_bin, self.min_val + bin_width * (end_bin + 1)
+
+
+class EntropyObserver(HistogramObserver):
+    """Chooses the upper end of the range that minimises the KL divergence between the observed distribution
+    and its quantized version (the calibration of TensorRT and NVIDIA's pytorch-quantization)."""
+
+    def _non_linear_param_search(self) -> tuple[torch.Tensor, torch.Tensor]:
+        histogram = self.histogram.double()
+        levels = self.quant_max - self.quant_min + 1
+        bin_width = (self.max_val - self.min_val) / self.bins
+        best_end, best_divergence = self.bins, float("inf")
+        for end in range(max(levels, self.bins // 16), self.bins + 1, max(self.bins // 256, 1)):
+            reference = histogram[:end].clone()
+            reference[-1] += histogram[end:].sum()  # clipped values pile up at the edge
+            # the same mass, merged into `levels` buckets and spread back over the non-empty bins
+            expanded = torch.zeros_like(reference)
+            for chunk in torch.arange(end).tensor_split(levels):
+                if len(chunk) == 0:
+                    continue
+                nonzero = histogram[chunk] > 0
+                if nonzero.any():
+                    expanded[chunk[nonzero]] = histogram[chunk].sum() / nonzero.sum()
+            p, q = reference / reference.sum(), expanded / max(expanded.sum(), 1e-12)
+            mask = p > 0
+            divergence = float((p[mask] * torch.log(p[mask] / q[mask].clamp_min(1e-12))).sum())
+            if divergence < best_divergence:
+                best_end, best_divergence = end, divergence
+        return self.min_val, self.min_val + bin_width * best_end
 
 
 @dataclass(frozen=True)
@@ -44,12 +92,18 @@ class QuantizationConfig:
     Args:
         backend: int8 kernel library: ``x86`` (fastest on x86 CPUs), ``fbgemm`` or ``qnnpack`` (ARM).
         per_channel_weights: one scale per output channel (more accurate) or one per tensor.
-        observer: activation range observer, ``moving_average_minmax`` or ``histogram``.
+        observer: activation observer, ``minmax``, ``moving_average_minmax`` or ``histogram``.
+        range_method: how a histogram becomes a range: ``max`` (observed extremes), ``percentile``,
+            ``entropy`` (KL) or ``mse`` (least squared quantization error); all but ``max`` need
+            ``observer="histogram"``.
+        percentile: the percentile kept by ``range_method="percentile"``, in (0, 100].
     """
 
     backend: str = "x86"
     per_channel_weights: bool = True
     observer: str = "moving_average_minmax"
+    range_method: str = "max"
+    percentile: float = 99.99
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -61,15 +115,33 @@ class QuantizationConfig:
             )
         if self.observer not in OBSERVERS:
             raise ValueError(f"observer={self.observer!r} is unknown: allowed values are {list(OBSERVERS)}.")
+        if self.range_method not in RANGE_METHODS:
+            raise ValueError(f"range_method={self.range_method!r} is unknown: allowed values are {list(RANGE_METHODS)}.")
+        if self.range_method != "max" and self.observer != "histogram":
+            raise ValueError(f"range_method={self.range_method!r} needs observer='histogram', not {self.observer!r}.")
+        if not 0.0 < self.percentile <= 100.0:
+            raise ValueError(f"percentile={self.percentile!r} is invalid: it must lie in (0, 100].")
+
+    def activation_observer(self) -> type | partial:
+        """The observer class (with its arguments) that ``observer`` and ``range_method`` name."""
+        if self.observer == "minmax":
+            return MinMaxObserver
+        if self.observer == "moving_average_minmax":
+            return MovingAverageMinMaxObserver
+        return {
+            "max": MinMaxObserver,  # a histogram's range with nothing clipped is the observed min and max
+            "mse": HistogramObserver,  # torch's search minimises the L2 quantization error
+            "percentile": PercentileObserver.with_args(percentile=self.percentile),
+            "entropy": EntropyObserver,
+        }[self.range_method]
 
 
 def _qconfig(config: QuantizationConfig) -> QConfig:
     # Without VNNI, x86/fbgemm kernels accumulate in saturating int16 and need 7-bit activations. With VNNI
     # they accumulate in int32, and a full 8-bit range also keeps fake-quant and int8 clamping alike.
     reduce_range = config.backend in ("x86", "fbgemm") and not torch.cpu._is_vnni_supported()
-    activation_observer = HistogramObserver if config.observer == "histogram" else MovingAverageMinMaxObserver
     activation = FakeQuantize.with_args(
-        observer=activation_observer,
+        observer=config.activation_observer(),
         quant_min=0,
         quant_max=127 if reduce_range else 255,
         dtype=torch.quint8,
@@ -117,6 +189,24 @@ def prepare(module: nn.Module, mapping: QConfigMapping, example_args: tuple = ()
     prepared = prepare_qat_fx(module.train(), mapping, example_args)
     module.train(was_training)
     return prepared.train(was_training)
+
+
+def prepare_static(module: nn.Module, mapping: QConfigMapping) -> GraphModule:
+    """Post-training quantization: trace an eval-mode copy of ``module`` with BN folded into the convolutions
+    and observers inserted; run calibration data through it, then ``convert``."""
+    float_module = copy.deepcopy(module).eval()
+    if not any(True for _ in float_module.children()):
+        float_module = nn.Sequential(float_module)  # see prepare()
+    return prepare_fx(float_module, mapping, ())
+
+
+DYNAMIC_LAYERS = (nn.Linear, nn.LSTM, nn.GRU)
+
+
+def quantize_dynamic(module: nn.Module) -> nn.Module:
+    """An int8 copy with dynamically quantized Linear, LSTM and GRU layers: weights stored in int8,
+    activations quantized on the fly at each call (no calibration)."""
+    return torch.ao.quantization.quantize_dynamic(copy.deepcopy(module).eval(), set(DYNAMIC_LAYERS), dtype=torch.qint8)
 
 
 def convert(prepared: nn.Module) -> nn.Module:

@@ -48,6 +48,28 @@ class SmallCNN(nn.Module):
         return self.classifier(torch.flatten(self.pool(self.features(images)), 1))
 
 
+class RowLSTM(nn.Module):
+    """Reads an image row by row as a sequence (digits: 8 steps of 8 pixels) with an LSTM, then classifies
+    the last hidden state: the kind of model dynamic quantization is made for.
+
+    Args:
+        num_classes: outputs of the head.
+        in_channels: channels of the input images (each row's pixels of every channel form one step).
+        hidden_size: LSTM width.
+        image_size: side of the (square) input images.
+    """
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, hidden_size: int = 128, image_size: int = 8):
+        super().__init__()
+        self.lstm = nn.LSTM(in_channels * image_size, hidden_size, batch_first=True)
+        self.classifier = nn.Linear(hidden_size, num_classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        rows = images.permute(0, 2, 1, 3).flatten(2)  # (batch, height, channels * width)
+        output, _ = self.lstm(rows)
+        return self.classifier(output[:, -1])
+
+
 def _small_input_stem(conv: nn.Conv2d, in_channels: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_channels, conv.out_channels, 3, stride=stride, padding=1, bias=conv.bias is not None)
 
@@ -81,6 +103,7 @@ TORCHVISION_ARCHITECTURES = ("resnet18", "mobilenet_v2", "mobilenet_v3_small")
 
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "cnn": SmallCNN,
+    "lstm": RowLSTM,
     **{name: partial(torchvision_classifier, name) for name in TORCHVISION_ARCHITECTURES},
 }
 

@@ -269,14 +269,14 @@ class QuantizationAwareTraining(Callback):
             except (RuntimeError, NotImplementedError) as error:
                 part.reason = f"kept in float: its int8 version fails to run ({str(error).splitlines()[0]})"
                 int8_part = self._float_part(pl_module, part.name)
-            _set(quantized, part.name, int8_part)
+            quantized.set_submodule(part.name, int8_part)
         return quantized
 
     def float_model(self, pl_module: nn.Module) -> nn.Module:
         """A plain fp32 copy of ``pl_module`` with the current weights (separate Conv and BN again)."""
         float_module = copy.deepcopy(pl_module).eval()
         for name in self.prepared_names:
-            _set(float_module, name, self._float_part(pl_module, name))
+            float_module.set_submodule(name, self._float_part(pl_module, name))
         return float_module
 
     def report_models(self) -> dict[str, nn.Module]:
@@ -344,7 +344,7 @@ class QuantizationAwareTraining(Callback):
             return
         self._float_templates[name] = template
         self._float_names[name] = backend.shared_tensor_names(module, prepared)
-        _set(pl_module, name, prepared)
+        pl_module.set_submodule(name, prepared)
         self.parts.append(QuantizedPart(name, True))
 
     def _restore_before_weights_load(self, pl_module: L.LightningModule) -> None:
@@ -423,7 +423,7 @@ def restore_quantization(pl_module: nn.Module, checkpoint: dict[str, Any]) -> li
                 continue
             prefix = f"{name}."
             skip_names = [entry[len(prefix) :] for entry in state["skip_names"] if entry.startswith(prefix)]
-            _set(pl_module, name, backend.prepare(module, backend.qconfig_mapping(config, skip_names, skip_types)))
+            pl_module.set_submodule(name, backend.prepare(module, backend.qconfig_mapping(config, skip_names, skip_types)))
     return names
 
 
@@ -432,11 +432,6 @@ def restore_quantization(pl_module: nn.Module, checkpoint: dict[str, Any]) -> li
 
 def _get(root: nn.Module, name: str) -> nn.Module:
     return root.get_submodule(name) if name else root
-
-
-def _set(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(_get(root, parent), child, module)
 
 
 def _some(names: dict[str, nn.Module]) -> list[str]:

@@ -68,12 +68,24 @@ def _weights(module: nn.Module) -> Iterator[torch.Tensor]:
     child that exposes them again, so the walk stops at the first module that unpacks them."""
     packed = getattr(module, "_weight_bias", None)
     if callable(packed):
-        yield from (tensor for tensor in packed() if tensor is not None)
+        yield from _tensors_in(packed())
         yield from module.parameters(recurse=False)
         return
     yield from module.parameters(recurse=False)
     for child in module.children():
         yield from _weights(child)
+
+
+def _tensors_in(value) -> Iterator[torch.Tensor]:
+    """Tensors inside what ``_weight_bias`` returns: a pair for Conv/Linear, nested dicts for dynamic LSTMs."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors_in(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _tensors_in(item)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

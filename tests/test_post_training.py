@@ -1,0 +1,124 @@
+"""Post-training quantization (static, calibrated) and dynamic quantization on real digits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+from lightning_compress import DynamicQuantization, PostTrainingQuantization
+from lightning_compress.data import DigitsDataModule
+from lightning_compress.fx_quantization import QuantizationConfig
+from lightning_compress.models import ImageClassifier
+from lightning_compress.report import serialized_size, top1_accuracy
+
+from conftest import quiet_trainer, run_train
+
+
+@pytest.fixture(scope="module")
+def trained_checkpoint(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("trained")
+    L.seed_everything(0)
+    model = ImageClassifier()
+    trainer = quiet_trainer(folder, [], 4)
+    trainer.fit(model, datamodule=DigitsDataModule())
+    trainer.save_checkpoint(folder / "trained.ckpt", weights_only=True)
+    return folder / "trained.ckpt"
+
+
+def _range(observer: str, range_method: str, values: torch.Tensor, percentile: float = 99.9) -> float:
+    config = QuantizationConfig(observer=observer, range_method=range_method, percentile=percentile)
+    instance = config.activation_observer()(dtype=torch.quint8, quant_min=0, quant_max=255)
+    instance(values)
+    scale, zero_point = instance.calculate_qparams()
+    return float(scale) * (255 - int(zero_point))  # the largest representable value
+
+
+def test_observers_and_range_methods_on_a_known_tensor():
+    torch.manual_seed(0)
+    values = torch.cat([torch.randn(200_000).abs(), torch.tensor([100.0])])  # half-normal plus one outlier
+    full = _range("minmax", "max", values)
+    assert full == pytest.approx(100.0, rel=1e-3)  # max keeps the outlier
+    assert _range("moving_average_minmax", "max", values) == pytest.approx(100.0, rel=1e-3)
+    assert _range("histogram", "max", values) == pytest.approx(100.0, rel=1e-3)
+    assert _range("histogram", "percentile", values, 99.9) == pytest.approx(3.29, abs=0.1)  # half-normal 99.9%
+    assert _range("histogram", "percentile", values, 99.0) == pytest.approx(2.58, abs=0.1)
+    entropy = _range("histogram", "entropy", values)
+    assert 3.0 < entropy < 0.5 * full  # KL drops the outlier but keeps the bulk of the distribution
+    assert _range("histogram", "mse", values) <= full
+
+
+def test_ptq_from_a_checkpoint_without_training(tmp_path: Path, trained_checkpoint: Path):
+    model = ImageClassifier(checkpoint=str(trained_checkpoint))
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    ptq = PostTrainingQuantization(calibration_batches=8, export_format="none")
+    trainer = quiet_trainer(tmp_path, [ptq], max_epochs=0)
+    digits = DigitsDataModule()
+    trainer.fit(model, datamodule=digits)
+    assert trainer.global_step == 0 and ptq.calibrated_batches == 8
+    assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())
+    test = digits.test_dataloader()
+    fp32, int8 = top1_accuracy(model, test), top1_accuracy(ptq.quantized_model, test)
+    assert abs(fp32 - int8) <= 0.01  # per-channel weights and histogram ranges: within 1 point
+    assert serialized_size(ptq.quantized_model) < 0.3 * serialized_size(model)
+
+
+def test_dynamic_quantization_of_an_lstm(tmp_path: Path):
+    L.seed_everything(0)
+    model = ImageClassifier(architecture="lstm", architecture_options={"hidden_size": 128})
+    dynamic = DynamicQuantization(export_format="torchscript")
+    digits = DigitsDataModule()
+    quiet_trainer(tmp_path, [dynamic], 2, limit_train_batches=10).fit(model, datamodule=digits)
+    quantized = dynamic.quantized_model
+    assert isinstance(quantized.net.lstm, torch.ao.nn.quantized.dynamic.LSTM)
+    assert serialized_size(quantized) <= 0.3 * serialized_size(model)
+    images = digits.test_set.tensors[0]
+    with torch.no_grad():
+        reference, output = model.eval()(images), quantized(images)
+    assert (output - reference).abs().mean() <= 0.05 * reference.abs().mean()
+    assert torch.jit.load(str(dynamic.export_path))(images[:4]).shape == (4, 10)
+
+
+@pytest.mark.parametrize(
+    ("factory", "message"),
+    [
+        (lambda: PostTrainingQuantization(percentile=0.0), r"percentile=0.0 is invalid: it must lie in \(0, 100\]"),
+        (lambda: PostTrainingQuantization(percentile=100.5), r"percentile=100.5 is invalid"),
+        (
+            lambda: PostTrainingQuantization(observer="minmax", range_method="entropy"),
+            r"range_method='entropy' needs observer='histogram', not 'minmax'",
+        ),
+        (lambda: PostTrainingQuantization(calibration_batches=0), r"calibration_batches=0 is invalid"),
+        (lambda: PostTrainingQuantization(range_method="kl"), r"range_method='kl' is unknown"),
+    ],
+)
+def test_bad_settings_fail_at_construction(factory, message):
+    with pytest.raises(ValueError, match=message):
+        factory()
+
+
+def test_dynamic_quantization_of_a_model_without_linear_or_lstm_fails_before_work(tmp_path: Path):
+    class ConvOnly(ImageClassifier):
+        def __init__(self):
+            super().__init__(architecture=nn.Sequential(nn.Conv2d(1, 10, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()))
+
+    trainer = quiet_trainer(tmp_path, [DynamicQuantization()], 1)
+    with pytest.raises(ValueError, match="DynamicQuantization: the model has no Linear, LSTM or GRU layer"):
+        trainer.fit(ConvOnly(), datamodule=DigitsDataModule())
+    assert trainer.global_step == 0
+
+
+def test_ptq_recipe_quantizes_a_checkpoint_in_one_command(tmp_path: Path, trained_checkpoint: Path):
+    result = run_train(
+        "+compress=ptq", f"model.checkpoint={trained_checkpoint}", "report.latency_runs=5", f"hydra.run.dir={tmp_path}"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {row["name"]: row for row in json.loads((tmp_path / "report.json").read_text())["rows"]}
+    assert set(rows) == {"fp32", "int8"} and rows["fp32"]["accuracy"] >= 0.95
+    assert abs(rows["int8"]["accuracy_delta_points"]) <= 1.0 and rows["int8"]["size_ratio"] < 0.3
+    assert "train/loss" not in (next(tmp_path.glob("csv/*/metrics.csv")).read_text().splitlines()[0])
+    assert (tmp_path / "checkpoints" / "model_int8.pt").is_file()
