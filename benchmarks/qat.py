@@ -86,7 +86,7 @@ def latency_and_size(runs: int) -> list[dict]:
             int8 = _int8(fp32, calibration, config)
             reference = _reference_int8(fp32, calibration)
             timings = latency_ms(
-                {"fp32": fp32, "fp32_bn_folded": folded, "int8": int8, "reference_int8": reference}, example, runs, warmup=5
+                {"fp32": fp32, "fp32_bn_folded": folded, "int8": int8, "reference_int8": reference}, example, runs, warmup=10
             )
             row = {
                 "model": name,
@@ -228,7 +228,7 @@ def markdown(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=50, help="timed forwards per latency figure")
+    parser.add_argument("--runs", type=int, default=100, help="timed forwards per latency figure")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--fp32-epochs", type=int, default=10)
     parser.add_argument("--qat-epochs", type=int, default=6)

@@ -97,6 +97,11 @@ class QuantizationConfig:
             ``entropy`` (KL) or ``mse`` (least squared quantization error); all but ``max`` need
             ``observer="histogram"``.
         percentile: the percentile kept by ``range_method="percentile"``, in (0, 100].
+        weight_bits: bits of the weight grid, 2 to 8; below 8, fake-quant trains on that grid (gradients
+            pass straight through), and no int8 kernel runs it faster.
+        activation_bits: bits of the activation grid, 2 to 8.
+        narrow_range: weights use a symmetric grid without its lowest level (-127..127 at 8 bits).
+        signed_activations: activations on a signed grid (-128..127) instead of 0..255.
     """
 
     backend: str = "x86"
@@ -104,6 +109,10 @@ class QuantizationConfig:
     observer: str = "moving_average_minmax"
     range_method: str = "max"
     percentile: float = 99.99
+    weight_bits: int = 8
+    activation_bits: int = 8
+    narrow_range: bool = False
+    signed_activations: bool = False
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -121,6 +130,23 @@ class QuantizationConfig:
             raise ValueError(f"range_method={self.range_method!r} needs observer='histogram', not {self.observer!r}.")
         if not 0.0 < self.percentile <= 100.0:
             raise ValueError(f"percentile={self.percentile!r} is invalid: it must lie in (0, 100].")
+        for name in ("weight_bits", "activation_bits"):
+            bits = getattr(self, name)
+            if not isinstance(bits, int) or not 2 <= bits <= 8:
+                raise ValueError(f"{name}={bits!r} is invalid: it must be an integer from 2 to 8.")
+
+    @property
+    def converts_to_int8(self) -> bool:
+        """Only 8-bit grids map onto the int8 kernels; narrower ones stay fake-quantized."""
+        return self.weight_bits == 8 and self.activation_bits == 8
+
+    def weight_range(self) -> tuple[int, int]:
+        half = 2 ** (self.weight_bits - 1)
+        return -half + int(self.narrow_range), half - 1
+
+    def activation_range(self) -> tuple[int, int]:
+        levels = 2**self.activation_bits
+        return (-levels // 2, levels // 2 - 1) if self.signed_activations else (0, levels - 1)
 
     def activation_observer(self) -> type | partial:
         """The observer class (with its arguments) that ``observer`` and ``range_method`` name."""
@@ -139,30 +165,26 @@ class QuantizationConfig:
 def _qconfig(config: QuantizationConfig) -> QConfig:
     # Without VNNI, x86/fbgemm kernels accumulate in saturating int16 and need 7-bit activations. With VNNI
     # they accumulate in int32, and a full 8-bit range also keeps fake-quant and int8 clamping alike.
-    reduce_range = config.backend in ("x86", "fbgemm") and not torch.cpu._is_vnni_supported()
+    reduce_range = config.backend in ("x86", "fbgemm") and not torch.cpu._is_vnni_supported() and config.activation_bits == 8
+    activation_min, activation_max = config.activation_range()
+    if reduce_range:
+        activation_max = activation_min + (activation_max - activation_min) // 2
     activation = FakeQuantize.with_args(
         observer=config.activation_observer(),
-        quant_min=0,
-        quant_max=127 if reduce_range else 255,
-        dtype=torch.quint8,
+        quant_min=activation_min,
+        quant_max=activation_max,
+        dtype=torch.qint8 if config.signed_activations else torch.quint8,
         qscheme=torch.per_tensor_affine,
     )
-    if config.per_channel_weights:
-        weight = FakeQuantize.with_args(
-            observer=MovingAveragePerChannelMinMaxObserver,
-            quant_min=-128,
-            quant_max=127,
-            dtype=torch.qint8,
-            qscheme=torch.per_channel_symmetric,
-        )
-    else:
-        weight = FakeQuantize.with_args(
-            observer=MovingAverageMinMaxObserver,
-            quant_min=-128,
-            quant_max=127,
-            dtype=torch.qint8,
-            qscheme=torch.per_tensor_symmetric,
-        )
+    weight_min, weight_max = config.weight_range()
+    per_channel = config.per_channel_weights
+    weight = FakeQuantize.with_args(
+        observer=MovingAveragePerChannelMinMaxObserver if per_channel else MovingAverageMinMaxObserver,
+        quant_min=weight_min,
+        quant_max=weight_max,
+        dtype=torch.qint8,
+        qscheme=torch.per_channel_symmetric if per_channel else torch.per_tensor_symmetric,
+    )
     return QConfig(activation=activation, weight=weight)
 
 

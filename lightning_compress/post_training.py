@@ -21,6 +21,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_compress import fx_quantization as backend
+from lightning_compress import sensitivity
 from lightning_compress.export import export_torchscript, output_folder
 from lightning_compress.fx_quantization import QuantizationConfig
 from lightning_compress.inputs import example_input, model_input
@@ -45,6 +46,10 @@ class PostTrainingQuantization(Callback):
         range_method: ``max``, ``percentile``, ``entropy`` or ``mse`` (all but ``max`` need ``histogram``).
         percentile: kept percentile for ``range_method="percentile"``, in (0, 100].
         modules: submodules to quantize (default: the module's networks, as for QAT).
+        accuracy_budget: when set (accuracy points), first measure each layer's sensitivity on the validation
+            data (quantized alone), then keep the most sensitive layers in float until the quantized model is
+            within this budget of the float one; prints the table and writes ``quantization_sensitivity.png``.
+            The quantized network must take the batch's input and return logits.
         export_format: ``torchscript`` writes ``model_int8.pt``; ``none`` writes nothing.
         export_dir: where to write it (default: the checkpoint folder, else the log folder).
     """
@@ -58,9 +63,12 @@ class PostTrainingQuantization(Callback):
         range_method: str = "mse",
         percentile: float = 99.99,
         modules: Sequence[str] | None = None,
+        accuracy_budget: float | None = None,
         export_format: str = "torchscript",
         export_dir: str | None = None,
     ) -> None:
+        if accuracy_budget is not None and accuracy_budget < 0:
+            raise ValueError(f"accuracy_budget={accuracy_budget!r} is invalid: it must be >= 0 (accuracy points).")
         if not isinstance(calibration_batches, int) or calibration_batches < 1:
             raise ValueError(f"calibration_batches={calibration_batches!r} is invalid: it must be a positive integer.")
         if export_format not in ("torchscript", "none"):
@@ -68,6 +76,10 @@ class PostTrainingQuantization(Callback):
         self.config = QuantizationConfig(backend, per_channel_weights, observer, range_method, percentile)
         self.calibration_batches = calibration_batches
         self.modules = list(modules) if modules is not None else None
+        self.accuracy_budget = accuracy_budget
+        self.float_layers: dict[str, list[str]] = {}
+        self.sensitivity: dict | None = None
+        self.sensitivity_plot: Path | None = None
         self.export_format = export_format
         self.export_dir = export_dir
         self.quantized_model: nn.Module | None = None
@@ -87,6 +99,8 @@ class PostTrainingQuantization(Callback):
         self._targets = [name for name in candidates if backend.has_quantizable_layers(names[name])]
         if not self._targets:
             raise ValueError("PostTrainingQuantization: the model has no Conv or Linear layer to quantize.")
+        if self.accuracy_budget is not None and trainer.datamodule is None:
+            raise ValueError("accuracy_budget needs a datamodule: the sensitivity study measures on its val_dataloader().")
         try:
             example_input(trainer, pl_module)
         except Exception as error:  # noqa: BLE001 - any failure here means: nothing to calibrate on
@@ -95,17 +109,16 @@ class PostTrainingQuantization(Callback):
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         backend.use_backend(self.config)
+        calibration = self._calibration_inputs(trainer, pl_module)
+        if self.accuracy_budget is not None:
+            self._choose_float_layers(trainer, pl_module, calibration)
         quantized = copy.deepcopy(pl_module).eval()
-        mapping = backend.qconfig_mapping(self.config)
         for name in self._targets:
+            mapping = backend.qconfig_mapping(self.config, skip_names=self.float_layers.get(name, []))
             quantized.set_submodule(name, backend.prepare_static(quantized.get_submodule(name), mapping))
-        self.calibrated_batches = 0
         with torch.no_grad():
-            for batch in trainer.fit_loop._data_source.dataloader():  # covers datamodules and plain dataloaders
-                if self.calibrated_batches == self.calibration_batches:
-                    break
-                quantized(model_input(batch, pl_module.device))
-                self.calibrated_batches += 1
+            for images in calibration:
+                quantized(images)
         for name in self._targets:
             quantized.set_submodule(name, backend.convert(quantized.get_submodule(name)))
         self.quantized_model = quantized
@@ -116,6 +129,38 @@ class PostTrainingQuantization(Callback):
         )
         if self.export_format == "torchscript":
             self.export_path = self._export(trainer, pl_module)
+
+    def _calibration_inputs(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[torch.Tensor]:
+        inputs = []
+        for batch in trainer.fit_loop._data_source.dataloader():  # covers datamodules and plain dataloaders
+            if len(inputs) == self.calibration_batches:
+                break
+            inputs.append(model_input(batch, pl_module.device))
+        self.calibrated_batches = len(inputs)
+        return inputs
+
+    def _choose_float_layers(self, trainer: L.Trainer, pl_module: L.LightningModule, calibration: list) -> None:
+        validation = [(model_input(batch, pl_module.device), batch[1]) for batch in trainer.datamodule.val_dataloader()]
+
+        def accuracy(network: nn.Module) -> float:
+            network.eval()
+            with torch.no_grad():
+                correct = sum(int((network(images).argmax(1) == labels).sum()) for images, labels in validation)
+            return correct / sum(len(labels) for _, labels in validation)
+
+        for name in self._targets:
+            network = pl_module.get_submodule(name)
+            reference, ranking = sensitivity.layer_sensitivity(network, self.config, calibration, accuracy)
+            keep, _ = sensitivity.propose_float_layers(
+                network, self.config, calibration, accuracy, reference, ranking, self.accuracy_budget
+            )
+            self.float_layers[name] = keep
+            self.sensitivity = {"reference": reference, "ranking": ranking, "float_layers": keep}
+            if trainer.is_global_zero:
+                sensitivity.show(reference, ranking, keep)
+                self.sensitivity_plot = sensitivity.plot(
+                    ranking, output_folder(trainer, self.export_dir) / "quantization_sensitivity.png"
+                )
 
     def report_models(self) -> dict[str, nn.Module]:
         return {} if self.quantized_model is None else {"int8": self.quantized_model}

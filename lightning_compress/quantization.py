@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +70,12 @@ class QuantizationAwareTraining(Callback):
         freeze_observer_epoch: epoch from which scales and zero-points stop updating (``None``: never).
         backend: int8 kernels: ``x86`` (default, fastest on x86), ``fbgemm``, or ``qnnpack`` for ARM.
         per_channel_weights: one weight scale per output channel (default) or one per tensor.
-        observer: activation observer, ``moving_average_minmax`` or ``histogram``.
+        observer: activation observer, ``moving_average_minmax``, ``minmax`` or ``histogram``.
+        weight_bits: weight grid, 2 to 8 bits. Below 8 bits (e.g. 4) the model trains on that grid with
+            straight-through gradients and is reported as fake-quant only: no int8 kernel runs it faster.
+        activation_bits: activation grid, 2 to 8 bits.
+        narrow_range: symmetric weight grid without its lowest level.
+        signed_activations: activations on a signed grid.
         modules: names of submodules to quantize (e.g. ``["net"]``) instead of the default choice.
         skip: names (``"net.classifier"``) or types (``torch.nn.Linear`` or ``"torch.nn.Linear"``) of
             layers to keep in float; first and last layers are common choices.
@@ -90,6 +95,10 @@ class QuantizationAwareTraining(Callback):
         backend: str = "x86",
         per_channel_weights: bool = True,
         observer: str = "moving_average_minmax",
+        weight_bits: int = 8,
+        activation_bits: int = 8,
+        narrow_range: bool = False,
+        signed_activations: bool = False,
         modules: Sequence[str] | None = None,
         skip: Sequence[str | type] = (),
         calibration_batches: int = 0,
@@ -106,7 +115,15 @@ class QuantizationAwareTraining(Callback):
             raise ValueError(f"calibration_batches={calibration_batches!r} is invalid: it must be an integer >= 0.")
         if export_format not in EXPORT_FORMATS:
             raise ValueError(f"export_format={export_format!r} is unknown: allowed values are {list(EXPORT_FORMATS)}.")
-        self.config = QuantizationConfig(backend, per_channel_weights, observer)
+        self.config = QuantizationConfig(
+            backend,
+            per_channel_weights,
+            observer,
+            weight_bits=weight_bits,
+            activation_bits=activation_bits,
+            narrow_range=narrow_range,
+            signed_activations=signed_activations,
+        )
         self.start_epoch = start_epoch
         self.freeze_bn_epoch = freeze_bn_epoch
         self.freeze_observer_epoch = freeze_observer_epoch
@@ -216,6 +233,12 @@ class QuantizationAwareTraining(Callback):
                     torch.distributed.broadcast(buffer, src=0)
         if not self.convert_on_fit_end:
             return
+        if not self.config.converts_to_int8:
+            rank_zero_info(
+                f"QuantizationAwareTraining: {self.config.weight_bits}-bit weights and {self.config.activation_bits}-bit "
+                "activations have no int8 kernel: the model stays fake-quantized (no int8 conversion or export)."
+            )
+            return
         self.quantized_model = self.convert(pl_module)
         if self.export_format == "torchscript":
             self.export_path = self._export(trainer, pl_module)
@@ -226,11 +249,7 @@ class QuantizationAwareTraining(Callback):
             "start_epoch": self.start_epoch,
             "freeze_bn_epoch": self.freeze_bn_epoch,
             "freeze_observer_epoch": self.freeze_observer_epoch,
-            "config": {
-                "backend": self.config.backend,
-                "per_channel_weights": self.config.per_channel_weights,
-                "observer": self.config.observer,
-            },
+            "config": asdict(self.config),
             "prepared": self.prepared_names,
             "skip_names": self.skip_names,
             "skip_types": [f"{t.__module__}.{t.__qualname__}" for t in self.skip_types],

@@ -108,8 +108,9 @@ def serialized_size(model: nn.Module) -> int:
 def latency_ms(models: dict[str, nn.Module], example_input: torch.Tensor, runs: int = 50, warmup: int = 10) -> dict[str, float]:
     """Median milliseconds of one single-threaded forward on ``example_input``, per model.
 
-    The models take turns, one forward each per round, so that a burst of load on a shared machine
-    slows all of them alike and their ratios stay fair.
+    The models take turns, one forward each per round and a different one first each round, so that a
+    burst of load on a shared machine, or the caches a large model evicts, slows all of them alike and
+    their ratios stay fair.
     """
     timings: dict[str, list[float]] = {name: [] for name in models}
     with ExitStack() as stack:
@@ -118,8 +119,10 @@ def latency_ms(models: dict[str, nn.Module], example_input: torch.Tensor, runs: 
         for _ in range(warmup):
             for model in models.values():
                 model(example_input)
-        for _ in range(runs):
-            for name, model in models.items():
+        order = list(models.items())
+        for run in range(runs):
+            # rotate who goes first: a model timed right after a large one pays for the evicted caches
+            for name, model in order[run % len(order) :] + order[: run % len(order)]:
                 start = time.perf_counter()
                 model(example_input)
                 timings[name].append((time.perf_counter() - start) * 1000.0)

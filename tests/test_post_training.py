@@ -122,3 +122,52 @@ def test_ptq_recipe_quantizes_a_checkpoint_in_one_command(tmp_path: Path, traine
     assert abs(rows["int8"]["accuracy_delta_points"]) <= 1.0 and rows["int8"]["size_ratio"] < 0.3
     assert "train/loss" not in (next(tmp_path.glob("csv/*/metrics.csv")).read_text().splitlines()[0])
     assert (tmp_path / "checkpoints" / "model_int8.pt").is_file()
+
+
+class _Fragile(nn.Module):
+    """The trained CNN with one extra layer, ``fragile``, that computes exactly what the original did in float
+    but falls apart under per-tensor int8 weights: next to its identity rows sit rows a thousand times
+    larger whose outputs a large negative bias keeps at zero after the ReLU."""
+
+    def __init__(self, trained: nn.Module) -> None:
+        super().__init__()
+        self.features, self.pool = trained.features, trained.pool
+        width = trained.classifier.in_features
+        self.fragile = nn.Linear(width, 2 * width)
+        self.relu = nn.ReLU()
+        self.classifier = nn.Linear(2 * width, trained.classifier.out_features)
+        with torch.no_grad():
+            self.fragile.weight.copy_(torch.cat([torch.eye(width), 1000 * torch.ones(width, width)]))
+            self.fragile.bias.copy_(torch.cat([torch.zeros(width), torch.full((width,), -1e9)]))
+            self.classifier.weight.zero_()
+            self.classifier.weight[:, :width] = trained.classifier.weight
+            self.classifier.bias.copy_(trained.classifier.bias)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.relu(self.fragile(torch.flatten(self.pool(self.features(images)), 1))))
+
+
+def test_sensitivity_names_the_fragile_layer_and_keeps_it_float(tmp_path: Path, trained_checkpoint: Path):
+    trained = ImageClassifier(checkpoint=str(trained_checkpoint))
+    model = ImageClassifier(architecture=_Fragile(trained.net))
+    digits = DigitsDataModule()
+    assert top1_accuracy(model, digits.test_dataloader()) == top1_accuracy(trained, digits.test_dataloader())
+    ptq = PostTrainingQuantization(
+        calibration_batches=4,
+        per_channel_weights=False,
+        observer="minmax",
+        range_method="max",
+        accuracy_budget=1.0,
+        export_format="none",
+        export_dir=str(tmp_path),
+    )
+    quiet_trainer(tmp_path, [ptq], max_epochs=0).fit(model, datamodule=digits)
+    ranking = ptq.sensitivity["ranking"]
+    assert ranking[0].layer == "fragile" and ranking[0].drop_points > 20
+    assert all(result.drop_points < 2 for result in ranking[1:])
+    assert ptq.float_layers == {"net": ["fragile"]}
+    fragile = ptq.quantized_model.net.fragile  # kept float (fused with its ReLU), the rest int8
+    assert any(type(module) is nn.Linear for module in fragile.modules())
+    assert any(isinstance(module, torch.ao.nn.quantized.Linear) for module in ptq.quantized_model.net.modules())
+    assert top1_accuracy(ptq.quantized_model, digits.test_dataloader()) >= top1_accuracy(model, digits.test_dataloader()) - 0.02
+    assert ptq.sensitivity_plot.is_file()

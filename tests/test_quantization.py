@@ -304,3 +304,27 @@ def test_skip_keeps_named_layers_and_types_in_float(tmp_path: Path):
     assert isinstance(int8.net.classifier, nn.Linear)  # still float
     assert any(isinstance(m, ConvReLU2dInt8) for m in int8.net.modules())
     assert top1_accuracy(int8, digits.test_dataloader()) > 0.8
+
+
+def test_four_bit_fake_quant_lies_on_a_16_level_grid_and_passes_gradients(tmp_path: Path):
+    _, model, qat, digits = _fit_qat(
+        tmp_path, max_epochs=3, start_epoch=1, weight_bits=4, activation_bits=4, export_format="none"
+    )
+    assert qat.quantized_model is None  # no int8 kernel runs a 4-bit grid: reported as fake-quant only
+    assert set(qat.report_models()) == {"fp32", "fake-quant"}
+    fake_quant = model.net.classifier.weight_fake_quant
+    weight = model.net.classifier.weight.detach().clone().requires_grad_(True)
+    quantized = fake_quant(weight)
+    levels = quantized / fake_quant.scale[:, None]
+    assert torch.allclose(levels, levels.round(), atol=1e-4)
+    assert levels.round().min() >= -8 and levels.round().max() <= 7
+    assert all(len(row.unique()) <= 16 for row in levels)
+    quantized.sum().backward()  # straight-through: gradient 1 inside the range
+    assert weight.grad is not None and (weight.grad == 1).float().mean() > 0.9
+    assert top1_accuracy(model, digits.test_dataloader()) >= 0.8
+
+
+@pytest.mark.parametrize(("bits", "message"), [(1, "weight_bits=1 is invalid"), (9, "weight_bits=9 is invalid")])
+def test_bit_widths_outside_2_to_8_are_refused(bits: int, message: str):
+    with pytest.raises(ValueError, match=message + ": it must be an integer from 2 to 8"):
+        QuantizationAwareTraining(weight_bits=bits)

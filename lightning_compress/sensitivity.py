@@ -1,0 +1,112 @@
+"""Which layers lose the most when quantized? Quantize one layer at a time and measure.
+
+Each Conv/Linear layer of a network is quantized alone (static PTQ: calibrate, convert) while the rest
+stays float, and the network's accuracy on held-out data is compared with the float network's. Layers are
+then kept in float, most sensitive first, until fully quantizing the rest stays within an accuracy budget:
+a mixed-precision proposal. ``PostTrainingQuantization(accuracy_budget=...)`` runs this at fit end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from lightning_compress import fx_quantization as backend
+from lightning_compress.fx_quantization import QuantizationConfig
+
+
+@dataclass(frozen=True)
+class LayerSensitivity:
+    layer: str
+    accuracy: float
+    drop_points: float
+
+
+def quantizable_layers(network: nn.Module) -> list[str]:
+    return [name for name, module in network.named_modules() if isinstance(module, nn.Conv2d | nn.Linear)]
+
+
+def quantize(
+    network: nn.Module,
+    config: QuantizationConfig,
+    calibration: list[torch.Tensor],
+    only: str | None = None,
+    keep_float: tuple[str, ...] = (),
+) -> nn.Module:
+    """Static int8 copy of ``network``: every layer, or ``only`` one, minus ``keep_float``."""
+    mapping = backend.qconfig_mapping(config, skip_names=list(keep_float))
+    if only is not None:
+        mapping = backend.qconfig_mapping(config, skip_names=[n for n in quantizable_layers(network) if n != only])
+    prepared = backend.prepare_static(network, mapping)
+    with torch.no_grad():
+        for images in calibration:
+            prepared(images)
+    return backend.convert(prepared)
+
+
+def layer_sensitivity(
+    network: nn.Module, config: QuantizationConfig, calibration: list[torch.Tensor], accuracy: Callable[[nn.Module], float]
+) -> tuple[float, list[LayerSensitivity]]:
+    """Float accuracy, and each layer's accuracy when it alone is quantized, most sensitive first."""
+    backend.use_backend(config)
+    reference = accuracy(network)
+    results = []
+    for layer in quantizable_layers(network):
+        score = accuracy(quantize(network, config, calibration, only=layer))
+        results.append(LayerSensitivity(layer, score, 100.0 * (reference - score)))
+    return reference, sorted(results, key=lambda result: result.drop_points, reverse=True)
+
+
+def propose_float_layers(
+    network: nn.Module,
+    config: QuantizationConfig,
+    calibration: list[torch.Tensor],
+    accuracy: Callable[[nn.Module], float],
+    reference: float,
+    ranking: list[LayerSensitivity],
+    budget_points: float,
+) -> tuple[list[str], float]:
+    """Keep the most sensitive layers in float until the quantized rest is within ``budget_points``."""
+    keep: list[str] = []
+    score = accuracy(quantize(network, config, calibration))
+    for result in ranking:
+        if 100.0 * (reference - score) <= budget_points:
+            break
+        keep.append(result.layer)
+        score = accuracy(quantize(network, config, calibration, keep_float=tuple(keep)))
+    return keep, score
+
+
+def show(reference: float, ranking: list[LayerSensitivity], keep: list[str], console: Console | None = None) -> None:
+    table = Table(title=f"Quantization sensitivity (float accuracy {100 * reference:.2f}%)")
+    for column in ("layer", "accuracy when quantized alone", "drop (points)", "proposal"):
+        table.add_column(column)
+    for result in ranking:
+        table.add_row(
+            result.layer,
+            f"{100 * result.accuracy:.2f}%",
+            f"{result.drop_points:+.2f}",
+            "keep float" if result.layer in keep else "int8",
+        )
+    (console or Console(width=max(Console().width, 120))).print(table)
+
+
+def plot(ranking: list[LayerSensitivity], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(8, 0.35 * len(ranking) + 1.5))
+    axis.barh([result.layer for result in ranking][::-1], [result.drop_points for result in ranking][::-1])
+    axis.set(xlabel="accuracy drop when quantized alone (points)", title="quantization sensitivity per layer")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
