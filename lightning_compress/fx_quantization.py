@@ -225,10 +225,17 @@ def prepare_static(module: nn.Module, mapping: QConfigMapping) -> GraphModule:
 DYNAMIC_LAYERS = (nn.Linear, nn.LSTM, nn.GRU)
 
 
-def quantize_dynamic(module: nn.Module) -> nn.Module:
-    """An int8 copy with dynamically quantized Linear, LSTM and GRU layers: weights stored in int8,
+RECURRENT_LAYERS = (nn.LSTM, nn.GRU)
+
+
+def quantize_dynamic(module: nn.Module, layers: tuple[type, ...] = DYNAMIC_LAYERS) -> nn.Module:
+    """An int8 copy with dynamically quantized ``layers`` (Linear, LSTM, GRU): weights stored in int8,
     activations quantized on the fly at each call (no calibration)."""
-    return torch.ao.quantization.quantize_dynamic(copy.deepcopy(module).eval(), set(DYNAMIC_LAYERS), dtype=torch.qint8)
+    return torch.ao.quantization.quantize_dynamic(copy.deepcopy(module).eval(), set(layers), dtype=torch.qint8)
+
+
+def has_recurrent_layers(module: nn.Module) -> bool:
+    return any(isinstance(child, RECURRENT_LAYERS) for child in module.modules())
 
 
 def convert(prepared: nn.Module) -> nn.Module:

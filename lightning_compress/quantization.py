@@ -281,6 +281,8 @@ class QuantizationAwareTraining(Callback):
             if not part.quantized:
                 continue
             int8_part = backend.convert(_get(pl_module, part.name))
+            if backend.has_recurrent_layers(int8_part):  # no static int8 LSTM/GRU: the dynamic kind instead
+                int8_part = backend.quantize_dynamic(int8_part, backend.RECURRENT_LAYERS)
             args, kwargs = self._example_inputs.get(part.name, ((), {}))
             try:
                 with torch.no_grad():
@@ -364,7 +366,12 @@ class QuantizationAwareTraining(Callback):
         self._float_templates[name] = template
         self._float_names[name] = backend.shared_tensor_names(module, prepared)
         pl_module.set_submodule(name, prepared)
-        self.parts.append(QuantizedPart(name, True))
+        note = (
+            "LSTM/GRU inside: float during QAT, dynamically quantized at conversion"
+            if backend.has_recurrent_layers(module)
+            else ""
+        )
+        self.parts.append(QuantizedPart(name, True, note))
 
     def _restore_before_weights_load(self, pl_module: L.LightningModule) -> None:
         own_hook = pl_module.on_load_checkpoint

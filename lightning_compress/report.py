@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import random
 import statistics
 import time
 from collections.abc import Iterable, Iterator
@@ -108,9 +109,9 @@ def serialized_size(model: nn.Module) -> int:
 def latency_ms(models: dict[str, nn.Module], example_input: torch.Tensor, runs: int = 50, warmup: int = 10) -> dict[str, float]:
     """Median milliseconds of one single-threaded forward on ``example_input``, per model.
 
-    The models take turns, one forward each per round and a different one first each round, so that a
-    burst of load on a shared machine, or the caches a large model evicts, slows all of them alike and
-    their ratios stay fair.
+    The models take turns, one forward each per round, in a new random order each round, so that a burst
+    of load on a shared machine, or the caches a large model evicts, slows all of them alike and their
+    ratios stay fair.
     """
     timings: dict[str, list[float]] = {name: [] for name in models}
     with ExitStack() as stack:
@@ -120,9 +121,11 @@ def latency_ms(models: dict[str, nn.Module], example_input: torch.Tensor, runs: 
             for model in models.values():
                 model(example_input)
         order = list(models.items())
-        for run in range(runs):
-            # rotate who goes first: a model timed right after a large one pays for the evicted caches
-            for name, model in order[run % len(order) :] + order[: run % len(order)]:
+        shuffler = random.Random(0)
+        for _ in range(runs):
+            # a new order each round: a model timed right after a large one pays for the caches it evicted
+            shuffler.shuffle(order)
+            for name, model in order:
                 start = time.perf_counter()
                 model(example_input)
                 timings[name].append((time.perf_counter() - start) * 1000.0)
@@ -183,7 +186,7 @@ class CompressionReport:
             "threads": 1,
             "latency_runs": runs,
             "warmup_runs": warmup,
-            "latency_statistic": "median, models interleaved",
+            "latency_statistic": "median, models interleaved in random order",
             "torch": torch.__version__,
             "quantized_engine": torch.backends.quantized.engine,
         }

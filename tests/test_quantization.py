@@ -328,3 +328,19 @@ def test_four_bit_fake_quant_lies_on_a_16_level_grid_and_passes_gradients(tmp_pa
 def test_bit_widths_outside_2_to_8_are_refused(bits: int, message: str):
     with pytest.raises(ValueError, match=message + ": it must be an integer from 2 to 8"):
         QuantizationAwareTraining(weight_bits=bits)
+
+
+def test_lstm_layers_fall_back_to_dynamic_quantization(tmp_path: Path, capsys):
+    L.seed_everything(0)
+    model = ImageClassifier(architecture="lstm", architecture_options={"hidden_size": 64})
+    qat = QuantizationAwareTraining(start_epoch=0, export_format="none")
+    quiet_trainer(tmp_path, [qat], 1, limit_train_batches=5, limit_val_batches=1).fit(model, datamodule=DigitsDataModule())
+    (part,) = qat.parts
+    assert part.quantized and "dynamically quantized at conversion" in part.reason
+    assert "dynamically quantized at conversion" in capsys.readouterr().out
+    int8 = qat.quantized_model
+    assert isinstance(int8.net.lstm, torch.ao.nn.quantized.dynamic.LSTM)
+    assert any(isinstance(m, LinearInt8) for m in int8.net.modules())
+    images = next(iter(DigitsDataModule().test_dataloader()))[0]
+    with torch.no_grad():
+        assert int8(images).shape == (64, 10)
