@@ -21,6 +21,7 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
+from common import fit
 
 from lightning_compress import DistillationModule
 from lightning_compress.data import DigitsDataModule
@@ -31,25 +32,13 @@ RESULTS = Path(__file__).parent / "results"
 STUDENT = {"widths": [8, 16]}
 
 
-def _fit(model: L.LightningModule, epochs: int, seed: int) -> None:
-    L.seed_everything(seed)
-    L.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    ).fit(model, datamodule=DigitsDataModule(batch_size=64))
-
-
 def accuracy(teacher_path: Path, seeds: list[int], epochs: int) -> dict:
     test = DigitsDataModule().test_dataloader()
     alone, distilled = [], []
     for seed in seeds:
         L.seed_everything(seed)
         student = ImageClassifier("cnn", architecture_options=STUDENT)
-        _fit(student, epochs, seed)
+        fit(student, epochs, seed=seed)
         alone.append(top1_accuracy(student, test))
         L.seed_everything(seed)
         module = DistillationModule(
@@ -60,7 +49,7 @@ def accuracy(teacher_path: Path, seeds: list[int], epochs: int) -> dict:
             temperature=4.0,
             alpha=0.9,
         )
-        _fit(module, epochs, seed)
+        fit(module, epochs, seed=seed)
         distilled.append(top1_accuracy(module, test))
         print({"seed": seed, "alone": alone[-1], "distilled": distilled[-1]}, flush=True)
     gain = statistics.mean(distilled) - statistics.mean(alone)
@@ -181,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     teacher_path = args.output / "scratch" / "teacher.pt"
     teacher_path.parent.mkdir(exist_ok=True)
     teacher = ImageClassifier("cnn")
-    _fit(teacher, args.teacher_epochs, 0)
+    fit(teacher, args.teacher_epochs, seed=0)
     torch.save(teacher.net.state_dict(), teacher_path)
     results = {
         "torch": torch.__version__,

@@ -17,11 +17,11 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import lightning as L
 import torch
+from common import fit
 from lightning.pytorch.callbacks import ModelPruning
 from torch import nn
 
@@ -33,22 +33,6 @@ from lightning_compress.schedules import SparsitySchedule
 
 RESULTS = Path(__file__).parent / "results"
 EPOCHS, START, END = 10, 1, 7
-
-
-def _fit(model: ImageClassifier, callbacks: list, datamodule: DigitsDataModule, seed: int) -> float:
-    L.seed_everything(seed)
-    trainer = L.Trainer(
-        max_epochs=EPOCHS,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        callbacks=callbacks,
-    )
-    start = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule)
-    return time.perf_counter() - start
 
 
 def _measured_sparsity(model: ImageClassifier) -> float:
@@ -76,7 +60,7 @@ def unstructured(seeds: list[int]) -> list[dict]:
     for seed in seeds:
         L.seed_everything(seed)
         dense = ImageClassifier()
-        dense_seconds = _fit(dense, [], digits, seed)
+        dense_seconds = fit(dense, EPOCHS, [], seed, digits)
         dense_accuracy = top1_accuracy(dense, digits.test_dataloader())
         rows.append(
             {
@@ -103,7 +87,7 @@ def unstructured(seeds: list[int]) -> list[dict]:
                     )
                 else:
                     callback = _lightning_pruning(model, sparsity)
-                seconds = _fit(model, [callback], digits, seed)
+                seconds = fit(model, EPOCHS, [callback], seed, digits)
                 row = {
                     "seed": seed,
                     "method": method,
@@ -124,7 +108,7 @@ def channels(seed: int, runs: int) -> list[dict]:
     test = digits.test_dataloader()
     L.seed_everything(seed)
     dense = ImageClassifier()
-    _fit(dense, [], digits, seed)
+    fit(dense, EPOCHS, [], seed, digits)
     models = {"dense": dense.net.eval()}
     accuracies = {"dense": top1_accuracy(dense, test)}
     for sparsity in (0.3, 0.5):
@@ -139,7 +123,7 @@ def channels(seed: int, runs: int) -> list[dict]:
             export_format="none",
             plot=False,
         )
-        _fit(model, [pruning], digits, seed)
+        fit(model, EPOCHS, [pruning], seed, digits)
         name = f"{int(sparsity * 100)}% channels"
         models[name] = pruning.pruned_model.net.eval()
         accuracies[name] = top1_accuracy(pruning.pruned_model, test)

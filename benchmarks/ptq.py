@@ -16,8 +16,8 @@ import json
 import sys
 from pathlib import Path
 
-import lightning as L
 import torch
+from common import fit
 from torch import nn
 
 from lightning_compress import DynamicQuantization, PostTrainingQuantization, QuantizationAwareTraining
@@ -28,24 +28,11 @@ from lightning_compress.report import latency_ms, serialized_size, top1_accuracy
 RESULTS = Path(__file__).parent / "results"
 
 
-def _fit(model: nn.Module, epochs: int, callbacks: list, seed: int = 0) -> None:
-    L.seed_everything(seed)
-    L.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        callbacks=callbacks,
-    ).fit(model, datamodule=DigitsDataModule(batch_size=64))
-
-
 def static_methods(architecture: str, epochs: int, qat_epochs: int, scratch: Path) -> list[dict]:
     test = DigitsDataModule().test_dataloader()
     example = next(iter(test))[0][:1]
     model = ImageClassifier(architecture)
-    _fit(model, epochs, [])
+    fit(model, epochs, [])
     checkpoint = scratch / f"{architecture}.pt"
     torch.save(model.net.state_dict(), checkpoint)
     fp32_accuracy = top1_accuracy(model, test)
@@ -67,7 +54,7 @@ def static_methods(architecture: str, epochs: int, qat_epochs: int, scratch: Pat
     }
     for method, options in variants.items():
         ptq = PostTrainingQuantization(calibration_batches=8, export_format="none", **options)
-        _fit(ImageClassifier(architecture, checkpoint=str(checkpoint)), 0, [ptq])
+        fit(ImageClassifier(architecture, checkpoint=str(checkpoint)), 0, [ptq])
         rows.append(
             {
                 "model": architecture,
@@ -87,7 +74,7 @@ def static_methods(architecture: str, epochs: int, qat_epochs: int, scratch: Pat
             export_format="none",
         )
         trained = ImageClassifier(architecture, lr=3e-4, checkpoint=str(checkpoint))
-        _fit(trained, qat_epochs, [qat])
+        fit(trained, qat_epochs, [qat])
         result = qat.quantized_model if bits == 8 else trained
         rows.append(
             {
@@ -132,7 +119,7 @@ def dynamic(epochs: int) -> list[dict]:
     rows = []
     for name, model in (("LSTM over rows", ImageClassifier("lstm")), ("Linear-heavy MLP", ImageClassifier(_LinearHeavy()))):
         callback = DynamicQuantization(export_format="none")
-        _fit(model, epochs, [callback])
+        fit(model, epochs, [callback])
         quantized = callback.quantized_model
         timings = latency_ms({"fp32": model, "int8": quantized}, images[:1], runs=100, warmup=10)
         with torch.no_grad():

@@ -26,6 +26,7 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
+from common import fit
 from torch.fx.experimental.optimization import fuse as fold_batch_norm
 
 from lightning_compress import QuantizationAwareTraining
@@ -101,24 +102,11 @@ def latency_and_size(runs: int) -> list[dict]:
     return rows
 
 
-def _trainer(max_epochs: int, callbacks: list, root: Path) -> L.Trainer:
-    return L.Trainer(
-        max_epochs=max_epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        callbacks=callbacks,
-        default_root_dir=root,
-    )
-
-
 def accuracy_on_digits(root: Path, fp32_epochs: int, qat_epochs: int, seed: int) -> dict:
     digits = DigitsDataModule(batch_size=64)
     L.seed_everything(seed)
     model = ImageClassifier(architecture="cnn")
-    _trainer(fp32_epochs, [], root).fit(model, datamodule=digits)
+    fit(model, fp32_epochs, [], seed, digits)
     test = digits.test_dataloader()
     fp32_path = root / "fp32.pt"
     torch.save(model.net.state_dict(), fp32_path)
@@ -136,7 +124,7 @@ def accuracy_on_digits(root: Path, fp32_epochs: int, qat_epochs: int, seed: int)
         calibration_batches=8,
         export_format="none",
     )
-    _trainer(qat_epochs, [qat], root).fit(qat_model, datamodule=digits)
+    fit(qat_model, qat_epochs, [qat], seed, digits)
     qat_accuracy = top1_accuracy(qat.quantized_model, test)
     result = {
         "seed": seed,

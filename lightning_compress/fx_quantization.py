@@ -69,14 +69,12 @@ class EntropyObserver(HistogramObserver):
         for end in range(max(levels, self.bins // 16), self.bins + 1, max(self.bins // 256, 1)):
             reference = histogram[:end].clone()
             reference[-1] += histogram[end:].sum()  # clipped values pile up at the edge
-            # the same mass, merged into `levels` buckets and spread back over the non-empty bins
-            expanded = torch.zeros_like(reference)
-            for chunk in torch.arange(end).tensor_split(levels):
-                if len(chunk) == 0:
-                    continue
-                nonzero = histogram[chunk] > 0
-                if nonzero.any():
-                    expanded[chunk[nonzero]] = histogram[chunk].sum() / nonzero.sum()
+            # the same mass, merged into `levels` buckets and spread back over each bucket's non-empty bins
+            bucket = torch.arange(end) * levels // end
+            occupied = (histogram[:end] > 0).double()
+            mass = torch.zeros(levels, dtype=torch.float64).index_add_(0, bucket, histogram[:end])
+            count = torch.zeros(levels, dtype=torch.float64).index_add_(0, bucket, occupied)
+            expanded = occupied * (mass / count.clamp_min(1.0))[bucket]
             p, q = reference / reference.sum(), expanded / max(expanded.sum(), 1e-12)
             mask = p > 0
             divergence = float((p[mask] * torch.log(p[mask] / q[mask].clamp_min(1e-12))).sum())

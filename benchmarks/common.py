@@ -1,0 +1,27 @@
+"""What every benchmark here does the same way: train quietly on digits, timing the fit."""
+
+from __future__ import annotations
+
+import time
+
+import lightning as L
+from torch import nn
+
+from lightning_compress.data import DigitsDataModule
+
+
+def fit(model: nn.Module, epochs: int, callbacks: list = (), seed: int = 0, datamodule: DigitsDataModule | None = None) -> float:
+    """Seed, then fit ``model`` for ``epochs`` on digits (batch 64) with no logger, bar or checkpoint; seconds taken."""
+    L.seed_everything(seed)
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        callbacks=list(callbacks),
+    )
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=datamodule or DigitsDataModule(batch_size=64))
+    return time.perf_counter() - start
