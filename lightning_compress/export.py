@@ -11,6 +11,13 @@ from lightning.pytorch.core.module import _jit_is_scripting
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+EXPORT_FORMATS = ("torchscript", "none")
+
+
+def check_export_format(export_format: str) -> None:
+    if export_format not in EXPORT_FORMATS:
+        raise ValueError(f"export_format={export_format!r} is unknown: allowed values are {list(EXPORT_FORMATS)}.")
+
 
 def output_folder(trainer: L.Trainer, export_dir: str | None = None) -> Path:
     """``export_dir`` if given, else next to the checkpoints, else the log folder."""

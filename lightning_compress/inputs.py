@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import lightning as L
@@ -20,13 +21,27 @@ def model_input(batch: Any, device: torch.device | str = "cpu") -> torch.Tensor:
     return item.to(device)
 
 
+def training_dataloader(trainer: L.Trainer) -> Iterable:
+    """The training data of ``fit``, usable before the fit loop has loaded it (in ``setup``, at fit end)."""
+    # The fit loop's data source covers both a datamodule and dataloaders passed to fit().
+    return trainer.fit_loop._data_source.dataloader()
+
+
+def model_inputs(dataloader: Iterable, count: int, device: torch.device | str = "cpu") -> list[torch.Tensor]:
+    """The model inputs of the first ``count`` batches (fewer if the data runs out): calibration data."""
+    inputs = []
+    for batch in dataloader:
+        if len(inputs) == count:
+            break
+        inputs.append(model_input(batch, device))
+    return inputs
+
+
 def example_input(trainer: L.Trainer, pl_module: L.LightningModule, size: int = 2) -> Any:
     """``pl_module.example_input_array`` if set, else the first ``size`` samples of a training batch."""
     if pl_module.example_input_array is not None:
         return pl_module.example_input_array
-    # The fit loop's data source covers both a datamodule and dataloaders passed to fit().
-    dataloader = trainer.fit_loop._data_source.dataloader()
-    return model_input(next(iter(dataloader)), pl_module.device)[:size]
+    return model_input(next(iter(training_dataloader(trainer))), pl_module.device)[:size]
 
 
 def capture_inputs(pl_module: nn.Module, example: Any, targets: list[str]) -> dict[str, tuple[tuple, dict]]:

@@ -22,9 +22,9 @@ from typing_extensions import override
 
 from lightning_compress import fx_quantization as backend
 from lightning_compress import sensitivity
-from lightning_compress.export import export_torchscript, output_folder
+from lightning_compress.export import check_export_format, export_torchscript, output_folder
 from lightning_compress.fx_quantization import QuantizationConfig
-from lightning_compress.inputs import example_input, model_input
+from lightning_compress.inputs import example_input, model_input, model_inputs, training_dataloader
 from lightning_compress.selection import compressible_children
 
 
@@ -71,8 +71,7 @@ class PostTrainingQuantization(Callback):
             raise ValueError(f"accuracy_budget={accuracy_budget!r} is invalid: it must be >= 0 (accuracy points).")
         if not isinstance(calibration_batches, int) or calibration_batches < 1:
             raise ValueError(f"calibration_batches={calibration_batches!r} is invalid: it must be a positive integer.")
-        if export_format not in ("torchscript", "none"):
-            raise ValueError(f"export_format={export_format!r} is unknown: allowed values are ['torchscript', 'none'].")
+        check_export_format(export_format)
         self.config = QuantizationConfig(backend, per_channel_weights, observer, range_method, percentile)
         self.calibration_batches = calibration_batches
         self.modules = list(modules) if modules is not None else None
@@ -131,11 +130,7 @@ class PostTrainingQuantization(Callback):
             self.export_path = self._export(trainer, pl_module)
 
     def _calibration_inputs(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[torch.Tensor]:
-        inputs = []
-        for batch in trainer.fit_loop._data_source.dataloader():  # covers datamodules and plain dataloaders
-            if len(inputs) == self.calibration_batches:
-                break
-            inputs.append(model_input(batch, pl_module.device))
+        inputs = model_inputs(training_dataloader(trainer), self.calibration_batches, pl_module.device)
         self.calibrated_batches = len(inputs)
         return inputs
 
@@ -186,8 +181,7 @@ class DynamicQuantization(Callback):
     """
 
     def __init__(self, export_format: str = "torchscript", export_dir: str | None = None) -> None:
-        if export_format not in ("torchscript", "none"):
-            raise ValueError(f"export_format={export_format!r} is unknown: allowed values are ['torchscript', 'none'].")
+        check_export_format(export_format)
         self.export_format = export_format
         self.export_dir = export_dir
         self.quantized_model: nn.Module | None = None

@@ -23,7 +23,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_compress import channel_groups
-from lightning_compress.export import export_torchscript, output_folder
+from lightning_compress.export import check_export_format, export_torchscript, output_folder
 from lightning_compress.inputs import capture_inputs, example_input
 from lightning_compress.schedules import SCHEDULES, SparsitySchedule
 from lightning_compress.selection import compressible_children, resolve_module_type
@@ -95,8 +95,7 @@ class MagnitudePruning(Callback):
             raise ValueError(f"end_epoch={end_epoch!r} is invalid: it must be an integer after start_epoch={start_epoch}.")
         if channel_norm not in (1, 2):
             raise ValueError(f"channel_norm={channel_norm!r} is invalid: allowed values are 1 and 2.")
-        if export_format not in ("torchscript", "none"):
-            raise ValueError(f"export_format={export_format!r} is unknown: allowed values are ['torchscript', 'none'].")
+        check_export_format(export_format)
         if update_every is not None and (not isinstance(update_every, int) or update_every < 1):
             raise ValueError(f"update_every={update_every!r} is invalid: it must be a positive integer, or None (per epoch).")
         # Checks the sparsities now, before any training; the steps are set in on_train_start.

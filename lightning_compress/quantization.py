@@ -28,14 +28,12 @@ from torchmetrics import Metric
 from typing_extensions import override
 
 from lightning_compress import fx_quantization as backend
-from lightning_compress.export import export_torchscript, output_folder
+from lightning_compress.export import check_export_format, export_torchscript, output_folder
 from lightning_compress.fx_quantization import QuantizationConfig
-from lightning_compress.inputs import capture_inputs, example_input, model_input
+from lightning_compress.inputs import capture_inputs, example_input, model_inputs
 from lightning_compress.selection import compressible_children, resolve_module_type
 
 log = logging.getLogger(__name__)
-
-EXPORT_FORMATS = ("torchscript", "none")
 
 
 @dataclass
@@ -113,8 +111,7 @@ class QuantizationAwareTraining(Callback):
                 raise ValueError(f"{name}={epoch!r} is invalid: it must be an integer >= start_epoch ({start_epoch}), or None.")
         if not isinstance(calibration_batches, int) or calibration_batches < 0:
             raise ValueError(f"calibration_batches={calibration_batches!r} is invalid: it must be an integer >= 0.")
-        if export_format not in EXPORT_FORMATS:
-            raise ValueError(f"export_format={export_format!r} is unknown: allowed values are {list(EXPORT_FORMATS)}.")
+        check_export_format(export_format)
         self.config = QuantizationConfig(
             backend,
             per_channel_weights,
@@ -401,16 +398,13 @@ class QuantizationAwareTraining(Callback):
         for module in self._prepared_modules(pl_module):
             backend.set_fake_quant(module, enabled=False)
             backend.set_observers(module, enabled=True)
-        seen = 0
+        inputs = model_inputs(trainer.train_dataloader, self.calibration_batches, pl_module.device)
         with torch.no_grad():
-            for batch in trainer.train_dataloader:
-                if seen == self.calibration_batches:
-                    break
-                pl_module(model_input(batch, pl_module.device))
-                seen += 1
+            for images in inputs:
+                pl_module(images)
         pl_module.train(was_training)
         self._calibrated = True
-        rank_zero_info(f"QuantizationAwareTraining: calibrated observers on {seen} batches.")
+        rank_zero_info(f"QuantizationAwareTraining: calibrated observers on {len(inputs)} batches.")
 
     @rank_zero_only
     def _export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
