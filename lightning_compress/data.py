@@ -9,7 +9,7 @@ reachable before any training starts.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import lightning as L
@@ -20,6 +20,8 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset, random_split
 from torchvision import datasets, transforms
 from torchvision.datasets.folder import find_classes
+
+from lightning_compress.augmentation import RandomAffine
 
 
 def _check_positive(name: str, value: int) -> None:
@@ -58,19 +60,41 @@ class EpochSeededSampler(Sampler[int]):
         return self.length
 
 
+def _augmentation(augment: bool | Mapping | RandomAffine | None) -> RandomAffine | None:
+    """``data.augment``: ``true`` for the default jitter, a mapping of ``RandomAffine`` settings, or one."""
+    if augment is None or augment is False:
+        return None
+    if augment is True:
+        return RandomAffine()
+    if isinstance(augment, RandomAffine):
+        return augment
+    if isinstance(augment, Mapping):
+        allowed = {"shift", "degrees", "scale"}
+        unknown = sorted(set(augment) - allowed)
+        if unknown:
+            raise ValueError(f"data.augment has unknown settings {unknown}: allowed are {sorted(allowed)}.")
+        return RandomAffine(**augment)
+    raise ValueError(
+        f"data.augment={augment!r} is invalid: use true, false, or settings such as {{shift: 0.125, degrees: 10, scale: 0.1}}."
+    )
+
+
 class _ClassificationDataModule(L.LightningDataModule):
-    """Shared loaders; subclasses fill ``train_set``, ``val_set`` and ``test_set`` in ``setup``."""
+    """Shared loaders and training-batch augmentation; subclasses fill ``train_set``, ``val_set`` and
+    ``test_set`` in ``setup``."""
 
     num_classes: int
     num_channels: int
 
-    def __init__(self, batch_size: int, num_workers: int) -> None:
+    def __init__(self, batch_size: int, num_workers: int, augment: bool | Mapping | RandomAffine | None = False) -> None:
         super().__init__()
         _check_positive("batch_size", batch_size)
         if num_workers < 0:
             raise ValueError(f"data.num_workers={num_workers!r} is invalid: it must be 0 or more.")
         self.batch_size = batch_size
         self.num_workers = num_workers
+        self.augmentation = _augmentation(augment)
+        self.shuffle_seed = 0
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
@@ -79,8 +103,10 @@ class _ClassificationDataModule(L.LightningDataModule):
         if getattr(self, split) is None:  # used outside a Trainer, which would have called setup
             self.setup()
         dataset = getattr(self, split)
-        # seeded from torch's seed (seed_everything) when the loader is built
-        sampler = EpochSeededSampler(len(dataset), torch.initial_seed() % 2**31) if shuffle else None
+        sampler = None
+        if shuffle:  # seeded from torch's seed (seed_everything) when the loader is built
+            self.shuffle_seed = torch.initial_seed() % 2**31
+            sampler = EpochSeededSampler(len(dataset), self.shuffle_seed)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -97,6 +123,17 @@ class _ClassificationDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test_set", shuffle=False)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Jitter training batches (never validation or test) on their device, when ``augment`` is set."""
+        trainer = self.trainer
+        if self.augmentation is None or trainer is None or not trainer.training:
+            return batch
+        images, labels = batch
+        # Seeded by run, epoch and batch, so that a resumed run draws the same views (see augmentation.py).
+        batch_index = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        seed = hash((self.shuffle_seed, trainer.current_epoch, batch_index)) % 2**63  # ints hash alike in every process
+        return self.augmentation(images, torch.Generator().manual_seed(seed)), labels
 
 
 class DigitsDataModule(_ClassificationDataModule):
@@ -116,6 +153,8 @@ class DigitsDataModule(_ClassificationDataModule):
         num_workers: DataLoader worker processes; the data is tiny and in memory, so 0 is fastest.
         train_fraction: keep only this stratified share of the training split (for low-data studies, such
             as distilling a student that sees less data than its teacher did); val and test are unchanged.
+        augment: jitter training batches (shift, rotation, zoom; see ``lightning_compress.augmentation``):
+            ``true`` for the defaults, or a mapping such as ``{shift: 0.125, degrees: 10, scale: 0.1}``.
     """
 
     num_classes = 10
@@ -130,8 +169,9 @@ class DigitsDataModule(_ClassificationDataModule):
         split_seed: int = 0,
         num_workers: int = 0,
         train_fraction: float = 1.0,
+        augment: bool | Mapping | RandomAffine | None = False,
     ) -> None:
-        super().__init__(batch_size, num_workers)
+        super().__init__(batch_size, num_workers, augment)
         _check_positive("image_size", image_size)
         _check_channels(channels)
         if not 0.0 < train_fraction <= 1.0:
@@ -201,6 +241,8 @@ class TorchvisionDataModule(_ClassificationDataModule):
         val_fraction: share of the training set held out for validation.
         split_seed: seed of the train/val split.
         num_workers: DataLoader worker processes.
+        augment: jitter training batches (shift, rotation, zoom; see ``lightning_compress.augmentation``):
+            ``true`` for the defaults, or a mapping such as ``{shift: 0.125, degrees: 10, scale: 0.1}``.
     """
 
     def __init__(
@@ -214,8 +256,9 @@ class TorchvisionDataModule(_ClassificationDataModule):
         val_fraction: float = 0.1,
         split_seed: int = 0,
         num_workers: int = 2,
+        augment: bool | Mapping | RandomAffine | None = False,
     ) -> None:
-        super().__init__(batch_size, num_workers)
+        super().__init__(batch_size, num_workers, augment)
         if dataset not in _TORCHVISION_DATASETS:
             raise ValueError(f"data.dataset={dataset!r} is unknown: allowed values are {sorted(_TORCHVISION_DATASETS)}.")
         self.dataset_class, self.num_classes, native_channels, native_size = _TORCHVISION_DATASETS[dataset]
@@ -278,6 +321,8 @@ class ImageFolderDataModule(_ClassificationDataModule):
         image_size: side of the square images fed to the model (images are resized and centre-cropped).
         channels: 1 (grey) or 3 (RGB).
         num_workers: DataLoader worker processes.
+        augment: jitter training batches (shift, rotation, zoom; see ``lightning_compress.augmentation``):
+            ``true`` for the defaults, or a mapping such as ``{shift: 0.125, degrees: 10, scale: 0.1}``.
     """
 
     splits = ("train", "val", "test")
@@ -289,8 +334,9 @@ class ImageFolderDataModule(_ClassificationDataModule):
         image_size: int = 32,
         channels: int = 3,
         num_workers: int = 0,
+        augment: bool | Mapping | RandomAffine | None = False,
     ) -> None:
-        super().__init__(batch_size, num_workers)
+        super().__init__(batch_size, num_workers, augment)
         _check_positive("image_size", image_size)
         _check_channels(channels)
         missing = [split for split in self.splits if not (Path(root) / split).is_dir()]

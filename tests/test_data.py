@@ -1,10 +1,16 @@
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
 
+from lightning_compress.augmentation import RandomAffine
 from lightning_compress.data import DigitsDataModule, ImageFolderDataModule, TorchvisionDataModule
+from lightning_compress.models import ImageClassifier
+
+from conftest import quiet_trainer
 
 
 def _labels(dataset) -> torch.Tensor:
@@ -98,3 +104,67 @@ def test_train_fraction_keeps_a_stratified_subset_and_the_same_test_split(digits
     assert torch.equal(_labels(small.test_set), _labels(digits.test_set))
     with pytest.raises(ValueError, match=r"data.train_fraction=0 is invalid"):
         DigitsDataModule(train_fraction=0)
+
+
+def _centroids(images: torch.Tensor) -> torch.Tensor:
+    """(N, 2) centre of ink of each digit, in pixels (the background is -1)."""
+    ink = (images[:, 0] + 1).clamp(min=0)
+    rows, cols = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij")
+    total = ink.sum((1, 2))
+    return torch.stack([(ink * rows).sum((1, 2)) / total, (ink * cols).sum((1, 2)) / total], 1)
+
+
+def test_random_affine_moves_digits_by_at_most_the_shift_and_is_reproducible(digits: DigitsDataModule):
+    images = digits.train_set.tensors[0][:64]
+    identity = RandomAffine(shift=0.0, degrees=0.0, scale=0.0)
+    assert torch.allclose(identity(images, torch.Generator().manual_seed(0)), images, atol=1e-5)
+
+    one_pixel = RandomAffine(shift=0.125, degrees=0.0, scale=0.0)  # 1/8 of an 8-pixel side
+    shifted = one_pixel(images, torch.Generator().manual_seed(0))
+    moved = (_centroids(shifted) - _centroids(images)).abs()
+    assert moved.max() <= 1.05 and moved.mean() > 0.2  # each digit moved, none by more than a pixel
+    assert torch.equal(one_pixel(images, torch.Generator().manual_seed(0)), shifted)
+    assert not torch.equal(one_pixel(images, torch.Generator().manual_seed(1)), shifted)
+
+
+def test_augment_jitters_training_batches_only_and_resumes_exactly(tmp_path: Path):
+    seen: dict[str, list[torch.Tensor]] = {"train": [], "val": []}
+
+    class Recorder(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen["train"].append(batch[0].clone())
+
+        def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+            seen["val"].append(batch[0].clone())
+
+    L.seed_everything(0)
+    datamodule = DigitsDataModule(batch_size=64, augment=True)
+    quiet_trainer(tmp_path, [Recorder()], 1, num_sanity_val_steps=0).fit(ImageClassifier(), datamodule=datamodule)
+    originals = {tuple(image.flatten().tolist()) for image in datamodule.train_set.tensors[0]}
+    jittered = [image for batch in seen["train"] for image in batch]
+    assert sum(tuple(image.flatten().tolist()) in originals for image in jittered) < len(jittered) / 10
+    assert torch.equal(torch.cat(seen["val"]), datamodule.val_set.tensors[0])  # validation is untouched
+
+    # the views of epoch 2 are the same whether the run went on or resumed from the checkpoint after epoch 1
+    weights = {}
+    for name, resume in (("full", None), ("resumed", tmp_path / "full" / "epoch=0.ckpt")):
+        L.seed_everything(0)
+        model = ImageClassifier()
+        every_epoch = ModelCheckpoint(dirpath=tmp_path / name, filename="{epoch}", save_top_k=-1)
+        trainer = quiet_trainer(tmp_path / name, [every_epoch], 2)
+        trainer.fit(model, datamodule=DigitsDataModule(batch_size=64, augment=True), ckpt_path=resume)
+        weights[name] = model.state_dict()
+    assert all(torch.equal(weights["resumed"][key], weights["full"][key]) for key in weights["full"])
+
+
+@pytest.mark.parametrize(
+    ("augment", "message"),
+    [
+        ({"shift": 0.1, "rotate": 5}, r"data.augment has unknown settings \['rotate'\]"),
+        ({"degrees": 200}, r"data.augment.degrees=200 is invalid"),
+        ("strong", "data.augment='strong' is invalid"),
+    ],
+)
+def test_augment_rejects_bad_settings(augment, message):
+    with pytest.raises(ValueError, match=message):
+        DigitsDataModule(augment=augment)
