@@ -5,11 +5,17 @@ not in ``parameters()`` (so not in the optimizer, not wrapped by DDP, never visi
 callbacks), not in ``state_dict()`` (so student checkpoints carry no teacher weights), and ``train()``
 never reaches it (so its BatchNorm statistics cannot drift when Lightning switches modes around
 validation). It follows the student across devices through ``_apply``.
+
+Hint (feature) distillation (Romero et al. 2015, FitNets) adds a second signal: named student layers learn,
+through a small learned adapter (a 1x1 convolution or a linear map to the teacher's width), to reproduce
+the outputs of named teacher layers. The adapters exist only to train; compression callbacks skip them
+(``training_aids``) and they are never part of the exported student.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -75,7 +81,14 @@ class DistillationModule(ImageClassifier):
             ``weights_only=True``; missing keys or shape mismatches are errors naming the key.
         checkpoint: start the student from these weights.
         save_teacher: also store the teacher's weights in checkpoints (``teacher_state_dict``).
+        hints: student layer name -> teacher layer name, e.g. ``{"features.4": "features.4"}``: the student
+            layer's output, through a learned adapter, is pulled towards the teacher layer's (mean squared
+            error). Layers must produce (N, C) or (N, C, H, W) outputs of the same spatial size. Under QAT,
+            hint convolutions or linear layers: QAT fuses the BatchNorm and ReLU after them away.
+        hint_weight: weight of the summed hint losses in the total loss (>= 0).
     """
+
+    training_aids = ("hint_adapters",)  # trained alongside the student, never compressed or deployed
 
     def __init__(
         self,
@@ -92,11 +105,15 @@ class DistillationModule(ImageClassifier):
         teacher_checkpoint: str | None = None,
         checkpoint: str | None = None,
         save_teacher: bool = False,
+        hints: Mapping[str, str] | None = None,
+        hint_weight: float = 1.0,
     ) -> None:
         if not temperature > 0:
             raise ValueError(f"temperature={temperature!r} is invalid: it must be > 0.")
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha={alpha!r} is invalid: it must lie in [0, 1].")
+        if not hint_weight >= 0:
+            raise ValueError(f"hint_weight={hint_weight!r} is invalid: it must be 0 or more.")
         super().__init__(student, num_classes, in_channels, lr, weight_decay, checkpoint, student_options)
         self.save_hyperparameters(
             ignore=[name for name, value in (("student", student), ("teacher", teacher)) if isinstance(value, nn.Module)]
@@ -112,6 +129,11 @@ class DistillationModule(ImageClassifier):
         self.temperature = temperature
         self.alpha = alpha
         self.save_teacher = save_teacher
+        self.hints = dict(hints or {})
+        self.hint_weight = hint_weight
+        _check_layers(self.hints, self.net, teacher_net)
+        # one adapter per hint, keyed by its position: built in setup, once the layers' widths are seen
+        self.hint_adapters = nn.ModuleDict()
         # Teacher accuracy is a property of the teacher and the split: computed once, then reused.
         self.teacher_accuracy = MulticlassAccuracy(num_classes, average="micro")
         self.teacher_val_accuracy: float | None = None
@@ -135,13 +157,16 @@ class DistillationModule(ImageClassifier):
         return self
 
     def setup(self, stage: str) -> None:
+        # Runs after compression callbacks' setup (QAT may have rebuilt the student) and before a resumed
+        # checkpoint's weights load, so the adapters exist by then.
         if stage == "fit":
-            self._check_output_shapes(example_input(self.trainer, self))
+            self._check_shapes_and_build_adapters(example_input(self.trainer, self))
 
-    def _check_output_shapes(self, images: torch.Tensor) -> None:
+    def _check_shapes_and_build_adapters(self, images: torch.Tensor) -> None:
+        _check_layers(self.hints, self.net, self._teacher, after_setup=True)
         was_training = self.training
         self.eval()
-        with torch.no_grad():
+        with torch.no_grad(), self._hint_features() as (student_features, teacher_features):
             student_shape, teacher_shape = tuple(self(images).shape), tuple(self._teacher(images).shape)
         self.train(was_training)
         if student_shape != teacher_shape:
@@ -149,6 +174,44 @@ class DistillationModule(ImageClassifier):
                 f"teacher and student outputs differ: teacher {teacher_shape}, student {student_shape}; "
                 "both must produce the same logits shape."
             )
+        for index, (student_layer, teacher_layer) in enumerate(self.hints.items()):
+            student_shape, teacher_shape = student_features[index].shape, teacher_features[index].shape
+            if student_features[index].dim() not in (2, 4) or student_shape[2:] != teacher_shape[2:]:
+                raise ValueError(
+                    f"hints: student layer {student_layer!r} {tuple(student_shape)} cannot be matched to teacher "
+                    f"layer {teacher_layer!r} {tuple(teacher_shape)}: both must be (N, C) or (N, C, H, W) with the "
+                    "same H and W."
+                )
+            if str(index) not in self.hint_adapters:
+                self.hint_adapters[str(index)] = _adapter(student_shape[1], teacher_shape[1], spatial=len(student_shape) == 4)
+
+    @contextmanager
+    def _hint_features(self) -> Iterator[tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]]:
+        """Record the outputs of the hinted layers while the block runs; no hooks outlive it."""
+        student_features: dict[int, torch.Tensor] = {}
+        teacher_features: dict[int, torch.Tensor] = {}
+        handles = []
+        for index, (student_layer, teacher_layer) in enumerate(self.hints.items()):
+            sides = ((self.net, student_layer, student_features), (self._teacher, teacher_layer, teacher_features))
+            for network, layer, features in sides:
+
+                def record(module, args, output, index=index, features=features):
+                    features[index] = output
+
+                handles.append(network.get_submodule(layer).register_forward_hook(record))
+        try:
+            yield student_features, teacher_features
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def hint_loss(self, student_features: dict[int, torch.Tensor], teacher_features: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Sum over hints of the mean squared error between the adapted student output and the teacher's."""
+        losses = [
+            F.mse_loss(self.hint_adapters[str(index)](features), teacher_features[index])
+            for index, features in student_features.items()
+        ]
+        return torch.stack(losses).sum()
 
     def _teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -156,10 +219,16 @@ class DistillationModule(ImageClassifier):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, labels = batch
-        logits = self(images)
-        loss, kd, ce = distillation_loss(logits, self._teacher_logits(images), labels, self.temperature, self.alpha)
+        with self._hint_features() as (student_features, teacher_features):
+            logits = self(images)
+            teacher_logits = self._teacher_logits(images)
+        loss, kd, ce = distillation_loss(logits, teacher_logits, labels, self.temperature, self.alpha)
+        losses = {"train/kd_loss": kd, "train/ce_loss": ce}
+        if self.hints:
+            losses["train/hint_loss"] = hint = self.hint_loss(student_features, teacher_features)
+            loss = loss + self.hint_weight * hint
         self.train_accuracy(logits, labels)
-        self.log_dict({"train/loss": loss, "train/kd_loss": kd, "train/ce_loss": ce}, prog_bar=True)
+        self.log_dict({"train/loss": loss, **losses}, prog_bar=True)
         self.log("train/acc", self.train_accuracy, on_step=False, on_epoch=True)
         return loss
 
@@ -192,6 +261,15 @@ class DistillationModule(ImageClassifier):
             }
         )
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        # load_from_checkpoint builds the module without running setup: make the saved adapters exist.
+        for key, weight in checkpoint["state_dict"].items():
+            prefix, _, rest = key.partition(".")
+            index, _, name = rest.partition(".")
+            if prefix == "hint_adapters" and name == "weight" and index not in self.hint_adapters:
+                self.hint_adapters[index] = _adapter(weight.shape[1], weight.shape[0], spatial=weight.dim() == 4)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.save_teacher:
             checkpoint["teacher_state_dict"] = self._teacher.state_dict()
@@ -199,3 +277,24 @@ class DistillationModule(ImageClassifier):
     def report_models(self) -> dict[str, nn.Module]:
         """The teacher gets a row of its own in the compression report."""
         return {"teacher": self._teacher}
+
+
+def _adapter(student_width: int, teacher_width: int, spatial: bool) -> nn.Module:
+    """Maps a student layer's channels to the teacher's: the smallest learned map that can."""
+    return nn.Conv2d(student_width, teacher_width, 1) if spatial else nn.Linear(student_width, teacher_width)
+
+
+def _check_layers(hints: dict[str, str], student: nn.Module, teacher: nn.Module, after_setup: bool = False) -> None:
+    for setting, network, layers in (("student", student, hints.keys()), ("teacher", teacher, hints.values())):
+        names = {name for name, _ in network.named_modules() if name}
+        missing = [layer for layer in layers if layer not in names]
+        if missing:
+            advice = (
+                " (after QAT's setup: it fuses BatchNorm and ReLU into the layer before them, so hint that layer)"
+                if after_setup and setting == "student"
+                else ""
+            )
+            examples = sorted(names)[:8]
+            raise ValueError(
+                f"hints: {setting} layers {missing} do not exist in the {setting}{advice}; its layers include {examples}."
+            )

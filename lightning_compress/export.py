@@ -11,6 +11,8 @@ from lightning.pytorch.core.module import _jit_is_scripting
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from lightning_compress.selection import without_training_aids
+
 EXPORT_FORMATS = ("torchscript", "none")
 
 
@@ -29,13 +31,16 @@ def output_folder(trainer: L.Trainer, export_dir: str | None = None) -> Path:
 
 
 def export_torchscript(model: nn.Module, args: tuple, kwargs: dict[str, Any], path: Path) -> Path:
-    """Trace ``model`` on an example input and save it; ``torch.jit.load`` runs it with torch alone.
+    """Trace ``model`` (without its training aids) on an example input and save it; ``torch.jit.load`` runs
+    it with torch alone.
 
     TorchScript, not ``torch.export``: torch.export cannot serialize the packed int8 weights of
     torch.ao quantized modules (their script objects have no ``__obj_flatten__``).
     """
     with _jit_is_scripting(), torch.no_grad():  # tracing probes `trainer`, which raises when detached
-        traced = torch.jit.trace(model.eval(), args, example_kwarg_inputs=kwargs or None, check_trace=False)
+        traced = torch.jit.trace(
+            without_training_aids(model).eval(), args, example_kwarg_inputs=kwargs or None, check_trace=False
+        )
     torch.jit.save(traced, str(path))
     rank_zero_info(f"Saved {path.name} (TorchScript) to {path.parent}")
     return path

@@ -28,6 +28,8 @@ from rich.table import Table
 from torch import nn
 from torch.utils.data import DataLoader
 
+from lightning_compress.selection import without_training_aids
+
 BASELINE = "fp32"
 
 
@@ -260,10 +262,10 @@ class CompressionReport:
 
 def models_to_report(trainer, pl_module: nn.Module) -> dict[str, nn.Module]:
     """The trained module as ``fp32``, then what the module itself (a distillation teacher, say) and each
-    compression callback contribute."""
+    compression callback contribute; each without its training aids (hint adapters), which are never shipped."""
     models: dict[str, nn.Module] = {BASELINE: pl_module}
     for source in (pl_module, *trainer.callbacks):
         report_models = getattr(source, "report_models", None)
         if callable(report_models):
             models.update(report_models())
-    return models
+    return {name: without_training_aids(model) for name, model in models.items()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib
 
 from torch import nn
@@ -9,13 +10,28 @@ from torchmetrics import Metric
 
 
 def compressible_children(pl_module: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Children that hold trainable parameters. Metrics hold none worth compressing, and a frozen network
-    (a distillation teacher passed as a child) is not what is being trained."""
+    """Children that hold trainable parameters. Metrics hold none worth compressing, a frozen network
+    (a distillation teacher passed as a child) is not what is being trained, and the children a module
+    names in ``training_aids`` (distillation's hint adapters) only help train: they are never deployed."""
+    aids = set(getattr(pl_module, "training_aids", ()))
     return [
         (name, child)
         for name, child in pl_module.named_children()
-        if not isinstance(child, Metric) and any(parameter.requires_grad for parameter in child.parameters())
+        if name not in aids and not isinstance(child, Metric) and any(parameter.requires_grad for parameter in child.parameters())
     ]
+
+
+def without_training_aids(model: nn.Module) -> nn.Module:
+    """``model`` minus the children it names in ``training_aids``: what gets measured and shipped.
+
+    A shallow copy sharing every parameter; ``model`` itself keeps its children (training may go on).
+    """
+    aids = set(getattr(model, "training_aids", ())) & set(model._modules)
+    if not aids:
+        return model
+    deployed = copy.copy(model)
+    deployed._modules = {name: child for name, child in model._modules.items() if name not in aids}
+    return deployed
 
 
 def resolve_module_type(entry: type | str, setting: str) -> type[nn.Module]:

@@ -16,6 +16,7 @@ from lightning_compress.data import DigitsDataModule
 from lightning_compress.distillation import distillation_loss
 from lightning_compress.fx_quantization import is_prepared
 from lightning_compress.models import ImageClassifier, SmallCNN
+from lightning_compress.report import count_parameters, models_to_report
 
 from conftest import quiet_trainer, run_train
 
@@ -139,6 +140,7 @@ def test_teacher_follows_the_student_to_its_device(teacher_checkpoint: Path):
             r"teacher.checkpoint='missing.ckpt' does not exist",
         ),
         ({"teacher": "resnet18"}, ValueError, r"teacher.checkpoint=.* does not fit: key 'conv1.weight' is missing"),
+        ({"hint_weight": -1.0}, ValueError, r"hint_weight=-1.0 is invalid: it must be 0 or more"),
     ],
 )
 def test_bad_settings_fail_at_construction(teacher_checkpoint: Path, options, error, message):
@@ -199,3 +201,84 @@ def test_pruning_acts_on_the_student_only(tmp_path: Path, teacher_checkpoint: Pa
     assert pruning.masks and all(name.startswith("net.") for name in pruning.masks)
     assert pruning.measured_sparsity(module)[0] == pytest.approx(0.5, abs=0.01)
     assert all(torch.equal(teacher_before[key], value) for key, value in module.teacher.state_dict().items())
+
+
+HINT = {"features.4": "features.4"}  # the second conv of both CNNs: 4x4 maps, 16 student and 64 teacher channels
+
+
+def test_hints_pull_student_features_towards_the_teacher_and_survive_checkpoints(tmp_path: Path, teacher_checkpoint: Path):
+    L.seed_everything(0)
+    module = _module(teacher_checkpoint, hints=HINT, hint_weight=1.0, lr=1e-2)
+    digits = DigitsDataModule()
+    digits.setup()
+    images = digits.val_set.tensors[0]
+
+    def hint_loss() -> float:
+        with torch.no_grad(), module._hint_features() as (student, teacher):
+            module.eval()(images)
+            module.teacher(images)
+            return module.hint_loss(student, teacher).item()
+
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer = quiet_trainer(tmp_path, [checkpoints], 4)
+    trainer.fit(module, datamodule=digits)
+    assert isinstance(module.hint_adapters["0"], torch.nn.Conv2d) and module.hint_adapters["0"].weight.shape == (64, 16, 1, 1)
+    trained = hint_loss()
+    module.hint_adapters["0"].reset_parameters()  # the same student with an untrained adapter
+    assert trained < 0.5 * hint_loss()
+    optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert {id(p) for p in module.hint_adapters.parameters()} <= optimized
+    assert trainer.callback_metrics["val/acc"] >= 0.6  # still learning the task (chance is 0.1)
+
+    restored = DistillationModule.load_from_checkpoint(tmp_path / "last.ckpt", weights_only=True)  # strict load
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]
+    assert torch.equal(restored.hint_adapters["0"].weight, saved["hint_adapters.0.weight"])
+
+
+def test_hints_under_qat_and_pruning_leave_the_adapters_alone(tmp_path: Path, teacher_checkpoint: Path):
+    from lightning_compress import MagnitudePruning
+
+    module = _module(teacher_checkpoint, hints=HINT)
+    qat = QuantizationAwareTraining(export_dir=str(tmp_path))
+    pruning = MagnitudePruning(final_sparsity=0.5, start_epoch=0, end_epoch=1, export_format="none", plot=False)
+    trainer = quiet_trainer(tmp_path, [qat, pruning], 1, limit_train_batches=3, limit_val_batches=1)
+    trainer.fit(module, datamodule=DigitsDataModule())
+    assert qat.prepared_names == ["net"] and not is_prepared(module.hint_adapters["0"])
+    assert pruning.masks and all(name.startswith("net.") for name in pruning.masks)
+    assert trainer.callback_metrics["train/hint_loss"] > 0
+    # the adapters only help train: no report row counts them and the exported int8 student lacks them
+    student_weights = sum(p.numel() for p in module.student.parameters())
+    assert {name: count_parameters(model)[0] for name, model in models_to_report(trainer, module).items()}[
+        "fp32"
+    ] == student_weights
+    exported = torch.jit.load(qat.export_path)
+    assert not any("hint_adapters" in key for key in exported.state_dict())
+    assert "hint_adapters" in dict(module.named_children())  # training could go on
+
+
+def test_hints_on_a_layer_qat_fuses_away_fail_before_training(tmp_path: Path, teacher_checkpoint: Path):
+    module = _module(teacher_checkpoint, hints={"features.6": "features.6"})  # a ReLU: QAT folds it into the conv
+    trainer = quiet_trainer(tmp_path, [QuantizationAwareTraining(export_format="none")], 1)
+    with pytest.raises(ValueError, match=r"hints: student layers \['features.6'\] do not exist in the student \(after QAT"):
+        trainer.fit(module, datamodule=DigitsDataModule())
+    assert trainer.global_step == 0
+
+
+@pytest.mark.parametrize(
+    ("hints", "message"),
+    [
+        ({"features.9": "features.4"}, r"hints: student layers \['features.9'\] do not exist in the student; its layers"),
+        ({"features.4": "head"}, r"hints: teacher layers \['head'\] do not exist in the teacher"),
+    ],
+)
+def test_hints_naming_missing_layers_fail_at_construction(teacher_checkpoint: Path, hints, message):
+    with pytest.raises(ValueError, match=message):
+        _module(teacher_checkpoint, hints=hints)
+
+
+def test_hints_with_different_map_sizes_fail_before_training(tmp_path: Path, teacher_checkpoint: Path):
+    module = _module(teacher_checkpoint, hints={"features.0": "features.4"})  # 8x8 student map, 4x4 teacher map
+    trainer = quiet_trainer(tmp_path)
+    with pytest.raises(ValueError, match=r"student layer 'features.0' \(2, 8, 8, 8\) cannot be matched to teacher layer"):
+        trainer.fit(module, datamodule=DigitsDataModule())
+    assert trainer.global_step == 0
