@@ -9,6 +9,7 @@ reachable before any training starts.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -69,7 +70,7 @@ def _augmentation(augment: bool | Mapping | RandomAffine | None) -> RandomAffine
     if isinstance(augment, RandomAffine):
         return augment
     if isinstance(augment, Mapping):
-        allowed = {"shift", "degrees", "scale"}
+        allowed = set(inspect.signature(RandomAffine).parameters)  # RandomAffine's own settings, not a copy
         unknown = sorted(set(augment) - allowed)
         if unknown:
             raise ValueError(f"data.augment has unknown settings {unknown}: allowed are {sorted(allowed)}.")
