@@ -18,7 +18,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
@@ -27,6 +27,7 @@ from lightning_compress.export import check_export_format, export_torchscript, o
 from lightning_compress.inputs import capture_inputs, example_input
 from lightning_compress.schedules import SCHEDULES, SparsitySchedule
 from lightning_compress.selection import compressible_children, resolve_module_type
+from lightning_compress.validation import check_integer
 
 MODES = ("unstructured", "channels")
 SCOPES = ("global", "layer")
@@ -48,8 +49,9 @@ class MagnitudePruning(Callback):
         final_sparsity: fraction of weights (or channels) pruned at ``end_epoch`` and after, in [0, 1).
         initial_sparsity: fraction pruned at ``start_epoch``, in [0, ``final_sparsity``].
         start_epoch: epoch at whose start pruning begins.
-        end_epoch: epoch at whose start ``final_sparsity`` is reached (after ``start_epoch``, at most
-            ``max_epochs``).
+        end_epoch: epoch at whose start ``final_sparsity`` is reached (after ``start_epoch``). Beyond the
+            Trainer's ``max_epochs`` it is a warning: the fit stops part-way up the ramp, and a run resumed
+            from its checkpoint with a larger ``max_epochs`` continues it.
         schedule: ``cubic`` (Zhu and Gupta), ``linear`` or ``constant``.
         update_every: optimizer steps between mask updates; ``None`` updates once per epoch.
         mode: ``unstructured`` (single weights) or ``channels`` (whole output channels, ranked by norm,
@@ -89,15 +91,13 @@ class MagnitudePruning(Callback):
             raise ValueError(f"scope={scope!r} is unknown: allowed values are {list(SCOPES)}.")
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule={schedule!r} is unknown: allowed values are {list(SCHEDULES)}.")
-        if not isinstance(start_epoch, int) or start_epoch < 0:
-            raise ValueError(f"start_epoch={start_epoch!r} is invalid: it must be an integer >= 0.")
-        if not isinstance(end_epoch, int) or end_epoch <= start_epoch:
+        check_integer("start_epoch", start_epoch, minimum=0)
+        check_integer("end_epoch", end_epoch)
+        if end_epoch <= start_epoch:
             raise ValueError(f"end_epoch={end_epoch!r} is invalid: it must be an integer after start_epoch={start_epoch}.")
-        if channel_norm not in (1, 2):
-            raise ValueError(f"channel_norm={channel_norm!r} is invalid: allowed values are 1 and 2.")
+        check_integer("channel_norm", channel_norm, minimum=1, maximum=2)
         check_export_format(export_format)
-        if update_every is not None and (not isinstance(update_every, int) or update_every < 1):
-            raise ValueError(f"update_every={update_every!r} is invalid: it must be a positive integer, or None (per epoch).")
+        check_integer("update_every", update_every, minimum=1, none="per epoch")
         # Checks the sparsities now, before any training; the steps are set in on_train_start.
         SparsitySchedule(schedule, initial_sparsity, final_sparsity, 0, 1, update_every or 1)
         self.final_sparsity = final_sparsity
@@ -124,19 +124,38 @@ class MagnitudePruning(Callback):
         self.export_path: Path | None = None
         self.plot_path: Path | None = None
         self._last_update_step = -1
+        self._dense_state_dict: dict[str, torch.Tensor] | None = None
         self._targets: dict[str, nn.Parameter] = {}
         self._groups: dict[str, list[channel_groups.ChannelGroup]] = {}
 
     # ------------------------------------------------------------------ Lightning hooks
 
+    @property
+    @override
+    def state_key(self) -> str:
+        # Two MagnitudePruning callbacks (say, one by channel, one unstructured on other layers) keep apart.
+        return self._generate_state_key(
+            mode=self.mode,
+            layer_types=[f"{t.__module__}.{t.__qualname__}" for t in self.layer_types],
+            names=self._patterns(self.names),
+            skip=self._patterns(self.skip),
+        )
+
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "fit":
+        if stage != "fit" or trainer.max_epochs is None or trainer.max_epochs < 0:
             return
-        if trainer.max_epochs is None or trainer.max_epochs < 1:
-            raise ValueError("MagnitudePruning needs Trainer(max_epochs=...) to place its schedule.")
-        if self.end_epoch > trainer.max_epochs:
-            raise ValueError(f"end_epoch={self.end_epoch} is invalid: it must be at most max_epochs ({trainer.max_epochs}).")
+        # Not an error: a run trained for fewer epochs now may be resumed with a larger max_epochs later.
+        if self.start_epoch >= trainer.max_epochs:
+            rank_zero_warn(
+                f"MagnitudePruning: start_epoch={self.start_epoch} is at or beyond max_epochs ({trainer.max_epochs}): "
+                "no pruning happens in this fit (it may in a resumed, longer one)."
+            )
+        elif self.end_epoch > trainer.max_epochs:
+            rank_zero_warn(
+                f"MagnitudePruning: end_epoch={self.end_epoch} is beyond max_epochs ({trainer.max_epochs}): this fit "
+                "ends part-way up the ramp, below final_sparsity (a resumed, longer one continues it)."
+            )
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -146,13 +165,20 @@ class MagnitudePruning(Callback):
         else:
             self._targets = self._select_layers(pl_module)
         self._apply_masks(pl_module)  # masks restored from a checkpoint take effect at once
+        if self._dense_state_dict is not None and self.dense_model is None:  # resumed after pruning began
+            self.dense_model = copy.deepcopy(pl_module).eval()
+            self.dense_model.load_state_dict(self._dense_state_dict)
+            self._dense_state_dict = None
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         steps_per_epoch = max(trainer.num_training_batches // trainer.accumulate_grad_batches, 1)
         start_step = self.start_epoch * steps_per_epoch
-        # end_epoch == max_epochs: reach final_sparsity at the last step that runs, not one that never does.
-        end_step = max(min(self.end_epoch * steps_per_epoch, trainer.max_epochs * steps_per_epoch - 1), start_step + 1)
+        end_step = self.end_epoch * steps_per_epoch
+        if self.end_epoch == trainer.max_epochs:  # reach final_sparsity at the last step that runs, not one that never does
+            end_step -= 1
+        # Beyond max_epochs the ramp keeps its slope: this fit stops part-way, a longer resumed one goes on.
+        end_step = max(end_step, start_step + 1)
         self.schedule = SparsitySchedule(
             self.schedule_kind,
             self.initial_sparsity,
@@ -210,17 +236,36 @@ class MagnitudePruning(Callback):
             "masks": {name: mask.cpu() for name, mask in self.masks.items()},
             "last_update_step": self._last_update_step,
             "history": self.history,
-            "final_sparsity": self.final_sparsity,
-            "mode": self.mode,
+            **{key: getattr(self, attribute) for key, attribute in _SAVED_SETTINGS.items()},
+            # The report's dense row: without it a run resumed after pruning began would report one row less.
+            "dense_state_dict": None if self.dense_model is None else _cpu_state_dict(self.dense_model),
         }
+
+    @override
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # Checkpoints written before MagnitudePruning had a state_key saved its state under the class name.
+        states = checkpoint.get("callbacks", {})
+        if self.state_key not in states and "MagnitudePruning" in states:
+            states[self.state_key] = states.pop("MagnitudePruning")
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict["mode"] != self.mode:
             raise ValueError(f"the checkpoint was pruned with mode={state_dict['mode']!r}, not mode={self.mode!r}.")
+        changed = [
+            f"{key}={state_dict[key]!r} (now {getattr(self, attribute)!r})"
+            for key, attribute in _SAVED_SETTINGS.items()
+            if key in state_dict and state_dict[key] != getattr(self, attribute)
+        ]
+        if changed:
+            rank_zero_warn(
+                f"MagnitudePruning: the checkpoint was pruned with other settings: {', '.join(changed)}; "
+                "the resumed run follows the new ones."
+            )
         self.masks = dict(state_dict["masks"])
         self._last_update_step = state_dict["last_update_step"]
         self.history = list(state_dict["history"])
+        self._dense_state_dict = state_dict.get("dense_state_dict")
 
     # ------------------------------------------------------------------ results
 
@@ -399,6 +444,21 @@ class MagnitudePruning(Callback):
     @staticmethod
     def _patterns(patterns: list[re.Pattern] | None) -> list[str] | None:
         return None if patterns is None else [pattern.pattern for pattern in patterns]
+
+
+# checkpoint key -> attribute: the settings a resumed run compares with its own
+_SAVED_SETTINGS = {
+    "final_sparsity": "final_sparsity",
+    "initial_sparsity": "initial_sparsity",
+    "start_epoch": "start_epoch",
+    "end_epoch": "end_epoch",
+    "schedule": "schedule_kind",
+    "mode": "mode",
+}
+
+
+def _cpu_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: value.detach().cpu().clone() for name, value in module.state_dict().items()}
 
 
 def _keep_largest(magnitudes: torch.Tensor, pruned: int) -> torch.Tensor:

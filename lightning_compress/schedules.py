@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lightning_compress.validation import check_integer, check_number
+
 SCHEDULES = ("cubic", "linear", "constant")
 
 
@@ -39,16 +41,15 @@ class SparsitySchedule:
         if self.kind not in SCHEDULES:
             raise ValueError(f"schedule={self.kind!r} is unknown: allowed values are {list(SCHEDULES)}.")
         for name in ("initial_sparsity", "final_sparsity"):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"{name}={value!r} is invalid: it must lie in [0, 1).")
+            check_number(name, getattr(self, name), 0.0, 1.0, high_open=True)
         if self.initial_sparsity > self.final_sparsity:
             raise ValueError(
                 f"initial_sparsity={self.initial_sparsity} is above final_sparsity={self.final_sparsity}: "
                 "pruning only ever removes weights."
             )
-        if self.update_every < 1:
-            raise ValueError(f"update_every={self.update_every!r} is invalid: it must be a positive integer.")
+        check_integer("update_every", self.update_every, minimum=1)
+        check_integer("start_step", self.start_step, minimum=0)
+        check_integer("end_step", self.end_step)
         if self.end_step <= self.start_step:
             raise ValueError(f"end_step={self.end_step} must come after start_step={self.start_step}.")
 

@@ -101,6 +101,9 @@ def test_resume_mid_schedule_continues_exactly(tmp_path: Path):
     )
     assert resumed.history == full.history
     assert all(torch.equal(resumed.masks[name], full.masks[name]) for name in full.masks)
+    # the report's dense row survives the resume: the model as it was when pruning began, not a fresh copy
+    dense, resumed_dense = full.report_models()["dense"].state_dict(), resumed.report_models()["dense"].state_dict()
+    assert all(torch.equal(resumed_dense[name], value) for name, value in dense.items())
     for (name, expected), actual in zip(uninterrupted.state_dict().items(), model.state_dict().values(), strict=True):
         assert torch.allclose(actual, expected, atol=1e-6), name
 
@@ -167,6 +170,12 @@ def test_pruning_with_qat_keeps_zeros_in_the_int8_model(tmp_path: Path):
         ({"schedule": "exp"}, r"schedule='exp' is unknown"),
         ({"update_every": 0}, r"update_every=0 is invalid"),
         ({"layer_types": ["torch.nn.Nope"]}, r"layer_types='torch.nn.Nope' names no importable module type"),
+        ({"final_sparsity": "0.5"}, r"final_sparsity='0.5' is invalid: it must be a number in \[0, 1\), not str"),
+        ({"initial_sparsity": None}, r"initial_sparsity=None is invalid: it must be a number in \[0, 1\)"),
+        ({"start_epoch": True}, r"start_epoch=True is invalid: it must be an integer >= 0, not bool"),
+        ({"end_epoch": 5.0}, r"end_epoch=5.0 is invalid: it must be an integer, not float"),
+        ({"update_every": "10"}, r"update_every='10' is invalid: it must be a positive integer, or None \(per epoch\), not str"),
+        ({"channel_norm": True}, r"channel_norm=True is invalid: it must be an integer from 1 to 2, not bool"),
     ],
 )
 def test_bad_settings_fail_at_construction(options, message):
@@ -177,7 +186,6 @@ def test_bad_settings_fail_at_construction(options, message):
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"end_epoch": 5}, r"end_epoch=5 is invalid: it must be at most max_epochs \(2\)"),
         ({"names": [r"^decoder\."]}, r"MagnitudePruning selects no layer: .*names=\['\^decoder\\\\.'\]"),
         ({"layer_types": ["torch.nn.LSTM"]}, r"MagnitudePruning selects no layer"),
         ({"mode": "channels", "names": [r"classifier"]}, r"mode='channels' cannot shrink 'net.classifier'"),
@@ -196,10 +204,9 @@ def test_bad_settings_fail_before_training(tmp_path: Path, options, message):
 
 @pytest.mark.parametrize("recipe", ["prune", "prune_channels"])
 def test_recipes_end_to_end(tmp_path: Path, recipe: str):
-    result = run_train(
+    result = run_train(  # at the recipes' shortest length: the ramp in epoch 0, fine-tuning in epoch 1
         f"+compress={recipe}",
-        "trainer.max_epochs=4",
-        "compress.callbacks.pruning.end_epoch=3",
+        "trainer.max_epochs=2",
         "report.latency_runs=5",
         f"hydra.run.dir={tmp_path}",
     )
@@ -215,3 +222,86 @@ def test_recipes_end_to_end(tmp_path: Path, recipe: str):
     assert (tmp_path / "checkpoints" / "pruning.png").is_file()
     script = "import sys, torch; torch.jit.load(sys.argv[1]); assert 'lightning_compress' not in sys.modules"
     subprocess.run([sys.executable, "-c", script, str(tmp_path / "checkpoints" / "model_pruned.pt")], check=True)
+
+
+def test_a_ramp_longer_than_the_fit_warns_and_goes_on_in_a_longer_resumed_fit(tmp_path: Path):
+    options = {"final_sparsity": 0.8, "start_epoch": 0, "end_epoch": 4, "update_every": 5, "export_format": "none", "plot": False}
+    short = MagnitudePruning(**options)
+    every_epoch = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1)
+    with pytest.warns(UserWarning, match=r"end_epoch=4 is beyond max_epochs \(2\): this fit ends part-way up the ramp"):
+        trainer, model, _ = _fit(tmp_path, short, max_epochs=2, extra=[every_epoch], enable_checkpointing=True)
+    steps_per_epoch = trainer.num_training_batches
+    assert short.schedule.end_step == 4 * steps_per_epoch  # the ramp keeps its slope, it is not squeezed into 2 epochs
+    measured, _ = short.measured_sparsity(model)
+    assert 0.5 < measured < 0.8 and measured == pytest.approx(short.schedule.target(short.history[-1]["step"]), abs=0.01)
+
+    longer = MagnitudePruning(**options)  # "train 2 epochs now, extend to 5 later from the checkpoint"
+    L.seed_everything(0)
+    resumed = ImageClassifier()
+    trainer = quiet_trainer(tmp_path / "longer", [longer], 5)
+    trainer.fit(resumed, datamodule=DigitsDataModule(), ckpt_path=tmp_path / "epoch=1.ckpt")
+    assert longer.history[: len(short.history)] == short.history
+    assert longer.measured_sparsity(resumed)[0] == pytest.approx(0.8, abs=0.001)
+
+
+def test_a_schedule_that_starts_after_the_fit_warns_and_trains(tmp_path: Path):
+    pruning = MagnitudePruning(start_epoch=3, end_epoch=5, export_format="none", plot=False)
+    with pytest.warns(UserWarning, match=r"start_epoch=3 is at or beyond max_epochs \(2\): no pruning happens in this fit"):
+        trainer, model, _ = _fit(tmp_path, pruning, max_epochs=2, limit_train_batches=3)
+    assert trainer.global_step == 6 and not pruning.masks and pruning.measured_sparsity(model)[0] < 0.01
+
+
+def _checkpointed_fit(tmp_path: Path, callbacks: list, **kwargs) -> Path:
+    every_epoch = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1)
+    L.seed_everything(0)
+    trainer = quiet_trainer(tmp_path, [*callbacks, every_epoch], 2, limit_train_batches=4, **kwargs)
+    trainer.fit(ImageClassifier(), datamodule=DigitsDataModule())
+    return tmp_path / "epoch=1.ckpt"
+
+
+def test_two_pruning_callbacks_keep_their_own_checkpoint_state(tmp_path: Path):
+    def pair() -> list[MagnitudePruning]:
+        options = {"start_epoch": 0, "end_epoch": 1, "update_every": 2, "export_format": "none", "plot": False}
+        return [
+            MagnitudePruning(final_sparsity=0.5, names=[r"features"], **options),
+            MagnitudePruning(final_sparsity=0.3, names=[r"classifier"], scope="layer", **options),
+        ]
+
+    first = pair()
+    path = _checkpointed_fit(tmp_path, first)
+    states = torch.load(path, weights_only=True)["callbacks"]
+    assert len([key for key in states if key.startswith("MagnitudePruning")]) == 2
+    assert set(states[first[0].state_key]["masks"]) == {"net.features.0.weight", "net.features.4.weight", "net.features.8.weight"}
+    assert set(states[first[1].state_key]["masks"]) == {"net.classifier.weight"}
+
+    resumed = pair()
+    L.seed_everything(0)
+    quiet_trainer(tmp_path / "resumed", resumed, 2).fit(ImageClassifier(), datamodule=DigitsDataModule(), ckpt_path=path)
+    for before, after in zip(first, resumed, strict=True):
+        assert set(after.masks) == set(before.masks)
+        assert all(torch.equal(after.masks[name].cpu(), before.masks[name].cpu()) for name in before.masks)
+
+
+def test_resuming_with_other_settings_warns_naming_them(tmp_path: Path):
+    options = {"start_epoch": 0, "end_epoch": 1, "update_every": 2, "export_format": "none", "plot": False}
+    path = _checkpointed_fit(tmp_path, [MagnitudePruning(final_sparsity=0.5, **options)])
+    changed = MagnitudePruning(final_sparsity=0.6, schedule="linear", **options)
+    with pytest.warns(UserWarning, match=r"other settings: final_sparsity=0.5 \(now 0.6\), schedule='cubic' \(now 'linear'\)"):
+        quiet_trainer(tmp_path / "resumed", [changed], 2).fit(ImageClassifier(), datamodule=DigitsDataModule(), ckpt_path=path)
+
+
+def test_a_checkpoint_saved_under_the_old_class_name_key_still_loads(tmp_path: Path):
+    options = {"final_sparsity": 0.5, "start_epoch": 0, "end_epoch": 1, "update_every": 2, "export_format": "none", "plot": False}
+    original = MagnitudePruning(**options)
+    path = _checkpointed_fit(tmp_path, [original])
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["callbacks"]["MagnitudePruning"] = checkpoint["callbacks"].pop(original.state_key)
+    for key in ("dense_state_dict", "initial_sparsity", "start_epoch", "end_epoch", "schedule"):  # not saved then
+        del checkpoint["callbacks"]["MagnitudePruning"][key]
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    resumed = MagnitudePruning(**options)
+    quiet_trainer(tmp_path / "resumed", [resumed], 2).fit(
+        ImageClassifier(), datamodule=DigitsDataModule(), ckpt_path=tmp_path / "old.ckpt"
+    )
+    assert resumed.history == original.history
+    assert all(torch.equal(resumed.masks[name].cpu(), original.masks[name].cpu()) for name in original.masks)
