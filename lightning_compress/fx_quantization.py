@@ -35,6 +35,8 @@ from torch.ao.quantization import (
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qat_fx
 from torch.fx import GraphModule
 
+from lightning_compress import compat
+
 BACKENDS = ("x86", "fbgemm", "qnnpack")
 OBSERVERS = ("minmax", "moving_average_minmax", "histogram")
 RANGE_METHODS = ("max", "percentile", "entropy", "mse")
@@ -160,13 +162,28 @@ class QuantizationConfig:
         }[self.range_method]
 
 
+def int16_saturating_kernels(backend: str) -> bool:
+    """Whether the int8 kernels of ``backend`` add products in saturating 16-bit integers on this CPU.
+
+    Without VNNI, x86/fbgemm (and oneDNN) multiply u8 activations by s8 weights with ``vpmaddubsw``, which
+    sums each adjacent pair of products into a saturating int16: 255 x 127 x 2 = 64770 overflows it, and
+    the int8 model then computes something other than what fake-quant trained. With VNNI the sums are
+    int32 and any 8-bit grid is exact; qnnpack accumulates in int32 too.
+    """
+    return backend in ("x86", "fbgemm") and not compat.cpu_has_vnni()
+
+
 def _qconfig(config: QuantizationConfig) -> QConfig:
-    # Without VNNI, x86/fbgemm kernels accumulate in saturating int16 and need 7-bit activations. With VNNI
-    # they accumulate in int32, and a full 8-bit range also keeps fake-quant and int8 clamping alike.
-    reduce_range = config.backend in ("x86", "fbgemm") and not torch.cpu._is_vnni_supported() and config.activation_bits == 8
     activation_min, activation_max = config.activation_range()
-    if reduce_range:
-        activation_max = activation_min + (activation_max - activation_min) // 2
+    weight_min, weight_max = config.weight_range()
+    if config.converts_to_int8 and int16_saturating_kernels(config.backend):
+        # Keep activations on the full 8-bit grid and give weights 7 bits (-63..63, as ONNX Runtime's
+        # reduce_range does): 255 x 63 x 2 = 32130 fits int16. torch.ao's default instead gives activations
+        # 7 bits (0..127), but its int8 quantize ops still saturate at 255, so fake-quant clamps an
+        # out-of-range activation at 127 steps where the int8 model does not: QAT would train a different
+        # function from the one it ships. A symmetric narrow grid also makes the largest weight map exactly
+        # onto 63, which the int8 kernels (clamping at 127 only) reproduce.
+        weight_min, weight_max = -63, 63
     activation = FakeQuantize.with_args(
         observer=config.activation_observer(),
         quant_min=activation_min,
@@ -174,7 +191,6 @@ def _qconfig(config: QuantizationConfig) -> QConfig:
         dtype=torch.qint8 if config.signed_activations else torch.quint8,
         qscheme=torch.per_tensor_affine,
     )
-    weight_min, weight_max = config.weight_range()
     per_channel = config.per_channel_weights
     weight = FakeQuantize.with_args(
         observer=MovingAveragePerChannelMinMaxObserver if per_channel else MovingAverageMinMaxObserver,
@@ -238,7 +254,33 @@ def has_recurrent_layers(module: nn.Module) -> bool:
 
 def convert(prepared: nn.Module) -> nn.Module:
     """An int8 copy of a prepared module, with float input and output; the prepared module is untouched."""
-    return convert_fx(copy.deepcopy(prepared).eval())
+    weight_grids = {
+        name: (module.weight_fake_quant.quant_min, module.weight_fake_quant.quant_max)
+        for name, module in prepared.named_modules()
+        if isinstance(getattr(module, "weight_fake_quant", None), FakeQuantizeBase)
+    }
+    converted = convert_fx(copy.deepcopy(prepared).eval())
+    for name, (grid_min, grid_max) in weight_grids.items():
+        _clamp_packed_weight(converted.get_submodule(name), grid_min, grid_max)
+    return converted
+
+
+def _clamp_packed_weight(module: nn.Module, grid_min: int, grid_max: int) -> None:
+    """Clamp an int8 layer's weights to the grid its fake-quant trained on.
+
+    Weights go on training after the observers freeze, and fake-quant clamps one that outgrows the frozen
+    scale at the grid's edge; conversion saturates only at the int8 limits (+-127). On a narrower grid (7-bit
+    weights without VNNI, ``narrow_range``) the int8 model would then compute with weights that training
+    never saw, and without VNNI could overflow the kernels' int16 sums.
+    """
+    if not hasattr(module, "set_weight_bias"):
+        return
+    weight = module.weight()
+    values = weight.int_repr()
+    if int(values.min()) >= grid_min and int(values.max()) <= grid_max:
+        return
+    clamped = compat.quantized_tensor_like(weight, values.clamp(grid_min, grid_max))
+    module.set_weight_bias(clamped, module.bias())
 
 
 def use_backend(config: QuantizationConfig) -> None:

@@ -17,7 +17,7 @@ from torch.ao.nn.intrinsic.quantized import ConvReLU2d as ConvReLU2dInt8
 from torch.ao.nn.quantized import Conv2d as Conv2dInt8
 from torch.ao.nn.quantized import Linear as LinearInt8
 
-from lightning_compress import QuantizationAwareTraining
+from lightning_compress import QuantizationAwareTraining, compat
 from lightning_compress.data import DigitsDataModule
 from lightning_compress.fx_quantization import is_prepared
 from lightning_compress.models import ImageClassifier
@@ -93,6 +93,23 @@ def test_default_cnn_trains_fake_quant_and_converts_to_int8(tmp_path: Path):
     assert result.stdout.split() == [str(label) for label in expected]
 
 
+@pytest.mark.parametrize("vnni", [False, True])
+def test_int8_matches_fake_quant_with_and_without_vnni(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, vnni: bool):
+    """The grid chosen for CPUs without VNNI (7-bit weights, 8-bit activations) is checked on every machine:
+    its int8 model must compute what fake-quant trained. Forcing VNNI on a CPU without it is only allowed
+    where the kernels cannot overflow, so that case is checked where it is true."""
+    if vnni and not compat.cpu_has_vnni():
+        pytest.skip("8-bit weights overflow the int16 sums of int8 kernels on a CPU without VNNI")
+    monkeypatch.setattr(compat, "cpu_has_vnni", lambda: vnni)
+    _, model, qat, digits = _fit_qat(tmp_path, max_epochs=3, start_epoch=1, freeze_observer_epoch=2, export_format="none")
+    int8 = qat.quantized_model
+    weights = [m.weight().int_repr() for m in int8.net.modules() if isinstance(m, Conv2dInt8 | LinearInt8)]
+    largest = max(int(w.abs().max()) for w in weights)  # the weights use the grid's full width, and no more
+    assert 63 < largest <= 128 if vnni else largest == 63
+    fake_quant, quantized = _predictions(model, digits), _predictions(int8, digits)
+    assert (quantized - fake_quant).abs().max() <= 4 * float(int8.net.classifier.scale)
+
+
 def test_before_start_epoch_the_model_trains_in_fp32(tmp_path: Path):
     digits = DigitsDataModule(batch_size=64)
     digits.setup()
@@ -131,9 +148,16 @@ def test_torchvision_models(tmp_path: Path, architecture: str):
     assert any(isinstance(m, ConvReLU2dInt8 | Conv2dInt8) for m in int8.net.modules())
     assert not any(isinstance(m, nn.BatchNorm2d) for m in int8.net.modules())
     fake_quant, quantized = _predictions(model, digits), _predictions(int8, digits)
-    assert (quantized.argmax(1) == fake_quant.argmax(1)).float().mean() >= 0.95
     assert (quantized - fake_quant).abs().mean() <= 0.25 * fake_quant.std()
+    # Logits lie on the output grid, so a one-step difference flips an image whose top two fake-quant logits
+    # tie; compare predictions where fake-quant decides by more than two steps (a barely trained network may
+    # decide none: mobilenet_v3_small after 40 steps).
+    output_step = float([m for m in int8.net.modules() if hasattr(m, "zero_point")][-1].scale)
+    top_two = fake_quant.topk(2, dim=1).values
+    decided = top_two[:, 0] - top_two[:, 1] > 2 * output_step
+    assert (quantized.argmax(1) == fake_quant.argmax(1))[decided].float().mean() >= 0.95 or not decided.any()
     if architecture == "resnet18":  # mobilenet_v3_small barely learns in 40 steps; resnet18 does
+        assert decided.float().mean() >= 0.5
         assert top1_accuracy(int8, digits.test_dataloader()) >= 0.85
 
 
