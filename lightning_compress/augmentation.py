@@ -17,6 +17,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from lightning_compress.validation import check_number
+
 
 class RandomAffine:
     """Shift, rotate and scale each image of a batch by its own random amounts.
@@ -29,8 +31,7 @@ class RandomAffine:
 
     def __init__(self, shift: float = 0.125, degrees: float = 10.0, scale: float = 0.1) -> None:
         for name, value, upper in (("shift", shift, 1.0), ("degrees", degrees, 180.0), ("scale", scale, 1.0)):
-            if not 0.0 <= value < upper:
-                raise ValueError(f"data.augment.{name}={value!r} is invalid: it must lie in [0, {upper:g}).")
+            check_number(f"data.augment.{name}", value, 0.0, upper, high_open=True)
         self.shift = shift
         self.degrees = degrees
         self.scale = scale

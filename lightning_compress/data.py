@@ -23,20 +23,19 @@ from torchvision import datasets, transforms
 from torchvision.datasets.folder import find_classes
 
 from lightning_compress.augmentation import RandomAffine
+from lightning_compress.validation import check_integer, check_number, is_integer
 
 
 def _check_positive(name: str, value: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"data.{name}={value!r} is invalid: it must be a positive integer.")
+    check_integer(f"data.{name}", value, minimum=1)
 
 
 def _check_fraction(name: str, value: float) -> None:
-    if not 0.0 < value < 1.0:
-        raise ValueError(f"data.{name}={value!r} is invalid: it must lie strictly between 0 and 1.")
+    check_number(f"data.{name}", value, 0.0, 1.0, low_open=True, high_open=True)
 
 
 def _check_channels(value: int) -> None:
-    if value not in (1, 3):
+    if not is_integer(value) or value not in (1, 3):
         raise ValueError(f"data.channels={value!r} is invalid: allowed values are 1 and 3.")
 
 
@@ -90,8 +89,7 @@ class _ClassificationDataModule(L.LightningDataModule):
     def __init__(self, batch_size: int, num_workers: int, augment: bool | Mapping | RandomAffine | None = False) -> None:
         super().__init__()
         _check_positive("batch_size", batch_size)
-        if num_workers < 0:
-            raise ValueError(f"data.num_workers={num_workers!r} is invalid: it must be 0 or more.")
+        check_integer("data.num_workers", num_workers, minimum=0)
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.augmentation = _augmentation(augment)
@@ -175,8 +173,8 @@ class DigitsDataModule(_ClassificationDataModule):
         super().__init__(batch_size, num_workers, augment)
         _check_positive("image_size", image_size)
         _check_channels(channels)
-        if not 0.0 < train_fraction <= 1.0:
-            raise ValueError(f"data.train_fraction={train_fraction!r} is invalid: it must lie in (0, 1].")
+        check_number("data.train_fraction", train_fraction, 0.0, 1.0, low_open=True)
+        check_integer("data.split_seed", split_seed, minimum=0)
         _check_fraction("val_fraction", val_fraction)
         _check_fraction("test_fraction", test_fraction)
         if val_fraction + test_fraction >= 1.0:
@@ -268,6 +266,7 @@ class TorchvisionDataModule(_ClassificationDataModule):
         self.image_size = native_size if image_size is None else image_size
         _check_positive("image_size", self.image_size)
         _check_fraction("val_fraction", val_fraction)
+        check_integer("data.split_seed", split_seed, minimum=0)
         self.dataset = dataset
         self.root = root
         self.download = download
