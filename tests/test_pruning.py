@@ -305,3 +305,22 @@ def test_a_checkpoint_saved_under_the_old_class_name_key_still_loads(tmp_path: P
     )
     assert resumed.history == original.history
     assert all(torch.equal(resumed.masks[name].cpu(), original.masks[name].cpu()) for name in original.masks)
+
+
+def test_a_failed_export_warns_in_one_line_and_the_fit_ends_normally(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from lightning_compress.export import recording_export_failures
+
+    def untraceable(*args, **kwargs):
+        raise RuntimeError("Tracer cannot infer type of output\nsecond line of detail")
+
+    monkeypatch.setattr(torch.jit, "trace", untraceable)
+    pruning = MagnitudePruning(start_epoch=0, end_epoch=1, export_dir=str(tmp_path / "exports"))
+    with recording_export_failures() as failures, pytest.warns(UserWarning) as warned:
+        _fit(tmp_path, pruning, max_epochs=1, limit_train_batches=3)
+    message = next(str(w.message) for w in warned if "Export of" in str(w.message))
+    assert message == (
+        "Export of model_pruned.pt (TorchScript) failed, the run goes on: RuntimeError: Tracer cannot infer type of output"
+    )
+    assert [(failure.path.name, failure.export_format) for failure in failures] == [("model_pruned.pt", "TorchScript")]
+    assert pruning.export_path is None and pruning.pruned_model is not None
+    assert pruning.plot_path.is_file()  # what comes after the export still happens
