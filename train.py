@@ -6,6 +6,9 @@ Every object comes from `conf/` through `_target_`, so pointing a group at your 
 from __future__ import annotations
 
 import logging
+import math
+import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -14,20 +17,81 @@ import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
-from lightning_compress.models import ImageClassifier
+from lightning_compress.export import recording_export_failures
+from lightning_compress.models import LIGHTNING_CHECKPOINT_KEYS, ImageClassifier, read_checkpoint
 from lightning_compress.report import CompressionReport, models_to_report
+from lightning_compress.validation import is_integer
 
 log = logging.getLogger(__name__)
 
 
-def _configuration_error(error: Exception) -> str:
-    """The one line a user needs: Hydra wraps constructor errors, the innermost message names the key."""
-    while isinstance(error, InstantiationException) and error.__cause__ is not None:
-        error = error.__cause__
-    return str(error).splitlines()[0] if str(error) else type(error).__name__
+def epoch_at(fraction: float, minimum: int = 0, *, _root_: DictConfig) -> int:
+    """``${epoch_at:0.75}`` in a recipe: that fraction of ``trainer.max_epochs``, rounded down (and at least
+    ``minimum``), so that a recipe keeps its proportions when a run is made shorter or longer. A recipe states
+    in ``compress.min_epochs`` the shortest run whose schedule still does everything it says."""
+    max_epochs = OmegaConf.select(_root_, "trainer.max_epochs")
+    name = OmegaConf.select(_root_, "compress.name")
+    recipe = f"the {name} recipe" if name else "this recipe"
+    if not is_integer(max_epochs) or max_epochs < 0:
+        raise ValueError(
+            f"trainer.max_epochs={max_epochs!r} gives {recipe} no length to place its epochs in: set a "
+            "number of epochs, or the recipe's epochs themselves."
+        )
+    needed = OmegaConf.select(_root_, "compress.min_epochs", default=0)
+    if max_epochs < needed:
+        raise ValueError(
+            f"trainer.max_epochs={max_epochs} is too short for {recipe}: its schedule needs at least "
+            f"{needed} epochs (or set the recipe's epochs yourself, e.g. compress.callbacks.<callback>.start_epoch=0)."
+        )
+    return max(math.floor(fraction * max_epochs + 1e-9), minimum)  # 1e-9: 0.29 * 100 is 28.999...
+
+
+OmegaConf.register_new_resolver("epoch_at", epoch_at, replace=True)
+
+
+class BeforeTraining(Exception):
+    """A problem found before any training step: reported in one line, with exit code 2."""
+
+
+def _one_line(error: BaseException) -> str:
+    """The line a user needs: the innermost error of Hydra's and OmegaConf's wrappers, and the detail of a
+    message that ends in a colon (torch's "Error(s) in loading state_dict for ...:")."""
+    while isinstance(error, InstantiationException | InterpolationResolutionError):
+        inner = error.__cause__ or error.__context__  # OmegaConf re-raises a resolver's error as the context
+        if inner is None:
+            break
+        error = inner
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    line = f"{lines[0]} {lines[1][:200]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+    # A settings check's message stands alone; an unexpected kind of error (ImportError, say) says its kind.
+    plain = (ValueError, TypeError, FileNotFoundError, MisconfigurationException, InstantiationException)
+    return line if isinstance(error, plain) else f"{type(error).__name__}: {line}"
+
+
+def _instantiate(node: DictConfig, key: str, **kwargs):
+    """``instantiate(node)``; an error that names a constructor argument (``final_sparsity=...``) names the
+    configuration key instead (``compress.callbacks.pruning.final_sparsity=...``), or the key the recipe fills
+    the argument from (``model.teacher_checkpoint: ${teacher.checkpoint}`` -> ``teacher.checkpoint=...``)."""
+    try:
+        return instantiate(node, **kwargs)
+    except Exception as error:  # noqa: BLE001 - constructors and Hydra raise many kinds; each becomes one line
+        message = _one_line(error)
+        argument = re.match(r"(\w+)=", message)
+        if argument and argument[1] in node:
+            raw = OmegaConf.to_container(node, resolve=False)[argument[1]]
+            source = re.fullmatch(r"\$\{([\w.]+)\}", raw) if isinstance(raw, str) else None
+            message = f"{source[1] if source else f'{key}.{argument[1]}'}{message[len(argument[1]) :]}"
+        raise BeforeTraining(message) from error
 
 
 def train_teacher(cfg: DictConfig, datamodule, output_dir: Path) -> str:
@@ -59,44 +123,140 @@ def train_teacher(cfg: DictConfig, datamodule, output_dir: Path) -> str:
 
 def build_model(cfg: DictConfig, datamodule):
     """The LightningModule, sized for the data; plain containers keep its checkpoints weights_only-loadable."""
-    return instantiate(cfg.model, num_classes=datamodule.num_classes, in_channels=datamodule.num_channels, _convert_="all")
+    sizes = {"num_classes": datamodule.num_classes, "in_channels": datamodule.num_channels}
+    return _instantiate(cfg.model, "model", **sizes, _convert_="all")
 
 
 def build(cfg: DictConfig):
     """Everything `main` needs, built and checked before any training starts."""
-    datamodule = instantiate(cfg.data)
-    datamodule.prepare_data()  # a missing dataset fails now, not after the trainer is set up
+    try:
+        OmegaConf.to_container(cfg, resolve=True)  # a recipe too long for trainer.max_epochs fails here, in one line
+    except InterpolationResolutionError as error:
+        raise BeforeTraining(_one_line(error)) from error
+    datamodule = _instantiate(cfg.data, "data")
+    try:
+        datamodule.prepare_data()  # a missing dataset fails now, not after the trainer is set up
+    except (FileNotFoundError, ValueError) as error:
+        raise BeforeTraining(_one_line(error)) from error
     model = build_model(cfg, datamodule)
     # _convert_="all": plain dicts and lists, so that hyperparameters in checkpoints load with weights_only=True
-    callbacks = [instantiate(c, _convert_="all") for c in cfg.callbacks.values()]
-    callbacks += [instantiate(c, _convert_="all") for c in cfg.get("compress", {}).get("callbacks", {}).values()]
-    loggers = [instantiate(c) for c in cfg.logger.values()]
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    callbacks = [_instantiate(c, f"callbacks.{name}", _convert_="all") for name, c in cfg.callbacks.items()]
+    recipe = cfg.get("compress", {}).get("callbacks", {})
+    callbacks += [_instantiate(c, f"compress.callbacks.{name}", _convert_="all") for name, c in recipe.items()]
+    loggers = [_instantiate(c, f"logger.{name}") for name, c in cfg.logger.items()]
+    trainer = _instantiate(cfg.trainer, "trainer", callbacks=[*callbacks, TrainingStarted()], logger=loggers)
+    check_resume_checkpoint(cfg, model)
     return datamodule, model, trainer
+
+
+class TrainingStarted(Callback):
+    """Marks the first training batch: an error before it is a setting or a file to fix (one line, exit 2),
+    one after it is a failure of the run."""
+
+    def __init__(self) -> None:
+        self.started = False
+
+    def on_train_batch_start(self, *args) -> None:
+        self.started = True
+
+
+def _resume_file(cfg: DictConfig) -> Path | None:
+    """The file ``ckpt_path`` names: a path, or ``last`` where this run folder has a ``last.ckpt``."""
+    if cfg.ckpt_path is None or cfg.ckpt_path in ("best", "hpc", "registry"):
+        return None
+    if cfg.ckpt_path == "last":
+        folder = OmegaConf.select(cfg, "callbacks.model_checkpoint.dirpath")
+        last = Path(folder) / "last.ckpt" if folder else None
+        return last if last is not None and last.is_file() else None
+    return Path(cfg.ckpt_path)
+
+
+def check_resume_checkpoint(cfg: DictConfig, model: L.LightningModule) -> None:
+    """``ckpt_path`` must be a readable Lightning checkpoint of this model: otherwise one line saying which
+    problem it is, before anything trains (Lightning would fail with a traceback, mid-setup)."""
+    path = _resume_file(cfg)
+    if path is None:
+        return
+    where = f"ckpt_path={str(path)!r}"
+    try:
+        checkpoint = read_checkpoint(path, "ckpt_path")
+    except (FileNotFoundError, ValueError) as error:
+        raise BeforeTraining(str(error)) from error
+    if not isinstance(checkpoint, dict) or not all(key in checkpoint for key in LIGHTNING_CHECKPOINT_KEYS):
+        raise BeforeTraining(
+            f"{where} is not a Lightning checkpoint (it has no {list(LIGHTNING_CHECKPOINT_KEYS)}): "
+            "to start from weights alone, give it as model.checkpoint."
+        )
+    other_model = f"{where} is a checkpoint of another model"
+    saved = checkpoint.get("hyper_parameters") or {}
+    for key in ("architecture", "student", "num_classes", "in_channels", "architecture_options", "student_options"):
+        if key in saved and key in model.hparams and saved[key] != model.hparams[key]:
+            raise BeforeTraining(f"{other_model}: {key}={saved[key]!r} there, {model.hparams[key]!r} here.")
+    # Compression callbacks may rename layers (QAT fuses them), so only a name both sides share can disagree.
+    expected = model.state_dict()
+    shared = [key for key in checkpoint["state_dict"] if key in expected]
+    if expected and not shared:
+        example = next(iter(checkpoint["state_dict"]), None)
+        raise BeforeTraining(f"{other_model}: none of its weights has a name of this model's (it has e.g. {example!r}).")
+    for key in shared:
+        if checkpoint["state_dict"][key].shape != expected[key].shape:
+            raise BeforeTraining(
+                f"{other_model}: {key!r} has shape {tuple(checkpoint['state_dict'][key].shape)}, "
+                f"the model expects {tuple(expected[key].shape)}."
+            )
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     output_dir = Path(HydraConfig.get().runtime.output_dir)
-    L.seed_everything(cfg.seed, workers=True)
+    # Never delete an earlier run that is being resumed into the same folder.
+    new_folder = {entry.name for entry in output_dir.iterdir()} <= {".hydra", f"{HydraConfig.get().job.name}.log"}
     try:
-        datamodule, model, trainer = build(cfg)
-    except (InstantiationException, ValueError, FileNotFoundError) as error:
-        # Nothing was trained: leave no half-filled output folder behind (but never delete an earlier run
-        # that is being resumed into the same folder).
-        if {entry.name for entry in output_dir.iterdir()} <= {".hydra", f"{HydraConfig.get().job.name}.log"}:
-            shutil.rmtree(output_dir, ignore_errors=True)
-        print(f"error: {_configuration_error(error)}", file=sys.stderr)
+        with recording_export_failures() as failed_exports:
+            result = run(cfg, output_dir)
+    except BeforeTraining as error:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        if rank_zero_only.rank == 0:  # under DDP every process fails alike: one line, from rank 0
+            print(f"error: {error}", file=sys.stderr)
+            # Nothing was trained: leave no half-filled output folder behind, unless it holds what an earlier
+            # step made (a teacher trained for this run, say).
+            if new_folder and not any(output_dir.rglob("*.ckpt")):
+                shutil.rmtree(output_dir, ignore_errors=True)
         sys.exit(2)
-    if "teacher" in cfg and cfg.teacher.checkpoint is None:
-        cfg.teacher.checkpoint = train_teacher(cfg, datamodule, output_dir)
-        L.seed_everything(cfg.seed, workers=True)
-        model = build_model(cfg, datamodule)
+    for failure in failed_exports:
+        print(
+            f"error: the {failure.export_format} export {failure.path} failed ({failure.reason}); checkpoints, "
+            "the other exports and the report are written.",
+            file=sys.stderr,
+        )
+    if failed_exports and HydraConfig.get().mode != RunMode.MULTIRUN:  # in a sweep, the other jobs still run
+        sys.exit(1)
+    return result
 
-    for logger in trainer.loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+def run(cfg: DictConfig, output_dir: Path) -> float:
+    """Build, train, test, report; returns the number a Hydra sweeper optimizes."""
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule, model, trainer = build(cfg)
+    started = next(callback for callback in trainer.callbacks if isinstance(callback, TrainingStarted))
     try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        if "teacher" in cfg and cfg.teacher.checkpoint is None:
+            cfg.teacher.checkpoint = train_teacher(cfg, datamodule, output_dir)
+            L.seed_everything(cfg.seed, workers=True)
+            model = build_model(cfg, datamodule)
+
+        for logger in trainer.loggers:
+            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        try:
+            trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        except Exception as error:
+            if started.started:
+                raise
+            message = _one_line(error)
+            if cfg.ckpt_path is not None and "loading state_dict" in message:
+                message = f"ckpt_path={cfg.ckpt_path!r} does not fit the model: {message}"
+            raise BeforeTraining(message) from error
         trainer.test(model, datamodule=datamodule)
         if not trainer.is_global_zero:  # one report per run, written by rank 0
             return float(trainer.callback_metrics[cfg.optimized_metric])

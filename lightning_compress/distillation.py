@@ -25,6 +25,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_compress.inputs import example_input
 from lightning_compress.models import ImageClassifier, build_network, load_network_weights
+from lightning_compress.validation import check_number
 
 
 def distillation_loss(
@@ -108,10 +109,9 @@ class DistillationModule(ImageClassifier):
         hints: Mapping[str, str] | None = None,
         hint_weight: float = 1.0,
     ) -> None:
-        if not temperature > 0:
-            raise ValueError(f"temperature={temperature!r} is invalid: it must be > 0.")
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha={alpha!r} is invalid: it must lie in [0, 1].")
+        check_number("temperature", temperature, low=0.0, low_open=True)
+        check_number("alpha", alpha, 0.0, 1.0)
+        check_number("hint_weight", hint_weight)
         if not hint_weight >= 0:
             raise ValueError(f"hint_weight={hint_weight!r} is invalid: it must be 0 or more.")
         super().__init__(student, num_classes, in_channels, lr, weight_decay, checkpoint, student_options)
@@ -123,7 +123,7 @@ class DistillationModule(ImageClassifier):
         else:
             teacher_net = build_network(teacher, num_classes, in_channels, **(teacher_options or {}))
         if teacher_checkpoint is not None:
-            load_network_weights(teacher_net, teacher_checkpoint, setting="teacher.checkpoint")
+            load_network_weights(teacher_net, teacher_checkpoint, setting="teacher_checkpoint")
         teacher_net.requires_grad_(False).eval()
         object.__setattr__(self, "_teacher", teacher_net)  # deliberately unregistered: see the module docstring
         self.temperature = temperature

@@ -8,6 +8,7 @@ inputs (digits, CIFAR), with a 3x3 stride-1 stem and no early down-sampling, as 
 from __future__ import annotations
 
 import importlib
+import zipfile
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -20,6 +21,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_compress.quantization import restore_quantization
+from lightning_compress.validation import check_integer, check_number
 
 
 class SmallCNN(nn.Module):
@@ -126,32 +128,67 @@ def build_network(architecture: str, num_classes: int, in_channels: int, **optio
     return factory(num_classes=num_classes, in_channels=in_channels, **options)
 
 
+LIGHTNING_CHECKPOINT_KEYS = ("state_dict", "pytorch-lightning_version")
+
+
+def read_checkpoint(checkpoint: str | Path, setting: str = "checkpoint") -> object:
+    """``torch.load(weights_only=True)`` of a file, failing in one line that names ``setting``, the path and
+    what is wrong: missing, a folder, empty, not a PyTorch file, truncated or corrupted, or holding objects
+    that weights-only loading refuses (code, rather than tensors and plain containers)."""
+    path = Path(checkpoint)
+    where = f"{setting}={str(checkpoint)!r}"
+    if not path.exists():
+        raise FileNotFoundError(f"{where} does not exist.")
+    if not path.is_file():
+        raise ValueError(f"{where} is a folder, not a checkpoint file.")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{where} is an empty file, not a checkpoint.")
+    with path.open("rb") as file:
+        head = file.read(4)
+    # torch.save writes a zip archive (or, in its legacy format, a pickle, which starts with the PROTO opcode)
+    written_by_torch = head == b"PK\x03\x04" or head[:1] == b"\x80"
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - torch reports a bad file with many exception types
+        reason = error
+    intact_zip = head == b"PK\x03\x04" and zipfile.is_zipfile(path)
+    if not written_by_torch or (intact_zip and "Weights only load failed" not in str(reason)):
+        raise ValueError(f"{where} is not a PyTorch file (torch.save writes a zip archive or a pickle).") from reason
+    if "Weights only load failed" in str(reason):
+        raise ValueError(
+            f"{where} holds Python objects that loading with weights_only=True refuses to run; save the "
+            "state_dict (tensors) instead."
+        ) from reason
+    detail = str(reason).strip().splitlines()[0][:100] if str(reason).strip() else type(reason).__name__
+    raise ValueError(f"{where} is truncated or corrupted: torch.load fails ({detail}).") from reason
+
+
 def load_network_weights(net: nn.Module, checkpoint: str | Path, prefix: str = "net.", setting: str = "model.checkpoint") -> None:
     """Load trained weights into ``net`` from a Lightning checkpoint or a plain ``state_dict`` file.
 
     Loading uses ``weights_only=True``, so a file can carry tensors but no code. A Lightning checkpoint's
     keys lose ``prefix`` (the attribute that holds the network). Any difference in keys or shapes is an
     error naming the first offending key, because a partially loaded model trains silently from garbage;
-    ``setting`` is the configuration key the error names.
+    ``setting`` is the configuration key (or argument) the errors name.
     """
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(f"{setting}={str(checkpoint)!r} does not exist.")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_checkpoint(checkpoint, setting)
+    where = f"{setting}={str(checkpoint)!r}"
     if isinstance(state, dict) and "state_dict" in state:
         state = {key[len(prefix) :]: value for key, value in state["state_dict"].items() if key.startswith(prefix)}
+    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
+        raise ValueError(f"{where} holds a {type(state).__name__} that is neither a state_dict nor a Lightning checkpoint.")
+    other_model = f"{where} is a checkpoint of another model"
     expected = net.state_dict()
     for key, value in expected.items():
         if key not in state:
-            raise ValueError(f"{setting}={str(checkpoint)!r} does not fit: key {key!r} is missing.")
+            raise ValueError(f"{other_model}: key {key!r} is missing.")
         if state[key].shape != value.shape:
             raise ValueError(
-                f"{setting}={str(checkpoint)!r} does not fit: key {key!r} has shape "
-                f"{tuple(state[key].shape)}, the model expects {tuple(value.shape)}."
+                f"{other_model}: key {key!r} has shape {tuple(state[key].shape)}, the model expects {tuple(value.shape)}."
             )
     unexpected = [key for key in state if key not in expected]
     if unexpected:
-        raise ValueError(f"{setting}={str(checkpoint)!r} does not fit: unexpected key {unexpected[0]!r}.")
+        raise ValueError(f"{other_model}: unexpected key {unexpected[0]!r}.")
     net.load_state_dict(state)
 
 
@@ -181,8 +218,12 @@ class ImageClassifier(L.LightningModule):
         architecture_options: dict | None = None,
     ) -> None:
         super().__init__()
+        check_integer("model.num_classes", num_classes, minimum=1)
+        check_integer("model.in_channels", in_channels, minimum=1)
+        check_number("model.lr", lr)
         if lr <= 0:
             raise ValueError(f"model.lr={lr!r} is invalid: it must be positive.")
+        check_number("model.weight_decay", weight_decay)
         if weight_decay < 0:
             raise ValueError(f"model.weight_decay={weight_decay!r} is invalid: it must be 0 or more.")
         self.save_hyperparameters(ignore=["architecture"] if isinstance(architecture, nn.Module) else [])

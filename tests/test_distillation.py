@@ -137,9 +137,9 @@ def test_teacher_follows_the_student_to_its_device(teacher_checkpoint: Path):
         (
             {"teacher_checkpoint": "missing.ckpt"},
             FileNotFoundError,
-            r"teacher.checkpoint='missing.ckpt' does not exist",
+            r"teacher_checkpoint='missing.ckpt' does not exist",
         ),
-        ({"teacher": "resnet18"}, ValueError, r"teacher.checkpoint=.* does not fit: key 'conv1.weight' is missing"),
+        ({"teacher": "resnet18"}, ValueError, r"teacher_checkpoint=.* of another model: key 'conv1.weight' is missing"),
         ({"hint_weight": -1.0}, ValueError, r"hint_weight=-1.0 is invalid: it must be 0 or more"),
     ],
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import runpy
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from lightning_compress.sweep_summary import SweepPoint, collect, pareto_front, 
 from conftest import ROOT, run_train
 
 SWEEP_FILE = ROOT / "sweeps" / "prune_wandb.yaml"
+runpy.run_path(str(ROOT / "train.py"))  # registers ${epoch_at:...}, which places the recipes' epochs
 
 
 def _sample_values(spec: dict) -> list:
