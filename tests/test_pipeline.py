@@ -84,6 +84,14 @@ def test_sigkill_and_resume_ends_like_an_uninterrupted_run(tmp_path: Path):
     assert torch.allclose(actual, expected, atol=1e-4)
     final = [json.loads((run / "report.json").read_text())["rows"] for run in (uninterrupted, interrupted)]
     assert final[0][0]["accuracy"] == final[1][0]["accuracy"]
+    # the same rows, the dense one (the student when pruning began, from the pruning callback's state) included
+    assert (
+        [row["name"] for row in final[1]]
+        == [row["name"] for row in final[0]]
+        == ["fp32", "teacher", "dense", "fake-quant", "int8"]
+    )
+    dense = [next(row for row in rows if row["name"] == "dense") for rows in final]
+    assert dense[0]["accuracy"] == dense[1]["accuracy"] and dense[0]["nonzero_parameters"] == dense[1]["nonzero_parameters"]
 
 
 @pytest.mark.slow
