@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -115,14 +116,15 @@ class _Groups:
         return [self.groups[i] for i in range(len(self.parent)) if self.find(i) == i]
 
 
-def find_channel_groups(network: nn.Module, example_input: torch.Tensor) -> list[ChannelGroup]:
-    """Trace ``network`` and return its channel groups (prunable or not). Raises if it cannot be traced."""
+def find_channel_groups(network: nn.Module, *args: Any, **kwargs: Any) -> list[ChannelGroup]:
+    """Trace ``network`` and return its channel groups (prunable or not), its shapes propagated from the
+    arguments it was seen called with. Raises if it cannot be traced."""
     traced = fx.symbolic_trace(network)
     was_training = network.training
     traced.eval()  # the traced graph shares the network's BatchNorm layers: their statistics must not move
     try:
         with torch.no_grad():
-            ShapeProp(traced).propagate(example_input)
+            ShapeProp(traced).propagate(*args, *kwargs.values())
     finally:
         network.train(was_training)
     modules = dict(traced.named_modules())

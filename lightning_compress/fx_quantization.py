@@ -245,6 +245,10 @@ RECURRENT_LAYERS = (nn.LSTM, nn.GRU)
 def quantize_dynamic(module: nn.Module, layers: tuple[type, ...] = DYNAMIC_LAYERS) -> nn.Module:
     """An int8 copy with dynamically quantized ``layers`` (Linear, LSTM, GRU): weights stored in int8,
     activations quantized on the fly at each call (no calibration)."""
+    if isinstance(module, layers):  # torch swaps children only: a lone layer is swapped as one
+        return torch.ao.quantization.quantize_dynamic(
+            nn.Sequential(copy.deepcopy(module).eval()), set(layers), dtype=torch.qint8
+        )[0]
     return torch.ao.quantization.quantize_dynamic(copy.deepcopy(module).eval(), set(layers), dtype=torch.qint8)
 
 
@@ -332,5 +336,8 @@ def is_prepared(module: nn.Module) -> bool:
     return any(isinstance(child, FakeQuantizeBase) for child in module.modules())
 
 
+QUANTIZABLE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
 def has_quantizable_layers(module: nn.Module) -> bool:
-    return any(isinstance(child, nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Linear) for child in module.modules())
+    return any(isinstance(child, QUANTIZABLE_LAYERS) for child in module.modules())

@@ -1,77 +1,236 @@
-"""Where a callback finds an input for the model: a user's ``example_input_array``, or a real batch."""
+"""How the callbacks learn to call a user's networks: by watching the user's own ``training_step``.
+
+A LightningModule's ``forward`` may take anything (several tensors, keywords, a dict) or never be called at
+all (a ``training_step`` that calls ``self.net(**batch)``). Rather than guess, the callbacks run
+``training_step`` on real training batches and record the arguments that each submodule of interest
+receives (forward pre-hooks with keyword arguments). The same run, on a compressed copy, checks that the
+copy still works, and, with observers on, calibrates it.
+
+A watched step leaves no trace: eval mode (no BatchNorm statistics move, no dropout), no gradients, no
+optimizer, ``self.log`` silenced, and the random number generators, buffers and metric states restored.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import copy
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from itertools import islice
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.core.hooks import DataHooks
 from torch import nn
+from torchmetrics import Metric
+
+from lightning_compress import compat
+
+Call = tuple[tuple, dict]
+"""The positional and keyword arguments of one call of a module."""
 
 
-def model_input(batch: Any, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The model input of a batch: the tensor itself, or the first item of an ``(input, target)`` pair."""
+class TrainingStepError(ValueError):
+    """``training_step`` could not run on a real batch, so no module's inputs could be observed."""
+
+
+def training_batches(trainer: L.Trainer, pl_module: L.LightningModule, count: int) -> list[Any]:
+    """The first ``count`` training batches (fewer if the data runs out), passed through the batch-transfer
+    hooks that Lightning would apply and moved to the module's device."""
+    batches = []
+    for batch in islice(compat.training_dataloader(trainer), count):
+        batches.append(_transfer(trainer, pl_module, batch))
+    return batches
+
+
+def watch_training_step(
+    module: L.LightningModule,
+    batches: Sequence[Any],
+    names: Iterable[str] = (),
+    calls_per_module: int = 1,
+    restore_buffers: bool = True,
+    inference_fastpath: bool = True,
+) -> dict[str, list[Call]]:
+    """Run ``module.training_step`` on each batch without leaving a trace, recording up to
+    ``calls_per_module`` calls of ``module`` itself (key ``""``) and of every submodule under ``names``.
+    ``restore_buffers=False`` keeps what the steps wrote into buffers: observers calibrating their ranges.
+    ``inference_fastpath=False`` turns off torch's fused inference path of transformer layers, which reads
+    ``linear1.weight`` and the like directly and so cannot run while those layers are being calibrated.
+
+    Falls back to calling ``forward`` with ``example_input_array`` (or the first tensor of the batch) when
+    ``training_step`` cannot run yet; raises ``TrainingStepError`` if that fails too.
+    """
+    watched = {""} | {
+        f"{name}.{child}" if child else name for name in names for child, _ in module.get_submodule(name).named_modules()
+    }
+    calls: dict[str, list[Call]] = {}
+    handles = []
+    for name in sorted(watched):
+        target = module.get_submodule(name) if name else module
+
+        def record(_module: nn.Module, args: tuple, kwargs: dict, name: str = name) -> None:
+            recorded = calls.setdefault(name, [])
+            if len(recorded) < calls_per_module:
+                recorded.append((_detached(args), _detached(kwargs)))
+
+        handles.append(target.register_forward_pre_hook(record, with_kwargs=True))
+    try:
+        with _without_a_trace(module, restore_buffers), _transformer_fastpath(inference_fastpath):
+            try:
+                for batch_index, batch in enumerate(batches):
+                    module.training_step(_fresh(batch), batch_index)  # a step may pop from its batch
+            except Exception as error:  # noqa: BLE001 - a user's step can fail in any way; say which, once
+                # A step may need what the module builds in its own setup(), which runs after the callbacks'
+                # (distillation's hint adapters): then call forward, as example_input_array or the batch's input.
+                calls.clear()
+                try:
+                    _call_forward(module, batches[0])
+                except Exception:  # noqa: BLE001 - report the step's failure: that is the one the user wrote
+                    raise TrainingStepError(
+                        f"{type(module).__name__}.training_step failed on a real training batch "
+                        f"({type(error).__name__}: {_first_line(error)}); the compression callbacks run it to see "
+                        "how your networks are called. Fix the step, or set `example_input_array` for forward()."
+                    ) from error
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls
+
+
+def runs(module: L.LightningModule, batches: Sequence[Any]) -> str | None:
+    """``None`` if ``module.training_step`` runs on ``batches`` (watched, without a trace), else why not."""
+    try:
+        watch_training_step(module, batches)
+    except TrainingStepError as error:
+        return _first_line(error.__cause__ or error)
+    return None
+
+
+def keep_what_runs(module: L.LightningModule, replacements: dict[str, nn.Module], batches: Sequence[Any]) -> dict[str, str]:
+    """Swap each replacement into ``module`` in turn, keeping it only if ``training_step`` still runs.
+
+    A compressed layer can run alone and still break its parent (``nn.TransformerEncoderLayer``'s inference
+    fast path reads ``linear1.weight`` directly). Returns the names left as they were, with why.
+    """
+    refused = {}
+    for name, replacement in replacements.items():
+        original = module.get_submodule(name)
+        module.set_submodule(name, replacement)
+        failure = runs(module, batches)
+        if failure:
+            module.set_submodule(name, original)
+            refused[name] = failure
+    return refused
+
+
+def tensors_in(output: Any) -> list[torch.Tensor]:
+    """The tensors of a module's output, in order, however nested in tuples, lists and dicts."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, dict):
+        return [tensor for value in output.values() for tensor in tensors_in(value)]
+    if isinstance(output, list | tuple):
+        return [tensor for value in output for tensor in tensors_in(value)]
+    return []
+
+
+def first_tensor(batch: Any) -> torch.Tensor:
+    """The model input of an ``(input, target)`` batch, for the image-classification helpers of the app and
+    distillation, which take one tensor."""
     item = batch[0] if isinstance(batch, list | tuple) else batch
     if not isinstance(item, torch.Tensor):
-        raise ValueError(
-            f"cannot tell the model input in a batch of type {type(batch).__name__}: "
-            "set `example_input_array` on your LightningModule."
-        )
-    return item.to(device)
-
-
-def training_dataloader(trainer: L.Trainer) -> Iterable:
-    """The training data of ``fit``, usable before the fit loop has loaded it (in ``setup``, at fit end)."""
-    # The fit loop's data source covers both a datamodule and dataloaders passed to fit().
-    return trainer.fit_loop._data_source.dataloader()
-
-
-def model_inputs(dataloader: Iterable, count: int, device: torch.device | str = "cpu") -> list[torch.Tensor]:
-    """The model inputs of the first ``count`` batches (fewer if the data runs out): calibration data."""
-    inputs = []
-    for batch in dataloader:
-        if len(inputs) == count:
-            break
-        inputs.append(model_input(batch, device))
-    return inputs
+        raise ValueError(f"cannot tell the model input in a batch of type {type(batch).__name__}.")
+    return item
 
 
 def example_input(trainer: L.Trainer, pl_module: L.LightningModule, size: int = 2) -> Any:
     """``pl_module.example_input_array`` if set, else the first ``size`` samples of a training batch."""
     if pl_module.example_input_array is not None:
         return pl_module.example_input_array
-    return model_input(next(iter(training_dataloader(trainer))), pl_module.device)[:size]
+    return first_tensor(training_batches(trainer, pl_module, 1)[0])[:size]
 
 
-def capture_inputs(pl_module: nn.Module, example: Any, targets: list[str]) -> dict[str, tuple[tuple, dict]]:
-    """Run ``pl_module`` once (eval, no grad) and record the arguments each target submodule receives,
-    and those of all their descendants (needed when a target must be split)."""
-    captured: dict[str, tuple[tuple, dict]] = {}
-    handles = []
-    for target in targets:
-        for name, module in pl_module.get_submodule(target).named_modules():
-            full_name = f"{target}.{name}" if name else target
+# ---------------------------------------------------------------------- helpers of this module
 
-            def record(module, args, kwargs, full_name=full_name):
-                captured.setdefault(full_name, (args, kwargs))
 
-            handles.append(module.register_forward_pre_hook(record, with_kwargs=True))
-    was_training = pl_module.training
-    pl_module.eval()
+def _transfer(trainer: L.Trainer, pl_module: L.LightningModule, batch: Any) -> Any:
+    """Lightning's batch hooks in its order, each taken from the datamodule when it overrides it."""
+    datamodule = trainer.datamodule
+
+    def hook(name: str):
+        overridden = datamodule is not None and getattr(type(datamodule), name) is not getattr(DataHooks, name)
+        return getattr(datamodule if overridden else pl_module, name)
+
+    batch = hook("on_before_batch_transfer")(batch, 0)
+    batch = hook("transfer_batch_to_device")(batch, pl_module.device, 0)
+    return hook("on_after_batch_transfer")(batch, 0)
+
+
+@contextmanager
+def _without_a_trace(module: L.LightningModule, restore_buffers: bool = True) -> Iterator[None]:
+    was_training = module.training
+    buffers = {name: buffer.detach().clone() for name, buffer in module.named_buffers()} if restore_buffers else {}
+    metrics = {name: copy.deepcopy(metric.metric_state) for name, metric in module.named_modules() if isinstance(metric, Metric)}
+    devices = [module.device.index or 0] if module.device.type == "cuda" else []
+    module.log = module.log_dict = _ignore  # an unregistered result collection would raise
     try:
-        with torch.no_grad():
-            if isinstance(example, dict):
-                pl_module(**example)
-                captured[""] = ((), example)
-            elif isinstance(example, tuple):
-                pl_module(*example)
-                captured[""] = (example, {})
-            else:
-                pl_module(example)
-                captured[""] = ((example,), {})
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            module.eval()
+            yield
     finally:
-        for handle in handles:
-            handle.remove()
-        pl_module.train(was_training)
-    return captured
+        del module.log, module.log_dict
+        module.train(was_training)
+        named_buffers = dict(module.named_buffers())
+        for name, value in buffers.items():
+            if name in named_buffers and named_buffers[name].shape == value.shape:
+                named_buffers[name].copy_(value)
+        for name, state in metrics.items():
+            metric = module.get_submodule(name)
+            for attribute, value in state.items():
+                setattr(metric, attribute, value)
+
+
+def _call_forward(module: L.LightningModule, batch: Any) -> None:
+    example = module.example_input_array if module.example_input_array is not None else first_tensor(batch)
+    if isinstance(example, dict):
+        module(**example)
+    else:
+        module(*(example if isinstance(example, tuple) else (example,)))
+
+
+@contextmanager
+def _transformer_fastpath(enabled: bool) -> Iterator[None]:
+    was_enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(enabled and was_enabled)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(was_enabled)
+
+
+def _fresh(batch: Any) -> Any:
+    """A copy of the batch's containers (not of its tensors)."""
+    if isinstance(batch, dict):
+        return {key: _fresh(value) for key, value in batch.items()}
+    if isinstance(batch, list | tuple) and not hasattr(batch, "_fields"):
+        return type(batch)(_fresh(item) for item in batch)
+    return batch
+
+
+def _ignore(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+def _detached(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, tuple | list):
+        return type(value)(_detached(item) for item in value)
+    if isinstance(value, dict):
+        return {key: _detached(item) for key, item in value.items()}
+    return value
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__

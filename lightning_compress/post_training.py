@@ -16,7 +16,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
@@ -24,8 +24,9 @@ from lightning_compress import fx_quantization as backend
 from lightning_compress import sensitivity
 from lightning_compress.export import check_export_format, export_torchscript, output_folder
 from lightning_compress.fx_quantization import QuantizationConfig
-from lightning_compress.inputs import example_input, model_input, model_inputs, training_dataloader
+from lightning_compress.inputs import first_tensor, keep_what_runs, training_batches, watch_training_step
 from lightning_compress.selection import compressible_children
+from lightning_compress.validation import check_integer, check_number
 
 
 class PostTrainingQuantization(Callback):
@@ -67,24 +68,24 @@ class PostTrainingQuantization(Callback):
         export_format: str = "torchscript",
         export_dir: str | None = None,
     ) -> None:
-        if accuracy_budget is not None and accuracy_budget < 0:
-            raise ValueError(f"accuracy_budget={accuracy_budget!r} is invalid: it must be >= 0 (accuracy points).")
-        if not isinstance(calibration_batches, int) or calibration_batches < 1:
-            raise ValueError(f"calibration_batches={calibration_batches!r} is invalid: it must be a positive integer.")
+        check_number("accuracy_budget", accuracy_budget, low=0.0, none="no sensitivity study")
+        check_integer("calibration_batches", calibration_batches, minimum=1)
+        check_number("percentile", percentile, 0.0, 100.0, low_open=True)
         check_export_format(export_format)
         self.config = QuantizationConfig(backend, per_channel_weights, observer, range_method, percentile)
         self.calibration_batches = calibration_batches
         self.modules = list(modules) if modules is not None else None
         self.accuracy_budget = accuracy_budget
         self.float_layers: dict[str, list[str]] = {}
-        self.sensitivity: dict | None = None
-        self.sensitivity_plot: Path | None = None
+        self.sensitivity: dict[str, dict] = {}
+        self.sensitivity_plots: dict[str, Path] = {}
         self.export_format = export_format
         self.export_dir = export_dir
         self.quantized_model: nn.Module | None = None
         self.export_path: Path | None = None
         self.calibrated_batches = 0
         self._targets: list[str] = []
+        self._calls: dict = {}
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -100,26 +101,26 @@ class PostTrainingQuantization(Callback):
             raise ValueError("PostTrainingQuantization: the model has no Conv or Linear layer to quantize.")
         if self.accuracy_budget is not None and trainer.datamodule is None:
             raise ValueError("accuracy_budget needs a datamodule: the sensitivity study measures on its val_dataloader().")
-        try:
-            example_input(trainer, pl_module)
-        except Exception as error:  # noqa: BLE001 - any failure here means: nothing to calibrate on
-            raise ValueError(f"PostTrainingQuantization needs training data to calibrate on ({error}).") from error
+        # Before any training: the calibration at fit end replays these steps, so they must run now.
+        self._calls = {name: calls[0] for name, calls in self._watch(trainer, pl_module, 1).items()}
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         backend.use_backend(self.config)
-        calibration = self._calibration_inputs(trainer, pl_module)
+        batches = training_batches(trainer, pl_module, self.calibration_batches)
+        self.calibrated_batches = len(batches)
         if self.accuracy_budget is not None:
-            self._choose_float_layers(trainer, pl_module, calibration)
+            calls = watch_training_step(pl_module, batches, self._targets, calls_per_module=len(batches))
+            self._choose_float_layers(trainer, pl_module, calls)
+        calibrated = copy.deepcopy(pl_module).eval()
+        parts = [part for name in self._targets for part in self._prepare(calibrated, name, self.float_layers.get(name, []))]
+        watch_training_step(calibrated, batches, restore_buffers=False, inference_fastpath=False)  # observers record
         quantized = copy.deepcopy(pl_module).eval()
-        for name in self._targets:
-            mapping = backend.qconfig_mapping(self.config, skip_names=self.float_layers.get(name, []))
-            quantized.set_submodule(name, backend.prepare_static(quantized.get_submodule(name), mapping))
-        with torch.no_grad():
-            for images in calibration:
-                quantized(images)
-        for name in self._targets:
-            quantized.set_submodule(name, backend.convert(quantized.get_submodule(name)))
+        int8_parts = {name: backend.convert(calibrated.get_submodule(name)) for name in parts}
+        for name, failure in keep_what_runs(quantized, int8_parts, batches[:1]).items():
+            rank_zero_warn(
+                f"PostTrainingQuantization: {name!r} stays in float: with its int8 version the module fails ({failure})."
+            )
         self.quantized_model = quantized
         rank_zero_info(
             f"PostTrainingQuantization: {self.config.observer} observer, range {self.config.range_method}, "
@@ -129,13 +130,32 @@ class PostTrainingQuantization(Callback):
         if self.export_format == "torchscript":
             self.export_path = self._export(trainer, pl_module)
 
-    def _calibration_inputs(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[torch.Tensor]:
-        inputs = model_inputs(training_dataloader(trainer), self.calibration_batches, pl_module.device)
-        self.calibrated_batches = len(inputs)
-        return inputs
+    def _prepare(self, model: nn.Module, name: str, float_layers: list[str]) -> list[str]:
+        """Insert observers into ``name`` whole or, where it cannot be traced (or is never called itself, as a
+        ``ModuleList``), into its children; returns the prepared names."""
+        module = model.get_submodule(name)
+        if not backend.has_quantizable_layers(module):
+            return []
+        if name in self._calls:
+            try:
+                model.set_submodule(name, backend.prepare_static(module, backend.qconfig_mapping(self.config, float_layers)))
+                return [name]
+            except Exception as error:  # noqa: BLE001 - any tracing failure means: try the children instead
+                rank_zero_info(
+                    f"PostTrainingQuantization: {name!r} split into its children ({str(error).splitlines()[0][:120]})."
+                )
+        prepared = []
+        for child, _ in module.named_children():
+            prefix = f"{child}."
+            inner = [layer[len(prefix) :] for layer in float_layers if layer.startswith(prefix)]
+            prepared += self._prepare(model, f"{name}.{child}", inner)
+        return prepared
 
-    def _choose_float_layers(self, trainer: L.Trainer, pl_module: L.LightningModule, calibration: list) -> None:
-        validation = [(model_input(batch, pl_module.device), batch[1]) for batch in trainer.datamodule.val_dataloader()]
+    def _watch(self, trainer: L.Trainer, pl_module: L.LightningModule, count: int) -> dict:
+        return watch_training_step(pl_module, training_batches(trainer, pl_module, count), self._targets)
+
+    def _choose_float_layers(self, trainer: L.Trainer, pl_module: L.LightningModule, calls: dict) -> None:
+        validation = [(first_tensor(batch).to(pl_module.device), batch[1]) for batch in trainer.datamodule.val_dataloader()]
 
         def accuracy(network: nn.Module) -> float:
             network.eval()
@@ -143,27 +163,34 @@ class PostTrainingQuantization(Callback):
                 correct = sum(int((network(images).argmax(1) == labels).sum()) for images, labels in validation)
             return correct / sum(len(labels) for _, labels in validation)
 
+        self.sensitivity = {}
         for name in self._targets:
             network = pl_module.get_submodule(name)
+            calibration = calls.get(name, [])
             reference, ranking = sensitivity.layer_sensitivity(network, self.config, calibration, accuracy)
             keep, _ = sensitivity.propose_float_layers(
                 network, self.config, calibration, accuracy, reference, ranking, self.accuracy_budget
             )
             self.float_layers[name] = keep
-            self.sensitivity = {"reference": reference, "ranking": ranking, "float_layers": keep}
+            self.sensitivity[name] = {"reference": reference, "ranking": ranking, "float_layers": keep}
             if trainer.is_global_zero:
-                sensitivity.show(reference, ranking, keep)
-                self.sensitivity_plot = sensitivity.plot(
-                    ranking, output_folder(trainer, self.export_dir) / "quantization_sensitivity.png"
-                )
+                sensitivity.show(reference, ranking, keep, title=name)
+                plot_name = "quantization_sensitivity.png" if len(self._targets) == 1 else f"quantization_sensitivity_{name}.png"
+                self.sensitivity_plots[name] = sensitivity.plot(ranking, output_folder(trainer, self.export_dir) / plot_name)
+
+    @property
+    def sensitivity_plot(self) -> Path | None:
+        """The sensitivity plot, when one network was studied (``sensitivity_plots`` holds one per network)."""
+        return next(iter(self.sensitivity_plots.values()), None) if len(self.sensitivity_plots) == 1 else None
 
     def report_models(self) -> dict[str, nn.Module]:
         return {} if self.quantized_model is None else {"int8": self.quantized_model}
 
     @rank_zero_only
-    def _export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
+    def _export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path | None:
         path = output_folder(trainer, self.export_dir) / "model_int8.pt"
-        return export_torchscript(self.quantized_model, (example_input(trainer, pl_module),), {}, path)
+        args, kwargs = self._calls.get("", (None, {}))
+        return export_torchscript(self.quantized_model, args, kwargs, path)
 
 
 class DynamicQuantization(Callback):
@@ -186,19 +213,45 @@ class DynamicQuantization(Callback):
         self.export_dir = export_dir
         self.quantized_model: nn.Module | None = None
         self.export_path: Path | None = None
+        self.float_layers: list[str] = []
+        self._targets: list[str] = []
+        self._batches: list = []
+        self._calls: dict = {}
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "fit" and not any(
-            isinstance(module, backend.DYNAMIC_LAYERS)
-            for _, child in compressible_children(pl_module)
-            for module in child.modules()
-        ):
+        if stage != "fit":
+            return
+        self._targets = [
+            name
+            for name, child in compressible_children(pl_module)
+            if any(isinstance(module, backend.DYNAMIC_LAYERS) for module in child.modules())
+        ]
+        if not self._targets:
             raise ValueError("DynamicQuantization: the model has no Linear, LSTM or GRU layer to quantize.")
+        self._batches = training_batches(trainer, pl_module, 1)
+        self._calls = {name: calls[0] for name, calls in watch_training_step(pl_module, self._batches).items()}
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.quantized_model = backend.quantize_dynamic(pl_module)
+        """Quantize the module's networks (not its metrics or a frozen teacher), keeping in float any layer
+        whose int8 version stops the module from running (a parent that reads ``layer.weight`` directly,
+        as ``nn.TransformerEncoderLayer``'s inference fast path does)."""
+        quantized = copy.deepcopy(pl_module).eval()
+        self.float_layers = []
+        whole = {name: backend.quantize_dynamic(quantized.get_submodule(name)) for name in self._targets}
+        for name in keep_what_runs(quantized, whole, self._batches):  # these networks layer by layer
+            layers = {
+                f"{name}.{layer_name}": backend.quantize_dynamic(layer)
+                for layer_name, layer in quantized.get_submodule(name).named_modules()
+                if isinstance(layer, backend.DYNAMIC_LAYERS)
+            }
+            for layer_name, failure in keep_what_runs(quantized, layers, self._batches).items():
+                self.float_layers.append(layer_name)
+                rank_zero_warn(
+                    f"DynamicQuantization: {layer_name!r} stays in float: with it in int8 the module fails ({failure})."
+                )
+        self.quantized_model = quantized
         if self.export_format == "torchscript":
             self.export_path = self._export(trainer, pl_module)
 
@@ -206,6 +259,7 @@ class DynamicQuantization(Callback):
         return {} if self.quantized_model is None else {"int8 dynamic": self.quantized_model}
 
     @rank_zero_only
-    def _export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
+    def _export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path | None:
         path = output_folder(trainer, self.export_dir) / "model_dynamic_int8.pt"
-        return export_torchscript(self.quantized_model, (example_input(trainer, pl_module),), {}, path)
+        args, kwargs = self._calls.get("", (None, {}))
+        return export_torchscript(self.quantized_model, args, kwargs, path)

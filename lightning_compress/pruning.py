@@ -24,7 +24,7 @@ from typing_extensions import override
 
 from lightning_compress import channel_groups
 from lightning_compress.export import check_export_format, export_torchscript, output_folder
-from lightning_compress.inputs import capture_inputs, example_input
+from lightning_compress.inputs import runs, tensors_in, training_batches, watch_training_step
 from lightning_compress.schedules import SCHEDULES, SparsitySchedule
 from lightning_compress.selection import compressible_children, resolve_module_type
 from lightning_compress.validation import check_integer
@@ -127,6 +127,8 @@ class MagnitudePruning(Callback):
         self._dense_state_dict: dict[str, torch.Tensor] | None = None
         self._targets: dict[str, nn.Parameter] = {}
         self._groups: dict[str, list[channel_groups.ChannelGroup]] = {}
+        self._batches: list = []
+        self._calls: dict = {}
 
     # ------------------------------------------------------------------ Lightning hooks
 
@@ -160,6 +162,11 @@ class MagnitudePruning(Callback):
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Resolve what to prune (after other callbacks such as QAT have set the model up)."""
+        # How the networks are called, seen in a real training step: for the channel analysis, the check of
+        # the shrunken model and the export.
+        self._batches = training_batches(trainer, pl_module, 1)
+        roots = [name for name, _ in compressible_children(pl_module)]
+        self._calls = {name: calls[0] for name, calls in watch_training_step(pl_module, self._batches, roots).items()}
         if self.mode == "channels":
             self._find_groups(trainer, pl_module)
         else:
@@ -225,6 +232,10 @@ class MagnitudePruning(Callback):
                 network = self.pruned_model.get_submodule(root)
                 keeps = [self._channel_keep(network, group) for group in groups]
                 channel_groups.remove_channels(network, groups, keeps)
+            failure = self._shrunken_differs(pl_module)
+            if failure:
+                rank_zero_warn(f"MagnitudePruning: the masked model is kept, channels not removed: {failure}.")
+                self.pruned_model = copy.deepcopy(pl_module).eval()
         if self.export_format == "torchscript":
             self.export_path = self._export(trainer, pl_module)
         if self.plot:
@@ -328,16 +339,17 @@ class MagnitudePruning(Callback):
 
     def _find_groups(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         roots = [name for name, _ in compressible_children(pl_module)]
-        captured = capture_inputs(pl_module, example_input(trainer, pl_module), roots)
         selected_layers = set()
         for root in roots:
             network = pl_module.get_submodule(root)
             for name, module in network.named_modules():
                 if name and self._selected(f"{root}.{name}", module):
                     selected_layers.add(f"{root}.{name}")
-            args, _ = captured.get(root, ((), {}))
+            if root not in self._calls:
+                raise ValueError(f"mode='channels' cannot prune {root!r}: training_step never calls it.")
+            args, kwargs = self._calls[root]
             try:
-                groups = channel_groups.find_channel_groups(network, *args)
+                groups = channel_groups.find_channel_groups(network, *args, **kwargs)
             except Exception as error:  # noqa: BLE001 - a network FX cannot trace cannot be shrunk safely
                 raise ValueError(
                     f"mode='channels' cannot prune {root!r}: it cannot be traced ({str(error).splitlines()[0]})."
@@ -400,7 +412,31 @@ class MagnitudePruning(Callback):
     @rank_zero_only
     def _export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
         path = output_folder(trainer, self.export_dir) / "model_pruned.pt"
-        return export_torchscript(self.pruned_model, (example_input(trainer, pl_module),), {}, path)
+        args, kwargs = self._calls.get("", (None, {}))
+        return export_torchscript(self.pruned_model, args, kwargs, path)
+
+    def _shrunken_differs(self, pl_module: L.LightningModule) -> str | None:
+        """Why the network with channels removed does not compute what the masked one does, or ``None``.
+
+        Each shrunken network is run on the arguments its masked original received in a training step;
+        then the whole module's training_step must run with them.
+        """
+        for root in self._groups:
+            args, kwargs = self._calls[root]
+            masked, shrunken = pl_module.get_submodule(root), self.pruned_model.get_submodule(root)
+            was_training = masked.training
+            masked.eval()
+            try:
+                with torch.no_grad():
+                    expected, actual = masked(*args, **kwargs), shrunken(*args, **kwargs)
+            except Exception as error:  # noqa: BLE001 - any failure: this network cannot ship
+                return f"{root!r} fails to run after channel removal ({type(error).__name__}: {str(error).splitlines()[0]})"
+            finally:
+                masked.train(was_training)
+            for want, got in zip(tensors_in(expected), tensors_in(actual), strict=False):
+                if want.shape != got.shape or not torch.allclose(want, got, rtol=1e-3, atol=1e-4):
+                    return f"{root!r} computes something else after channel removal"
+        return runs(self.pruned_model, self._batches)
 
     @rank_zero_only
     def _plot(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:

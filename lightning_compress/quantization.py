@@ -30,8 +30,9 @@ from typing_extensions import override
 from lightning_compress import fx_quantization as backend
 from lightning_compress.export import check_export_format, export_torchscript, output_folder
 from lightning_compress.fx_quantization import QuantizationConfig
-from lightning_compress.inputs import capture_inputs, example_input, model_inputs
+from lightning_compress.inputs import tensors_in, training_batches, watch_training_step
 from lightning_compress.selection import compressible_children, resolve_module_type
+from lightning_compress.validation import check_integer, is_integer
 
 log = logging.getLogger(__name__)
 
@@ -104,13 +105,18 @@ class QuantizationAwareTraining(Callback):
         export_format: str = "torchscript",
         export_dir: str | None = None,
     ) -> None:
-        if not isinstance(start_epoch, int) or start_epoch < 0:
-            raise ValueError(f"start_epoch={start_epoch!r} is invalid: it must be an integer >= 0.")
+        check_integer("start_epoch", start_epoch, minimum=0)
         for name, epoch in (("freeze_bn_epoch", freeze_bn_epoch), ("freeze_observer_epoch", freeze_observer_epoch)):
-            if epoch is not None and (not isinstance(epoch, int) or epoch < start_epoch):
+            if epoch is not None and (not is_integer(epoch) or epoch < start_epoch):
                 raise ValueError(f"{name}={epoch!r} is invalid: it must be an integer >= start_epoch ({start_epoch}), or None.")
-        if not isinstance(calibration_batches, int) or calibration_batches < 0:
-            raise ValueError(f"calibration_batches={calibration_batches!r} is invalid: it must be an integer >= 0.")
+        check_integer("calibration_batches", calibration_batches, minimum=0)
+        if freeze_observer_epoch == start_epoch and calibration_batches == 0:
+            raise ValueError(
+                f"freeze_observer_epoch={freeze_observer_epoch} equals start_epoch: no observer would ever see data, "
+                "so fake-quant would run without ranges. Freeze later, or set calibration_batches > 0."
+            )
+        for name, bits in (("weight_bits", weight_bits), ("activation_bits", activation_bits)):
+            check_integer(name, bits, minimum=2, maximum=8)
         check_export_format(export_format)
         self.config = QuantizationConfig(
             backend,
@@ -156,20 +162,28 @@ class QuantizationAwareTraining(Callback):
             # before any callback hook runs, but after the module's own on_load_checkpoint.
             self._restore_before_weights_load(pl_module)
             return
-        for name, epoch in (
-            ("freeze_bn_epoch", self.freeze_bn_epoch),
-            ("freeze_observer_epoch", self.freeze_observer_epoch),
-        ):
-            if epoch is not None and trainer.max_epochs not in (None, -1) and epoch >= trainer.max_epochs:
-                raise ValueError(f"{name}={epoch} is invalid: it must be below max_epochs ({trainer.max_epochs}) to happen.")
-        if self.start_epoch > 0 and trainer.max_epochs not in (None, -1) and self.start_epoch >= trainer.max_epochs:
-            raise ValueError(f"start_epoch={self.start_epoch} is invalid: it must be below max_epochs ({trainer.max_epochs}).")
+        # Not an error: a run trained for fewer epochs now may be resumed with a larger max_epochs later.
+        late = [
+            f"{name}={epoch}"
+            for name, epoch in (
+                ("start_epoch", self.start_epoch),
+                ("freeze_bn_epoch", self.freeze_bn_epoch),
+                ("freeze_observer_epoch", self.freeze_observer_epoch),
+            )
+            if epoch is not None and trainer.max_epochs not in (None, -1) and epoch >= trainer.max_epochs
+        ]
+        if late:
+            rank_zero_warn(
+                f"QuantizationAwareTraining: max_epochs={trainer.max_epochs} ends this fit before {', '.join(late)}: "
+                "what they schedule does not happen in it (it may in a resumed, longer one)."
+            )
         targets = self._targets(pl_module)
         if not targets:
             rank_zero_warn("QuantizationAwareTraining: nothing quantizable (no Conv/Linear layers); model unchanged.")
             return
         backend.use_backend(self.config)
-        self._example_inputs = capture_inputs(pl_module, example_input(trainer, pl_module), targets)
+        calls = watch_training_step(pl_module, training_batches(trainer, pl_module, 1), targets)
+        self._example_inputs = {name: module_calls[0] for name, module_calls in calls.items()}
         for name in targets:
             self._quantize(pl_module, name)
         if not self.prepared_names:
@@ -230,6 +244,10 @@ class QuantizationAwareTraining(Callback):
                     torch.distributed.broadcast(buffer, src=0)
         if not self.convert_on_fit_end:
             return
+        if trainer.current_epoch <= self.start_epoch and not self._calibrated:
+            # No epoch trained with fake-quant and nothing calibrated: the observers hold no ranges to convert.
+            rank_zero_info("QuantizationAwareTraining: fake-quant never ran in this fit; no int8 model is built.")
+            return
         if not self.config.converts_to_int8:
             rank_zero_info(
                 f"QuantizationAwareTraining: {self.config.weight_bits}-bit weights and {self.config.activation_bits}-bit "
@@ -280,13 +298,14 @@ class QuantizationAwareTraining(Callback):
             int8_part = backend.convert(_get(pl_module, part.name))
             if backend.has_recurrent_layers(int8_part):  # no static int8 LSTM/GRU: the dynamic kind instead
                 int8_part = backend.quantize_dynamic(int8_part, backend.RECURRENT_LAYERS)
-            args, kwargs = self._example_inputs.get(part.name, ((), {}))
-            try:
-                with torch.no_grad():
-                    int8_part(*args, **kwargs)
-            except (RuntimeError, NotImplementedError) as error:
-                part.reason = f"kept in float: its int8 version fails to run ({str(error).splitlines()[0]})"
-                int8_part = self._float_part(pl_module, part.name)
+            if part.name in self._example_inputs:  # not after a test-only restore: nothing was observed
+                args, kwargs = self._example_inputs[part.name]
+                try:
+                    with torch.no_grad():
+                        int8_part(*args, **kwargs)
+                except Exception as error:  # noqa: BLE001 - any failure: this part ships in float
+                    part.reason = f"kept in float: its int8 version fails to run ({str(error).strip().splitlines()[0]})"
+                    int8_part = self._float_part(pl_module, part.name)
             quantized.set_submodule(part.name, int8_part)
         return quantized
 
@@ -374,8 +393,11 @@ class QuantizationAwareTraining(Callback):
         own_hook = pl_module.on_load_checkpoint
 
         def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
-            names = restore_quantization(pl_module, checkpoint)
-            self.parts = [QuantizedPart(name, True, "restored from the checkpoint") for name in names]
+            restored = _restore_parts(pl_module, checkpoint)
+            for name, (template, names) in restored.items():
+                if template is not None:
+                    self._float_templates[name], self._float_names[name] = template, names
+            self.parts = [QuantizedPart(name, True, "restored from the checkpoint") for name in restored]
             own_hook(checkpoint)
 
         pl_module.on_load_checkpoint = on_load_checkpoint
@@ -398,17 +420,15 @@ class QuantizationAwareTraining(Callback):
         for module in self._prepared_modules(pl_module):
             backend.set_fake_quant(module, enabled=False)
             backend.set_observers(module, enabled=True)
-        inputs = model_inputs(trainer.train_dataloader, self.calibration_batches, pl_module.device)
-        with torch.no_grad():
-            for images in inputs:
-                pl_module(images)
+        batches = training_batches(trainer, pl_module, self.calibration_batches)
+        watch_training_step(pl_module, batches, restore_buffers=False)  # BatchNorm statistics stay (eval mode)
         pl_module.train(was_training)
         self._calibrated = True
-        rank_zero_info(f"QuantizationAwareTraining: calibrated observers on {len(inputs)} batches.")
+        rank_zero_info(f"QuantizationAwareTraining: calibrated observers on {len(batches)} batches.")
 
     @rank_zero_only
     def _export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
-        args, kwargs = self._example_inputs[""]
+        args, kwargs = self._example_inputs.get("", (None, {}))
         return export_torchscript(self.quantized_model, args, kwargs, output_folder(trainer, self.export_dir) / "model_int8.pt")
 
     @rank_zero_only
@@ -429,22 +449,31 @@ def restore_quantization(pl_module: nn.Module, checkpoint: dict[str, Any]) -> li
     QAT checkpoints (``ImageClassifier`` does). Parts that are already prepared are left alone.
     Returns the names of the fake-quant parts.
     """
-    names: list[str] = []
+    return list(_restore_parts(pl_module, checkpoint))
+
+
+def _restore_parts(pl_module: nn.Module, checkpoint: dict[str, Any]) -> dict[str, tuple[nn.Module | None, dict[str, str]]]:
+    """``restore_quantization``, returning for each part its float template and tensor names (``None`` and
+    an empty mapping for a part that was already prepared)."""
+    restored: dict[str, tuple[nn.Module | None, dict[str, str]]] = {}
     for key, state in checkpoint.get("callbacks", {}).items():
         if not key.startswith("QuantizationAwareTraining"):
             continue
         config = QuantizationConfig(**state["config"])
         skip_types = [resolve_module_type(entry, "skip") for entry in state["skip_types"]]
         backend.use_backend(config)
-        names += state["prepared"]
         for name in state["prepared"]:
             module = _get(pl_module, name)
             if backend.is_prepared(module):
+                restored[name] = (None, {})
                 continue
             prefix = f"{name}."
             skip_names = [entry[len(prefix) :] for entry in state["skip_names"] if entry.startswith(prefix)]
-            pl_module.set_submodule(name, backend.prepare(module, backend.qconfig_mapping(config, skip_names, skip_types)))
-    return names
+            template = copy.deepcopy(module)
+            prepared = backend.prepare(module, backend.qconfig_mapping(config, skip_names, skip_types))
+            restored[name] = (template, backend.shared_tensor_names(module, prepared))
+            pl_module.set_submodule(name, prepared)
+    return restored
 
 
 # ---------------------------------------------------------------------- helpers of this module
@@ -474,7 +503,7 @@ def _check_same_output(module: nn.Module, prepared: nn.Module, args: tuple, kwar
     try:
         with torch.no_grad():
             expected, actual = module(*args, **kwargs), prepared(*args, **kwargs)
-        for want, got in zip(_flatten(expected), _flatten(actual), strict=True):
+        for want, got in zip(tensors_in(expected), tensors_in(actual), strict=True):
             if not torch.allclose(want, got, rtol=1e-3, atol=1e-4):
                 raise RuntimeError("the traced graph computes a different output (data-dependent control flow?)")
     finally:
@@ -482,13 +511,3 @@ def _check_same_output(module: nn.Module, prepared: nn.Module, args: tuple, kwar
         prepared.train(was_training)
         backend.set_fake_quant(prepared, enabled=True)
         backend.set_observers(prepared, enabled=True)
-
-
-def _flatten(output: Any) -> list[torch.Tensor]:
-    if isinstance(output, torch.Tensor):
-        return [output]
-    if isinstance(output, dict):
-        return [t for value in output.values() for t in _flatten(value)]
-    if isinstance(output, list | tuple):
-        return [t for value in output for t in _flatten(value)]
-    return []

@@ -19,6 +19,7 @@ from torch import nn
 
 from lightning_compress import fx_quantization as backend
 from lightning_compress.fx_quantization import QuantizationConfig
+from lightning_compress.inputs import Call
 
 
 @dataclass(frozen=True)
@@ -29,29 +30,30 @@ class LayerSensitivity:
 
 
 def quantizable_layers(network: nn.Module) -> list[str]:
-    return [name for name, module in network.named_modules() if isinstance(module, nn.Conv2d | nn.Linear)]
+    return [name for name, module in network.named_modules() if isinstance(module, backend.QUANTIZABLE_LAYERS)]
 
 
 def quantize(
     network: nn.Module,
     config: QuantizationConfig,
-    calibration: list[torch.Tensor],
+    calibration: list[Call],
     only: str | None = None,
     keep_float: tuple[str, ...] = (),
 ) -> nn.Module:
-    """Static int8 copy of ``network``: every layer, or ``only`` one, minus ``keep_float``."""
-    mapping = backend.qconfig_mapping(config, skip_names=list(keep_float))
+    """Static int8 copy of ``network``: every layer, or ``only`` one, minus ``keep_float``; calibrated by
+    replaying ``calibration``, the calls the network received in training steps."""
+    floats = set(keep_float)
     if only is not None:
-        mapping = backend.qconfig_mapping(config, skip_names=[n for n in quantizable_layers(network) if n != only])
-    prepared = backend.prepare_static(network, mapping)
+        floats |= {name for name in quantizable_layers(network) if name != only}
+    prepared = backend.prepare_static(network, backend.qconfig_mapping(config, skip_names=sorted(floats)))
     with torch.no_grad():
-        for images in calibration:
-            prepared(images)
+        for args, kwargs in calibration:
+            prepared(*args, **kwargs)
     return backend.convert(prepared)
 
 
 def layer_sensitivity(
-    network: nn.Module, config: QuantizationConfig, calibration: list[torch.Tensor], accuracy: Callable[[nn.Module], float]
+    network: nn.Module, config: QuantizationConfig, calibration: list[Call], accuracy: Callable[[nn.Module], float]
 ) -> tuple[float, list[LayerSensitivity]]:
     """Float accuracy, and each layer's accuracy when it alone is quantized, most sensitive first."""
     backend.use_backend(config)
@@ -66,7 +68,7 @@ def layer_sensitivity(
 def propose_float_layers(
     network: nn.Module,
     config: QuantizationConfig,
-    calibration: list[torch.Tensor],
+    calibration: list[Call],
     accuracy: Callable[[nn.Module], float],
     reference: float,
     ranking: list[LayerSensitivity],
@@ -83,8 +85,10 @@ def propose_float_layers(
     return keep, score
 
 
-def show(reference: float, ranking: list[LayerSensitivity], keep: list[str], console: Console | None = None) -> None:
-    table = Table(title=f"Quantization sensitivity (float accuracy {100 * reference:.2f}%)")
+def show(
+    reference: float, ranking: list[LayerSensitivity], keep: list[str], console: Console | None = None, title: str = ""
+) -> None:
+    table = Table(title=f"Quantization sensitivity{f' of {title}' if title else ''} (float accuracy {100 * reference:.2f}%)")
     for column in ("layer", "accuracy when quantized alone", "drop (points)", "proposal"):
         table.add_column(column)
     for result in ranking:

@@ -162,7 +162,7 @@ def test_sensitivity_names_the_fragile_layer_and_keeps_it_float(tmp_path: Path, 
         export_dir=str(tmp_path),
     )
     quiet_trainer(tmp_path, [ptq], max_epochs=0).fit(model, datamodule=digits)
-    ranking = ptq.sensitivity["ranking"]
+    ranking = ptq.sensitivity["net"]["ranking"]
     assert ranking[0].layer == "fragile" and ranking[0].drop_points > 20
     assert all(result.drop_points < 2 for result in ranking[1:])
     assert ptq.float_layers == {"net": ["fragile"]}
@@ -171,3 +171,39 @@ def test_sensitivity_names_the_fragile_layer_and_keeps_it_float(tmp_path: Path, 
     assert any(isinstance(module, torch.ao.nn.quantized.Linear) for module in ptq.quantized_model.net.modules())
     assert top1_accuracy(ptq.quantized_model, digits.test_dataloader()) >= top1_accuracy(model, digits.test_dataloader()) - 0.02
     assert ptq.sensitivity_plot.is_file()
+
+
+def test_sensitivity_keeps_float_layers_when_one_layer_is_studied(digits):
+    """``quantize(only=..., keep_float=...)`` honours both; Conv1d counts as a quantizable layer, as in QAT."""
+    from torch.ao.nn.quantized import Conv1d as Conv1dInt8
+    from torch.ao.nn.quantized import Linear as LinearInt8
+
+    from lightning_compress import sensitivity
+    from lightning_compress.fx_quantization import QuantizationConfig
+
+    network = nn.Sequential(nn.Conv1d(8, 8, 3, padding=1), nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    assert sensitivity.quantizable_layers(network) == ["0", "2", "4"]
+    images = digits.train_set.tensors[0][:64].reshape(64, 8, 8)
+    calibration = [((images,), {})]
+    only_last = sensitivity.quantize(network, QuantizationConfig(), calibration, only="4", keep_float=("2",))
+    assert isinstance(only_last.get_submodule("4"), LinearInt8)
+    assert not isinstance(only_last.get_submodule("2"), LinearInt8)
+    assert not isinstance(only_last.get_submodule("0"), Conv1dInt8)
+    both = sensitivity.quantize(network, QuantizationConfig(), calibration, keep_float=("4",))
+    assert isinstance(both.get_submodule("0"), Conv1dInt8) and not isinstance(both.get_submodule("4"), LinearInt8)
+
+
+def test_dynamic_quantization_leaves_frozen_children_alone(tmp_path: Path, digits):
+    """Only the module's trained networks are quantized: a frozen child (a teacher, say) stays as it is."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinearInt8
+
+    class WithFrozenHelper(ImageClassifier):
+        def __init__(self):
+            super().__init__(architecture="cnn")
+            self.helper = nn.Linear(10, 10).requires_grad_(False)
+
+    dynamic = DynamicQuantization(export_format="none")
+    model = WithFrozenHelper()
+    quiet_trainer(tmp_path, [dynamic], 1, limit_train_batches=2, limit_val_batches=0).fit(model, datamodule=digits)
+    assert isinstance(dynamic.quantized_model.net.classifier, DynamicLinearInt8)
+    assert type(dynamic.quantized_model.helper) is nn.Linear
