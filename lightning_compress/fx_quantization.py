@@ -227,6 +227,46 @@ def prepare(module: nn.Module, mapping: QConfigMapping, example_args: tuple = ()
     return prepared.train(was_training)
 
 
+FORWARD_OBSERVERS = "quantization_observers"
+"""The child under which a LightningModule quantized as one graph keeps the graph's activation fake-quants."""
+
+
+def forward_holder(pl_module: nn.Module, networks: list[str]) -> nn.Module:
+    """A module whose children are ``pl_module``'s ``networks`` (the same objects) and whose forward is the
+    LightningModule's own: what FX traces to quantize the module's forward as one graph."""
+    holder_type = type(f"{type(pl_module).__name__}Forward", (nn.Module,), {"forward": type(pl_module).forward})
+    holder = holder_type()
+    for name in networks:
+        holder.add_module(name, pl_module.get_submodule(name))
+    return holder.train(pl_module.training)
+
+
+def install_forward(pl_module: nn.Module, graph: nn.Module) -> None:
+    """Make ``graph`` (a holder: prepared, converted or float) the module's forward and networks.
+
+    The networks become the graph's (fusion rebuilds their containers), the graph's own activation
+    fake-quants a ``quantization_observers`` child, so every tensor has one name in the state_dict and moves
+    with the module; ``forward`` calls the graph, or the class's own forward again for a float holder.
+    """
+    networks = [name for name, _ in graph.named_children() if name in pl_module._modules and name != FORWARD_OBSERVERS]
+    for name in networks:
+        setattr(pl_module, name, getattr(graph, name))
+    observers = {name: child for name, child in graph.named_children() if name not in networks}
+    pl_module._modules.pop(FORWARD_OBSERVERS, None)
+    if observers:
+        pl_module.add_module(FORWARD_OBSERVERS, nn.ModuleDict(observers))
+    if isinstance(graph, GraphModule):
+        pl_module.forward = graph.forward
+    else:
+        pl_module.__dict__.pop("forward", None)
+
+
+def installed_forward(pl_module: nn.Module) -> GraphModule | None:
+    """The graph ``install_forward`` made the module's forward, if any."""
+    graph = getattr(pl_module.__dict__.get("forward"), "__self__", None)
+    return graph if isinstance(graph, GraphModule) else None
+
+
 def prepare_static(module: nn.Module, mapping: QConfigMapping) -> GraphModule:
     """Post-training quantization: trace an eval-mode copy of ``module`` with BN folded into the convolutions
     and observers inserted; run calibration data through it, then ``convert``."""
@@ -285,6 +325,19 @@ def _clamp_packed_weight(module: nn.Module, grid_min: int, grid_max: int) -> Non
         return
     clamped = compat.quantized_tensor_like(weight, values.clamp(grid_min, grid_max))
     module.set_weight_bias(clamped, module.bias())
+
+
+def layers_by_kind(module: nn.Module) -> tuple[list[str], list[str]]:
+    """Names of the layers of a converted ``module`` that run int8 kernels (static or dynamic), and of the
+    Conv/Linear/LSTM/GRU layers that stayed float: read from the module itself, not from what was intended."""
+    int8, floating = [], []
+    for name, layer in module.named_modules():
+        if type(layer).__module__.startswith(("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized")):
+            if callable(getattr(layer, "weight", None)) or hasattr(layer, "_all_weight_values"):  # not packed-params holders
+                int8.append(name)
+        elif isinstance(layer, QUANTIZABLE_LAYERS + RECURRENT_LAYERS):
+            floating.append(name)
+    return int8, floating
 
 
 def use_backend(config: QuantizationConfig) -> None:

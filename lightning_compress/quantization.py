@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from typing_extensions import override
 from lightning_compress import fx_quantization as backend
 from lightning_compress.export import check_export_format, export_torchscript, output_folder
 from lightning_compress.fx_quantization import QuantizationConfig
-from lightning_compress.inputs import tensors_in, training_batches, watch_training_step
+from lightning_compress.inputs import runs, tensors_in, training_batches, watch_training_step
 from lightning_compress.selection import compressible_children, resolve_module_type
 from lightning_compress.validation import check_integer, is_integer
 
@@ -39,11 +39,17 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class QuantizedPart:
-    """One submodule of the LightningModule and what became of it."""
+    """One submodule of the LightningModule (``""``: its forward, as one graph) and what became of it.
+
+    ``quantized`` says it was prepared for QAT; after conversion, ``int8_layers`` and ``float_layers`` are
+    read back from the converted model, so the table never lists a float layer as quantized.
+    """
 
     name: str
     quantized: bool
     reason: str = ""
+    int8_layers: int | None = None
+    float_layers: list[str] = field(default_factory=list)
 
 
 class QuantizationAwareTraining(Callback):
@@ -184,8 +190,18 @@ class QuantizationAwareTraining(Callback):
         backend.use_backend(self.config)
         calls = watch_training_step(pl_module, training_batches(trainer, pl_module, 1), targets)
         self._example_inputs = {name: module_calls[0] for name, module_calls in calls.items()}
-        for name in targets:
-            self._quantize(pl_module, name)
+        whole = None
+        if self.modules is None and len(targets) > 1 and "" in self._example_inputs:
+            # the forward may also use children without parameters (pooling, activations): they join the graph
+            stateless = [name for name, child in pl_module.named_children() if not any(True for _ in child.parameters())]
+            whole = self._quantize_forward(
+                pl_module, targets + [n for n in stateless if not isinstance(pl_module.get_submodule(n), Metric)], trainer
+            )
+        if whole is not None:  # several networks, not traced as one graph: each on its own
+            self.parts.append(QuantizedPart("", False, f"forward not quantized as one graph: {whole}"))
+        if not self.prepared_names:
+            for name in targets:
+                self._quantize(pl_module, name)
         if not self.prepared_names:
             rank_zero_warn("QuantizationAwareTraining: no submodule could be quantized; model unchanged.")
         self._show_parts()
@@ -260,12 +276,14 @@ class QuantizationAwareTraining(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
+        forward_networks = [name for name, _ in self._float_templates[""].named_children()] if "" in self.prepared_names else []
         return {
             "start_epoch": self.start_epoch,
             "freeze_bn_epoch": self.freeze_bn_epoch,
             "freeze_observer_epoch": self.freeze_observer_epoch,
             "config": asdict(self.config),
             "prepared": self.prepared_names,
+            "forward_networks": forward_networks,
             "skip_names": self.skip_names,
             "skip_types": [f"{t.__module__}.{t.__qualname__}" for t in self.skip_types],
             "calibrated": self._calibrated,
@@ -295,7 +313,7 @@ class QuantizationAwareTraining(Callback):
         for part in self.parts:
             if not part.quantized:
                 continue
-            int8_part = backend.convert(_get(pl_module, part.name))
+            int8_part = backend.convert(_prepared(pl_module, part.name))
             if backend.has_recurrent_layers(int8_part):  # no static int8 LSTM/GRU: the dynamic kind instead
                 int8_part = backend.quantize_dynamic(int8_part, backend.RECURRENT_LAYERS)
             if part.name in self._example_inputs:  # not after a test-only restore: nothing was observed
@@ -306,14 +324,17 @@ class QuantizationAwareTraining(Callback):
                 except Exception as error:  # noqa: BLE001 - any failure: this part ships in float
                     part.reason = f"kept in float: its int8 version fails to run ({str(error).strip().splitlines()[0]})"
                     int8_part = self._float_part(pl_module, part.name)
-            quantized.set_submodule(part.name, int8_part)
+            _put(quantized, part.name, int8_part)
+            int8_layers, float_layers = backend.layers_by_kind(_prepared(quantized, part.name))
+            part.int8_layers, part.float_layers = len(int8_layers), float_layers
+        self._show_parts()
         return quantized
 
     def float_model(self, pl_module: nn.Module) -> nn.Module:
         """A plain fp32 copy of ``pl_module`` with the current weights (separate Conv and BN again)."""
         float_module = copy.deepcopy(pl_module).eval()
         for name in self.prepared_names:
-            float_module.set_submodule(name, self._float_part(pl_module, name))
+            _put(float_module, name, self._float_part(pl_module, name))
         return float_module
 
     def report_models(self) -> dict[str, nn.Module]:
@@ -346,6 +367,27 @@ class QuantizationAwareTraining(Callback):
                 if name not in candidates and not isinstance(child, Metric) and any(True for _ in child.parameters()):
                     self.parts.append(QuantizedPart(name, False, "frozen (no trainable parameters)"))
         return [name for name in candidates if backend.has_quantizable_layers(names[name])]
+
+    def _quantize_forward(self, pl_module: L.LightningModule, networks: list[str], trainer: L.Trainer) -> str | None:
+        """Prepare the LightningModule's own forward over its ``networks`` as one graph, so that int8 flows from
+        network to network with no dequantize/quantize at their edges; returns why not, or ``None``."""
+        args, kwargs = self._example_inputs[""]
+        holder = backend.forward_holder(pl_module, networks)
+        template = copy.deepcopy(holder)
+        try:
+            prepared = backend.prepare(holder, backend.qconfig_mapping(self.config, self.skip_names, self.skip_types), args)
+            _check_same_output(holder, prepared, args, kwargs)
+        except Exception as error:  # noqa: BLE001 - any tracing failure means: quantize each network instead
+            return str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
+        names = backend.shared_tensor_names(holder, prepared)
+        backend.install_forward(pl_module, prepared)
+        failure = runs(pl_module, training_batches(trainer, pl_module, 1))
+        if failure:  # training_step calls a network directly, say, which now is only part of the graph
+            backend.install_forward(pl_module, holder)
+            return f"training_step fails with it ({failure})"
+        self._float_templates[""], self._float_names[""] = template, names
+        self.parts.append(QuantizedPart("", True, f"one graph: forward over {', '.join(networks)}"))
+        return None
 
     def _quantize(self, pl_module: nn.Module, name: str) -> None:
         """Prepare ``name`` whole, or else its children one by one."""
@@ -403,7 +445,7 @@ class QuantizationAwareTraining(Callback):
         pl_module.on_load_checkpoint = on_load_checkpoint
 
     def _float_part(self, pl_module: nn.Module, name: str) -> nn.Module:
-        return backend.float_copy(self._float_templates[name], _get(pl_module, name), self._float_names[name])
+        return backend.float_copy(self._float_templates[name], _prepared(pl_module, name), self._float_names[name])
 
     def _prepared_modules(self, pl_module: nn.Module) -> list[nn.Module]:
         return [_get(pl_module, name) for name in self.prepared_names]
@@ -433,12 +475,13 @@ class QuantizationAwareTraining(Callback):
 
     @rank_zero_only
     def _show_parts(self) -> None:
-        table = Table(title=f"Quantization-aware training ({self.config.backend} backend)")
-        table.add_column("submodule")
-        table.add_column("quantized")
-        table.add_column("note")
+        converted = any(part.int8_layers is not None for part in self.parts)
+        table = Table(title=f"Quantization-aware training ({self.config.backend} backend{', converted' if converted else ''})")
+        for column in ("submodule", "quantized", *(("int8 layers", "float layers") if converted else ()), "note"):
+            table.add_column(column)
         for part in self.parts:
-            table.add_row(part.name, "yes" if part.quantized else "no", part.reason)
+            counts = (str(part.int8_layers or 0), ", ".join(part.float_layers) or "-") if converted else ()
+            table.add_row(part.name or "(forward)", "yes" if part.quantized else "no", *counts, part.reason)
         Console(width=max(Console().width, 120)).print(table)
 
 
@@ -463,16 +506,19 @@ def _restore_parts(pl_module: nn.Module, checkpoint: dict[str, Any]) -> dict[str
         skip_types = [resolve_module_type(entry, "skip") for entry in state["skip_types"]]
         backend.use_backend(config)
         for name in state["prepared"]:
-            module = _get(pl_module, name)
-            if backend.is_prepared(module):
+            if name == "" and backend.installed_forward(pl_module) is None:
+                module = backend.forward_holder(pl_module, state["forward_networks"])
+            elif name == "" or backend.is_prepared(_get(pl_module, name)):
                 restored[name] = (None, {})
                 continue
-            prefix = f"{name}."
+            else:
+                module = _get(pl_module, name)
+            prefix = f"{name}." if name else ""
             skip_names = [entry[len(prefix) :] for entry in state["skip_names"] if entry.startswith(prefix)]
             template = copy.deepcopy(module)
             prepared = backend.prepare(module, backend.qconfig_mapping(config, skip_names, skip_types))
             restored[name] = (template, backend.shared_tensor_names(module, prepared))
-            pl_module.set_submodule(name, prepared)
+            _put(pl_module, name, prepared)
     return restored
 
 
@@ -481,6 +527,19 @@ def _restore_parts(pl_module: nn.Module, checkpoint: dict[str, Any]) -> dict[str
 
 def _get(root: nn.Module, name: str) -> nn.Module:
     return root.get_submodule(name) if name else root
+
+
+def _prepared(root: nn.Module, name: str) -> nn.Module:
+    """The prepared part ``name``; ``""`` is the module's forward quantized as one graph."""
+    return backend.installed_forward(root) if name == "" else root.get_submodule(name)
+
+
+def _put(root: nn.Module, name: str, part: nn.Module) -> None:
+    """Put a version of part ``name`` (prepared, float or int8) into ``root``."""
+    if name == "":
+        backend.install_forward(root, part)
+    else:
+        root.set_submodule(name, part)
 
 
 def _some(names: dict[str, nn.Module]) -> list[str]:

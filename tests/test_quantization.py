@@ -374,3 +374,65 @@ def test_lstm_layers_fall_back_to_dynamic_quantization(tmp_path: Path, capsys):
     images = next(iter(DigitsDataModule().test_dataloader()))[0]
     with torch.no_grad():
         assert int8(images).shape == (64, 10)
+
+
+class _LayersAsChildren(L.LightningModule):
+    """A user's module with its layers as direct children and a traceable forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.block1 = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.down = nn.MaxPool2d(2)
+        self.block2 = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU())
+        self.fc = nn.Linear(32 * 4 * 4, 10)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.block2(self.down(self.block1(self.stem(images)))), 1))
+
+    def training_step(self, batch, batch_idx):
+        images, labels = batch
+        return F.cross_entropy(self(images), labels)
+
+    def test_step(self, batch, batch_idx):
+        images, labels = batch
+        self.log("test/acc", (self(images).argmax(1) == labels).float().mean())
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+def test_layers_as_direct_children_are_quantized_as_one_graph(tmp_path: Path, digits):
+    L.seed_everything(0)
+    model = _LayersAsChildren()
+    qat = QuantizationAwareTraining(start_epoch=1, export_dir=str(tmp_path))
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    quiet_trainer(tmp_path, [qat, checkpoint], 3, limit_val_batches=0).fit(model, datamodule=digits)
+    assert [(part.name, part.quantized) for part in qat.parts] == [("", True)]
+
+    int8 = qat.quantized_model
+    int8_layers = [m for m in int8.modules() if isinstance(m, ConvReLU2dInt8 | Conv2dInt8 | LinearInt8)]
+    # the table is read back from the converted model: 3 convolutions and the linear layer, none left float
+    assert qat.parts[0].int8_layers == len(int8_layers) == 4 and qat.parts[0].float_layers == []
+    graph = int8.forward.__self__.graph
+    # one graph: int8 flows from network to network, quantized once at the input and dequantized once at the end
+    assert [node.target for node in graph.nodes].count(torch.quantize_per_tensor) == 1
+    assert sum(node.op == "call_method" and node.target == "dequantize" for node in graph.nodes) == 1
+
+    fake_quant, quantized = _predictions(model, digits), _predictions(int8, digits)
+    assert (quantized - fake_quant).abs().max() <= 4 * float(int8.fc.scale)
+    assert (quantized.argmax(1) == fake_quant.argmax(1)).float().mean() >= 0.98
+    exported = torch.jit.load(str(qat.export_path))
+    with torch.no_grad():
+        images = digits.test_set.tensors[0][:16]
+        assert torch.equal(exported(images).argmax(1), int8(images).argmax(1))
+
+    # a fresh float module tested from the checkpoint gets the same one-graph structure back
+    tester_qat = QuantizationAwareTraining()
+    fresh = _LayersAsChildren()
+    tested = quiet_trainer(tmp_path / "test", [tester_qat], 1).test(
+        fresh, datamodule=digits, ckpt_path=tmp_path / "last.ckpt", weights_only=True
+    )
+    expected = (fake_quant.argmax(1) == digits.test_set.tensors[1]).float().mean()
+    assert tested[0]["test/acc"] == pytest.approx(float(expected), abs=1e-6)
+    assert not is_prepared(tester_qat.float_model(fresh))
