@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -217,6 +218,8 @@ class QuantizationAwareTraining(Callback):
             return
         if epoch == self.start_epoch and self.calibration_batches and not self._calibrated:
             self._calibrate(trainer, pl_module)
+        if epoch == self.freeze_bn_epoch:
+            self._warn_if_batch_norm_unsettled(trainer, pl_module)
         for module in self._prepared_modules(pl_module):
             backend.set_fake_quant(module, enabled=True)
             backend.set_observers(module, enabled=self._observers_on(epoch))
@@ -244,6 +247,47 @@ class QuantizationAwareTraining(Callback):
     @override
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.on_validation_start(trainer, pl_module)
+
+    def _warn_if_batch_norm_unsettled(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Warn when the BatchNorm statistics about to be frozen do not describe the network yet.
+
+        Frozen, fused BatchNorm normalizes training batches with its running statistics, as evaluation does.
+        Early in training these lag far behind the batch statistics: resnet18 on digits after 20 steps from
+        scratch had batch variances up to 35x the running ones and means 4 running stds off; its loss jumped
+        from 0.6 to 3.5 on the first frozen step and it fell to chance. Measured on one training batch.
+        """
+        measured: dict[str, tuple[float, float]] = {}
+        handles = []
+        for part in self.prepared_names:
+            for name, module in _get(pl_module, part).named_modules():
+                batch_norm = getattr(module, "bn", None)
+                if not (
+                    hasattr(module, "freeze_bn") and isinstance(batch_norm, nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d)
+                ):
+                    continue
+
+                def measure(batch_norm: nn.Module, args: tuple, name: str = ".".join(filter(None, (part, name)))) -> None:
+                    values = args[0].detach().transpose(0, 1).flatten(1).float()
+                    running_std = (batch_norm.running_var + batch_norm.eps).sqrt()
+                    shift = ((values.mean(1) - batch_norm.running_mean).abs() / running_std).median().item()
+                    measured.setdefault(name, (shift, (values.var(1) / running_std**2).median().item()))
+
+                handles.append(batch_norm.register_forward_pre_hook(measure))
+        try:
+            watch_training_step(pl_module, training_batches(trainer, pl_module, 1))
+        finally:
+            for handle in handles:
+                handle.remove()
+        unsettled = {name: value for name, value in measured.items() if value[0] > 1 or not 0.25 <= value[1] <= 4}
+        if unsettled:
+            name, (shift, ratio) = max(unsettled.items(), key=lambda item: item[1][0] + abs(math.log2(max(item[1][1], 1e-12))))
+            rank_zero_warn(
+                f"QuantizationAwareTraining: freeze_bn_epoch={self.freeze_bn_epoch} freezes BatchNorm statistics that do not "
+                f"describe the network yet (after {trainer.global_step} optimizer steps): in {len(unsettled)} of "
+                f"{len(measured)} fused Conv-BN layers a training batch's mean is over 1 running std off or its variance "
+                f"over 4x off (worst {name}: mean {shift:.1f} std off, variance x{ratio:.2f}). Frozen, training normalizes "
+                "with these statistics and may collapse to chance: freeze BatchNorm later, or start QAT from a trained model."
+            )
 
     def _observers_on(self, epoch: int) -> bool:
         return self.start_epoch <= epoch and (self.freeze_observer_epoch is None or epoch < self.freeze_observer_epoch)

@@ -436,3 +436,13 @@ def test_layers_as_direct_children_are_quantized_as_one_graph(tmp_path: Path, di
     expected = (fake_quant.argmax(1) == digits.test_set.tensors[1]).float().mean()
     assert tested[0]["test/acc"] == pytest.approx(float(expected), abs=1e-6)
     assert not is_prepared(tester_qat.float_model(fresh))
+
+
+def test_freezing_batch_norm_before_its_statistics_settle_warns(tmp_path: Path, recwarn):
+    """Freezing BatchNorm at the very start (statistics of an untrained network) warns; after two epochs of
+    training the statistics describe the network and freezing is silent (issue 11: resnet18 collapsed to chance
+    when frozen after 20 steps)."""
+    with pytest.warns(UserWarning, match=r"freeze_bn_epoch=0 freezes BatchNorm statistics that do not describe the network"):
+        _fit_qat(tmp_path / "early", max_epochs=1, start_epoch=0, freeze_bn_epoch=0, calibration_batches=2, export_format="none")
+    _fit_qat(tmp_path / "late", max_epochs=3, start_epoch=1, freeze_bn_epoch=2, export_format="none")
+    assert not [w for w in recwarn if "freezes BatchNorm statistics" in str(w.message)]
