@@ -50,6 +50,7 @@ def watch_training_step(
     calls_per_module: int = 1,
     restore_buffers: bool = True,
     inference_fastpath: bool = True,
+    fall_back_to_forward: bool = True,
 ) -> dict[str, list[Call]]:
     """Run ``module.training_step`` on each batch without leaving a trace, recording up to
     ``calls_per_module`` calls of ``module`` itself (key ``""``) and of every submodule under ``names``.
@@ -58,7 +59,8 @@ def watch_training_step(
     ``linear1.weight`` and the like directly and so cannot run while those layers are being calibrated.
 
     Falls back to calling ``forward`` with ``example_input_array`` (or the first tensor of the batch) when
-    ``training_step`` cannot run yet; raises ``TrainingStepError`` if that fails too.
+    ``training_step`` cannot run yet (unless ``fall_back_to_forward=False``); raises ``TrainingStepError``
+    if that fails too.
     """
     watched = {""} | {
         f"{name}.{child}" if child else name for name in names for child, _ in module.get_submodule(name).named_modules()
@@ -84,6 +86,8 @@ def watch_training_step(
                 # (distillation's hint adapters): then call forward, as example_input_array or the batch's input.
                 calls.clear()
                 try:
+                    if not fall_back_to_forward:
+                        raise error
                     _call_forward(module, batches[0])
                 except Exception:  # noqa: BLE001 - report the step's failure: that is the one the user wrote
                     raise TrainingStepError(
@@ -100,7 +104,7 @@ def watch_training_step(
 def runs(module: L.LightningModule, batches: Sequence[Any]) -> str | None:
     """``None`` if ``module.training_step`` runs on ``batches`` (watched, without a trace), else why not."""
     try:
-        watch_training_step(module, batches)
+        watch_training_step(module, batches, fall_back_to_forward=False)
     except TrainingStepError as error:
         return _first_line(error.__cause__ or error)
     return None

@@ -222,3 +222,24 @@ def test_watching_a_training_step_leaves_no_trace(tmp_path: Path, digits):
     assert module.training
     assert all(torch.equal(before[key], value) for key, value in module.state_dict().items())
     assert torch.equal(torch.random.get_rng_state(), random_state)
+
+
+def test_the_run_check_runs_the_training_step_itself(digits):
+    """A compressed model counts as running only if training_step runs: calling forward instead would hide a
+    module that breaks in its step."""
+    from lightning_compress.inputs import runs
+
+    class ForwardWorksStepBreaks(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Linear(64, 10)
+
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            return self.net(images.flatten(1))
+
+        def training_step(self, batch, batch_idx):
+            raise RuntimeError("int8 layer rejected the step")
+
+    batch = _first_batch("loss_in_forward", digits)
+    assert runs(LossInForward(), [batch]) is None
+    assert runs(ForwardWorksStepBreaks(), [batch]) == "int8 layer rejected the step"
