@@ -13,7 +13,7 @@ optimizer, ``self.log`` silenced, and the random number generators, buffers and 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from itertools import islice
 from typing import Any
@@ -80,7 +80,7 @@ def watch_training_step(
         with _without_a_trace(module, restore_buffers), _transformer_fastpath(inference_fastpath):
             try:
                 for batch_index, batch in enumerate(batches):
-                    module.training_step(_fresh(batch), batch_index)  # a step may pop from its batch
+                    module.training_step(_fresh(batch), batch_index)
             except Exception as error:  # noqa: BLE001 - a user's step can fail in any way; say which, once
                 # A step may need what the module builds in its own setup(), which runs after the callbacks'
                 # (distillation's hint adapters): then call forward, as example_input_array or the batch's input.
@@ -99,6 +99,11 @@ def watch_training_step(
         for handle in handles:
             handle.remove()
     return calls
+
+
+def first_calls(module: L.LightningModule, batches: Sequence[Any], names: Iterable[str] = ()) -> dict[str, Call]:
+    """``watch_training_step``, keeping the first call of ``module`` (key ``""``) and of each watched submodule."""
+    return {name: calls[0] for name, calls in watch_training_step(module, batches, names).items()}
 
 
 def runs(module: L.LightningModule, batches: Sequence[Any]) -> str | None:
@@ -127,15 +132,14 @@ def keep_what_runs(module: L.LightningModule, replacements: dict[str, nn.Module]
     return refused
 
 
-def tensors_in(output: Any) -> list[torch.Tensor]:
-    """The tensors of a module's output, in order, however nested in tuples, lists and dicts."""
-    if isinstance(output, torch.Tensor):
-        return [output]
-    if isinstance(output, dict):
-        return [tensor for value in output.values() for tensor in tensors_in(value)]
-    if isinstance(output, list | tuple):
-        return [tensor for value in output for tensor in tensors_in(value)]
-    return []
+def same_outputs(expected: Any, actual: Any) -> bool:
+    """Whether two outputs of a module hold the same tensors (however nested in tuples, lists and dicts), in
+    number, shape and value up to float tolerance: how a traced or shrunken copy is checked against the original."""
+    wanted, got = _tensors_in(expected), _tensors_in(actual)
+    return len(wanted) == len(got) and all(
+        want.shape == have.shape and torch.allclose(want, have, rtol=1e-3, atol=1e-4)
+        for want, have in zip(wanted, got, strict=True)
+    )
 
 
 def first_tensor(batch: Any) -> torch.Tensor:
@@ -212,27 +216,39 @@ def _transformer_fastpath(enabled: bool) -> Iterator[None]:
         torch.backends.mha.set_fastpath_enabled(was_enabled)
 
 
+def _map_tensors(value: Any, function: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``value`` with new tuples, lists (named tuples included) and dicts, and ``function`` applied to its tensors."""
+    if isinstance(value, torch.Tensor):
+        return function(value)
+    if isinstance(value, dict):
+        return {key: _map_tensors(item, function) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        items = [_map_tensors(item, function) for item in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+    return value
+
+
 def _fresh(batch: Any) -> Any:
-    """A copy of the batch's containers (not of its tensors)."""
-    if isinstance(batch, dict):
-        return {key: _fresh(value) for key, value in batch.items()}
-    if isinstance(batch, list | tuple) and not hasattr(batch, "_fields"):
-        return type(batch)(_fresh(item) for item in batch)
-    return batch
+    """A copy of the batch's containers (not of its tensors): a step may pop from its batch."""
+    return _map_tensors(batch, lambda tensor: tensor)
+
+
+def _detached(value: Any) -> Any:
+    return _map_tensors(value, torch.Tensor.detach)
 
 
 def _ignore(*args: Any, **kwargs: Any) -> None:
     return None
 
 
-def _detached(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.detach()
-    if isinstance(value, tuple | list):
-        return type(value)(_detached(item) for item in value)
-    if isinstance(value, dict):
-        return {key: _detached(item) for key, item in value.items()}
-    return value
+def _tensors_in(output: Any) -> list[torch.Tensor]:
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, dict):
+        return [tensor for value in output.values() for tensor in _tensors_in(value)]
+    if isinstance(output, list | tuple):
+        return [tensor for value in output for tensor in _tensors_in(value)]
+    return []
 
 
 def _first_line(error: BaseException) -> str:

@@ -24,7 +24,7 @@ from lightning_compress import fx_quantization as backend
 from lightning_compress import sensitivity
 from lightning_compress.export import check_export_format, export_torchscript, output_folder
 from lightning_compress.fx_quantization import QuantizationConfig
-from lightning_compress.inputs import first_tensor, keep_what_runs, training_batches, watch_training_step
+from lightning_compress.inputs import first_calls, first_tensor, keep_what_runs, training_batches, watch_training_step
 from lightning_compress.selection import compressible_children
 from lightning_compress.validation import check_integer, check_number
 
@@ -102,7 +102,7 @@ class PostTrainingQuantization(Callback):
         if self.accuracy_budget is not None and trainer.datamodule is None:
             raise ValueError("accuracy_budget needs a datamodule: the sensitivity study measures on its val_dataloader().")
         # Before any training: the calibration at fit end replays these steps, so they must run now.
-        self._calls = {name: calls[0] for name, calls in self._watch(trainer, pl_module, 1).items()}
+        self._calls = first_calls(pl_module, training_batches(trainer, pl_module, 1), self._targets)
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -150,9 +150,6 @@ class PostTrainingQuantization(Callback):
             inner = [layer[len(prefix) :] for layer in float_layers if layer.startswith(prefix)]
             prepared += self._prepare(model, f"{name}.{child}", inner)
         return prepared
-
-    def _watch(self, trainer: L.Trainer, pl_module: L.LightningModule, count: int) -> dict:
-        return watch_training_step(pl_module, training_batches(trainer, pl_module, count), self._targets)
 
     def _choose_float_layers(self, trainer: L.Trainer, pl_module: L.LightningModule, calls: dict) -> None:
         validation = [(first_tensor(batch).to(pl_module.device), batch[1]) for batch in trainer.datamodule.val_dataloader()]
@@ -230,7 +227,7 @@ class DynamicQuantization(Callback):
         if not self._targets:
             raise ValueError("DynamicQuantization: the model has no Linear, LSTM or GRU layer to quantize.")
         self._batches = training_batches(trainer, pl_module, 1)
-        self._calls = {name: calls[0] for name, calls in watch_training_step(pl_module, self._batches).items()}
+        self._calls = first_calls(pl_module, self._batches)
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -31,7 +31,7 @@ from typing_extensions import override
 from lightning_compress import fx_quantization as backend
 from lightning_compress.export import check_export_format, export_torchscript, output_folder
 from lightning_compress.fx_quantization import QuantizationConfig
-from lightning_compress.inputs import runs, tensors_in, training_batches, watch_training_step
+from lightning_compress.inputs import first_calls, runs, same_outputs, training_batches, watch_training_step
 from lightning_compress.selection import compressible_children, resolve_module_type
 from lightning_compress.validation import check_integer, is_integer
 
@@ -189,8 +189,7 @@ class QuantizationAwareTraining(Callback):
             rank_zero_warn("QuantizationAwareTraining: nothing quantizable (no Conv/Linear layers); model unchanged.")
             return
         backend.use_backend(self.config)
-        calls = watch_training_step(pl_module, training_batches(trainer, pl_module, 1), targets)
-        self._example_inputs = {name: module_calls[0] for name, module_calls in calls.items()}
+        self._example_inputs = first_calls(pl_module, training_batches(trainer, pl_module, 1), targets)
         whole = None
         if self.modules is None and len(targets) > 1 and "" in self._example_inputs:
             # the forward may also use children without parameters (pooling, activations): they join the graph
@@ -606,9 +605,8 @@ def _check_same_output(module: nn.Module, prepared: nn.Module, args: tuple, kwar
     try:
         with torch.no_grad():
             expected, actual = module(*args, **kwargs), prepared(*args, **kwargs)
-        for want, got in zip(tensors_in(expected), tensors_in(actual), strict=True):
-            if not torch.allclose(want, got, rtol=1e-3, atol=1e-4):
-                raise RuntimeError("the traced graph computes a different output (data-dependent control flow?)")
+        if not same_outputs(expected, actual):
+            raise RuntimeError("the traced graph computes a different output (data-dependent control flow?)")
     finally:
         module.train(was_training)
         prepared.train(was_training)

@@ -243,3 +243,32 @@ def test_the_run_check_runs_the_training_step_itself(digits):
     batch = _first_batch("loss_in_forward", digits)
     assert runs(LossInForward(), [batch]) is None
     assert runs(ForwardWorksStepBreaks(), [batch]) == "int8 layer rejected the step"
+
+
+def test_a_network_called_with_a_named_tuple_is_watched(digits):
+    """Recorded arguments keep their containers: a network that takes a named tuple is seen called with one."""
+    from collections import namedtuple
+
+    from lightning_compress.inputs import watch_training_step
+
+    Pair = namedtuple("Pair", ["images", "labels"])
+
+    class TakesAPair(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(64, 10)
+
+        def forward(self, pair: Pair) -> torch.Tensor:
+            return F.cross_entropy(self.linear(pair.images.flatten(1)), pair.labels)
+
+    class PairStep(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = TakesAPair()
+
+        def training_step(self, batch, batch_idx):
+            return self.net(Pair(*batch))
+
+    batch = _first_batch("loss_in_forward", digits)
+    (pair,), _ = watch_training_step(PairStep(), [batch], ["net"])["net"][0]
+    assert isinstance(pair, Pair) and torch.equal(pair.images, batch[0])
