@@ -26,6 +26,7 @@ from torch.ao.quantization import (
     MovingAveragePerChannelMinMaxObserver,
     QConfig,
     QConfigMapping,
+    default_embedding_qat_qconfig,
     disable_fake_quant,
     disable_observer,
     enable_fake_quant,
@@ -206,6 +207,9 @@ def qconfig_mapping(config: QuantizationConfig, skip_names: list[str] = (), skip
     """The backend's default mapping (it keeps fixed ranges for sigmoid-like ops) with our global qconfig;
     ``skip_names`` (relative to the prepared module) and ``skip_types`` stay in float."""
     mapping = get_default_qat_qconfig_mapping(config.backend).set_global(_qconfig(config))
+    # Embeddings have int8 kernels only for weights, quantized per row with float scales: torch.ao refuses
+    # any other qconfig for them, which would make every model holding one untraceable.
+    mapping.set_object_type(nn.Embedding, default_embedding_qat_qconfig)
     for name in skip_names:
         mapping.set_module_name(name, None)
     for module_type in skip_types:
@@ -238,6 +242,10 @@ def forward_holder(pl_module: nn.Module, networks: list[str]) -> nn.Module:
     holder = holder_type()
     for name in networks:
         holder.add_module(name, pl_module.get_submodule(name))
+    for name, parameter in pl_module.named_parameters(recurse=False):  # a learned position embedding, say
+        holder.register_parameter(name, parameter)
+    for name, buffer in pl_module.named_buffers(recurse=False):
+        holder.register_buffer(name, buffer)
     return holder.train(pl_module.training)
 
 
@@ -329,13 +337,13 @@ def _clamp_packed_weight(module: nn.Module, grid_min: int, grid_max: int) -> Non
 
 def layers_by_kind(module: nn.Module) -> tuple[list[str], list[str]]:
     """Names of the layers of a converted ``module`` that run int8 kernels (static or dynamic), and of the
-    Conv/Linear/LSTM/GRU layers that stayed float: read from the module itself, not from what was intended."""
+    Conv/Linear/Embedding/LSTM/GRU layers that stayed float: read from the module itself, not from what was intended."""
     int8, floating = [], []
     for name, layer in module.named_modules():
         if type(layer).__module__.startswith(("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized")):
             if callable(getattr(layer, "weight", None)) or hasattr(layer, "_all_weight_values"):  # not packed-params holders
                 int8.append(name)
-        elif isinstance(layer, QUANTIZABLE_LAYERS + RECURRENT_LAYERS):
+        elif isinstance(layer, QUANTIZABLE_LAYERS + WEIGHT_ONLY_LAYERS + RECURRENT_LAYERS):
             floating.append(name)
     return int8, floating
 
@@ -371,14 +379,23 @@ def float_copy(template: nn.Module, prepared: nn.Module, names: dict[str, str]) 
 
 
 def shared_tensor_names(original: nn.Module, prepared: nn.Module) -> dict[str, str]:
-    """Map each parameter/buffer name of ``original`` to its name in ``prepared``, by tensor identity."""
+    """Map each parameter/buffer name of ``original`` to its name in ``prepared``: the same tensor, or a new
+    Parameter on the same memory (torch.ao's QAT Embedding wraps the weight it is given in a new one)."""
     by_identity = {id(tensor): name for name, tensor in _tensors(prepared)}
+    by_memory = {_memory(tensor): name for name, tensor in _tensors(prepared) if isinstance(tensor, torch.Tensor)}
     names = {}
     for name, tensor in _tensors(original):
-        if id(tensor) not in by_identity:
+        prepared_name = by_identity.get(id(tensor))
+        if prepared_name is None and isinstance(tensor, torch.Tensor):
+            prepared_name = by_memory.get(_memory(tensor))
+        if prepared_name is None:
             raise RuntimeError(f"tensor {name!r} was not carried into the prepared module")
-        names[name] = by_identity[id(tensor)]
+        names[name] = prepared_name
     return names
+
+
+def _memory(tensor: torch.Tensor) -> tuple:
+    return tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tuple(tensor.stride())
 
 
 def _tensors(module: nn.Module) -> list[tuple[str, Any]]:
@@ -390,7 +407,11 @@ def is_prepared(module: nn.Module) -> bool:
 
 
 QUANTIZABLE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+"""Layers with int8 weights and activations."""
+
+WEIGHT_ONLY_LAYERS = (nn.Embedding,)
+"""Layers with int8 weights only: a lookup has no activation to quantize."""
 
 
 def has_quantizable_layers(module: nn.Module) -> bool:
-    return any(isinstance(child, QUANTIZABLE_LAYERS) for child in module.modules())
+    return any(isinstance(child, QUANTIZABLE_LAYERS + WEIGHT_ONLY_LAYERS) for child in module.modules())

@@ -29,6 +29,7 @@ from torchmetrics import Metric
 from typing_extensions import override
 
 from lightning_compress import fx_quantization as backend
+from lightning_compress import module_swap
 from lightning_compress.export import check_export_format, export_torchscript, output_folder
 from lightning_compress.fx_quantization import QuantizationConfig
 from lightning_compress.inputs import first_calls, runs, same_outputs, training_batches, watch_training_step
@@ -42,13 +43,15 @@ log = logging.getLogger(__name__)
 class QuantizedPart:
     """One submodule of the LightningModule (``""``: its forward, as one graph) and what became of it.
 
-    ``quantized`` says it was prepared for QAT; after conversion, ``int8_layers`` and ``float_layers`` are
-    read back from the converted model, so the table never lists a float layer as quantized.
+    ``quantized`` says it was prepared for QAT, as one graph or, where ``swapped_layers`` lists layers, by
+    module swap; after conversion, ``int8_layers`` and ``float_layers`` are read back from the converted
+    model, so the table never lists a float layer as quantized.
     """
 
     name: str
     quantized: bool
     reason: str = ""
+    swapped_layers: list[str] = field(default_factory=list)
     int8_layers: int | None = None
     float_layers: list[str] = field(default_factory=list)
 
@@ -67,8 +70,10 @@ class QuantizationAwareTraining(Callback):
 
     By default every child of the LightningModule that holds trainable parameters is quantized (metrics and
     frozen modules, such as a distillation teacher, never are). A child that cannot be traced symbolically
-    (data-dependent control flow, say) is split into its own children, down to single Conv/Linear layers;
-    what stays in float, and why, is printed in one table at setup and kept in ``parts``.
+    (data-dependent control flow, say) is split into its own children, down to single Conv/Linear layers, or,
+    where that breaks it, has its Linear and Embedding layers swapped for fake-quant ones (see
+    ``module_swap``); how each part went, and what stays in float and why, is printed in one table at setup
+    and kept in ``parts``.
 
     Args:
         start_epoch: epoch at which fake-quant switches on; earlier epochs train in fp32.
@@ -326,6 +331,7 @@ class QuantizationAwareTraining(Callback):
             "freeze_observer_epoch": self.freeze_observer_epoch,
             "config": asdict(self.config),
             "prepared": self.prepared_names,
+            "swapped": self._swapped_parts(),
             "forward_networks": forward_networks,
             "skip_names": self.skip_names,
             "skip_types": [f"{t.__module__}.{t.__qualname__}" for t in self.skip_types],
@@ -356,7 +362,10 @@ class QuantizationAwareTraining(Callback):
         for part in self.parts:
             if not part.quantized:
                 continue
-            int8_part = backend.convert(_prepared(pl_module, part.name))
+            if part.swapped_layers:
+                int8_part = module_swap.convert_swapped(copy.deepcopy(_get(pl_module, part.name)).eval())
+            else:
+                int8_part = backend.convert(_prepared(pl_module, part.name))
             if backend.has_recurrent_layers(int8_part):  # no static int8 LSTM/GRU: the dynamic kind instead
                 int8_part = backend.quantize_dynamic(int8_part, backend.RECURRENT_LAYERS)
             if part.name in self._example_inputs:  # not after a test-only restore: nothing was observed
@@ -365,7 +374,7 @@ class QuantizationAwareTraining(Callback):
                     with torch.no_grad():
                         int8_part(*args, **kwargs)
                 except Exception as error:  # noqa: BLE001 - any failure: this part ships in float
-                    part.reason = f"kept in float: its int8 version fails to run ({str(error).strip().splitlines()[0]})"
+                    part.reason = f"kept in float: its int8 version fails to run ({_first_line(error)})"
                     int8_part = self._float_part(pl_module, part.name)
             _put(quantized, part.name, int8_part)
             int8_layers, float_layers = backend.layers_by_kind(_prepared(quantized, part.name))
@@ -421,27 +430,34 @@ class QuantizationAwareTraining(Callback):
             prepared = backend.prepare(holder, backend.qconfig_mapping(self.config, self.skip_names, self.skip_types), args)
             _check_same_output(holder, prepared, args, kwargs)
         except Exception as error:  # noqa: BLE001 - any tracing failure means: quantize each network instead
-            return str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
+            # torch.ao swaps layers in place inside modules the trace kept whole (a torch.nn container)
+            backend.install_forward(pl_module, template)
+            return _first_line(error)
         names = backend.shared_tensor_names(holder, prepared)
         backend.install_forward(pl_module, prepared)
         failure = runs(pl_module, training_batches(trainer, pl_module, 1))
         if failure:  # training_step calls a network directly, say, which now is only part of the graph
-            backend.install_forward(pl_module, holder)
+            backend.install_forward(pl_module, template)
             return f"training_step fails with it ({failure})"
         self._float_templates[""], self._float_names[""] = template, names
         self.parts.append(QuantizedPart("", True, f"one graph: forward over {', '.join(networks)}"))
         return None
 
     def _quantize(self, pl_module: nn.Module, name: str) -> None:
-        """Prepare ``name`` whole, or else its children one by one."""
+        """Prepare ``name`` as one graph; failing that, its children one by one, as long as ``name`` still
+        computes the same with them; failing that, by swapping its Linear and Embedding layers."""
         module = _get(pl_module, name)
         if name in self.skip_names or isinstance(module, tuple(self.skip_types)):
             self.parts.append(QuantizedPart(name, False, "skipped by the skip setting"))
             return
         if not backend.has_quantizable_layers(module):
             return
+        children = [child for child, _ in module.named_children()]
         if name not in self._example_inputs:
-            self.parts.append(QuantizedPart(name, False, "not called in forward"))
+            if not children:  # a layer whose parent reads its weights (MultiheadAttention's out_proj)
+                self.parts.append(QuantizedPart(name, False, "not called in forward"))
+            for child in children:  # a container (ModuleList, ModuleDict): its members are called
+                self._quantize(pl_module, f"{name}.{child}")
             return
         args, kwargs = self._example_inputs[name]
         prefix = f"{name}."
@@ -455,14 +471,21 @@ class QuantizationAwareTraining(Callback):
             prepared = backend.prepare(module, mapping, args)
             _check_same_output(module, prepared, args, kwargs)
         except Exception as error:  # noqa: BLE001 - any tracing failure means: try the children instead
-            reason = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
-            children = [child for child, _ in module.named_children()]
-            if not children:
-                self.parts.append(QuantizedPart(name, False, f"cannot be traced: {reason}"))
-                return
-            self.parts.append(QuantizedPart(name, False, f"split into its children: {reason}"))
-            for child in children:
-                self._quantize(pl_module, f"{name}.{child}")
+            reason = _first_line(error)
+            if children:
+                parts_before = len(self.parts)
+                for child in children:
+                    self._quantize(pl_module, f"{name}.{child}")
+                try:
+                    _check_same_output(template, module, args, kwargs)
+                    self.parts.insert(parts_before, QuantizedPart(name, False, f"split into its children: {reason}"))
+                    return
+                except Exception as split_error:  # noqa: BLE001 - the parent reads its children's weights, say
+                    self._undo_parts(pl_module, self.parts[parts_before:])
+                    del self.parts[parts_before:]
+                    pl_module.set_submodule(name, template)
+                    reason = f"its children quantized alone break it ({_first_line(split_error)})"
+            self._swap(pl_module, name, reason if children else f"cannot be traced ({reason})")
             return
         self._float_templates[name] = template
         self._float_names[name] = backend.shared_tensor_names(module, prepared)
@@ -474,21 +497,67 @@ class QuantizationAwareTraining(Callback):
         )
         self.parts.append(QuantizedPart(name, True, note))
 
+    def _swap(self, pl_module: nn.Module, name: str, why: str) -> None:
+        """Quantize ``name`` by module swap: its code untouched, its Linear and Embedding layers replaced by
+        fake-quant versions (dynamic int8 Linear and int8 Embedding after conversion). Kept only if, with
+        fake-quant off, it computes what it did, and its int8 version runs."""
+        prefix = f"{name}."
+        module = _get(pl_module, name)
+        layers = module_swap.swappable_layers(
+            module, [entry[len(prefix) :] for entry in self.skip_names if entry.startswith(prefix)], tuple(self.skip_types)
+        )
+        if not layers:
+            self.parts.append(QuantizedPart(name, False, f"{why}; no Linear/Embedding to swap"))
+            return
+        args, kwargs = self._example_inputs[name]
+        template = copy.deepcopy(module)
+        swapped = [".".join(filter(None, (name, layer))) for layer in layers]
+        module_swap.swap_in_fake_quant(pl_module, swapped, self.config)
+        module = _get(pl_module, name)  # a new object where the part is itself a layer
+        try:
+            _check_same_output(template, module, args, kwargs)
+            trial = copy.deepcopy(module).eval()
+            with torch.no_grad():
+                trial(*args, **kwargs)  # observers see the weights: conversion needs their scales
+                module_swap.convert_swapped(trial)(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001 - the swapped layers break the part: it stays float
+            pl_module.set_submodule(name, template)
+            self.parts.append(QuantizedPart(name, False, f"{why}; swapping its layers breaks it too ({_first_line(error)})"))
+            return
+        self.parts.append(QuantizedPart(name, True, f"module swap: {why}", swapped_layers=swapped))
+
+    def _undo_parts(self, pl_module: nn.Module, parts: list[QuantizedPart]) -> None:
+        """Put the float versions of ``parts``, prepared moments ago at setup, back in place."""
+        for part in parts:
+            if part.swapped_layers:
+                pl_module.set_submodule(part.name, module_swap.float_swapped(_get(pl_module, part.name)))
+            elif part.quantized:
+                pl_module.set_submodule(part.name, self._float_templates.pop(part.name).train(pl_module.training))
+                self._float_names.pop(part.name)
+
     def _restore_before_weights_load(self, pl_module: L.LightningModule) -> None:
         own_hook = pl_module.on_load_checkpoint
 
         def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
             restored = _restore_parts(pl_module, checkpoint)
-            for name, (template, names) in restored.items():
+            for name, (template, names, _) in restored.items():
                 if template is not None:
                     self._float_templates[name], self._float_names[name] = template, names
-            self.parts = [QuantizedPart(name, True, "restored from the checkpoint") for name in restored]
+            self.parts = [
+                QuantizedPart(name, True, "restored from the checkpoint", swapped_layers=swapped)
+                for name, (_, _, swapped) in restored.items()
+            ]
             own_hook(checkpoint)
 
         pl_module.on_load_checkpoint = on_load_checkpoint
 
     def _float_part(self, pl_module: nn.Module, name: str) -> nn.Module:
+        if name in self._swapped_parts():
+            return module_swap.float_swapped(copy.deepcopy(_get(pl_module, name))).eval()
         return backend.float_copy(self._float_templates[name], _prepared(pl_module, name), self._float_names[name])
+
+    def _swapped_parts(self) -> dict[str, list[str]]:
+        return {part.name: part.swapped_layers for part in self.parts if part.quantized and part.swapped_layers}
 
     def _prepared_modules(self, pl_module: nn.Module) -> list[nn.Module]:
         return [_get(pl_module, name) for name in self.prepared_names]
@@ -538,21 +607,29 @@ def restore_quantization(pl_module: nn.Module, checkpoint: dict[str, Any]) -> li
     return list(_restore_parts(pl_module, checkpoint))
 
 
-def _restore_parts(pl_module: nn.Module, checkpoint: dict[str, Any]) -> dict[str, tuple[nn.Module | None, dict[str, str]]]:
+def _restore_parts(
+    pl_module: nn.Module, checkpoint: dict[str, Any]
+) -> dict[str, tuple[nn.Module | None, dict[str, str], list[str]]]:
     """``restore_quantization``, returning for each part its float template and tensor names (``None`` and
-    an empty mapping for a part that was already prepared)."""
-    restored: dict[str, tuple[nn.Module | None, dict[str, str]]] = {}
+    an empty mapping for a part that was already prepared or is swapped) and its swapped layers."""
+    restored: dict[str, tuple[nn.Module | None, dict[str, str], list[str]]] = {}
     for key, state in checkpoint.get("callbacks", {}).items():
         if not key.startswith("QuantizationAwareTraining"):
             continue
         config = QuantizationConfig(**state["config"])
         skip_types = [resolve_module_type(entry, "skip") for entry in state["skip_types"]]
         backend.use_backend(config)
+        swapped = state.get("swapped", {})
         for name in state["prepared"]:
+            if name in swapped:
+                unswapped = [layer for layer in swapped[name] if not module_swap.is_swapped(pl_module.get_submodule(layer))]
+                module_swap.swap_in_fake_quant(pl_module, unswapped, config)
+                restored[name] = (None, {}, swapped[name])
+                continue
             if name == "" and backend.installed_forward(pl_module) is None:
                 module = backend.forward_holder(pl_module, state["forward_networks"])
             elif name == "" or backend.is_prepared(_get(pl_module, name)):
-                restored[name] = (None, {})
+                restored[name] = (None, {}, [])
                 continue
             else:
                 module = _get(pl_module, name)
@@ -560,7 +637,7 @@ def _restore_parts(pl_module: nn.Module, checkpoint: dict[str, Any]) -> dict[str
             skip_names = [entry[len(prefix) :] for entry in state["skip_names"] if entry.startswith(prefix)]
             template = copy.deepcopy(module)
             prepared = backend.prepare(module, backend.qconfig_mapping(config, skip_names, skip_types))
-            restored[name] = (template, backend.shared_tensor_names(module, prepared))
+            restored[name] = (template, backend.shared_tensor_names(module, prepared), [])
             _put(pl_module, name, prepared)
     return restored
 
@@ -583,6 +660,11 @@ def _put(root: nn.Module, name: str, part: nn.Module) -> None:
         backend.install_forward(root, part)
     else:
         root.set_submodule(name, part)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:120] if text else type(error).__name__
 
 
 def _some(names: dict[str, nn.Module]) -> list[str]:

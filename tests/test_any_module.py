@@ -272,3 +272,50 @@ def test_a_network_called_with_a_named_tuple_is_watched(digits):
     batch = _first_batch("loss_in_forward", digits)
     (pair,), _ = watch_training_step(PairStep(), [batch], ["net"])["net"][0]
     assert isinstance(pair, Pair) and torch.equal(pair.images, batch[0])
+
+
+def test_a_transformer_layer_that_cannot_be_traced_is_quantized_by_module_swap(tmp_path: Path, digits):
+    """nn.TransformerEncoderLayer cannot be traced, and its Linear children quantized alone break it (in eval
+    it reads their weights for a fused float kernel): its Linear layers are swapped for fake-quant ones and
+    become dynamic int8; the attention's out_proj, read by its parent, stays float and the table says so.
+    The embedding and the learned position (a parameter of the LightningModule itself) are handled too."""
+    from torch.ao.nn.quantized import Embedding as EmbeddingInt8
+
+    qat = QuantizationAwareTraining(start_epoch=1, export_format="none")
+    module = _fit(tmp_path, "transformer", digits, qat)
+    parts = {part.name: part for part in qat.parts}
+    layer = parts["encoder.layers.0"]
+    assert layer.quantized and layer.swapped_layers == ["encoder.layers.0.linear1", "encoder.layers.0.linear2"]
+    assert "module swap" in layer.reason
+    assert layer.int8_layers == 2 and layer.float_layers == ["self_attn.out_proj"]
+    int8 = qat.quantized_model
+    assert isinstance(int8.encoder.layers[0].linear1, DynamicLinearInt8)
+    assert isinstance(int8.encoder.layers[0].linear2, DynamicLinearInt8)
+    assert isinstance(int8.encoder.layers[0].self_attn.out_proj, nn.Linear)
+    assert any(isinstance(layer, EmbeddingInt8) for layer in int8.embedding.modules())
+
+    # in eval the swapped layers compute through their own forward (fake-quant on), not a fused float kernel
+    module.eval()
+    fake_quant = _run_step(module, "transformer", digits)
+    float_output = _run_step(qat.float_model(module), "transformer", digits)
+    assert not torch.equal(fake_quant, float_output)
+    assert (_run_step(int8, "transformer", digits) - fake_quant).abs().mean() <= 0.1 * fake_quant.abs().mean()
+
+
+def test_a_checkpoint_with_swapped_layers_restores(tmp_path: Path, digits):
+    """The swapped structure is recorded in the callback's checkpoint state: a fresh module given it by
+    restore_quantization loads the weights strictly and computes what the trained one did."""
+    from lightning_compress.quantization import restore_quantization
+
+    qat = QuantizationAwareTraining(start_epoch=1, export_format="none")
+    L.seed_everything(0)
+    trained = TinyTransformer()
+    trainer = quiet_trainer(tmp_path, [qat], 2, limit_val_batches=0)
+    trainer.fit(trained, train_dataloaders=_loader("transformer", digits))
+    trainer.save_checkpoint(tmp_path / "qat.ckpt")
+    checkpoint = torch.load(tmp_path / "qat.ckpt", weights_only=True)
+    fresh = TinyTransformer()
+    assert "encoder.layers.0" in restore_quantization(fresh, checkpoint)
+    fresh.load_state_dict(checkpoint["state_dict"])
+    trained.eval(), fresh.eval()
+    assert torch.equal(_run_step(fresh, "transformer", digits), _run_step(trained, "transformer", digits))
