@@ -1,6 +1,7 @@
 """Pruning benchmark: MagnitudePruning against Lightning's ModelPruning, and channel removal speed.
 
     python benchmarks/pruning.py        # writes benchmarks/results/pruning.json and pruning.md
+    python benchmarks/pruning.py --sections architectures   # only part 3: pruning_architectures.json/.md
 
 Everything is measured in this one run, same model (default CNN), data (digits), epochs and seeds:
 
@@ -9,11 +10,17 @@ Everything is measured in this one run, same model (default CNN), data (digits),
    targets, one per epoch (the finest it supports), global L1 ranking over the same Conv/Linear weights.
 2. Channel pruning (30% and 50% of channels, physically removed): accuracy on digits at 32x32, size, and
    batch-1 single-thread latency at 32x32 and 224x224, against the dense model (interleaved timing).
+3. Channel coverage (written to pruning_architectures.json/.md): eight torchvision architectures, 50% of the
+   channels of every group, ours (MagnitudePruning, a short fit on random 224x224 images) against
+   Torch-Pruning's MagnitudePruner (same ratio, final classifier left alone): parameter fraction, and
+   batch-1 single-thread latency at 224x224 of both shrunken networks and the dense one, timed in turns.
+   Training does not change the shapes, so random data serves.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -30,6 +37,17 @@ from lightning_compress.data import DigitsDataModule
 from lightning_compress.models import ImageClassifier
 from lightning_compress.report import count_parameters, latency_ms, serialized_size, top1_accuracy
 from lightning_compress.schedules import SparsitySchedule
+
+ARCHITECTURES = [
+    "resnet18",
+    "mobilenet_v2",
+    "mobilenet_v3_small",
+    "efficientnet_b0",
+    "densenet121",
+    "regnet_x_400mf",
+    "convnext_tiny",
+    "vit_b_16",
+]
 
 RESULTS = Path(__file__).parent / "results"
 EPOCHS, START, END = 10, 1, 7
@@ -148,6 +166,112 @@ def channels(seed: int, runs: int) -> list[dict]:
     return rows
 
 
+class _Classifier(L.LightningModule):
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.net = network
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)
+
+    def training_step(self, batch, batch_idx):
+        images, labels = batch
+        return nn.functional.cross_entropy(self(images), labels)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+
+def _torch_pruning(network: nn.Module, example: torch.Tensor) -> nn.Module | str:
+    """Torch-Pruning's MagnitudePruner at 50%, the final classifier ignored; what it raises, if it fails."""
+    import warnings
+
+    import torch_pruning
+
+    network = copy.deepcopy(network).eval()
+    classifier = [module for module in network.modules() if isinstance(module, nn.Linear)][-1]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch_pruning.pruner.MagnitudePruner(
+                network,
+                example,
+                importance=torch_pruning.importance.MagnitudeImportance(p=2),
+                pruning_ratio=0.5,
+                ignored_layers=[classifier],
+            ).step()
+            network(example)
+    except Exception as error:  # noqa: BLE001 - reported in the table
+        return f"{type(error).__name__}: {str(error).splitlines()[0][:80]}"
+    return network
+
+
+def architectures(runs: int) -> list[dict]:
+    import torchvision
+    from torch.utils.data import DataLoader, TensorDataset
+
+    rows = []
+    generator = torch.Generator().manual_seed(0)
+    images, labels = torch.randn(4, 3, 224, 224, generator=generator), torch.randint(0, 10, (4,), generator=generator)
+    for name in ARCHITECTURES:
+        L.seed_everything(0)
+        module = _Classifier(getattr(torchvision.models, name)(num_classes=10))
+        dense = copy.deepcopy(module.net).eval()
+        theirs = _torch_pruning(dense, images[:1])
+        pruning = MagnitudePruning(
+            final_sparsity=0.5, start_epoch=0, end_epoch=1, mode="channels", export_format="none", plot=False
+        )
+        trainer = L.Trainer(
+            max_epochs=2,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[pruning],
+            limit_val_batches=0,
+        )
+        trainer.fit(module, train_dataloaders=DataLoader(TensorDataset(images, labels), batch_size=2))
+        ours = pruning.pruned_model.net.eval()
+        models = {"dense": dense, "ours": ours, **({"torch-pruning": theirs} if isinstance(theirs, nn.Module) else {})}
+        with torch.no_grad():
+            timings = latency_ms(models, images[:1], runs=runs, warmup=3)
+        dense_parameters, _ = count_parameters(dense)
+        theirs_parameters = count_parameters(theirs)[0] if isinstance(theirs, nn.Module) else None
+        row = {
+            "architecture": name,
+            "ours_fraction": round(count_parameters(ours)[0] / dense_parameters, 3),
+            "torch_pruning_fraction": None if theirs_parameters is None else round(theirs_parameters / dense_parameters, 3),
+            "torch_pruning_error": None if isinstance(theirs, nn.Module) else theirs,
+            "dense_ms": round(timings["dense"], 2),
+            "ours_ms": round(timings["ours"], 2),
+            "torch_pruning_ms": round(timings["torch-pruning"], 2) if "torch-pruning" in timings else None,
+        }
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
+def architectures_markdown(results: dict) -> str:
+    lines = [
+        f"Channel coverage (torch {results['torch']}, CPU {results['cpu']}): 50% of the channels of every group, "
+        "parameters of the shrunken network as a fraction of dense, batch-1 single-thread latency at 224x224 "
+        "(models timed in turns).",
+        "",
+        "| architecture | ours | Torch-Pruning | dense ms | ours ms | Torch-Pruning ms | ours vs Torch-Pruning latency |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in results["architectures"]:
+        theirs = row["torch_pruning_fraction"]
+        theirs_text = f"{theirs:.3f}" if theirs is not None else f"fails ({row['torch_pruning_error']})"
+        ratio = f"{row['ours_ms'] / row['torch_pruning_ms']:.2f}x" if row["torch_pruning_ms"] else "-"
+        lines.append(
+            f"| {row['architecture']} | {row['ours_fraction']:.3f} | {theirs_text} | {row['dense_ms']} | "
+            f"{row['ours_ms']} | {row['torch_pruning_ms'] or '-'} | {ratio} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def markdown(results: dict) -> str:
     lines = [
         f"Pruning benchmark (torch {results['torch']}); default CNN on digits, {EPOCHS} epochs, pruning "
@@ -186,17 +310,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--runs", type=int, default=50, help="timed forwards per latency figure")
     parser.add_argument("--output", type=Path, default=RESULTS)
+    sections = ["unstructured", "channels", "architectures"]
+    parser.add_argument("--sections", nargs="+", choices=sections, default=sections)
     args = parser.parse_args(argv)
     args.output.mkdir(parents=True, exist_ok=True)
-    results = {
-        "torch": torch.__version__,
-        "seeds": args.seeds,
-        "unstructured": unstructured(args.seeds),
-        "channels": channels(args.seeds[0], args.runs),
-    }
-    (args.output / "pruning.json").write_text(json.dumps(results, indent=2))
-    (args.output / "pruning.md").write_text(markdown(results))
-    print(markdown(results))
+    if "architectures" in args.sections:
+        cpu = torch.backends.cpu.get_cpu_capability()
+        coverage = {"torch": torch.__version__, "cpu": cpu, "architectures": architectures(args.runs)}
+        (args.output / "pruning_architectures.json").write_text(json.dumps(coverage, indent=2))
+        (args.output / "pruning_architectures.md").write_text(architectures_markdown(coverage))
+        print(architectures_markdown(coverage))
+    if {"unstructured", "channels"} & set(args.sections):
+        # a section not run keeps its latest results
+        path = args.output / "pruning.json"
+        results = json.loads(path.read_text()) if path.is_file() else {"unstructured": [], "channels": []}
+        results.update(torch=torch.__version__, seeds=args.seeds)
+        if "unstructured" in args.sections:
+            results["unstructured"] = unstructured(args.seeds)
+        if "channels" in args.sections:
+            results["channels"] = channels(args.seeds[0], args.runs)
+        (args.output / "pruning.json").write_text(json.dumps(results, indent=2))
+        (args.output / "pruning.md").write_text(markdown(results))
+        print(markdown(results))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
@@ -55,7 +55,7 @@ class MagnitudePruning(Callback):
         schedule: ``cubic`` (Zhu and Gupta), ``linear`` or ``constant``.
         update_every: optimizer steps between mask updates; ``None`` updates once per epoch.
         mode: ``unstructured`` (single weights) or ``channels`` (whole output channels, ranked by norm,
-            kept consistent across BatchNorm, residual adds and the layers that read them).
+            kept consistent with every layer that shares them: see ``lightning_compress.channel_groups``).
         scope: ``global`` ranks weights across all pruned layers, ``layer`` prunes each layer alike
             (``channels`` always ranks within each coupled channel group).
         layer_types: layer classes (or their import paths) to prune.
@@ -173,7 +173,7 @@ class MagnitudePruning(Callback):
             self._targets = self._select_layers(pl_module)
         self._apply_masks(pl_module)  # masks restored from a checkpoint take effect at once
         if self._dense_state_dict is not None and self.dense_model is None:  # resumed after pruning began
-            self.dense_model = copy.deepcopy(pl_module).eval()
+            self.dense_model = self._dense_copy(pl_module)
             self.dense_model.load_state_dict(self._dense_state_dict)
             self._dense_state_dict = None
 
@@ -201,7 +201,7 @@ class MagnitudePruning(Callback):
         if self.schedule is None or step == self._last_update_step or not self.schedule.is_update_step(step):
             return
         if self.dense_model is None and not self.masks:
-            self.dense_model = copy.deepcopy(pl_module).eval()  # the report's dense baseline
+            self.dense_model = self._dense_copy(pl_module)  # the report's dense baseline
         target = self.schedule.target(step)
         self._update_masks(pl_module, target)
         self._apply_masks(pl_module)
@@ -230,8 +230,13 @@ class MagnitudePruning(Callback):
         if self.mode == "channels":
             for root, groups in self._groups.items():
                 network = self.pruned_model.get_submodule(root)
+                channel_groups.unmask_layer_norms(network)  # removal makes them normalize over the kept channels
                 keeps = [self._channel_keep(network, group) for group in groups]
-                channel_groups.remove_channels(network, groups, keeps)
+                args, kwargs = self._calls[root]
+                try:
+                    channel_groups.remove_channels(network, groups, keeps, *args, **kwargs)
+                except Exception as error:  # noqa: BLE001 - reported below as a model that does not run
+                    rank_zero_warn(f"MagnitudePruning: removing the channels of {root!r} failed ({error}).")
             failure = self._shrunken_differs(pl_module)
             if failure:
                 rank_zero_warn(f"MagnitudePruning: the masked model is kept, channels not removed: {failure}.")
@@ -340,6 +345,7 @@ class MagnitudePruning(Callback):
     def _find_groups(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         roots = [name for name, _ in compressible_children(pl_module)]
         selected_layers = set()
+        why_not: dict[str, str] = {}  # layer -> why its channels stay
         for root in roots:
             network = pl_module.get_submodule(root)
             for name, module in network.named_modules():
@@ -350,26 +356,38 @@ class MagnitudePruning(Callback):
             args, kwargs = self._calls[root]
             try:
                 groups = channel_groups.find_channel_groups(network, *args, **kwargs)
-            except Exception as error:  # noqa: BLE001 - a network FX cannot trace cannot be shrunk safely
+            except Exception as error:  # noqa: BLE001 - a network whose couplings are unknown cannot be shrunk safely
                 raise ValueError(
-                    f"mode='channels' cannot prune {root!r}: it cannot be traced ({str(error).splitlines()[0]})."
+                    f"mode='channels' cannot prune {root!r}: its channel dependencies cannot be found "
+                    f"({str(error).splitlines()[0]})."
                 ) from error
             self._groups[root] = [
                 group
                 for group in groups
                 if group.prunable and all(f"{root}.{name}" in selected_layers for name in group.producers)
             ]
+            for group in groups:
+                left_out = [f"{root}.{name}" for name in group.producers if f"{root}.{name}" not in selected_layers]
+                reason = group.blocked_by or ("it has a single output channel" if group.size < 2 else "")
+                if not reason and left_out:
+                    reason = f"its channels go with those of {left_out[0]!r}, which names/skip/layer_types leave out"
+                why_not.update({f"{root}.{name}": reason for name in group.producers if reason})
         prunable = {f"{root}.{name}" for root, groups in self._groups.items() for g in groups for name in g.producers}
-        unshrinkable = sorted(name for name in selected_layers - prunable if self.names is not None)
+        unshrinkable = sorted(name for name in selected_layers - prunable if self.names is not None and name in why_not)
         if unshrinkable:
-            raise ValueError(
-                f"mode='channels' cannot shrink {unshrinkable[0]!r}: its output channels feed the network output "
-                "or an op whose channels cannot be removed (see lightning_compress.channel_groups)."
-            )
+            raise ValueError(f"mode='channels' cannot shrink {unshrinkable[0]!r}: {why_not[unshrinkable[0]]}.")
         if self.names is not None and not prunable:
             raise ValueError(f"names={self._patterns(self.names)} selects no layer that mode='channels' can shrink.")
         if not prunable:
             raise ValueError("mode='channels' found no channel group it can shrink in this model.")
+        for root, groups in self._groups.items():
+            channel_groups.mask_layer_norms(pl_module.get_submodule(root), groups)
+        left_alone = sorted({f"{name} ({reason})" for name, reason in why_not.items() if reason})
+        if left_alone:
+            rank_zero_info(
+                f"MagnitudePruning: {len(left_alone)} layers keep all their output channels: {'; '.join(left_alone[:4])}"
+                + (f"; and {len(left_alone) - 4} more." if len(left_alone) > 4 else ".")
+            )
 
     def _channel_keep(self, network: nn.Module, group: channel_groups.ChannelGroup) -> torch.Tensor:
         """Channels currently kept: those whose producer rows are not all zero."""
@@ -378,15 +396,16 @@ class MagnitudePruning(Callback):
 
     def _update_masks(self, pl_module: nn.Module, target: float) -> None:
         if self.mode == "channels":
+            masks: dict[str, torch.Tensor] = {}  # a layer reading one group's channels and writing another's has two
             for root, groups in self._groups.items():
                 network = pl_module.get_submodule(root)
                 for group in groups:
                     importance = channel_groups.channel_importance(network, group, self.channel_norm)
-                    dropped = min(round(target * group.size), group.size - 1)  # never remove every channel
-                    keep = torch.ones(group.size, dtype=torch.bool)
-                    keep[importance.argsort()[:dropped]] = False
+                    keep = channel_groups.kept_channels(group, importance, round(target * group.size))
                     for name, mask in channel_groups.channel_masks(network, group, keep).items():
-                        self.masks[f"{root}.{name}" if root else name] = mask.bool()
+                        name = f"{root}.{name}" if root else name
+                        masks[name] = masks[name] & mask if name in masks else mask
+            self.masks.update(masks)
             return
         magnitudes = {name: weight.detach().abs() for name, weight in self._targets.items()}
         if self.scope == "layer":
@@ -398,9 +417,16 @@ class MagnitudePruning(Callback):
         for name, chunk in zip(magnitudes, keep.split([m.numel() for m in magnitudes.values()]), strict=True):
             self.masks[name] = chunk.view_as(magnitudes[name])
 
+    def _dense_copy(self, pl_module: nn.Module) -> nn.Module:
+        dense = copy.deepcopy(pl_module).eval()
+        channel_groups.unmask_layer_norms(dense)
+        return dense
+
     def _apply_masks(self, pl_module: nn.Module) -> None:
         if not self.masks:
             return
+        if self.mode == "channels":
+            channel_groups.update_layer_norm_masks(pl_module, self.masks)
         parameters = dict(pl_module.named_parameters())
         with torch.no_grad():
             for name, mask in self.masks.items():

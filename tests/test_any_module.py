@@ -319,3 +319,20 @@ def test_a_checkpoint_with_swapped_layers_restores(tmp_path: Path, digits):
     fresh.load_state_dict(checkpoint["state_dict"])
     trained.eval(), fresh.eval()
     assert torch.equal(_run_step(fresh, "transformer", digits), _run_step(trained, "transformer", digits))
+
+
+@pytest.mark.parametrize("kind", list(MODULES))
+def test_channel_pruning_shrinks_whatever_the_forward_signature(tmp_path: Path, digits, kind: str):
+    """Channel groups are found on the calls training_step makes (keywords, a transformer's mask), and the
+    shrunken model runs on them and computes what the masked one did. In the transformer only the
+    feed-forward width can go: the residual width is attention's, split into heads."""
+    pruning = MagnitudePruning(final_sparsity=0.5, start_epoch=0, end_epoch=1, mode="channels", export_format="none")
+    module = _fit(tmp_path, kind, digits, pruning)
+    shrunken = pruning.pruned_model
+    assert sum(p.numel() for p in shrunken.parameters()) < sum(p.numel() for p in module.parameters())
+    module.eval()
+    assert torch.allclose(_run_step(shrunken, kind, digits), _run_step(module, kind, digits), rtol=1e-3, atol=1e-4)
+    if kind == "transformer":
+        layer = shrunken.encoder.layers[0]
+        assert layer.linear1.out_features == layer.linear2.in_features == 32
+        assert layer.self_attn.embed_dim == shrunken.classifier.in_features == 32  # width untouched
