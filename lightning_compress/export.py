@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import importlib.util
+import warnings
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,12 +18,50 @@ from torch import nn
 
 from lightning_compress.selection import without_training_aids
 
-EXPORT_FORMATS = ("torchscript", "none")
+EXPORT_FORMATS = ("torchscript", "onnx", "openvino")
+"""What each compression callback can write: ``torchscript`` (runs with torch alone), ``onnx`` (QDQ int8 for
+ONNX Runtime and TensorRT, plain ONNX for float models), ``openvino`` (IR ``.xml`` + ``.bin``)."""
+
+_EXTRAS = {"onnx": (("onnx", "onnxruntime"), "onnx"), "openvino": (("openvino",), "openvino")}  # format -> (packages, extra)
 
 
-def check_export_format(export_format: str) -> None:
-    if export_format not in EXPORT_FORMATS:
-        raise ValueError(f"export_format={export_format!r} is unknown: allowed values are {list(EXPORT_FORMATS)}.")
+def check_export_format(export_format: str | Sequence[str]) -> tuple[str, ...]:
+    """The formats asked for, as a tuple (``"none"`` or an empty list: none), checked before any training:
+    each must exist and have its package installed."""
+    formats = (export_format,) if isinstance(export_format, str) else tuple(export_format)
+    formats = tuple(name for name in formats if name != "none")
+    for name in formats:
+        if name not in EXPORT_FORMATS:
+            raise ValueError(
+                f"export_format={export_format!r}: {name!r} is unknown; allowed are {list(EXPORT_FORMATS)}, "
+                "a list of them, or 'none'."
+            )
+        packages, extra = _EXTRAS.get(name, ((), None))
+        for package in packages:
+            if importlib.util.find_spec(package) is None:
+                raise ValueError(
+                    f"export_format={name!r} needs the {package!r} package: pip install 'lightning-compress[{extra}]'."
+                )
+    return formats
+
+
+def write_exports(
+    model: nn.Module, args: tuple | None, kwargs: dict[str, Any], folder: Path, stem: str, formats: Sequence[str]
+) -> dict[str, Path]:
+    """Export ``model`` in each of ``formats`` as ``folder/stem`` plus the format's suffix; returns the files
+    written. A failed export is a one-line warning (see ``export_torchscript``): the others still happen."""
+    writers = {
+        "torchscript": (export_torchscript, ".pt"),
+        "onnx": (export_onnx, ".onnx"),
+        "openvino": (export_openvino, "_openvino.xml"),
+    }
+    written = {}
+    for name in formats:
+        writer, suffix = writers[name]
+        path = writer(model, args, kwargs, folder / f"{stem}{suffix}")
+        if path is not None:
+            written[name] = path
+    return written
 
 
 def output_folder(trainer: L.Trainer, export_dir: str | None = None) -> Path:
@@ -65,20 +105,82 @@ def export_torchscript(model: nn.Module, args: tuple | None, kwargs: dict[str, A
     TorchScript, not ``torch.export``: torch.export cannot serialize the packed int8 weights of
     torch.ao quantized modules (their script objects have no ``__obj_flatten__``).
     """
-    try:
-        if args is None:
-            raise ValueError("training_step never calls the LightningModule's forward: there is no call to trace")
+    with _recording_failure(path, "TorchScript"):
         with _jit_is_scripting(), torch.no_grad():  # tracing probes `trainer`, which raises when detached
             traced = torch.jit.trace(
-                without_training_aids(model).eval(), args, example_kwarg_inputs=kwargs or None, check_trace=False
+                without_training_aids(model).eval(), _call(args), example_kwarg_inputs=kwargs or None, check_trace=False
             )
         torch.jit.save(traced, str(path))
-    except Exception as error:  # noqa: BLE001 - any failure of tracing or saving: the run goes on without this file
+        rank_zero_info(f"Saved {path.name} (TorchScript) to {path.parent}")
+        return path
+    return None
+
+
+ONNX_OPSET = 17
+"""QuantizeLinear/DequantizeLinear with per-channel axes need opset 13; 17 is read by ONNX Runtime, TensorRT
+8.6+ and OpenVINO alike."""
+
+
+def export_onnx(model: nn.Module, args: tuple | None, kwargs: dict[str, Any], path: Path) -> Path | None:
+    """``model`` as ONNX (opset ``ONNX_OPSET``, the batch dimension of every input and output dynamic);
+    fake-quant models (see ``fx_quantization.fake_quant_for_export``) become QuantizeLinear/DequantizeLinear
+    pairs that ONNX Runtime and TensorRT run in int8. Uses torch's TorchScript-based exporter, which maps
+    torch's fake-quantize ops to QDQ pairs. ``None`` (and a warning) if it fails."""
+    with _recording_failure(path, "ONNX"):
+        args = _call(args)
+        names = [f"input_{index}" for index in range(len(args))] + list(kwargs)
+        with _jit_is_scripting(), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporter's deprecation notices, once per op
+            torch.onnx.export(
+                without_training_aids(model).eval(),
+                args,
+                str(path),
+                kwargs=kwargs or None,
+                input_names=names,
+                output_names=["output"],
+                dynamic_axes={name: {0: "batch"} for name in [*names, "output"]},
+                opset_version=ONNX_OPSET,
+                dynamo=False,
+            )
+        rank_zero_info(f"Saved {path.name} (ONNX, opset {ONNX_OPSET}) to {path.parent}")
+        return path
+    return None
+
+
+def export_openvino(model: nn.Module, args: tuple | None, kwargs: dict[str, Any], path: Path) -> Path | None:
+    """``model`` as OpenVINO IR (``path`` is the ``.xml``, the weights go beside it in a ``.bin``), weights
+    kept in float32 (OpenVINO's default halves them, which would move fake-quantized weights off their
+    grid); its FakeQuantize nodes run as int8 on x86 CPUs. ``None`` (and a warning) if it fails."""
+    with _recording_failure(path, "OpenVINO"):
+        import openvino
+
+        args = _call(args)
+        with _jit_is_scripting(), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            converted = openvino.convert_model(
+                without_training_aids(model).eval(), example_input={**dict(enumerate(args)), **kwargs} if kwargs else args
+            )
+            openvino.save_model(converted, str(path), compress_to_fp16=False)
+        rank_zero_info(f"Saved {path.name} + .bin (OpenVINO IR) to {path.parent}")
+        return path
+    return None
+
+
+def _call(args: tuple | None) -> tuple:
+    if args is None:
+        raise ValueError("training_step never calls the LightningModule's forward: there is no call to export")
+    return args
+
+
+@contextmanager
+def _recording_failure(path: Path, export_format: str) -> Iterator[None]:
+    """Turn any failure inside into a one-line warning naming the file, the format and why, recorded for the
+    app's exit code; the block then ends early."""
+    try:
+        yield
+    except Exception as error:  # noqa: BLE001 - any failure of export or saving: the run goes on without this file
         reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-        failure = ExportFailure(Path(path), "TorchScript", f"{type(error).__name__}: {reason}")
+        failure = ExportFailure(Path(path), export_format, f"{type(error).__name__}: {reason}")
         for failures in _recorders:
             failures.append(failure)
         rank_zero_warn(f"Export of {failure.path.name} ({failure.export_format}) failed, the run goes on: {failure.reason}")
-        return None
-    rank_zero_info(f"Saved {path.name} (TorchScript) to {path.parent}")
-    return path

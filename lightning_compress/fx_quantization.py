@@ -15,6 +15,7 @@ from functools import partial
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.ao.nn.intrinsic import qat as intrinsic_qat
 from torch.ao.quantization import (
@@ -35,6 +36,7 @@ from torch.ao.quantization import (
 )
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qat_fx
 from torch.fx import GraphModule
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from lightning_compress import compat
 
@@ -415,3 +417,140 @@ WEIGHT_ONLY_LAYERS = (nn.Embedding,)
 
 def has_quantizable_layers(module: nn.Module) -> bool:
     return any(isinstance(child, QUANTIZABLE_LAYERS + WEIGHT_ONLY_LAYERS) for child in module.modules())
+
+
+# ---------------------------------------------------------------------- fake-quant as deployment runtimes read it
+
+
+def fake_quant_for_export(prepared: nn.Module) -> nn.Module:
+    """A copy of a prepared (fake-quant) module written the way ONNX's QuantizeLinear/DequantizeLinear and
+    OpenVINO's FakeQuantize read it, computing what the fake-quant model computes in eval mode.
+
+    Three rewrites. BatchNorm is folded into the convolution it was trained fused with (QAT keeps it apart
+    to go on updating its statistics; a runtime wants one convolution whose weight grid it can read).
+    Weights are replaced by their fake-quantized values and re-quantized on the full int8 grid: exact, and
+    within what ONNX allows (it accepts no 7-bit grid, which weights use on CPUs without VNNI). Activation
+    fake-quants become plain quantize-dequantize calls with constant scales and zero-points (the module's
+    own observers and switches do not export). Layers with a weight grid other than Conv/Linear (an
+    Embedding) keep their fake-quantized weights in float.
+    """
+    model = copy.deepcopy(prepared).eval()
+    replaced: dict[int, nn.Module] = {}
+    done: list[str] = []  # prefixes already rewritten: what lies under them went with them
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        if not name or any(name.startswith(f"{prefix}.") for prefix in done):
+            continue
+        if id(module) not in replaced:
+            if isinstance(getattr(module, "weight_fake_quant", None), FakeQuantizeBase):
+                quantized_weight = isinstance(module, QUANTIZABLE_LAYERS)
+                replaced[id(module)] = (_QuantizedWeightLayer if quantized_weight else _FakeQuantizedWeightLayer).from_qat(module)
+            elif _observed_layer(module) is not None:  # post-training: weights get their grid at conversion
+                replaced[id(module)] = _QuantizedWeightLayer.from_observed(module)
+            elif isinstance(module, FakeQuantizeBase):
+                replaced[id(module)] = _QuantizeDequantize(module)
+            else:
+                continue
+        model.set_submodule(name, replaced[id(module)])  # again for a fake-quant serving several places
+        done.append(name)
+    return model
+
+
+class _QuantizeDequantize(nn.Module):
+    """Quantize then dequantize with the constant parameters an activation fake-quant ended training with."""
+
+    def __init__(self, fake_quant: FakeQuantizeBase) -> None:
+        super().__init__()
+        scale, zero_point = fake_quant.calculate_qparams()
+        self.per_channel = bool(fake_quant.is_per_channel)
+        self.axis = int(getattr(fake_quant, "ch_axis", 0))
+        self.quant_min, self.quant_max = int(fake_quant.quant_min), int(fake_quant.quant_max)
+        self.register_buffer("scale", scale.detach().float().flatten())
+        self.register_buffer("zero_point", zero_point.detach().int().flatten())
+        # per-tensor parameters as Python numbers: exported as scalars, which ONNX Runtime's fusions require
+        self.scalar_scale, self.scalar_zero_point = float(self.scale[0]), int(self.zero_point[0])
+
+    def forward(self, values: torch.Tensor) -> torch.Tensor:
+        if self.per_channel:
+            return torch.fake_quantize_per_channel_affine(
+                values, self.scale, self.zero_point, self.axis, self.quant_min, self.quant_max
+            )
+        return torch.fake_quantize_per_tensor_affine(
+            values, self.scalar_scale, self.scalar_zero_point, self.quant_min, self.quant_max
+        )
+
+
+class _QuantizedWeightLayer(nn.Module):
+    """A Conv/Linear (with its ReLU, if fused) whose weight goes through quantize-dequantize on the int8 grid."""
+
+    def __init__(
+        self, layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, weight_grid: FakeQuantizeBase, relu: bool
+    ) -> None:
+        super().__init__()
+        scale, zero_point = weight_grid.calculate_qparams()
+        with torch.no_grad():
+            self.weight = nn.Parameter(weight_grid(weight.detach()).detach(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.per_channel = bool(weight_grid.is_per_channel)
+        self.register_buffer("scale", scale.detach().float().flatten())
+        self.register_buffer("zero_point", zero_point.detach().int().flatten())
+        self.scalar_scale, self.scalar_zero_point = float(self.scale[0]), int(self.zero_point[0])
+        self.relu = relu
+        self.linear = isinstance(layer, nn.Linear)
+        if not self.linear:
+            self.stride, self.padding, self.dilation, self.groups = layer.stride, layer.padding, layer.dilation, layer.groups
+            self.convolution = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[weight.dim() - 2]
+
+    @classmethod
+    def from_qat(cls, layer: nn.Module) -> _QuantizedWeightLayer:
+        weight, bias = layer.weight, layer.bias
+        batch_norm = getattr(layer, "bn", None)
+        if isinstance(batch_norm, nn.modules.batchnorm._BatchNorm):
+            weight, bias = fuse_conv_bn_weights(
+                weight, bias, batch_norm.running_mean, batch_norm.running_var, batch_norm.eps, batch_norm.weight, batch_norm.bias
+            )
+        return cls(layer, weight, bias, layer.weight_fake_quant, relu="ReLU" in type(layer).__name__)
+
+    @classmethod
+    def from_observed(cls, module: nn.Module) -> _QuantizedWeightLayer:
+        """From a layer prepared for post-training quantization, with the weight grid conversion would give it."""
+        layer = _observed_layer(module)
+        weight_grid = module.qconfig.weight()
+        weight_grid(layer.weight.detach())  # observe the weights, as conversion does
+        return cls(
+            layer, layer.weight, layer.bias, weight_grid, relu=any(isinstance(child, nn.ReLU) for child in module.children())
+        )
+
+    def forward(self, values: torch.Tensor) -> torch.Tensor:
+        if self.per_channel:
+            weight = torch.fake_quantize_per_channel_affine(self.weight, self.scale, self.zero_point, 0, -128, 127)
+        else:
+            weight = torch.fake_quantize_per_tensor_affine(self.weight, self.scalar_scale, self.scalar_zero_point, -128, 127)
+        if self.linear:
+            output = F.linear(values, weight, self.bias)
+        else:
+            output = self.convolution(values, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return F.relu(output) if self.relu else output
+
+
+def _observed_layer(module: nn.Module) -> nn.Module | None:
+    """The Conv/Linear of a module prepared for post-training quantization (itself, or the first layer of a
+    fused Conv-ReLU), if it has a weight qconfig."""
+    qconfig = getattr(module, "qconfig", None)
+    if qconfig is None or qconfig.weight is None:
+        return None
+    if isinstance(module, QUANTIZABLE_LAYERS):
+        return module
+    first = next(iter(module.children()), None) if isinstance(module, nn.Sequential) else None
+    return first if isinstance(first, QUANTIZABLE_LAYERS) else None
+
+
+class _FakeQuantizedWeightLayer:
+    """Layers with a weight grid but no int8 kernel in the runtimes (an Embedding): their float version,
+    holding the fake-quantized weights."""
+
+    @staticmethod
+    def from_qat(layer: nn.Module) -> nn.Module:
+        plain = layer.to_float()
+        with torch.no_grad():
+            plain.weight.copy_(layer.weight_fake_quant(layer.weight.detach()))
+        return plain.eval()

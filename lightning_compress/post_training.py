@@ -22,9 +22,11 @@ from typing_extensions import override
 
 from lightning_compress import fx_quantization as backend
 from lightning_compress import sensitivity
-from lightning_compress.export import check_export_format, export_torchscript, output_folder
+from lightning_compress.export import check_export_format, export_torchscript, output_folder, write_exports
 from lightning_compress.fx_quantization import QuantizationConfig
 from lightning_compress.inputs import first_calls, first_tensor, keep_what_runs, training_batches, watch_training_step
+from lightning_compress.report import count_parameters
+from lightning_compress.runtimes import runtime_models
 from lightning_compress.selection import compressible_children
 from lightning_compress.validation import check_integer, check_number
 
@@ -51,7 +53,10 @@ class PostTrainingQuantization(Callback):
             data (quantized alone), then keep the most sensitive layers in float until the quantized model is
             within this budget of the float one; prints the table and writes ``quantization_sensitivity.png``.
             The quantized network must take the batch's input and return logits.
-        export_format: ``torchscript`` writes ``model_int8.pt``; ``none`` writes nothing.
+        export_format: one format or a list: ``torchscript`` writes the int8 model as ``model_int8.pt``;
+            ``onnx`` (``model_int8.onnx``, QuantizeLinear/DequantizeLinear pairs with the calibrated ranges)
+            and ``openvino`` (``model_int8_openvino.xml``/``.bin``) are run in int8 by their runtimes;
+            ``none`` writes nothing.
         export_dir: where to write it (default: the checkpoint folder, else the log folder).
     """
 
@@ -65,13 +70,13 @@ class PostTrainingQuantization(Callback):
         percentile: float = 99.99,
         modules: Sequence[str] | None = None,
         accuracy_budget: float | None = None,
-        export_format: str = "torchscript",
+        export_format: str | Sequence[str] = "torchscript",
         export_dir: str | None = None,
     ) -> None:
         check_number("accuracy_budget", accuracy_budget, low=0.0, none="no sensitivity study")
         check_integer("calibration_batches", calibration_batches, minimum=1)
         check_number("percentile", percentile, 0.0, 100.0, low_open=True)
-        check_export_format(export_format)
+        self.export_formats = check_export_format(export_format)
         self.config = QuantizationConfig(backend, per_channel_weights, observer, range_method, percentile)
         self.calibration_batches = calibration_batches
         self.modules = list(modules) if modules is not None else None
@@ -82,7 +87,8 @@ class PostTrainingQuantization(Callback):
         self.export_format = export_format
         self.export_dir = export_dir
         self.quantized_model: nn.Module | None = None
-        self.export_path: Path | None = None
+        self.export_path: Path | None = None  # the TorchScript file
+        self.export_paths: dict[str, Path] = {}  # every file written, by format
         self.calibrated_batches = 0
         self._targets: list[str] = []
         self._calls: dict = {}
@@ -117,7 +123,8 @@ class PostTrainingQuantization(Callback):
         watch_training_step(calibrated, batches, restore_buffers=False, inference_fastpath=False)  # observers record
         quantized = copy.deepcopy(pl_module).eval()
         int8_parts = {name: backend.convert(calibrated.get_submodule(name)) for name in parts}
-        for name, failure in keep_what_runs(quantized, int8_parts, batches[:1]).items():
+        kept_float = keep_what_runs(quantized, int8_parts, batches[:1])
+        for name, failure in kept_float.items():
             rank_zero_warn(
                 f"PostTrainingQuantization: {name!r} stays in float: with its int8 version the module fails ({failure})."
             )
@@ -127,8 +134,13 @@ class PostTrainingQuantization(Callback):
             f"{'per-channel' if self.config.per_channel_weights else 'per-tensor'} weights, "
             f"calibrated on {self.calibrated_batches} batches."
         )
-        if self.export_format == "torchscript":
-            self.export_path = self._export(trainer, pl_module)
+        if self.export_formats:
+            runtime_model = copy.deepcopy(pl_module).eval()  # ONNX and OpenVINO read the calibrated ranges
+            for name in parts:
+                if name not in kept_float:
+                    runtime_model.set_submodule(name, backend.fake_quant_for_export(calibrated.get_submodule(name)))
+            self.export_paths = self._export(trainer, runtime_model) or {}
+            self.export_path = self.export_paths.get("torchscript")
 
     def _prepare(self, model: nn.Module, name: str, float_layers: list[str]) -> list[str]:
         """Insert observers into ``name`` whole or, where it cannot be traced (or is never called itself, as a
@@ -181,13 +193,20 @@ class PostTrainingQuantization(Callback):
         return next(iter(self.sensitivity_plots.values()), None) if len(self.sensitivity_plots) == 1 else None
 
     def report_models(self) -> dict[str, nn.Module]:
-        return {} if self.quantized_model is None else {"int8": self.quantized_model}
+        if self.quantized_model is None:
+            return {}
+        return {"int8": self.quantized_model, **runtime_models("int8", self.export_paths, count_parameters(self.quantized_model))}
 
     @rank_zero_only
-    def _export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path | None:
-        path = output_folder(trainer, self.export_dir) / "model_int8.pt"
+    def _export(self, trainer: L.Trainer, runtime_model: nn.Module) -> dict[str, Path]:
+        """TorchScript holds the torch.ao int8 model; ONNX and OpenVINO hold quantize-dequantize pairs with the
+        calibrated ranges (``runtime_model``), which their own int8 kernels run."""
         args, kwargs = self._calls.get("", (None, {}))
-        return export_torchscript(self.quantized_model, args, kwargs, path)
+        folder = output_folder(trainer, self.export_dir)
+        torchscript = [name for name in self.export_formats if name == "torchscript"]
+        runtimes = [name for name in self.export_formats if name != "torchscript"]
+        written = write_exports(self.quantized_model, args, kwargs, folder, "model_int8", torchscript)
+        return written | write_exports(runtime_model, args, kwargs, folder, "model_int8", runtimes)
 
 
 class DynamicQuantization(Callback):
@@ -200,12 +219,18 @@ class DynamicQuantization(Callback):
         dynamic.quantized_model
 
     Args:
-        export_format: ``torchscript`` writes ``model_dynamic_int8.pt``; ``none`` writes nothing.
+        export_format: ``torchscript`` writes ``model_dynamic_int8.pt``; ``none`` writes nothing. (ONNX
+            and OpenVINO have no dynamically quantized layers to map these onto: export the QAT or PTQ model.)
         export_dir: where to write it (default: the checkpoint folder, else the log folder).
     """
 
     def __init__(self, export_format: str = "torchscript", export_dir: str | None = None) -> None:
-        check_export_format(export_format)
+        self.export_formats = formats = check_export_format(export_format)
+        if set(formats) - {"torchscript"}:
+            raise ValueError(
+                f"DynamicQuantization: export_format={export_format!r}: only 'torchscript' or 'none'; ONNX Runtime and "
+                "OpenVINO runs of int8 models come from QuantizationAwareTraining or PostTrainingQuantization."
+            )
         self.export_format = export_format
         self.export_dir = export_dir
         self.quantized_model: nn.Module | None = None
@@ -249,7 +274,7 @@ class DynamicQuantization(Callback):
                     f"DynamicQuantization: {layer_name!r} stays in float: with it in int8 the module fails ({failure})."
                 )
         self.quantized_model = quantized
-        if self.export_format == "torchscript":
+        if self.export_formats:
             self.export_path = self._export(trainer, pl_module)
 
     def report_models(self) -> dict[str, nn.Module]:

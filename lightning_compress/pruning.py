@@ -23,8 +23,10 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_compress import channel_groups
-from lightning_compress.export import check_export_format, export_torchscript, output_folder
+from lightning_compress.export import check_export_format, output_folder, write_exports
 from lightning_compress.inputs import first_calls, runs, same_outputs, training_batches
+from lightning_compress.report import count_parameters
+from lightning_compress.runtimes import runtime_models
 from lightning_compress.schedules import SCHEDULES, SparsitySchedule
 from lightning_compress.selection import compressible_children, resolve_module_type
 from lightning_compress.validation import check_integer
@@ -62,7 +64,9 @@ class MagnitudePruning(Callback):
         names: regular expressions; when given, only layers whose name matches one are pruned.
         skip: regular expressions of layer names left dense (the first and last layer are common choices).
         channel_norm: 1 or 2, the norm that ranks channels.
-        export_format: ``torchscript`` writes ``model_pruned.pt`` at fit end; ``none`` writes nothing.
+        export_format: one format or a list, written at fit end: ``torchscript`` (``model_pruned.pt``),
+            ``onnx`` (``model_pruned.onnx``), ``openvino`` (``model_pruned_openvino.xml``/``.bin``), all in
+            float; ``none`` writes nothing.
         export_dir: where to write it (default: the checkpoint folder, else the log folder).
         plot: write ``pruning.png`` (schedule and per-layer sparsity) at fit end, and log it to W&B.
     """
@@ -81,7 +85,7 @@ class MagnitudePruning(Callback):
         names: Sequence[str] | None = None,
         skip: Sequence[str] = (),
         channel_norm: int = 2,
-        export_format: str = "torchscript",
+        export_format: str | Sequence[str] = "torchscript",
         export_dir: str | None = None,
         plot: bool = True,
     ) -> None:
@@ -96,7 +100,7 @@ class MagnitudePruning(Callback):
         if end_epoch <= start_epoch:
             raise ValueError(f"end_epoch={end_epoch!r} is invalid: it must be an integer after start_epoch={start_epoch}.")
         check_integer("channel_norm", channel_norm, minimum=1, maximum=2)
-        check_export_format(export_format)
+        self.export_formats = check_export_format(export_format)
         check_integer("update_every", update_every, minimum=1, none="per epoch")
         # Checks the sparsities now, before any training; the steps are set in on_train_start.
         SparsitySchedule(schedule, initial_sparsity, final_sparsity, 0, 1, update_every or 1)
@@ -121,7 +125,8 @@ class MagnitudePruning(Callback):
         self.history: list[dict[str, float]] = []
         self.pruned_model: nn.Module | None = None
         self.dense_model: nn.Module | None = None
-        self.export_path: Path | None = None
+        self.export_path: Path | None = None  # the TorchScript file
+        self.export_paths: dict[str, Path] = {}  # every file written, by format
         self.plot_path: Path | None = None
         self._last_update_step = -1
         self._dense_state_dict: dict[str, torch.Tensor] | None = None
@@ -241,8 +246,9 @@ class MagnitudePruning(Callback):
             if failure:
                 rank_zero_warn(f"MagnitudePruning: the masked model is kept, channels not removed: {failure}.")
                 self.pruned_model = copy.deepcopy(pl_module).eval()
-        if self.export_format == "torchscript":
-            self.export_path = self._export(trainer, pl_module)
+        if self.export_formats:
+            self.export_paths = self._export(trainer, pl_module) or {}
+            self.export_path = self.export_paths.get("torchscript")
         if self.plot:
             self.plot_path = self._plot(trainer, pl_module)
 
@@ -305,6 +311,9 @@ class MagnitudePruning(Callback):
             models["dense"] = self.dense_model
         if self.mode == "channels" and self.pruned_model is not None:
             models["channels removed"] = self.pruned_model
+        if self.pruned_model is not None:
+            name = "channels removed" if self.mode == "channels" else "pruned"
+            models |= runtime_models(name, self.export_paths, count_parameters(self.pruned_model))
         return models
 
     # ------------------------------------------------------------------ internals
@@ -436,10 +445,10 @@ class MagnitudePruning(Callback):
                 parameter.mul_(mask)
 
     @rank_zero_only
-    def _export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
-        path = output_folder(trainer, self.export_dir) / "model_pruned.pt"
+    def _export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Path]:
         args, kwargs = self._calls.get("", (None, {}))
-        return export_torchscript(self.pruned_model, args, kwargs, path)
+        folder = output_folder(trainer, self.export_dir)
+        return write_exports(self.pruned_model, args, kwargs, folder, "model_pruned", self.export_formats)
 
     def _shrunken_differs(self, pl_module: L.LightningModule) -> str | None:
         """Why the network with channels removed does not compute what the masked one does, or ``None``.

@@ -30,9 +30,11 @@ from typing_extensions import override
 
 from lightning_compress import fx_quantization as backend
 from lightning_compress import module_swap
-from lightning_compress.export import check_export_format, export_torchscript, output_folder
+from lightning_compress.export import check_export_format, output_folder, write_exports
 from lightning_compress.fx_quantization import QuantizationConfig
 from lightning_compress.inputs import first_calls, runs, same_outputs, training_batches, watch_training_step
+from lightning_compress.report import count_parameters
+from lightning_compress.runtimes import RUNTIMES, runtime_models
 from lightning_compress.selection import compressible_children, resolve_module_type
 from lightning_compress.validation import check_integer, is_integer
 
@@ -93,8 +95,11 @@ class QuantizationAwareTraining(Callback):
         calibration_batches: training batches run through the model with observers on and fake-quant off
             when fake-quant starts, so that a trained model starts QAT from calibrated ranges.
         convert_on_fit_end: build the int8 model at the end of ``fit``.
-        export_format: ``torchscript`` writes ``model_int8.pt`` next to the checkpoints, loadable with
-            ``torch.jit.load`` without this package; ``none`` writes nothing.
+        export_format: one format or a list. ``torchscript`` writes the int8 model as ``model_int8.pt``
+            (``torch.jit.load`` runs it without this package); ``onnx`` writes ``model_int8.onnx``, whose
+            QuantizeLinear/DequantizeLinear pairs hold the trained scales (ONNX Runtime, TensorRT);
+            ``openvino`` writes ``model_int8_openvino.xml``/``.bin`` (OpenVINO runs its convolutions in
+            int8); ``none`` writes nothing. Files go next to the checkpoints.
         export_dir: where to write the export (default: the checkpoint folder, else the log folder).
     """
 
@@ -114,7 +119,7 @@ class QuantizationAwareTraining(Callback):
         skip: Sequence[str | type] = (),
         calibration_batches: int = 0,
         convert_on_fit_end: bool = True,
-        export_format: str = "torchscript",
+        export_format: str | Sequence[str] = "torchscript",
         export_dir: str | None = None,
     ) -> None:
         check_integer("start_epoch", start_epoch, minimum=0)
@@ -129,7 +134,7 @@ class QuantizationAwareTraining(Callback):
             )
         for name, bits in (("weight_bits", weight_bits), ("activation_bits", activation_bits)):
             check_integer(name, bits, minimum=2, maximum=8)
-        check_export_format(export_format)
+        self.export_formats = check_export_format(export_format)
         self.config = QuantizationConfig(
             backend,
             per_channel_weights,
@@ -147,12 +152,19 @@ class QuantizationAwareTraining(Callback):
         self.skip_types = [resolve_module_type(entry, "skip") for entry in skip if _names_a_type(entry)]
         self.calibration_batches = calibration_batches
         self.convert_on_fit_end = convert_on_fit_end
+        runtime_formats = [name for name in self.export_formats if name in RUNTIMES]
+        if runtime_formats and not self.config.converts_to_int8:
+            raise ValueError(
+                f"export_format={runtime_formats[0]!r} runs models in int8: weight_bits={weight_bits} and "
+                f"activation_bits={activation_bits} have no int8 kernel there; use 8 bits or export_format='none'."
+            )
         self.export_format = export_format
         self.export_dir = export_dir
 
         self.parts: list[QuantizedPart] = []
         self.quantized_model: nn.Module | None = None
-        self.export_path: Path | None = None
+        self.export_path: Path | None = None  # the TorchScript file
+        self.export_paths: dict[str, Path] = {}  # every file written, by format
         self._calibrated = False
         self._float_templates: dict[str, nn.Module] = {}
         self._float_names: dict[str, dict[str, str]] = {}
@@ -319,8 +331,9 @@ class QuantizationAwareTraining(Callback):
             )
             return
         self.quantized_model = self.convert(pl_module)
-        if self.export_format == "torchscript":
-            self.export_path = self._export(trainer, pl_module)
+        if self.export_formats:
+            self.export_paths = self._export(trainer, pl_module) or {}
+            self.export_path = self.export_paths.get("torchscript")
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -389,13 +402,23 @@ class QuantizationAwareTraining(Callback):
             _put(float_module, name, self._float_part(pl_module, name))
         return float_module
 
+    def fake_quant_for_export(self, pl_module: nn.Module) -> nn.Module:
+        """A copy of ``pl_module`` whose fake-quant parts are written as ONNX and OpenVINO read them (see
+        ``fx_quantization.fake_quant_for_export``): what the ``onnx`` and ``openvino`` exports hold."""
+        deployable = copy.deepcopy(pl_module).eval()
+        for part in self.parts:
+            if part.quantized:
+                _put(deployable, part.name, backend.fake_quant_for_export(_prepared(pl_module, part.name)))
+        return deployable
+
     def report_models(self) -> dict[str, nn.Module]:
-        """fp32, fake-quant and int8 models for the compression report."""
+        """fp32, fake-quant and int8 models for the compression report, and each runtime export, run there."""
         if self._pl_module is None or not self.prepared_names:
             return {}
         models = {"fp32": self.float_model(self._pl_module), "fake-quant": self._pl_module}
         if self.quantized_model is not None:
             models["int8"] = self.quantized_model
+            models |= runtime_models("int8", self.export_paths, count_parameters(self.quantized_model))
         return models
 
     # ------------------------------------------------------------------ internals
@@ -581,9 +604,17 @@ class QuantizationAwareTraining(Callback):
         rank_zero_info(f"QuantizationAwareTraining: calibrated observers on {len(batches)} batches.")
 
     @rank_zero_only
-    def _export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
+    def _export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Path]:
+        """TorchScript holds the torch.ao int8 model; ONNX and OpenVINO the fake-quant one, which their own
+        int8 kernels run."""
         args, kwargs = self._example_inputs.get("", (None, {}))
-        return export_torchscript(self.quantized_model, args, kwargs, output_folder(trainer, self.export_dir) / "model_int8.pt")
+        folder = output_folder(trainer, self.export_dir)
+        torchscript = [name for name in self.export_formats if name == "torchscript"]
+        runtimes = [name for name in self.export_formats if name != "torchscript"]
+        written = write_exports(self.quantized_model, args, kwargs, folder, "model_int8", torchscript)
+        if runtimes:
+            written |= write_exports(self.fake_quant_for_export(pl_module), args, kwargs, folder, "model_int8", runtimes)
+        return written
 
     @rank_zero_only
     def _show_parts(self) -> None:

@@ -28,6 +28,7 @@ from rich.table import Table
 from torch import nn
 from torch.utils.data import DataLoader
 
+from lightning_compress.runtimes import RuntimeModel
 from lightning_compress.selection import without_training_aids
 
 BASELINE = "fp32"
@@ -149,7 +150,8 @@ def measure(
 ) -> Measurement:
     """Measure one model; ``latency`` comes from ``latency_ms``, ``known_accuracy`` skips evaluating a
     figure computed elsewhere."""
-    total, nonzero = count_parameters(model)
+    exported = isinstance(model, RuntimeModel)  # run by ONNX Runtime or OpenVINO: counted from its source
+    total, nonzero = model.parameter_counts if exported else count_parameters(model)
     if known_accuracy is None and dataloader is not None:
         known_accuracy = top1_accuracy(model, dataloader)
     return Measurement(
@@ -157,7 +159,7 @@ def measure(
         accuracy=known_accuracy,
         parameters=total,
         nonzero_parameters=nonzero,
-        size_bytes=serialized_size(model),
+        size_bytes=sum(file.stat().st_size for file in model.files) if exported else serialized_size(model),
         latency_ms=latency,
     )
 

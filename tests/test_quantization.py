@@ -275,7 +275,7 @@ def test_calibration_batches_set_ranges_before_fake_quant(tmp_path: Path):
         ({"start_epoch": -1}, r"start_epoch=-1 is invalid"),
         ({"backend": "tensorrt"}, r"backend='tensorrt' is unknown: allowed values are \['x86', 'fbgemm', 'qnnpack'\]"),
         ({"observer": "entropy"}, r"observer='entropy' is unknown"),
-        ({"export_format": "onnx"}, r"export_format='onnx' is unknown"),
+        ({"export_format": "tflite"}, r"export_format='tflite': 'tflite' is unknown"),
         ({"skip": ["torch.nn.Nope"]}, r"skip='torch.nn.Nope' names no importable module type"),
         ({"calibration_batches": -2}, r"calibration_batches=-2 is invalid"),
         ({"start_epoch": 1, "freeze_observer_epoch": 1}, r"freeze_observer_epoch=1 equals start_epoch: no observer would ever"),

@@ -63,5 +63,5 @@ def test_image_folder_checks_its_numbers_before_its_folders(tmp_path: Path):
 
 
 def test_classes_without_numeric_arguments_still_check_their_choices():
-    with pytest.raises(ValueError, match=r"export_format='onnx' is unknown"):
-        DynamicQuantization(export_format="onnx")
+    with pytest.raises(ValueError, match=r"export_format='tflite': 'tflite' is unknown"):
+        DynamicQuantization(export_format="tflite")

@@ -1,0 +1,92 @@
+"""Exported models run by the runtimes they were exported for, as modules the report measures like the rest.
+
+A user ships the ``.onnx`` or the OpenVINO IR, not the torch model; the report's rows for them (``int8
+onnxruntime``, ``int8 openvino``) are measured through those runtimes: accuracy on the same test split,
+the size of the files, and batch-1 latency on one thread, taking turns with the torch models.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class RuntimeModel(nn.Module):
+    """An exported model behind ``forward``: tensors in, a tensor (the first output) out.
+
+    ``parameter_counts`` (total, non-zero) are those of the torch model it was exported from, which the
+    report cannot count inside a runtime; ``files`` are what a user ships.
+    """
+
+    def __init__(self, files: list[Path], parameter_counts: tuple[int, int]) -> None:
+        super().__init__()
+        self.files = [Path(file) for file in files]
+        self.parameter_counts = parameter_counts
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(self.run([tensor.detach().cpu().numpy() for tensor in inputs])))
+
+    def run(self, inputs: list[np.ndarray]) -> Any:
+        raise NotImplementedError
+
+
+class OnnxRuntimeModel(RuntimeModel):
+    """An ``.onnx`` file in ONNX Runtime's CPU provider, one intra-op thread (as the report times torch)."""
+
+    def __init__(self, path: Path, parameter_counts: tuple[int, int]) -> None:
+        import onnxruntime
+
+        super().__init__([path], parameter_counts)
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input_names = [node.name for node in self.session.get_inputs()]
+
+    def run(self, inputs: list[np.ndarray]) -> Any:
+        return self.session.run(None, dict(zip(self.input_names, inputs, strict=True)))[0]
+
+
+class OpenVinoModel(RuntimeModel):
+    """An OpenVINO IR (``.xml`` and its ``.bin``) compiled for the CPU, one inference thread."""
+
+    def __init__(self, path: Path, parameter_counts: tuple[int, int]) -> None:
+        import openvino
+
+        super().__init__([path, Path(path).with_suffix(".bin")], parameter_counts)
+        self.compiled = openvino.Core().compile_model(
+            str(path), "CPU", {"INFERENCE_NUM_THREADS": 1, "PERFORMANCE_HINT": "LATENCY"}
+        )
+
+    def run(self, inputs: list[np.ndarray]) -> Any:
+        return self.compiled(inputs)[0]
+
+    def int8_layers(self) -> list[str]:
+        """Convolutions and matrix products the compiled model runs in 8-bit integers (read from its
+        runtime model: what the CPU plugin actually chose, not what the file asks for)."""
+        chosen = []
+        for operation in self.compiled.get_runtime_model().get_ops():
+            info = operation.get_rt_info()
+            if info["layerType"].astype(str) in ("Convolution", "FullyConnected", "MatMul") and info["runtimePrecision"].astype(
+                str
+            ) in ("u8", "i8"):
+                chosen.append(operation.get_friendly_name())
+        return chosen
+
+
+RUNTIMES = {"onnx": ("onnxruntime", OnnxRuntimeModel), "openvino": ("openvino", OpenVinoModel)}
+"""Export format -> (the report's name for its runtime, the module that runs it)."""
+
+
+def runtime_models(name: str, export_paths: dict[str, Path], parameter_counts: tuple[int, int]) -> dict[str, RuntimeModel]:
+    """The report's rows for the runtime exports among ``export_paths``: ``"<name> onnxruntime"`` and so on."""
+    models = {}
+    for export_format, path in export_paths.items():
+        if export_format in RUNTIMES:
+            runtime, runner = RUNTIMES[export_format]
+            models[f"{name} {runtime}"] = runner(path, parameter_counts)
+    return models
