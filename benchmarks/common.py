@@ -6,12 +6,21 @@ import time
 
 import lightning as L
 from torch import nn
+from torch.utils.data import DataLoader
 
 from lightning_compress.data import DigitsDataModule
 
 
-def fit(model: nn.Module, epochs: int, callbacks: list = (), seed: int = 0, datamodule: DigitsDataModule | None = None) -> float:
-    """Seed, then fit ``model`` for ``epochs`` on digits (batch 64) with no logger, bar or checkpoint; seconds taken."""
+def fit(
+    model: nn.Module,
+    epochs: int,
+    callbacks: list = (),
+    seed: int = 0,
+    datamodule: DigitsDataModule | None = None,
+    train_dataloaders: DataLoader | None = None,
+) -> float:
+    """Seed, then fit ``model`` for ``epochs`` on digits (batch 64), or on ``train_dataloaders``, with no
+    logger, bar or checkpoint; seconds taken."""
     L.seed_everything(seed)
     trainer = L.Trainer(
         max_epochs=epochs,
@@ -23,5 +32,8 @@ def fit(model: nn.Module, epochs: int, callbacks: list = (), seed: int = 0, data
         callbacks=list(callbacks),
     )
     start = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule or DigitsDataModule(batch_size=64))
+    if train_dataloaders is not None:
+        trainer.fit(model, train_dataloaders=train_dataloaders)
+    else:
+        trainer.fit(model, datamodule=datamodule or DigitsDataModule(batch_size=64))
     return time.perf_counter() - start

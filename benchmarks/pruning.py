@@ -221,17 +221,7 @@ def architectures(runs: int) -> list[dict]:
         pruning = MagnitudePruning(
             final_sparsity=0.5, start_epoch=0, end_epoch=1, mode="channels", export_format="none", plot=False
         )
-        trainer = L.Trainer(
-            max_epochs=2,
-            accelerator="cpu",
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=[pruning],
-            limit_val_batches=0,
-        )
-        trainer.fit(module, train_dataloaders=DataLoader(TensorDataset(images, labels), batch_size=2))
+        fit(module, 2, [pruning], 0, train_dataloaders=DataLoader(TensorDataset(images, labels), batch_size=2))
         ours = pruning.pruned_model.net.eval()
         models = {"dense": dense, "ours": ours, **({"torch-pruning": theirs} if isinstance(theirs, nn.Module) else {})}
         with torch.no_grad():
