@@ -241,7 +241,8 @@ class MagnitudePruning(Callback):
                 try:
                     channel_groups.remove_channels(network, groups, keeps, *args, **kwargs)
                 except Exception as error:  # noqa: BLE001 - reported below as a model that does not run
-                    rank_zero_warn(f"MagnitudePruning: removing the channels of {root!r} failed ({error}).")
+                    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                    rank_zero_warn(f"MagnitudePruning: removing the channels of {root!r} failed ({reason}).")
             failure = self._shrunken_differs(pl_module)
             if failure:
                 rank_zero_warn(f"MagnitudePruning: the masked model is kept, channels not removed: {failure}.")
@@ -412,8 +413,8 @@ class MagnitudePruning(Callback):
                     importance = channel_groups.channel_importance(network, group, self.channel_norm)
                     keep = channel_groups.kept_channels(group, importance, round(target * group.size))
                     for name, mask in channel_groups.channel_masks(network, group, keep).items():
-                        name = f"{root}.{name}" if root else name
-                        masks[name] = masks[name] & mask if name in masks else mask
+                        full_name = f"{root}.{name}" if root else name
+                        masks[full_name] = masks[full_name] & mask if full_name in masks else mask
             self.masks.update(masks)
             return
         magnitudes = {name: weight.detach().abs() for name, weight in self._targets.items()}

@@ -495,6 +495,9 @@ class QuantizationAwareTraining(Callback):
             _check_same_output(module, prepared, args, kwargs)
         except Exception as error:  # noqa: BLE001 - any tracing failure means: try the children instead
             reason = _first_line(error)
+            # a trace that got as far as preparing may have swapped layers in place inside torch.nn leaves
+            module = copy.deepcopy(template)
+            pl_module.set_submodule(name, module)
             if children:
                 parts_before = len(self.parts)
                 for child in children:
