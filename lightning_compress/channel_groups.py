@@ -297,7 +297,7 @@ def _surviving_entries(network: nn.Module, removal: _Removal, dropped: list[int]
     masks = {}
     for name, original in originals.items():
         mask = torch.zeros(original.numel(), dtype=torch.bool)
-        mask[survivors[name].detach().flatten().long()] = True
+        mask[survivors[name].detach().flatten().long().cpu()] = True
         masks[name] = mask.view_as(original)
     return masks
 

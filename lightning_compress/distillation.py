@@ -37,8 +37,11 @@ def distillation_loss(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y)``; returns (total, kd, ce).
 
-    The ``T^2`` keeps the soft-target gradients on the scale of the hard-target ones as ``T`` changes.
+    The ``T^2`` keeps the soft-target gradients on the scale of the hard-target ones as ``T`` changes. Computed
+    in float32 whatever precision the logits come in (bf16 under mixed precision): bf16's 8-bit mantissa
+    would round away the small differences between softened distributions that the loss is made of.
     """
+    student_logits, teacher_logits = student_logits.float(), teacher_logits.float()
     kd = (
         F.kl_div(
             F.log_softmax(student_logits / temperature, dim=1),
@@ -207,8 +210,8 @@ class DistillationModule(ImageClassifier):
 
     def hint_loss(self, student_features: dict[int, torch.Tensor], teacher_features: dict[int, torch.Tensor]) -> torch.Tensor:
         """Sum over hints of the mean squared error between the adapted student output and the teacher's."""
-        losses = [
-            F.mse_loss(self.hint_adapters[str(index)](features), teacher_features[index])
+        losses = [  # in float32, as the distillation loss
+            F.mse_loss(self.hint_adapters[str(index)](features).float(), teacher_features[index].float())
             for index, features in student_features.items()
         ]
         return torch.stack(losses).sum()

@@ -16,6 +16,7 @@ from lightning.pytorch.core.module import _jit_is_scripting
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from lightning_compress.inputs import on_cpu
 from lightning_compress.selection import without_training_aids
 
 EXPORT_FORMATS = ("torchscript", "onnx", "openvino")
@@ -55,6 +56,7 @@ def write_exports(
         "onnx": (export_onnx, ".onnx"),
         "openvino": (export_openvino, "_openvino.xml"),
     }
+    args, kwargs = on_cpu((args, kwargs))  # exports are made on the CPU, whatever device trained the model
     written = {}
     for name in formats:
         writer, suffix = writers[name]

@@ -56,8 +56,8 @@ class PercentileObserver(HistogramObserver):
         bin_width = (self.max_val - self.min_val) / self.bins
         cumulative = torch.cumsum(self.histogram, dim=0) / self.histogram.sum()
         tail = (100.0 - self.percentile) / 100.0
-        start_bin = int(torch.searchsorted(cumulative, torch.tensor(tail)))
-        end_bin = int(torch.searchsorted(cumulative, torch.tensor(1.0 - tail)))
+        bounds = torch.tensor([tail, 1.0 - tail], dtype=cumulative.dtype, device=cumulative.device)
+        start_bin, end_bin = (int(index) for index in torch.searchsorted(cumulative, bounds))
         end_bin = min(max(end_bin, start_bin), self.bins - 1)
         return self.min_val + bin_width * start_bin, self.min_val + bin_width * (end_bin + 1)
 
@@ -67,7 +67,7 @@ class EntropyObserver(HistogramObserver):
     and its quantized version (the calibration of TensorRT and NVIDIA's pytorch-quantization)."""
 
     def _non_linear_param_search(self) -> tuple[torch.Tensor, torch.Tensor]:
-        histogram = self.histogram.double()
+        histogram = self.histogram.double().cpu()  # a short search over a small vector: on the CPU
         levels = self.quant_max - self.quant_min + 1
         bin_width = (self.max_val - self.min_val) / self.bins
         best_end, best_divergence = self.bins, float("inf")
@@ -307,13 +307,14 @@ def has_recurrent_layers(module: nn.Module) -> bool:
 
 
 def convert(prepared: nn.Module) -> nn.Module:
-    """An int8 copy of a prepared module, with float input and output; the prepared module is untouched."""
+    """An int8 copy of a prepared module, on the CPU, with float input and output; the prepared module (on
+    any device) is untouched."""
     weight_grids = {
         name: (module.weight_fake_quant.quant_min, module.weight_fake_quant.quant_max)
         for name, module in prepared.named_modules()
         if isinstance(getattr(module, "weight_fake_quant", None), FakeQuantizeBase)
     }
-    converted = convert_fx(copy.deepcopy(prepared).eval())
+    converted = convert_fx(copy.deepcopy(prepared).cpu().eval())  # int8 kernels are CPU kernels
     for name, (grid_min, grid_max) in weight_grids.items():
         _clamp_packed_weight(converted.get_submodule(name), grid_min, grid_max)
     return converted
@@ -434,7 +435,7 @@ def fake_quant_for_export(prepared: nn.Module) -> nn.Module:
     own observers and switches do not export). Layers with a weight grid other than Conv/Linear (an
     Embedding) keep their fake-quantized weights in float.
     """
-    model = copy.deepcopy(prepared).eval()
+    model = copy.deepcopy(prepared).cpu().eval()
     replaced: dict[int, nn.Module] = {}
     done: list[str] = []  # prefixes already rewritten: what lies under them went with them
     for name, module in list(model.named_modules(remove_duplicate=False)):

@@ -107,9 +107,13 @@ def first_calls(module: L.LightningModule, batches: Sequence[Any], names: Iterab
 
 
 def runs(module: L.LightningModule, batches: Sequence[Any]) -> str | None:
-    """``None`` if ``module.training_step`` runs on ``batches`` (watched, without a trace), else why not."""
+    """``None`` if ``module.training_step`` runs on ``batches`` (watched, without a trace), else why not. The
+    batches go to the module's device first: a compressed copy lives on the CPU, the trained module may not."""
+    device = _device_of(module)
     try:
-        watch_training_step(module, batches, fall_back_to_forward=False)
+        watch_training_step(
+            module, [_map_tensors(batch, lambda tensor: tensor.to(device)) for batch in batches], fall_back_to_forward=False
+        )
     except TrainingStepError as error:
         return _first_line(error.__cause__ or error)
     return None
@@ -134,10 +138,11 @@ def keep_what_runs(module: L.LightningModule, replacements: dict[str, nn.Module]
 
 def same_outputs(expected: Any, actual: Any) -> bool:
     """Whether two outputs of a module hold the same tensors (however nested in tuples, lists and dicts), in
-    number, shape and value up to float tolerance: how a traced or shrunken copy is checked against the original."""
+    number, shape and value up to float tolerance: how a traced or shrunken copy is checked against the original
+    (compared on the CPU, where a compressed copy lives)."""
     wanted, got = _tensors_in(expected), _tensors_in(actual)
     return len(wanted) == len(got) and all(
-        want.shape == have.shape and torch.allclose(want, have, rtol=1e-3, atol=1e-4)
+        want.shape == have.shape and torch.allclose(want.cpu().float(), have.cpu().float(), rtol=1e-3, atol=1e-4)
         for want, have in zip(wanted, got, strict=True)
     )
 
@@ -214,6 +219,19 @@ def _transformer_fastpath(enabled: bool) -> Iterator[None]:
         yield
     finally:
         torch.backends.mha.set_fastpath_enabled(was_enabled)
+
+
+def on_cpu(value: Any) -> Any:
+    """``value`` (a call's arguments, a batch) with every tensor in it on the CPU: what conversion, exports
+    and the report work with, whatever device the module trains on."""
+    return _map_tensors(value, torch.Tensor.cpu)
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    tensor = next(iter(module.parameters()), None)
+    if tensor is None:
+        tensor = next(iter(module.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
 
 
 def _map_tensors(value: Any, function: Callable[[torch.Tensor], torch.Tensor]) -> Any:

@@ -121,7 +121,7 @@ class PostTrainingQuantization(Callback):
         calibrated = copy.deepcopy(pl_module).eval()
         parts = [part for name in self._targets for part in self._prepare(calibrated, name, self.float_layers.get(name, []))]
         watch_training_step(calibrated, batches, restore_buffers=False, inference_fastpath=False)  # observers record
-        quantized = copy.deepcopy(pl_module).eval()
+        quantized = copy.deepcopy(pl_module).cpu().eval()  # int8 kernels are CPU kernels
         int8_parts = {name: backend.convert(calibrated.get_submodule(name)) for name in parts}
         kept_float = keep_what_runs(quantized, int8_parts, batches[:1])
         for name, failure in kept_float.items():
@@ -135,7 +135,7 @@ class PostTrainingQuantization(Callback):
             f"calibrated on {self.calibrated_batches} batches."
         )
         if self.export_formats:
-            runtime_model = copy.deepcopy(pl_module).eval()  # ONNX and OpenVINO read the calibrated ranges
+            runtime_model = copy.deepcopy(pl_module).cpu().eval()  # ONNX and OpenVINO read the calibrated ranges
             for name in parts:
                 if name not in kept_float:
                     runtime_model.set_submodule(name, backend.fake_quant_for_export(calibrated.get_submodule(name)))
@@ -259,7 +259,7 @@ class DynamicQuantization(Callback):
         """Quantize the module's networks (not its metrics or a frozen teacher), keeping in float any layer
         whose int8 version stops the module from running (a parent that reads ``layer.weight`` directly,
         as ``nn.TransformerEncoderLayer``'s inference fast path does)."""
-        quantized = copy.deepcopy(pl_module).eval()
+        quantized = copy.deepcopy(pl_module).cpu().eval()  # int8 kernels are CPU kernels
         self.float_layers = []
         whole = {name: backend.quantize_dynamic(quantized.get_submodule(name)) for name in self._targets}
         for name in keep_what_runs(quantized, whole, self._batches):  # these networks layer by layer

@@ -24,7 +24,7 @@ from typing_extensions import override
 
 from lightning_compress import channel_groups
 from lightning_compress.export import check_export_format, output_folder, write_exports
-from lightning_compress.inputs import first_calls, runs, same_outputs, training_batches
+from lightning_compress.inputs import first_calls, on_cpu, runs, same_outputs, training_batches
 from lightning_compress.report import count_parameters
 from lightning_compress.runtimes import runtime_models
 from lightning_compress.schedules import SCHEDULES, SparsitySchedule
@@ -231,13 +231,13 @@ class MagnitudePruning(Callback):
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._apply_masks(pl_module)
-        self.pruned_model = copy.deepcopy(pl_module).eval()
+        self.pruned_model = copy.deepcopy(pl_module).cpu().eval()  # shipped and measured on the CPU
         if self.mode == "channels":
             for root, groups in self._groups.items():
                 network = self.pruned_model.get_submodule(root)
                 channel_groups.unmask_layer_norms(network)  # removal makes them normalize over the kept channels
                 keeps = [self._channel_keep(network, group) for group in groups]
-                args, kwargs = self._calls[root]
+                args, kwargs = on_cpu(self._calls[root])
                 try:
                     channel_groups.remove_channels(network, groups, keeps, *args, **kwargs)
                 except Exception as error:  # noqa: BLE001 - reported below as a model that does not run
@@ -246,7 +246,7 @@ class MagnitudePruning(Callback):
             failure = self._shrunken_differs(pl_module)
             if failure:
                 rank_zero_warn(f"MagnitudePruning: the masked model is kept, channels not removed: {failure}.")
-                self.pruned_model = copy.deepcopy(pl_module).eval()
+                self.pruned_model = copy.deepcopy(pl_module).cpu().eval()
         if self.export_formats:
             self.export_paths = self._export(trainer, pl_module) or {}
             self.export_path = self.export_paths.get("torchscript")
@@ -428,7 +428,7 @@ class MagnitudePruning(Callback):
             self.masks[name] = chunk.view_as(magnitudes[name])
 
     def _dense_copy(self, pl_module: nn.Module) -> nn.Module:
-        dense = copy.deepcopy(pl_module).eval()
+        dense = copy.deepcopy(pl_module).cpu().eval()
         channel_groups.unmask_layer_norms(dense)
         return dense
 
@@ -464,7 +464,8 @@ class MagnitudePruning(Callback):
             masked.eval()
             try:
                 with torch.no_grad():
-                    expected, actual = masked(*args, **kwargs), shrunken(*args, **kwargs)
+                    cpu_args, cpu_kwargs = on_cpu((args, kwargs))
+                    expected, actual = masked(*args, **kwargs), shrunken(*cpu_args, **cpu_kwargs)
             except Exception as error:  # noqa: BLE001 - any failure: this network cannot ship
                 return f"{root!r} fails to run after channel removal ({type(error).__name__}: {str(error).splitlines()[0]})"
             finally:

@@ -32,7 +32,7 @@ from lightning_compress import fx_quantization as backend
 from lightning_compress import module_swap
 from lightning_compress.export import check_export_format, output_folder, write_exports
 from lightning_compress.fx_quantization import QuantizationConfig
-from lightning_compress.inputs import first_calls, runs, same_outputs, training_batches, watch_training_step
+from lightning_compress.inputs import first_calls, on_cpu, runs, same_outputs, training_batches, watch_training_step
 from lightning_compress.report import count_parameters
 from lightning_compress.runtimes import RUNTIMES, runtime_models
 from lightning_compress.selection import compressible_children, resolve_module_type
@@ -371,18 +371,18 @@ class QuantizationAwareTraining(Callback):
     def convert(self, pl_module: nn.Module) -> nn.Module:
         """An int8 copy of ``pl_module``: each fake-quant part converted; a part whose int8 version fails
         to run (an op with no int8 kernel) is kept in float and marked so in ``parts``."""
-        quantized = copy.deepcopy(pl_module).eval()
+        quantized = copy.deepcopy(pl_module).cpu().eval()
         for part in self.parts:
             if not part.quantized:
                 continue
             if part.swapped_layers:
-                int8_part = module_swap.convert_swapped(copy.deepcopy(_get(pl_module, part.name)).eval())
+                int8_part = module_swap.convert_swapped(copy.deepcopy(_get(pl_module, part.name)).cpu().eval())
             else:
                 int8_part = backend.convert(_prepared(pl_module, part.name))
             if backend.has_recurrent_layers(int8_part):  # no static int8 LSTM/GRU: the dynamic kind instead
                 int8_part = backend.quantize_dynamic(int8_part, backend.RECURRENT_LAYERS)
             if part.name in self._example_inputs:  # not after a test-only restore: nothing was observed
-                args, kwargs = self._example_inputs[part.name]
+                args, kwargs = on_cpu(self._example_inputs[part.name])
                 try:
                     with torch.no_grad():
                         int8_part(*args, **kwargs)
@@ -397,15 +397,15 @@ class QuantizationAwareTraining(Callback):
 
     def float_model(self, pl_module: nn.Module) -> nn.Module:
         """A plain fp32 copy of ``pl_module`` with the current weights (separate Conv and BN again)."""
-        float_module = copy.deepcopy(pl_module).eval()
+        float_module = copy.deepcopy(pl_module).cpu().eval()
         for name in self.prepared_names:
-            _put(float_module, name, self._float_part(pl_module, name))
+            _put(float_module, name, self._float_part(pl_module, name).cpu())
         return float_module
 
     def fake_quant_for_export(self, pl_module: nn.Module) -> nn.Module:
         """A copy of ``pl_module`` whose fake-quant parts are written as ONNX and OpenVINO read them (see
         ``fx_quantization.fake_quant_for_export``): what the ``onnx`` and ``openvino`` exports hold."""
-        deployable = copy.deepcopy(pl_module).eval()
+        deployable = copy.deepcopy(pl_module).cpu().eval()
         for part in self.parts:
             if part.quantized:
                 _put(deployable, part.name, backend.fake_quant_for_export(_prepared(pl_module, part.name)))

@@ -12,6 +12,7 @@ fp32 model, since the trained module itself holds fake-quant observers).
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import random
@@ -270,4 +271,11 @@ def models_to_report(trainer, pl_module: nn.Module) -> dict[str, nn.Module]:
         report_models = getattr(source, "report_models", None)
         if callable(report_models):
             models.update(report_models())
-    return {name: without_training_aids(model) for name, model in models.items()}
+    return {name: without_training_aids(_on_the_cpu(model)) for name, model in models.items()}
+
+
+def _on_the_cpu(model: nn.Module) -> nn.Module:
+    """``model``, or a CPU copy of it if it was trained elsewhere: the report measures for the CPU, and the
+    live module stays where it is."""
+    on_device = any(tensor.device.type != "cpu" for tensor in (*model.parameters(), *model.buffers()))
+    return copy.deepcopy(model).cpu() if on_device else model
