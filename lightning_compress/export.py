@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +96,24 @@ def recording_export_failures() -> Iterator[list[ExportFailure]]:
         yield failures
     finally:
         _recorders.remove(failures)
+
+
+def write_int8_exports(
+    int8_model: nn.Module,
+    runtime_model: Callable[[], nn.Module],
+    args: tuple | None,
+    kwargs: dict[str, Any],
+    folder: Path,
+    formats: Sequence[str],
+) -> dict[str, Path]:
+    """``model_int8.*`` in each of ``formats``: TorchScript holds the torch.ao int8 model; ONNX and OpenVINO
+    hold the quantize-dequantize model that ``runtime_model()`` builds (only when one of them is asked for),
+    which their own int8 kernels run."""
+    written = write_exports(int8_model, args, kwargs, folder, "model_int8", [name for name in formats if name == "torchscript"])
+    runtimes = [name for name in formats if name != "torchscript"]
+    if runtimes:
+        written |= write_exports(runtime_model(), args, kwargs, folder, "model_int8", runtimes)
+    return written
 
 
 def export_torchscript(model: nn.Module, args: tuple | None, kwargs: dict[str, Any], path: Path) -> Path | None:

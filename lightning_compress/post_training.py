@@ -10,7 +10,7 @@ models. The mechanism is ``fx_quantization``'s, shared with QAT.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import lightning as L
@@ -22,7 +22,7 @@ from typing_extensions import override
 
 from lightning_compress import fx_quantization as backend
 from lightning_compress import sensitivity
-from lightning_compress.export import check_export_format, export_torchscript, output_folder, write_exports
+from lightning_compress.export import check_export_format, export_torchscript, output_folder, write_int8_exports
 from lightning_compress.fx_quantization import QuantizationConfig
 from lightning_compress.inputs import first_calls, first_tensor, keep_what_runs, training_batches, watch_training_step
 from lightning_compress.report import count_parameters
@@ -135,10 +135,14 @@ class PostTrainingQuantization(Callback):
             f"calibrated on {self.calibrated_batches} batches."
         )
         if self.export_formats:
-            runtime_model = copy.deepcopy(pl_module).cpu().eval()  # ONNX and OpenVINO read the calibrated ranges
-            for name in parts:
-                if name not in kept_float:
-                    runtime_model.set_submodule(name, backend.fake_quant_for_export(calibrated.get_submodule(name)))
+
+            def runtime_model() -> nn.Module:  # ONNX and OpenVINO read the calibrated ranges
+                model = copy.deepcopy(pl_module).cpu().eval()
+                for name in parts:
+                    if name not in kept_float:
+                        model.set_submodule(name, backend.fake_quant_for_export(calibrated.get_submodule(name)))
+                return model
+
             self.export_paths = self._export(trainer, runtime_model) or {}
             self.export_path = self.export_paths.get("torchscript")
 
@@ -198,15 +202,10 @@ class PostTrainingQuantization(Callback):
         return {"int8": self.quantized_model, **runtime_models("int8", self.export_paths, count_parameters(self.quantized_model))}
 
     @rank_zero_only
-    def _export(self, trainer: L.Trainer, runtime_model: nn.Module) -> dict[str, Path]:
-        """TorchScript holds the torch.ao int8 model; ONNX and OpenVINO hold quantize-dequantize pairs with the
-        calibrated ranges (``runtime_model``), which their own int8 kernels run."""
+    def _export(self, trainer: L.Trainer, runtime_model: Callable[[], nn.Module]) -> dict[str, Path]:
         args, kwargs = self._calls.get("", (None, {}))
         folder = output_folder(trainer, self.export_dir)
-        torchscript = [name for name in self.export_formats if name == "torchscript"]
-        runtimes = [name for name in self.export_formats if name != "torchscript"]
-        written = write_exports(self.quantized_model, args, kwargs, folder, "model_int8", torchscript)
-        return written | write_exports(runtime_model, args, kwargs, folder, "model_int8", runtimes)
+        return write_int8_exports(self.quantized_model, runtime_model, args, kwargs, folder, self.export_formats)
 
 
 class DynamicQuantization(Callback):

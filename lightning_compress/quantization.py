@@ -30,7 +30,7 @@ from typing_extensions import override
 
 from lightning_compress import fx_quantization as backend
 from lightning_compress import module_swap
-from lightning_compress.export import check_export_format, output_folder, write_exports
+from lightning_compress.export import check_export_format, output_folder, write_int8_exports
 from lightning_compress.fx_quantization import QuantizationConfig
 from lightning_compress.inputs import first_calls, on_cpu, runs, same_outputs, training_batches, watch_training_step
 from lightning_compress.report import count_parameters
@@ -608,16 +608,15 @@ class QuantizationAwareTraining(Callback):
 
     @rank_zero_only
     def _export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Path]:
-        """TorchScript holds the torch.ao int8 model; ONNX and OpenVINO the fake-quant one, which their own
-        int8 kernels run."""
         args, kwargs = self._example_inputs.get("", (None, {}))
-        folder = output_folder(trainer, self.export_dir)
-        torchscript = [name for name in self.export_formats if name == "torchscript"]
-        runtimes = [name for name in self.export_formats if name != "torchscript"]
-        written = write_exports(self.quantized_model, args, kwargs, folder, "model_int8", torchscript)
-        if runtimes:
-            written |= write_exports(self.fake_quant_for_export(pl_module), args, kwargs, folder, "model_int8", runtimes)
-        return written
+        return write_int8_exports(
+            self.quantized_model,
+            lambda: self.fake_quant_for_export(pl_module),
+            args,
+            kwargs,
+            output_folder(trainer, self.export_dir),
+            self.export_formats,
+        )
 
     @rank_zero_only
     def _show_parts(self) -> None:
