@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_compress.inputs import _tensors_in, same_outputs
+from lightning_compress.inputs import _tensors_in, first_line, same_outputs
 
 ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 """Layers whose output channels define a group (and whose weight rows rank the group's channels)."""
@@ -337,8 +337,7 @@ def _removal_differs(network: nn.Module, groups: list[ChannelGroup], args: tuple
         with torch.no_grad():
             expected, actual = masked(*args, **kwargs), shrunken(*args, **kwargs)
     except Exception as error:  # noqa: BLE001 - any failure: these channels cannot be removed safely
-        text = str(error).strip()
-        return f"removing its channels fails ({text.splitlines()[0][:100] if text else type(error).__name__})"
+        return f"removing its channels fails ({first_line(error, limit=100)})"
     if not same_outputs(expected, actual):
         if [tensor.shape for tensor in _tensors_in(expected)] != [tensor.shape for tensor in _tensors_in(actual)]:
             return "its channels reach the network's output"

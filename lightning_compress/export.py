@@ -16,7 +16,7 @@ from lightning.pytorch.core.module import _jit_is_scripting
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from lightning_compress.inputs import on_cpu
+from lightning_compress.inputs import first_line, on_cpu
 from lightning_compress.selection import without_training_aids
 
 EXPORT_FORMATS = ("torchscript", "onnx", "openvino")
@@ -199,7 +199,7 @@ def _recording_failure(path: Path, export_format: str) -> Iterator[None]:
     try:
         yield
     except Exception as error:  # noqa: BLE001 - any failure of export or saving: the run goes on without this file
-        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        reason = first_line(error)
         failure = ExportFailure(Path(path), export_format, f"{type(error).__name__}: {reason}")
         for failures in _recorders:
             failures.append(failure)

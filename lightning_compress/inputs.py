@@ -92,7 +92,7 @@ def watch_training_step(
                 except Exception:  # noqa: BLE001 - report the step's failure: that is the one the user wrote
                     raise TrainingStepError(
                         f"{type(module).__name__}.training_step failed on a real training batch "
-                        f"({type(error).__name__}: {_first_line(error)}); the compression callbacks run it to see "
+                        f"({type(error).__name__}: {first_line(error)}); the compression callbacks run it to see "
                         "how your networks are called. Fix the step, or set `example_input_array` for forward()."
                     ) from error
     finally:
@@ -115,7 +115,7 @@ def runs(module: L.LightningModule, batches: Sequence[Any]) -> str | None:
             module, [_map_tensors(batch, lambda tensor: tensor.to(device)) for batch in batches], fall_back_to_forward=False
         )
     except TrainingStepError as error:
-        return _first_line(error.__cause__ or error)
+        return first_line(error.__cause__ or error)
     return None
 
 
@@ -269,6 +269,8 @@ def _tensors_in(output: Any) -> list[torch.Tensor]:
     return []
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException, limit: int | None = 200) -> str:
+    """The first line of an error's message (at most ``limit`` characters), or its type when it has none: how
+    a failure is told in one line."""
     text = str(error).strip()
-    return text.splitlines()[0][:200] if text else type(error).__name__
+    return text.splitlines()[0][:limit] if text else type(error).__name__

@@ -24,7 +24,7 @@ from typing_extensions import override
 
 from lightning_compress import channel_groups
 from lightning_compress.export import check_export_format, output_folder, write_exports
-from lightning_compress.inputs import first_calls, on_cpu, runs, same_outputs, training_batches
+from lightning_compress.inputs import first_calls, first_line, on_cpu, runs, same_outputs, training_batches
 from lightning_compress.report import count_parameters
 from lightning_compress.runtimes import runtime_models
 from lightning_compress.schedules import SCHEDULES, SparsitySchedule
@@ -241,8 +241,9 @@ class MagnitudePruning(Callback):
                 try:
                     channel_groups.remove_channels(network, groups, keeps, *args, **kwargs)
                 except Exception as error:  # noqa: BLE001 - reported below as a model that does not run
-                    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-                    rank_zero_warn(f"MagnitudePruning: removing the channels of {root!r} failed ({reason}).")
+                    rank_zero_warn(
+                        f"MagnitudePruning: removing the channels of {root!r} failed ({first_line(error, limit=None)})."
+                    )
             failure = self._shrunken_differs(pl_module)
             if failure:
                 rank_zero_warn(f"MagnitudePruning: the masked model is kept, channels not removed: {failure}.")

@@ -32,7 +32,7 @@ from lightning_compress import fx_quantization as backend
 from lightning_compress import module_swap
 from lightning_compress.export import check_export_format, output_folder, write_int8_exports
 from lightning_compress.fx_quantization import QuantizationConfig
-from lightning_compress.inputs import first_calls, on_cpu, runs, same_outputs, training_batches, watch_training_step
+from lightning_compress.inputs import first_calls, first_line, on_cpu, runs, same_outputs, training_batches, watch_training_step
 from lightning_compress.report import count_parameters
 from lightning_compress.runtimes import RUNTIMES, runtime_models
 from lightning_compress.selection import compressible_children, resolve_module_type
@@ -387,7 +387,7 @@ class QuantizationAwareTraining(Callback):
                     with torch.no_grad():
                         int8_part(*args, **kwargs)
                 except Exception as error:  # noqa: BLE001 - any failure: this part ships in float
-                    part.reason = f"kept in float: its int8 version fails to run ({_first_line(error)})"
+                    part.reason = f"kept in float: its int8 version fails to run ({first_line(error, limit=120)})"
                     int8_part = self._float_part(pl_module, part.name)
             _put(quantized, part.name, int8_part)
             int8_layers, float_layers = backend.layers_by_kind(_prepared(quantized, part.name))
@@ -455,7 +455,7 @@ class QuantizationAwareTraining(Callback):
         except Exception as error:  # noqa: BLE001 - any tracing failure means: quantize each network instead
             # torch.ao swaps layers in place inside modules the trace kept whole (a torch.nn container)
             backend.install_forward(pl_module, template)
-            return _first_line(error)
+            return first_line(error, limit=120)
         names = backend.shared_tensor_names(holder, prepared)
         backend.install_forward(pl_module, prepared)
         failure = runs(pl_module, training_batches(trainer, pl_module, 1))
@@ -494,7 +494,7 @@ class QuantizationAwareTraining(Callback):
             prepared = backend.prepare(module, mapping, args)
             _check_same_output(module, prepared, args, kwargs)
         except Exception as error:  # noqa: BLE001 - any tracing failure means: try the children instead
-            reason = _first_line(error)
+            reason = first_line(error, limit=120)
             # a trace that got as far as preparing may have swapped layers in place inside torch.nn leaves
             module = copy.deepcopy(template)
             pl_module.set_submodule(name, module)
@@ -510,7 +510,7 @@ class QuantizationAwareTraining(Callback):
                     self._undo_parts(pl_module, self.parts[parts_before:])
                     del self.parts[parts_before:]
                     pl_module.set_submodule(name, template)
-                    reason = f"its children quantized alone break it ({_first_line(split_error)})"
+                    reason = f"its children quantized alone break it ({first_line(split_error, limit=120)})"
             self._swap(pl_module, name, reason if children else f"cannot be traced ({reason})")
             return
         self._float_templates[name] = template
@@ -548,7 +548,8 @@ class QuantizationAwareTraining(Callback):
                 module_swap.convert_swapped(trial)(*args, **kwargs)
         except Exception as error:  # noqa: BLE001 - the swapped layers break the part: it stays float
             pl_module.set_submodule(name, template)
-            self.parts.append(QuantizedPart(name, False, f"{why}; swapping its layers breaks it too ({_first_line(error)})"))
+            reason = f"{why}; swapping its layers breaks it too ({first_line(error, limit=120)})"
+            self.parts.append(QuantizedPart(name, False, reason))
             return
         self.parts.append(QuantizedPart(name, True, f"module swap: {why}", swapped_layers=swapped))
 
@@ -693,11 +694,6 @@ def _put(root: nn.Module, name: str, part: nn.Module) -> None:
         backend.install_forward(root, part)
     else:
         root.set_submodule(name, part)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:120] if text else type(error).__name__
 
 
 def _some(names: dict[str, nn.Module]) -> list[str]:
