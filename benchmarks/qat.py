@@ -1,15 +1,17 @@
-"""QAT benchmark: int8 against fp32 latency, size and accuracy, and the cost of fake-quant in training.
+"""QAT benchmark: the FX and pt2e backends side by side, int8 against fp32 latency, size and accuracy.
 
     python benchmarks/qat.py            # writes benchmarks/results/qat.json and qat.md
 
-All ratios are measured in this one run on this machine (batch 1, one thread, same inputs): shared
-machines are noisy, so compare ratios, not absolute milliseconds across runs.
+All ratios are measured in this one run on this machine (batch 1, one thread, same inputs, models timed in
+turns): shared machines are noisy, so compare ratios, not absolute milliseconds across runs.
 
-1. Latency and size, int8 (this package's FX backend) against fp32 eager and fp32 with BN folded, for the
-   default CNN, resnet18 and mobilenet_v2 at 64x64 and 224x224 (ImageNet stems; random weights, since
-   latency does not depend on their values; observers calibrated on digits images).
-2. Accuracy on digits: an fp32 CNN, post-training quantization of that same model (calibrate, convert),
-   and QAT fine-tuning of it with ``QuantizationAwareTraining``.
+1. Latency and size of the default CNN, resnet18 and mobilenet_v2 at 64x64 and 224x224 (ImageNet stems;
+   random weights, since latency does not depend on their values): fp32 eager, fp32 under ``torch.compile``,
+   int8 from this package's FX backend (eager) and pt2e backend (compiled by Inductor), each prepared for QAT
+   and observed on digits images, beside the hand-written torch.ao FX flow and the hand-written torchao pt2e
+   + Inductor flow; with the compile time of each compiled model.
+2. Accuracy on digits: an fp32 CNN, post-training quantization of that same model, and QAT fine-tuning of it
+   with ``QuantizationAwareTraining``, with each backend.
 3. Training step time with fake-quant relative to fp32.
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.metadata
 import json
 import statistics
 import sys
@@ -29,14 +32,14 @@ import torch.nn.functional as F
 from common import fit
 from torch.fx.experimental.optimization import fuse as fold_batch_norm
 
-from lightning_compress import QuantizationAwareTraining
-from lightning_compress import fx_quantization as backend
+from lightning_compress import PostTrainingQuantization, QuantizationAwareTraining, compat
 from lightning_compress.data import DigitsDataModule
-from lightning_compress.fx_quantization import QuantizationConfig
 from lightning_compress.models import ImageClassifier, SmallCNN, torchvision_classifier
+from lightning_compress.quantization_backend import backend_for, quantization_config
 from lightning_compress.report import latency_ms, serialized_size, top1_accuracy
 
 RESULTS = Path(__file__).parent / "results"
+BACKENDS = ("x86", "x86_inductor")
 
 
 def _digits_images(size: int, count: int) -> torch.Tensor:
@@ -45,10 +48,11 @@ def _digits_images(size: int, count: int) -> torch.Tensor:
     return datamodule.train_set.tensors[0][:count]
 
 
-def _int8(model: torch.nn.Module, calibration: torch.Tensor, config: QuantizationConfig) -> torch.nn.Module:
-    """Post-training quantization through the same mechanism the callback uses: observe, then convert."""
-    backend.use_backend(config)
-    prepared = backend.prepare(copy.deepcopy(model).eval(), backend.qconfig_mapping(config)).eval()
+def _int8(model: torch.nn.Module, calibration: torch.Tensor, backend_name: str) -> torch.nn.Module:
+    """int8 through the mechanism the QAT callback uses: prepare for QAT, observe with fake-quant off, convert."""
+    backend = backend_for(quantization_config(backend_name))
+    backend.activate()
+    prepared = backend.prepare_qat(copy.deepcopy(model).train(), (calibration[:8],), {}, [], []).eval()
     backend.set_fake_quant(prepared, enabled=False)
     with torch.no_grad():
         for batch in calibration.split(8):
@@ -56,9 +60,8 @@ def _int8(model: torch.nn.Module, calibration: torch.Tensor, config: Quantizatio
     return backend.convert(prepared)
 
 
-def _reference_int8(model: torch.nn.Module, calibration: torch.Tensor) -> torch.nn.Module:
-    """The hand-written torch.ao FX flow (prepare_fx with the x86 defaults, calibrate, convert_fx), as a
-    yardstick for what this package's backend adds or loses."""
+def _hand_written_fx(model: torch.nn.Module, calibration: torch.Tensor) -> torch.nn.Module:
+    """The hand-written torch.ao FX flow (prepare_fx with the x86 defaults, calibrate, convert_fx)."""
     from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
@@ -69,8 +72,41 @@ def _reference_int8(model: torch.nn.Module, calibration: torch.Tensor) -> torch.
     return convert_fx(prepared)
 
 
+def _hand_written_pt2e(model: torch.nn.Module, calibration: torch.Tensor) -> torch.nn.Module:
+    """torchao's documented pt2e flow: strict export, X86InductorQuantizer defaults, calibrate, convert, and
+    ``torch.compile`` with Inductor's freezing on."""
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as x86_inductor
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    exported = torch.export.export(copy.deepcopy(model).eval(), (calibration[:1],), strict=True).module()
+    quantizer = x86_inductor.X86InductorQuantizer().set_global(x86_inductor.get_default_x86_inductor_quantization_config())
+    prepared = prepare_pt2e(exported, quantizer)
+    with torch.no_grad():
+        for batch in calibration.split(8):
+            prepared(batch)
+    return _Frozen(torch.compile(convert_pt2e(prepared)))
+
+
+class _Frozen(torch.nn.Module):
+    """Runs a ``torch.compile``d module with Inductor's freezing on (compiled on its first call, in warmup)."""
+
+    def __init__(self, compiled: torch.nn.Module) -> None:
+        super().__init__()
+        self.compiled = compiled
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), compat.inductor_freezing():
+            return self.compiled(images)
+
+
+def _compile_seconds(model: torch.nn.Module, example: torch.Tensor) -> float:
+    start = time.perf_counter()
+    with torch.no_grad():
+        model(example)
+    return time.perf_counter() - start
+
+
 def latency_and_size(runs: int) -> list[dict]:
-    config = QuantizationConfig()
     rows = []
     builders = {
         "cnn": lambda: SmallCNN(num_classes=10, in_channels=3),
@@ -83,19 +119,32 @@ def latency_and_size(runs: int) -> list[dict]:
         for name, build in builders.items():
             torch.manual_seed(0)
             fp32 = build().eval()
-            folded = fold_batch_norm(copy.deepcopy(fp32))
-            int8 = _int8(fp32, calibration, config)
-            reference = _reference_int8(fp32, calibration)
-            timings = latency_ms(
-                {"fp32": fp32, "fp32_bn_folded": folded, "int8": int8, "reference_int8": reference}, example, runs, warmup=10
-            )
+            torch.set_num_threads(1)  # compile on the thread count the timing uses
+            models = {
+                "fp32": fp32,
+                "fp32_bn_folded": fold_batch_norm(copy.deepcopy(fp32)),
+                "fp32_compiled": _Frozen(torch.compile(copy.deepcopy(fp32))),
+                "fx_int8": _int8(fp32, calibration, "x86"),
+                "hand_written_fx_int8": _hand_written_fx(fp32, calibration),
+                "pt2e_int8": _int8(fp32, calibration, "x86_inductor"),
+                "hand_written_pt2e_int8": _hand_written_pt2e(fp32, calibration),
+            }
+            compile_s = {
+                label: round(_compile_seconds(models[label], example), 1)
+                for label in ("fp32_compiled", "pt2e_int8", "hand_written_pt2e_int8")
+            }
+            timings = latency_ms(models, example, runs, warmup=10)
             row = {
                 "model": name,
                 "input": f"{size}x{size}",
                 **{f"{label}_ms": round(value, 3) for label, value in timings.items()},
-                "speedup_vs_fp32": round(timings["fp32"] / timings["int8"], 2),
-                "speedup_vs_bn_folded": round(timings["fp32_bn_folded"] / timings["int8"], 2),
-                "size_ratio": round(serialized_size(int8) / serialized_size(fp32), 3),
+                **{f"{label}_compile_s": value for label, value in compile_s.items()},
+                "fx_speedup": round(timings["fp32"] / timings["fx_int8"], 2),
+                "pt2e_speedup": round(timings["fp32"] / timings["pt2e_int8"], 2),
+                "hand_written_pt2e_speedup": round(timings["fp32"] / timings["hand_written_pt2e_int8"], 2),
+                "pt2e_vs_fx": round(timings["fx_int8"] / timings["pt2e_int8"], 2),
+                "fx_size_ratio": round(serialized_size(models["fx_int8"]) / serialized_size(fp32), 3),
+                "pt2e_size_ratio": round(serialized_size(models["pt2e_int8"]) / serialized_size(fp32), 3),
             }
             print(row, flush=True)
             rows.append(row)
@@ -110,31 +159,24 @@ def accuracy_on_digits(root: Path, fp32_epochs: int, qat_epochs: int, seed: int)
     test = digits.test_dataloader()
     fp32_path = root / "fp32.pt"
     torch.save(model.net.state_dict(), fp32_path)
-    fp32_accuracy = top1_accuracy(model, test)
+    result = {"seed": seed, "test_images": len(digits.test_set), "fp32": top1_accuracy(model, test)}
+    for backend in BACKENDS:
+        ptq = PostTrainingQuantization(calibration_batches=8, backend=backend, export_format="none")
+        fit(copy.deepcopy(model), 0, [ptq], seed, digits)
+        result[f"{backend}_ptq"] = top1_accuracy(ptq.quantized_model, test)
 
-    calibration = torch.cat([images for images, _ in digits.train_dataloader()])[:512]
-    ptq_accuracy = top1_accuracy(_int8(model.net, calibration, QuantizationConfig()), test)
-
-    L.seed_everything(seed)
-    qat_model = ImageClassifier(architecture="cnn", lr=3e-4, checkpoint=str(fp32_path))
-    qat = QuantizationAwareTraining(
-        start_epoch=0,
-        freeze_bn_epoch=qat_epochs - 2,
-        freeze_observer_epoch=qat_epochs - 1,
-        calibration_batches=8,
-        export_format="none",
-    )
-    fit(qat_model, qat_epochs, [qat], seed, digits)
-    qat_accuracy = top1_accuracy(qat.quantized_model, test)
-    result = {
-        "seed": seed,
-        "test_images": len(digits.test_set),
-        "fp32": fp32_accuracy,
-        "ptq_int8": ptq_accuracy,
-        "qat_int8": qat_accuracy,
-        "qat_minus_fp32_points": round(100 * (qat_accuracy - fp32_accuracy), 2),
-        "qat_minus_ptq_points": round(100 * (qat_accuracy - ptq_accuracy), 2),
-    }
+        qat_model = ImageClassifier(architecture="cnn", lr=3e-4, checkpoint=str(fp32_path))
+        qat = QuantizationAwareTraining(
+            start_epoch=0,
+            freeze_bn_epoch=qat_epochs - 2,
+            freeze_observer_epoch=qat_epochs - 1,
+            calibration_batches=8,
+            backend=backend,
+            export_format="none",
+        )
+        result[f"{backend}_qat_fit_s"] = round(fit(qat_model, qat_epochs, [qat], seed, digits), 1)
+        result[f"{backend}_qat"] = top1_accuracy(qat.quantized_model, test)
+        result[f"{backend}_qat_minus_fp32_points"] = round(100 * (result[f"{backend}_qat"] - result["fp32"]), 2)
     print(result, flush=True)
     return result
 
@@ -159,57 +201,80 @@ def training_step_time(steps: int) -> dict:
 
     torch.manual_seed(0)
     fp32 = SmallCNN().train()
-    fake_quant = backend.prepare(copy.deepcopy(fp32), backend.qconfig_mapping(QuantizationConfig())).train()
-    fp32_ms, fake_quant_ms = step_ms(fp32), step_ms(fake_quant)
-    result = {
-        "batch": 64,
-        "threads": torch.get_num_threads(),
-        "fp32_step_ms": round(fp32_ms, 3),
-        "fake_quant_step_ms": round(fake_quant_ms, 3),
-        "ratio": round(fake_quant_ms / fp32_ms, 2),
+    example = images[:8]
+    fake_quant = {
+        backend: backend_for(quantization_config(backend)).prepare_qat(copy.deepcopy(fp32), (example,), {}, [], []).train()
+        for backend in BACKENDS
     }
+    fp32_ms = step_ms(fp32)
+    result = {"batch": 64, "threads": torch.get_num_threads(), "fp32_step_ms": round(fp32_ms, 3)}
+    for backend, module in fake_quant.items():
+        step = step_ms(module)
+        result[f"{backend}_fake_quant_step_ms"] = round(step, 3)
+        result[f"{backend}_ratio"] = round(step / fp32_ms, 2)
     print(result, flush=True)
     return result
 
 
 def markdown(results: dict) -> str:
     lines = [
-        f"QAT benchmark ({results['machine']}, torch {results['torch']}, engine {results['engine']}); "
-        "latency: batch 1, 1 thread, median, models interleaved.",
+        f"QAT benchmark ({results['machine']}, torch {results['torch']}, torchao {results['torchao']}); "
+        "latency: batch 1, 1 thread, median ms, models interleaved; speedups against fp32 eager.",
         "",
-        "| model | input | fp32 ms | fp32 BN-folded ms | int8 ms | hand-written FX int8 ms | speedup vs fp32 | vs BN-folded "
-        "| size int8/fp32 |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | input | fp32 | fp32 BN-folded | fp32 compiled | FX int8 | hand-written FX | pt2e int8 | hand-written pt2e "
+        "| FX speedup | pt2e speedup | hand-written pt2e speedup | pt2e vs FX | pt2e compile s | size int8/fp32 FX, pt2e |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in results["latency"]:
         lines.append(
-            f"| {row['model']} | {row['input']} | {row['fp32_ms']} | {row['fp32_bn_folded_ms']} | {row['int8_ms']} "
-            f"| {row['reference_int8_ms']} "
-            f"| {row['speedup_vs_fp32']}x | {row['speedup_vs_bn_folded']}x | {row['size_ratio']} |"
+            f"| {row['model']} | {row['input']} | {row['fp32_ms']} | {row['fp32_bn_folded_ms']} | {row['fp32_compiled_ms']} "
+            f"| {row['fx_int8_ms']} | {row['hand_written_fx_int8_ms']} | {row['pt2e_int8_ms']} "
+            f"| {row['hand_written_pt2e_int8_ms']} "
+            f"| {row['fx_speedup']}x | {row['pt2e_speedup']}x | {row['hand_written_pt2e_speedup']}x | {row['pt2e_vs_fx']}x "
+            f"| {row['pt2e_int8_compile_s']} | {row['fx_size_ratio']}, {row['pt2e_size_ratio']} |"
         )
+    keys = ["fp32"] + [f"{backend}_{kind}" for backend in BACKENDS for kind in ("ptq", "qat")]
     lines += [
         "",
-        "| seed | fp32 acc | PTQ int8 acc | QAT int8 acc | QAT - fp32 (pts) | QAT - PTQ (pts) |",
-        "|---|---|---|---|---|---|",
+        "Accuracy on digits (270 test images): default CNN, fp32; then PTQ and QAT (from the fp32 weights) per backend "
+        "(`x86`: FX, `x86_inductor`: pt2e).",
+        "",
+        "| seed | "
+        + " | ".join(keys)
+        + " | "
+        + " | ".join(f"{b} QAT - fp32 (pts)" for b in BACKENDS)
+        + " | "
+        + " | ".join(f"{b} QAT fit s" for b in BACKENDS)
+        + " |",
+        "|---" * (1 + len(keys) + 2 * len(BACKENDS)) + "|",
     ]
-    for row in results["accuracy"]:
+    rows = results["accuracy"]
+    for row in rows:
         lines.append(
-            f"| {row['seed']} | {100 * row['fp32']:.2f}% | {100 * row['ptq_int8']:.2f}% | {100 * row['qat_int8']:.2f}% "
-            f"| {row['qat_minus_fp32_points']:+.2f} | {row['qat_minus_ptq_points']:+.2f} |"
+            f"| {row['seed']} | "
+            + " | ".join(f"{100 * row[key]:.2f}%" for key in keys)
+            + " | "
+            + " | ".join(f"{row[f'{b}_qat_minus_fp32_points']:+.2f}" for b in BACKENDS)
+            + " | "
+            + " | ".join(f"{row[f'{b}_qat_fit_s']}" for b in BACKENDS)
+            + " |"
         )
-    mean = {
-        key: statistics.mean(row[key] for row in results["accuracy"])
-        for key in ("fp32", "ptq_int8", "qat_int8", "qat_minus_fp32_points", "qat_minus_ptq_points")
-    }
+    mean = {key: statistics.mean(row[key] for row in rows) for key in keys}
     lines.append(
-        f"| mean | {100 * mean['fp32']:.2f}% | {100 * mean['ptq_int8']:.2f}% | {100 * mean['qat_int8']:.2f}% "
-        f"| {mean['qat_minus_fp32_points']:+.2f} | {mean['qat_minus_ptq_points']:+.2f} |"
+        "| mean | "
+        + " | ".join(f"{100 * mean[key]:.2f}%" for key in keys)
+        + " | "
+        + " | ".join(f"{statistics.mean(row[f'{b}_qat_minus_fp32_points'] for row in rows):+.2f}" for b in BACKENDS)
+        + " | "
+        + " | ".join(f"{statistics.mean(row[f'{b}_qat_fit_s'] for row in rows):.1f}" for b in BACKENDS)
+        + " |"
     )
     step = results["training_step"]
     lines += [
         "",
-        f"Training step (default CNN, batch {step['batch']}, {step['threads']} threads): fp32 "
-        f"{step['fp32_step_ms']} ms, fake-quant {step['fake_quant_step_ms']} ms ({step['ratio']}x).",
+        f"Training step (default CNN, batch {step['batch']}, {step['threads']} threads): fp32 {step['fp32_step_ms']} ms; "
+        + "; ".join(f"{b} fake-quant {step[f'{b}_fake_quant_step_ms']} ms ({step[f'{b}_ratio']}x)" for b in BACKENDS)
+        + ".",
     ]
     return "\n".join(lines) + "\n"
 
@@ -217,6 +282,7 @@ def markdown(results: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=100, help="timed forwards per latency figure")
+    parser.add_argument("--skip-latency", action="store_true", help="accuracy and training step only")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--fp32-epochs", type=int, default=10)
     parser.add_argument("--qat-epochs", type=int, default=6)
@@ -228,8 +294,8 @@ def main(argv: list[str] | None = None) -> None:
     results = {
         "machine": f"{torch.get_num_threads()} threads available, {torch.backends.cpu.get_cpu_capability()}",
         "torch": torch.__version__,
-        "engine": QuantizationConfig().backend,
-        "latency": latency_and_size(args.runs),
+        "torchao": importlib.metadata.version("torchao"),
+        "latency": [] if args.skip_latency else latency_and_size(args.runs),
         "accuracy": [accuracy_on_digits(scratch, args.fp32_epochs, args.qat_epochs, seed) for seed in args.seeds],
         "training_step": training_step_time(steps=30),
     }

@@ -44,3 +44,15 @@ def quantized_tensor_like(quantized: torch.Tensor, values: torch.Tensor) -> torc
             values, quantized.q_per_channel_scales(), quantized.q_per_channel_zero_points(), quantized.q_per_channel_axis()
         )
     return torch._make_per_tensor_quantized_tensor(values, quantized.q_scale(), quantized.q_zero_point())
+
+
+def inductor_freezing():
+    """A context in which ``torch.compile`` freezes parameters into constants, as Inductor's int8 path needs
+    (it prepacks quantized weights for oneDNN only when frozen; unfrozen, the graph fails to compile).
+
+    The setting lives in the private ``torch._inductor.config``; ``torch.compile(options={"freezing": True})``
+    fails on quantized graphs in torch 2.14 (onednn.qconv_prepack meets fake tensors).
+    """
+    import torch._inductor.config as inductor_config
+
+    return inductor_config.patch(freezing=True)

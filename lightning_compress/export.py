@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -19,9 +20,10 @@ from torch import nn
 from lightning_compress.inputs import first_line, on_cpu
 from lightning_compress.selection import without_training_aids
 
-EXPORT_FORMATS = ("torchscript", "onnx", "openvino")
-"""What each compression callback can write: ``torchscript`` (runs with torch alone), ``onnx`` (QDQ int8 for
-ONNX Runtime and TensorRT, plain ONNX for float models), ``openvino`` (IR ``.xml`` + ``.bin``)."""
+EXPORT_FORMATS = ("torchscript", "torch_export", "onnx", "openvino")
+"""What the compression callbacks can write: ``torchscript`` (runs with torch alone), ``torch_export``
+(a ``.pt2`` ``ExportedProgram``, for ``torch.export.load``), ``onnx`` (QDQ int8 for ONNX Runtime and
+TensorRT, plain ONNX for float models), ``openvino`` (IR ``.xml`` + ``.bin``)."""
 
 _EXTRAS = {"onnx": (("onnx", "onnxruntime"), "onnx"), "openvino": (("openvino",), "openvino")}  # format -> (packages, extra)
 
@@ -53,6 +55,7 @@ def write_exports(
     written. A failed export is a one-line warning (see ``export_torchscript``): the others still happen."""
     writers = {
         "torchscript": (export_torchscript, ".pt"),
+        "torch_export": (export_program, ".pt2"),
         "onnx": (export_onnx, ".onnx"),
         "openvino": (export_openvino, "_openvino.xml"),
     }
@@ -106,11 +109,12 @@ def write_int8_exports(
     folder: Path,
     formats: Sequence[str],
 ) -> dict[str, Path]:
-    """``model_int8.*`` in each of ``formats``: TorchScript holds the torch.ao int8 model; ONNX and OpenVINO
-    hold the quantize-dequantize model that ``runtime_model()`` builds (only when one of them is asked for),
-    which their own int8 kernels run."""
-    written = write_exports(int8_model, args, kwargs, folder, "model_int8", [name for name in formats if name == "torchscript"])
-    runtimes = [name for name in formats if name != "torchscript"]
+    """``model_int8.*`` in each of ``formats``: TorchScript and torch.export hold the int8 model itself; ONNX and
+    OpenVINO hold the quantize-dequantize model that ``runtime_model()`` builds (only when one of them is asked
+    for), which their own int8 kernels run."""
+    own = ("torchscript", "torch_export")
+    written = write_exports(int8_model, args, kwargs, folder, "model_int8", [name for name in formats if name in own])
+    runtimes = [name for name in formats if name not in own]
     if runtimes:
         written |= write_exports(runtime_model(), args, kwargs, folder, "model_int8", runtimes)
     return written
@@ -123,7 +127,7 @@ def export_torchscript(model: nn.Module, args: tuple | None, kwargs: dict[str, A
     are worth more than one of their exports.
 
     TorchScript, not ``torch.export``: torch.export cannot serialize the packed int8 weights of
-    torch.ao quantized modules (their script objects have no ``__obj_flatten__``).
+    the FX backend's quantized modules (their script objects have no ``__obj_flatten__``).
     """
     with _recording_failure(path, "TorchScript"):
         with _jit_is_scripting(), torch.no_grad():  # tracing probes `trainer`, which raises when detached
@@ -132,6 +136,41 @@ def export_torchscript(model: nn.Module, args: tuple | None, kwargs: dict[str, A
             )
         torch.jit.save(traced, str(path))
         rank_zero_info(f"Saved {path.name} (TorchScript) to {path.parent}")
+        return path
+    return None
+
+
+def batch_dynamic_shapes(value: Any) -> Any:
+    """``torch.export``'s ``dynamic_shapes`` for ``value``: the first dimension of each tensor free (batches of any
+    size), everything else as traced."""
+    if isinstance(value, torch.Tensor):
+        return {0: torch.export.Dim.AUTO} if value.dim() > 0 else None
+    if isinstance(value, list | tuple):
+        return type(value)(batch_dynamic_shapes(item) for item in value)
+    if isinstance(value, dict):
+        return {key: batch_dynamic_shapes(item) for key, item in value.items()}
+    return None
+
+
+def dynamic_batch(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``dynamic_shapes`` for ``torch.export.export(module, args, kwargs)``: the batch dimension of every tensor
+    argument free, by the name of the argument it is passed as."""
+    bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    return {name: batch_dynamic_shapes(value) for name, value in bound.arguments.items()}
+
+
+def export_program(model: nn.Module, args: tuple | None, kwargs: dict[str, Any], path: Path) -> Path | None:
+    """``torch.export`` ``model`` (without its training aids, batch dimension dynamic) and save the program as
+    ``.pt2``; ``torch.export.load(path).module()`` runs it (an int8 program of the pt2e backend needs
+    the import ``pt2e_quantization`` documents first, which defines its quantize ops). ``None`` when it fails: a
+    one-line warning, as for ``export_torchscript``."""
+    with _recording_failure(path, "torch.export"):
+        with torch.no_grad():
+            module = without_training_aids(model).eval()
+            args, kwargs = tuple(_call(args)), kwargs or {}
+            program = torch.export.export(module, args, kwargs or None, dynamic_shapes=dynamic_batch(module, args, kwargs))
+        torch.export.save(program, str(path))
+        rank_zero_info(f"Saved {path.name} (torch.export) to {path.parent}")
         return path
     return None
 

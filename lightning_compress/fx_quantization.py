@@ -1,10 +1,9 @@
-"""The quantization mechanism: how fake-quant is inserted and how a model becomes int8.
+"""The FX backend: fake-quant inserted and int8 models built by ``torch.ao.quantization`` FX graph mode.
 
-This is the one module that talks to a quantization library. It uses ``torch.ao.quantization`` FX graph
-mode (``prepare_qat_fx``/``convert_fx``), which on x86 CPUs gives real int8 kernels (resnet18 ran 10x
-faster than fp32 at 224x224 with the ``x86`` engine here). torch.ao is deprecated upstream in favour of
-torchao's pt2e flow, which still fails on torchvision's resnet18 (a residual add with two consumers), so the
-schedule in ``quantization.py`` only calls the functions below: moving to torchao later replaces this file.
+``prepare_qat_fx``/``convert_fx`` give real int8 kernels on x86 CPUs (the ``x86`` engine: resnet18 2.4x
+faster than fp32 at 224x224 on AVX2, 10x with VNNI) whose models run eagerly and export as TorchScript.
+torch.ao is deprecated upstream in favour of torchao's pt2e flow (``pt2e_quantization``); both sit behind
+``quantization_backend.QuantizationBackend``, chosen by the config's type (``QuantizationConfig`` here).
 """
 
 from __future__ import annotations
@@ -12,7 +11,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +38,13 @@ from torch.fx import GraphModule
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from lightning_compress import compat
+from lightning_compress.quantization_backend import (
+    QUANTIZABLE_LAYERS,
+    RECURRENT_LAYERS,
+    WEIGHT_ONLY_LAYERS,
+    QuantizationBackend,
+    register_backend,
+)
 
 BACKENDS = ("x86", "fbgemm", "qnnpack")
 OBSERVERS = ("minmax", "moving_average_minmax", "histogram")
@@ -106,6 +112,9 @@ class QuantizationConfig:
         narrow_range: weights use a symmetric grid without its lowest level (-127..127 at 8 bits).
         signed_activations: activations on a signed grid (-128..127) instead of 0..255.
     """
+
+    version: ClassVar[int] = 1
+    """Bumped when a field changes meaning, so that old checkpoints are read as they were written."""
 
     backend: str = "x86"
     per_channel_weights: bool = True
@@ -233,50 +242,6 @@ def prepare(module: nn.Module, mapping: QConfigMapping, example_args: tuple = ()
     return prepared.train(was_training)
 
 
-FORWARD_OBSERVERS = "quantization_observers"
-"""The child under which a LightningModule quantized as one graph keeps the graph's activation fake-quants."""
-
-
-def forward_holder(pl_module: nn.Module, networks: list[str]) -> nn.Module:
-    """A module whose children are ``pl_module``'s ``networks`` (the same objects) and whose forward is the
-    LightningModule's own: what FX traces to quantize the module's forward as one graph."""
-    holder_type = type(f"{type(pl_module).__name__}Forward", (nn.Module,), {"forward": type(pl_module).forward})
-    holder = holder_type()
-    for name in networks:
-        holder.add_module(name, pl_module.get_submodule(name))
-    for name, parameter in pl_module.named_parameters(recurse=False):  # a learned position embedding, say
-        holder.register_parameter(name, parameter)
-    for name, buffer in pl_module.named_buffers(recurse=False):
-        holder.register_buffer(name, buffer)
-    return holder.train(pl_module.training)
-
-
-def install_forward(pl_module: nn.Module, graph: nn.Module) -> None:
-    """Make ``graph`` (a holder: prepared, converted or float) the module's forward and networks.
-
-    The networks become the graph's (fusion rebuilds their containers), the graph's own activation
-    fake-quants a ``quantization_observers`` child, so every tensor has one name in the state_dict and moves
-    with the module; ``forward`` calls the graph, or the class's own forward again for a float holder.
-    """
-    networks = [name for name, _ in graph.named_children() if name in pl_module._modules and name != FORWARD_OBSERVERS]
-    for name in networks:
-        setattr(pl_module, name, getattr(graph, name))
-    observers = {name: child for name, child in graph.named_children() if name not in networks}
-    pl_module._modules.pop(FORWARD_OBSERVERS, None)
-    if observers:
-        pl_module.add_module(FORWARD_OBSERVERS, nn.ModuleDict(observers))
-    if isinstance(graph, GraphModule):
-        pl_module.forward = graph.forward
-    else:
-        pl_module.__dict__.pop("forward", None)
-
-
-def installed_forward(pl_module: nn.Module) -> GraphModule | None:
-    """The graph ``install_forward`` made the module's forward, if any."""
-    graph = getattr(pl_module.__dict__.get("forward"), "__self__", None)
-    return graph if isinstance(graph, GraphModule) else None
-
-
 def prepare_static(module: nn.Module, mapping: QConfigMapping) -> GraphModule:
     """Post-training quantization: trace an eval-mode copy of ``module`` with BN folded into the convolutions
     and observers inserted; run calibration data through it, then ``convert``."""
@@ -289,9 +254,6 @@ def prepare_static(module: nn.Module, mapping: QConfigMapping) -> GraphModule:
 DYNAMIC_LAYERS = (nn.Linear, nn.LSTM, nn.GRU)
 
 
-RECURRENT_LAYERS = (nn.LSTM, nn.GRU)
-
-
 def quantize_dynamic(module: nn.Module, layers: tuple[type, ...] = DYNAMIC_LAYERS) -> nn.Module:
     """An int8 copy with dynamically quantized ``layers`` (Linear, LSTM, GRU): weights stored in int8,
     activations quantized on the fly at each call (no calibration)."""
@@ -300,10 +262,6 @@ def quantize_dynamic(module: nn.Module, layers: tuple[type, ...] = DYNAMIC_LAYER
             nn.Sequential(copy.deepcopy(module).eval()), set(layers), dtype=torch.qint8
         )[0]
     return torch.ao.quantization.quantize_dynamic(copy.deepcopy(module).eval(), set(layers), dtype=torch.qint8)
-
-
-def has_recurrent_layers(module: nn.Module) -> bool:
-    return any(isinstance(child, RECURRENT_LAYERS) for child in module.modules())
 
 
 def convert(prepared: nn.Module) -> nn.Module:
@@ -369,55 +327,8 @@ def freeze_batch_norm(module: nn.Module) -> None:
     module.apply(intrinsic_qat.freeze_bn_stats)
 
 
-def float_copy(template: nn.Module, prepared: nn.Module, names: dict[str, str]) -> nn.Module:
-    """``template`` (a float module) filled with the current weights of ``prepared``.
-
-    ``names`` maps template tensor names to prepared ones (see ``shared_tensor_names``): fusion renames BN
-    tensors (``features.1.weight`` becomes ``features.0.bn.weight``) but keeps the tensors themselves.
-    """
-    state = prepared.state_dict()
-    float_module = copy.deepcopy(template)
-    float_module.load_state_dict({name: state[prepared_name] for name, prepared_name in names.items()})
-    return float_module.eval()
-
-
-def shared_tensor_names(original: nn.Module, prepared: nn.Module) -> dict[str, str]:
-    """Map each parameter/buffer name of ``original`` to its name in ``prepared``: the same tensor, or a new
-    Parameter on the same memory (torch.ao's QAT Embedding wraps the weight it is given in a new one)."""
-    by_identity = {id(tensor): name for name, tensor in _tensors(prepared)}
-    by_memory = {_memory(tensor): name for name, tensor in _tensors(prepared) if isinstance(tensor, torch.Tensor)}
-    names = {}
-    for name, tensor in _tensors(original):
-        prepared_name = by_identity.get(id(tensor))
-        if prepared_name is None and isinstance(tensor, torch.Tensor):
-            prepared_name = by_memory.get(_memory(tensor))
-        if prepared_name is None:
-            raise RuntimeError(f"tensor {name!r} was not carried into the prepared module")
-        names[name] = prepared_name
-    return names
-
-
-def _memory(tensor: torch.Tensor) -> tuple:
-    return tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tuple(tensor.stride())
-
-
-def _tensors(module: nn.Module) -> list[tuple[str, Any]]:
-    return list(module.state_dict(keep_vars=True).items())
-
-
 def is_prepared(module: nn.Module) -> bool:
     return any(isinstance(child, FakeQuantizeBase) for child in module.modules())
-
-
-QUANTIZABLE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-"""Layers with int8 weights and activations."""
-
-WEIGHT_ONLY_LAYERS = (nn.Embedding,)
-"""Layers with int8 weights only: a lookup has no activation to quantize."""
-
-
-def has_quantizable_layers(module: nn.Module) -> bool:
-    return any(isinstance(child, QUANTIZABLE_LAYERS + WEIGHT_ONLY_LAYERS) for child in module.modules())
 
 
 # ---------------------------------------------------------------------- fake-quant as deployment runtimes read it
@@ -555,3 +466,44 @@ class _FakeQuantizedWeightLayer:
         with torch.no_grad():
             plain.weight.copy_(layer.weight_fake_quant(layer.weight.detach()))
         return plain.eval()
+
+
+@register_backend(QuantizationConfig)
+class FxBackend(QuantizationBackend):
+    """torch.ao FX graph mode on the ``x86``, ``fbgemm`` or ``qnnpack`` engine: eager int8 models, TorchScript."""
+
+    native_export = "torchscript"
+    export_formats = ("torchscript", "onnx", "openvino")
+    prepares_whole_forward = True
+
+    def activate(self) -> None:
+        use_backend(self.config)
+
+    def prepare_qat(
+        self, module: nn.Module, args: tuple, kwargs: dict[str, Any], skip_names: list[str], skip_types: list[type]
+    ) -> nn.Module:
+        return prepare(module, qconfig_mapping(self.config, skip_names, skip_types), args)
+
+    def restore_qat(self, module: nn.Module, inputs: Any, skip_names: list[str], skip_types: list[type]) -> nn.Module:
+        return prepare(module, qconfig_mapping(self.config, skip_names, skip_types))  # FX traces without data
+
+    def prepare_ptq(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], skip_names: list[str]) -> nn.Module:
+        return prepare_static(module, qconfig_mapping(self.config, skip_names))
+
+    def batch_norms_to_freeze(self, module: nn.Module) -> list[tuple[str, nn.Module]]:
+        return [
+            (name, layer.bn)
+            for name, layer in module.named_modules()
+            if hasattr(layer, "freeze_bn") and isinstance(getattr(layer, "bn", None), nn.modules.batchnorm._BatchNorm)
+        ]
+
+    def quantize_dynamic(self, module: nn.Module, layers: tuple[type, ...] = ()) -> nn.Module:
+        return quantize_dynamic(module, layers or DYNAMIC_LAYERS)
+
+    is_prepared = staticmethod(is_prepared)
+    set_fake_quant = staticmethod(set_fake_quant)
+    set_observers = staticmethod(set_observers)
+    freeze_batch_norm = staticmethod(freeze_batch_norm)
+    convert = staticmethod(convert)
+    layers_by_kind = staticmethod(layers_by_kind)
+    fake_quant_for_export = staticmethod(fake_quant_for_export)

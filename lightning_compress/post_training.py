@@ -4,7 +4,8 @@
 real int8 model as QAT, with no training at all when the Trainer runs zero epochs on a trained checkpoint
 (``python train.py +compress=ptq model.checkpoint=...``). ``DynamicQuantization`` stores Linear, LSTM and
 GRU weights in int8 and quantizes activations on the fly: the usual way to ship LSTM and Linear-heavy
-models. The mechanism is ``fx_quantization``'s, shared with QAT.
+models. Static quantization goes through the same ``QuantizationBackend`` as QAT, chosen by ``backend``;
+dynamic quantization exists in the FX backend's eager flow only (``fx_quantization``).
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 from torch import nn
 from typing_extensions import override
 
-from lightning_compress import fx_quantization as backend
 from lightning_compress import sensitivity
 from lightning_compress.export import check_export_format, export_torchscript, output_folder, write_int8_exports
-from lightning_compress.fx_quantization import QuantizationConfig
+from lightning_compress.fx_quantization import DYNAMIC_LAYERS, quantize_dynamic
 from lightning_compress.inputs import first_calls, first_tensor, keep_what_runs, training_batches, watch_training_step
+from lightning_compress.quantization_backend import QuantizationBackend, backend_for, check_backend_exports, quantization_config
 from lightning_compress.report import count_parameters
 from lightning_compress.runtimes import runtime_models
 from lightning_compress.selection import compressible_children
@@ -43,7 +44,8 @@ class PostTrainingQuantization(Callback):
 
     Args:
         calibration_batches: training batches whose activations set the ranges (at least 1).
-        backend: ``x86``, ``fbgemm`` or ``qnnpack``.
+        backend: ``x86`` (default), ``fbgemm`` or ``qnnpack`` (FX graph mode), or ``x86_inductor`` (the pt2e flow,
+            compiled by Inductor; ``histogram`` observer with the ``mse`` range only).
         per_channel_weights: one weight scale per output channel, or one per tensor.
         observer: ``minmax``, ``moving_average_minmax`` or ``histogram``.
         range_method: ``max``, ``percentile``, ``entropy`` or ``mse`` (all but ``max`` need ``histogram``).
@@ -53,7 +55,8 @@ class PostTrainingQuantization(Callback):
             data (quantized alone), then keep the most sensitive layers in float until the quantized model is
             within this budget of the float one; prints the table and writes ``quantization_sensitivity.png``.
             The quantized network must take the batch's input and return logits.
-        export_format: one format or a list: ``torchscript`` writes the int8 model as ``model_int8.pt``;
+        export_format: one format or a list (``None``: the backend's own): ``torchscript`` writes the int8
+            model as ``model_int8.pt``; ``torch_export`` (``x86_inductor`` only) writes ``model_int8.pt2``;
             ``onnx`` (``model_int8.onnx``, QuantizeLinear/DequantizeLinear pairs with the calibrated ranges)
             and ``openvino`` (``model_int8_openvino.xml``/``.bin``) are run in int8 by their runtimes;
             ``none`` writes nothing.
@@ -70,14 +73,18 @@ class PostTrainingQuantization(Callback):
         percentile: float = 99.99,
         modules: Sequence[str] | None = None,
         accuracy_budget: float | None = None,
-        export_format: str | Sequence[str] = "torchscript",
+        export_format: str | Sequence[str] | None = None,
         export_dir: str | None = None,
     ) -> None:
         check_number("accuracy_budget", accuracy_budget, low=0.0, none="no sensitivity study")
         check_integer("calibration_batches", calibration_batches, minimum=1)
         check_number("percentile", percentile, 0.0, 100.0, low_open=True)
-        self.export_formats = check_export_format(export_format)
-        self.config = QuantizationConfig(backend, per_channel_weights, observer, range_method, percentile)
+        self.config = quantization_config(
+            backend, per_channel_weights=per_channel_weights, observer=observer, range_method=range_method, percentile=percentile
+        )
+        self.backend: QuantizationBackend = backend_for(self.config)
+        self.backend.check_settings(training=False)
+        self.export_formats = check_backend_exports(self.backend, export_format)
         self.calibration_batches = calibration_batches
         self.modules = list(modules) if modules is not None else None
         self.accuracy_budget = accuracy_budget
@@ -102,7 +109,7 @@ class PostTrainingQuantization(Callback):
             if not name or name not in names:
                 raise ValueError(f"modules={name!r} names no submodule; submodules are e.g. {list(names)[1:9]}.")
         candidates = self.modules if self.modules is not None else [name for name, _ in compressible_children(pl_module)]
-        self._targets = [name for name in candidates if backend.has_quantizable_layers(names[name])]
+        self._targets = [name for name in candidates if self.backend.has_quantizable_layers(names[name])]
         if not self._targets:
             raise ValueError("PostTrainingQuantization: the model has no Conv or Linear layer to quantize.")
         if self.accuracy_budget is not None and trainer.datamodule is None:
@@ -112,7 +119,7 @@ class PostTrainingQuantization(Callback):
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        backend.use_backend(self.config)
+        self.backend.activate()
         batches = training_batches(trainer, pl_module, self.calibration_batches)
         self.calibrated_batches = len(batches)
         if self.accuracy_budget is not None:
@@ -122,7 +129,7 @@ class PostTrainingQuantization(Callback):
         parts = [part for name in self._targets for part in self._prepare(calibrated, name, self.float_layers.get(name, []))]
         watch_training_step(calibrated, batches, restore_buffers=False, inference_fastpath=False)  # observers record
         quantized = copy.deepcopy(pl_module).cpu().eval()  # int8 kernels are CPU kernels
-        int8_parts = {name: backend.convert(calibrated.get_submodule(name)) for name in parts}
+        int8_parts = {name: self.backend.convert(calibrated.get_submodule(name)) for name in parts}
         kept_float = keep_what_runs(quantized, int8_parts, batches[:1])
         for name, failure in kept_float.items():
             rank_zero_warn(
@@ -140,7 +147,7 @@ class PostTrainingQuantization(Callback):
                 model = copy.deepcopy(pl_module).cpu().eval()
                 for name in parts:
                     if name not in kept_float:
-                        model.set_submodule(name, backend.fake_quant_for_export(calibrated.get_submodule(name)))
+                        model.set_submodule(name, self.backend.fake_quant_for_export(calibrated.get_submodule(name)))
                 return model
 
             self.export_paths = self._export(trainer, runtime_model) or {}
@@ -150,11 +157,12 @@ class PostTrainingQuantization(Callback):
         """Insert observers into ``name`` whole or, where it cannot be traced (or is never called itself, as a
         ``ModuleList``), into its children; returns the prepared names."""
         module = model.get_submodule(name)
-        if not backend.has_quantizable_layers(module):
+        if not self.backend.has_quantizable_layers(module):
             return []
         if name in self._calls:
             try:
-                model.set_submodule(name, backend.prepare_static(module, backend.qconfig_mapping(self.config, float_layers)))
+                args, kwargs = self._calls[name]
+                model.set_submodule(name, self.backend.prepare_ptq(module, args, kwargs, float_layers))
                 return [name]
             except Exception as error:  # noqa: BLE001 - any tracing failure means: try the children instead
                 rank_zero_info(
@@ -246,7 +254,7 @@ class DynamicQuantization(Callback):
         self._targets = [
             name
             for name, child in compressible_children(pl_module)
-            if any(isinstance(module, backend.DYNAMIC_LAYERS) for module in child.modules())
+            if any(isinstance(module, DYNAMIC_LAYERS) for module in child.modules())
         ]
         if not self._targets:
             raise ValueError("DynamicQuantization: the model has no Linear, LSTM or GRU layer to quantize.")
@@ -260,12 +268,12 @@ class DynamicQuantization(Callback):
         as ``nn.TransformerEncoderLayer``'s inference fast path does)."""
         quantized = copy.deepcopy(pl_module).cpu().eval()  # int8 kernels are CPU kernels
         self.float_layers = []
-        whole = {name: backend.quantize_dynamic(quantized.get_submodule(name)) for name in self._targets}
+        whole = {name: quantize_dynamic(quantized.get_submodule(name)) for name in self._targets}
         for name in keep_what_runs(quantized, whole, self._batches):  # these networks layer by layer
             layers = {
-                f"{name}.{layer_name}": backend.quantize_dynamic(layer)
+                f"{name}.{layer_name}": quantize_dynamic(layer)
                 for layer_name, layer in quantized.get_submodule(name).named_modules()
-                if isinstance(layer, backend.DYNAMIC_LAYERS)
+                if isinstance(layer, DYNAMIC_LAYERS)
             }
             for layer_name, failure in keep_what_runs(quantized, layers, self._batches).items():
                 self.float_layers.append(layer_name)

@@ -1,11 +1,11 @@
 """``QuantizationAwareTraining``: the QAT schedule as a Lightning callback.
 
 The callback holds *when* things happen (insert, calibrate, freeze BN, freeze observers, convert); the
-mechanism (*how*) lives in ``fx_quantization``. Fake-quant modules are inserted in ``setup``, before
-Lightning builds the optimizer, wraps the model for DDP or loads a checkpoint's weights, so the module's
-structure is the same for the whole run and every checkpoint of it. Before ``start_epoch`` they are
-switched off and the model trains in fp32. Observers are off during validation and test, so evaluation data
-never moves the quantization ranges.
+mechanism (*how*) is a ``QuantizationBackend`` chosen by the ``backend`` setting (``quantization_backend``).
+Fake-quant modules are inserted in ``setup``, before Lightning builds the optimizer, wraps the model for
+DDP or loads a checkpoint's weights, so the module's structure is the same for the whole run and every
+checkpoint of it. Before ``start_epoch`` they are switched off and the model trains in fp32. Observers are
+off during validation and test, so evaluation data never moves the quantization ranges.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import copy
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +28,19 @@ from torch import nn
 from torchmetrics import Metric
 from typing_extensions import override
 
-from lightning_compress import fx_quantization as backend
 from lightning_compress import module_swap
-from lightning_compress.export import check_export_format, output_folder, write_int8_exports
-from lightning_compress.fx_quantization import QuantizationConfig
+from lightning_compress.export import output_folder, write_int8_exports
+from lightning_compress.forward_graph import forward_holder, install_forward, installed_forward
 from lightning_compress.inputs import first_calls, first_line, on_cpu, runs, same_outputs, training_batches, watch_training_step
+from lightning_compress.quantization_backend import (
+    RECURRENT_LAYERS,
+    QuantizationBackend,
+    backend_for,
+    check_backend_exports,
+    config_from_state,
+    config_state,
+    quantization_config,
+)
 from lightning_compress.report import count_parameters
 from lightning_compress.runtimes import RUNTIMES, runtime_models
 from lightning_compress.selection import compressible_children, resolve_module_type
@@ -70,6 +78,9 @@ class QuantizationAwareTraining(Callback):
         trainer.fit(model, datamodule=datamodule)
         int8_model = qat.quantized_model  # also saved as TorchScript next to the checkpoints
 
+        # the pt2e flow instead: an int8 model compiled by Inductor, saved as a torch.export program
+        qat = QuantizationAwareTraining(start_epoch=2, backend="x86_inductor")
+
     By default every child of the LightningModule that holds trainable parameters is quantized (metrics and
     frozen modules, such as a distillation teacher, never are). A child that cannot be traced symbolically
     (data-dependent control flow, say) is split into its own children, down to single Conv/Linear layers, or,
@@ -81,7 +92,10 @@ class QuantizationAwareTraining(Callback):
         start_epoch: epoch at which fake-quant switches on; earlier epochs train in fp32.
         freeze_bn_epoch: epoch from which fused BatchNorm statistics stop updating (``None``: never).
         freeze_observer_epoch: epoch from which scales and zero-points stop updating (``None``: never).
-        backend: int8 kernels: ``x86`` (default, fastest on x86), ``fbgemm``, or ``qnnpack`` for ARM.
+        backend: how and for which kernels: ``x86`` (default; FX graph mode, int8 models that run
+            eagerly), ``fbgemm`` or ``qnnpack`` (ARM) likewise, or ``x86_inductor`` (the pt2e flow with
+            ``X86InductorQuantizer``: each part exported with ``torch.export``, the int8 model compiled by
+            Inductor on its first call; 8-bit grids and the default observer only; see ``pt2e_quantization``).
         per_channel_weights: one weight scale per output channel (default) or one per tensor.
         observer: activation observer, ``moving_average_minmax``, ``minmax`` or ``histogram``.
         weight_bits: weight grid, 2 to 8 bits. Below 8 bits (e.g. 4) the model trains on that grid with
@@ -95,9 +109,12 @@ class QuantizationAwareTraining(Callback):
         calibration_batches: training batches run through the model with observers on and fake-quant off
             when fake-quant starts, so that a trained model starts QAT from calibrated ranges.
         convert_on_fit_end: build the int8 model at the end of ``fit``.
-        export_format: one format or a list. ``torchscript`` writes the int8 model as ``model_int8.pt``
-            (``torch.jit.load`` runs it without this package); ``onnx`` writes ``model_int8.onnx``, whose
-            QuantizeLinear/DequantizeLinear pairs hold the trained scales (ONNX Runtime, TensorRT);
+        export_format: one format or a list; ``None`` (default): the backend's own, ``torchscript`` for the
+            FX backends and ``torch_export`` for ``x86_inductor``. ``torchscript`` writes the int8 model as
+            ``model_int8.pt`` (``torch.jit.load`` runs it without this package); ``torch_export`` writes
+            ``model_int8.pt2`` (``torch.export.load``, after the import ``pt2e_quantization`` names); ``onnx``
+            writes ``model_int8.onnx``, whose QuantizeLinear/DequantizeLinear pairs hold the trained scales
+            (ONNX Runtime, TensorRT);
             ``openvino`` writes ``model_int8_openvino.xml``/``.bin`` (OpenVINO runs its convolutions in
             int8); ``none`` writes nothing. Files go next to the checkpoints.
         export_dir: where to write the export (default: the checkpoint folder, else the log folder).
@@ -119,7 +136,7 @@ class QuantizationAwareTraining(Callback):
         skip: Sequence[str | type] = (),
         calibration_batches: int = 0,
         convert_on_fit_end: bool = True,
-        export_format: str | Sequence[str] = "torchscript",
+        export_format: str | Sequence[str] | None = None,
         export_dir: str | None = None,
     ) -> None:
         check_integer("start_epoch", start_epoch, minimum=0)
@@ -134,16 +151,18 @@ class QuantizationAwareTraining(Callback):
             )
         for name, bits in (("weight_bits", weight_bits), ("activation_bits", activation_bits)):
             check_integer(name, bits, minimum=2, maximum=8)
-        self.export_formats = check_export_format(export_format)
-        self.config = QuantizationConfig(
+        self.config = quantization_config(
             backend,
-            per_channel_weights,
-            observer,
+            per_channel_weights=per_channel_weights,
+            observer=observer,
             weight_bits=weight_bits,
             activation_bits=activation_bits,
             narrow_range=narrow_range,
             signed_activations=signed_activations,
         )
+        self.backend: QuantizationBackend = backend_for(self.config)
+        self.backend.check_settings(training=True)
+        self.export_formats = check_backend_exports(self.backend, export_format)
         self.start_epoch = start_epoch
         self.freeze_bn_epoch = freeze_bn_epoch
         self.freeze_observer_epoch = freeze_observer_epoch
@@ -205,10 +224,10 @@ class QuantizationAwareTraining(Callback):
         if not targets:
             rank_zero_warn("QuantizationAwareTraining: nothing quantizable (no Conv/Linear layers); model unchanged.")
             return
-        backend.use_backend(self.config)
+        self.backend.activate()
         self._example_inputs = first_calls(pl_module, training_batches(trainer, pl_module, 1), targets)
         whole = None
-        if self.modules is None and len(targets) > 1 and "" in self._example_inputs:
+        if self.modules is None and len(targets) > 1 and "" in self._example_inputs and self.backend.prepares_whole_forward:
             # the forward may also use children without parameters (pooling, activations): they join the graph
             stateless = [name for name, child in pl_module.named_children() if not any(True for _ in child.parameters())]
             whole = self._quantize_forward(
@@ -237,10 +256,10 @@ class QuantizationAwareTraining(Callback):
         if epoch == self.freeze_bn_epoch:
             self._warn_if_batch_norm_unsettled(trainer, pl_module)
         for module in self._prepared_modules(pl_module):
-            backend.set_fake_quant(module, enabled=True)
-            backend.set_observers(module, enabled=self._observers_on(epoch))
+            self.backend.set_fake_quant(module, enabled=True)
+            self.backend.set_observers(module, enabled=self._observers_on(epoch))
             if self.freeze_bn_epoch is not None and epoch >= self.freeze_bn_epoch:
-                backend.freeze_batch_norm(module)
+                self.backend.freeze_batch_norm(module)
         if epoch in (self.start_epoch, self.freeze_bn_epoch, self.freeze_observer_epoch):
             rank_zero_info(
                 f"QuantizationAwareTraining: epoch {epoch}: fake-quant on, observers "
@@ -252,13 +271,13 @@ class QuantizationAwareTraining(Callback):
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Observers also record in eval mode: validation data must not move the quantization ranges.
         for module in self._prepared_modules(pl_module):
-            backend.set_observers(module, enabled=False)
+            self.backend.set_observers(module, enabled=False)
 
     @override
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.state.fn == "fit":
             for module in self._prepared_modules(pl_module):
-                backend.set_observers(module, enabled=self._observers_on(trainer.current_epoch))
+                self.backend.set_observers(module, enabled=self._observers_on(trainer.current_epoch))
 
     @override
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -275,12 +294,7 @@ class QuantizationAwareTraining(Callback):
         measured: dict[str, tuple[float, float]] = {}
         handles = []
         for part in self.prepared_names:
-            for name, module in _get(pl_module, part).named_modules():
-                batch_norm = getattr(module, "bn", None)
-                if not (
-                    hasattr(module, "freeze_bn") and isinstance(batch_norm, nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d)
-                ):
-                    continue
+            for name, batch_norm in self.backend.batch_norms_to_freeze(_get(pl_module, part)):
 
                 def measure(batch_norm: nn.Module, args: tuple, name: str = ".".join(filter(None, (part, name)))) -> None:
                     values = args[0].detach().transpose(0, 1).flatten(1).float()
@@ -314,7 +328,7 @@ class QuantizationAwareTraining(Callback):
             return
         # Training is over: the ranges are final, and evaluating the model must not move them.
         for module in self._prepared_modules(pl_module):
-            backend.set_observers(module, enabled=False)
+            self.backend.set_observers(module, enabled=False)
             if trainer.world_size > 1:  # every rank converts rank 0's ranges, whatever its last batch saw
                 for buffer in module.buffers():
                     torch.distributed.broadcast(buffer, src=0)
@@ -342,7 +356,12 @@ class QuantizationAwareTraining(Callback):
             "start_epoch": self.start_epoch,
             "freeze_bn_epoch": self.freeze_bn_epoch,
             "freeze_observer_epoch": self.freeze_observer_epoch,
-            "config": asdict(self.config),
+            **config_state(self.config),
+            "inputs": {
+                name: self.backend.input_record(*self._example_inputs[name])
+                for name in self.prepared_names
+                if name in self._example_inputs and name not in self._swapped_parts()
+            },
             "prepared": self.prepared_names,
             "swapped": self._swapped_parts(),
             "forward_networks": forward_networks,
@@ -378,9 +397,9 @@ class QuantizationAwareTraining(Callback):
             if part.swapped_layers:
                 int8_part = module_swap.convert_swapped(copy.deepcopy(_get(pl_module, part.name)).cpu().eval())
             else:
-                int8_part = backend.convert(_prepared(pl_module, part.name))
-            if backend.has_recurrent_layers(int8_part):  # no static int8 LSTM/GRU: the dynamic kind instead
-                int8_part = backend.quantize_dynamic(int8_part, backend.RECURRENT_LAYERS)
+                int8_part = self.backend.convert(_prepared(pl_module, part.name))
+            if self.backend.has_recurrent_layers(int8_part):  # no static int8 LSTM/GRU: the dynamic kind instead
+                int8_part = self.backend.quantize_dynamic(int8_part, RECURRENT_LAYERS)
             if part.name in self._example_inputs:  # not after a test-only restore: nothing was observed
                 args, kwargs = on_cpu(self._example_inputs[part.name])
                 try:
@@ -390,7 +409,7 @@ class QuantizationAwareTraining(Callback):
                     part.reason = f"kept in float: its int8 version fails to run ({first_line(error, limit=120)})"
                     int8_part = self._float_part(pl_module, part.name)
             _put(quantized, part.name, int8_part)
-            int8_layers, float_layers = backend.layers_by_kind(_prepared(quantized, part.name))
+            int8_layers, float_layers = self.backend.layers_by_kind(_prepared(quantized, part.name))
             part.int8_layers, part.float_layers = len(int8_layers), float_layers
         self._show_parts()
         return quantized
@@ -408,7 +427,7 @@ class QuantizationAwareTraining(Callback):
         deployable = copy.deepcopy(pl_module).cpu().eval()
         for part in self.parts:
             if part.quantized:
-                _put(deployable, part.name, backend.fake_quant_for_export(_prepared(pl_module, part.name)))
+                _put(deployable, part.name, self.backend.fake_quant_for_export(_prepared(pl_module, part.name)))
         return deployable
 
     def report_models(self) -> dict[str, nn.Module]:
@@ -441,26 +460,26 @@ class QuantizationAwareTraining(Callback):
             for name, child in pl_module.named_children():
                 if name not in candidates and not isinstance(child, Metric) and any(True for _ in child.parameters()):
                     self.parts.append(QuantizedPart(name, False, "frozen (no trainable parameters)"))
-        return [name for name in candidates if backend.has_quantizable_layers(names[name])]
+        return [name for name in candidates if self.backend.has_quantizable_layers(names[name])]
 
     def _quantize_forward(self, pl_module: L.LightningModule, networks: list[str], trainer: L.Trainer) -> str | None:
         """Prepare the LightningModule's own forward over its ``networks`` as one graph, so that int8 flows from
         network to network with no dequantize/quantize at their edges; returns why not, or ``None``."""
         args, kwargs = self._example_inputs[""]
-        holder = backend.forward_holder(pl_module, networks)
+        holder = forward_holder(pl_module, networks)
         template = copy.deepcopy(holder)
         try:
-            prepared = backend.prepare(holder, backend.qconfig_mapping(self.config, self.skip_names, self.skip_types), args)
-            _check_same_output(holder, prepared, args, kwargs)
+            prepared = self.backend.prepare_qat(holder, args, kwargs, self.skip_names, self.skip_types)
+            _check_same_output(self.backend, holder, prepared, args, kwargs)
         except Exception as error:  # noqa: BLE001 - any tracing failure means: quantize each network instead
-            # torch.ao swaps layers in place inside modules the trace kept whole (a torch.nn container)
-            backend.install_forward(pl_module, template)
+            # FX swaps layers in place inside modules the trace kept whole (a torch.nn container)
+            install_forward(pl_module, template)
             return first_line(error, limit=120)
-        names = backend.shared_tensor_names(holder, prepared)
-        backend.install_forward(pl_module, prepared)
+        names = self.backend.tensor_names(holder, prepared)
+        install_forward(pl_module, prepared)
         failure = runs(pl_module, training_batches(trainer, pl_module, 1))
         if failure:  # training_step calls a network directly, say, which now is only part of the graph
-            backend.install_forward(pl_module, template)
+            install_forward(pl_module, template)
             return f"training_step fails with it ({failure})"
         self._float_templates[""], self._float_names[""] = template, names
         self.parts.append(QuantizedPart("", True, f"one graph: forward over {', '.join(networks)}"))
@@ -473,7 +492,7 @@ class QuantizationAwareTraining(Callback):
         if name in self.skip_names or isinstance(module, tuple(self.skip_types)):
             self.parts.append(QuantizedPart(name, False, "skipped by the skip setting"))
             return
-        if not backend.has_quantizable_layers(module):
+        if not self.backend.has_quantizable_layers(module):
             return
         children = [child for child, _ in module.named_children()]
         if name not in self._example_inputs:
@@ -484,15 +503,11 @@ class QuantizationAwareTraining(Callback):
             return
         args, kwargs = self._example_inputs[name]
         prefix = f"{name}."
-        mapping = backend.qconfig_mapping(
-            self.config,
-            [entry[len(prefix) :] for entry in self.skip_names if entry.startswith(prefix)],
-            self.skip_types,
-        )
+        skip_names = [entry[len(prefix) :] for entry in self.skip_names if entry.startswith(prefix)]
         template = copy.deepcopy(module)
         try:
-            prepared = backend.prepare(module, mapping, args)
-            _check_same_output(module, prepared, args, kwargs)
+            prepared = self.backend.prepare_qat(module, args, kwargs, skip_names, self.skip_types)
+            _check_same_output(self.backend, module, prepared, args, kwargs)
         except Exception as error:  # noqa: BLE001 - any tracing failure means: try the children instead
             reason = first_line(error, limit=120)
             # a trace that got as far as preparing may have swapped layers in place inside torch.nn leaves
@@ -503,7 +518,7 @@ class QuantizationAwareTraining(Callback):
                 for child in children:
                     self._quantize(pl_module, f"{name}.{child}")
                 try:
-                    _check_same_output(template, module, args, kwargs)
+                    _check_same_output(self.backend, template, module, args, kwargs)
                     self.parts.insert(parts_before, QuantizedPart(name, False, f"split into its children: {reason}"))
                     return
                 except Exception as split_error:  # noqa: BLE001 - the parent reads its children's weights, say
@@ -514,11 +529,11 @@ class QuantizationAwareTraining(Callback):
             self._swap(pl_module, name, reason if children else f"cannot be traced ({reason})")
             return
         self._float_templates[name] = template
-        self._float_names[name] = backend.shared_tensor_names(module, prepared)
+        self._float_names[name] = self.backend.tensor_names(module, prepared)
         pl_module.set_submodule(name, prepared)
         note = (
             "LSTM/GRU inside: float during QAT, dynamically quantized at conversion"
-            if backend.has_recurrent_layers(module)
+            if self.backend.has_recurrent_layers(module)
             else ""
         )
         self.parts.append(QuantizedPart(name, True, note))
@@ -541,7 +556,7 @@ class QuantizationAwareTraining(Callback):
         module_swap.swap_in_fake_quant(pl_module, swapped, self.config)
         module = _get(pl_module, name)  # a new object where the part is itself a layer
         try:
-            _check_same_output(template, module, args, kwargs)
+            _check_same_output(self.backend, template, module, args, kwargs)
             trial = copy.deepcopy(module).eval()
             with torch.no_grad():
                 trial(*args, **kwargs)  # observers see the weights: conversion needs their scales
@@ -581,7 +596,7 @@ class QuantizationAwareTraining(Callback):
     def _float_part(self, pl_module: nn.Module, name: str) -> nn.Module:
         if name in self._swapped_parts():
             return module_swap.float_swapped(copy.deepcopy(_get(pl_module, name))).eval()
-        return backend.float_copy(self._float_templates[name], _prepared(pl_module, name), self._float_names[name])
+        return self.backend.float_copy(self._float_templates[name], _prepared(pl_module, name), self._float_names[name])
 
     def _swapped_parts(self) -> dict[str, list[str]]:
         return {part.name: part.swapped_layers for part in self.parts if part.quantized and part.swapped_layers}
@@ -591,16 +606,16 @@ class QuantizationAwareTraining(Callback):
 
     def _set_fake_quant(self, pl_module: nn.Module, enabled: bool) -> None:
         for module in self._prepared_modules(pl_module):
-            backend.set_fake_quant(module, enabled)
-            backend.set_observers(module, enabled)
+            self.backend.set_fake_quant(module, enabled)
+            self.backend.set_observers(module, enabled)
 
     def _calibrate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Observe activation ranges on a few batches before fake-quant starts, BN statistics untouched."""
         was_training = pl_module.training
         pl_module.eval()
         for module in self._prepared_modules(pl_module):
-            backend.set_fake_quant(module, enabled=False)
-            backend.set_observers(module, enabled=True)
+            self.backend.set_fake_quant(module, enabled=False)
+            self.backend.set_observers(module, enabled=True)
         batches = training_batches(trainer, pl_module, self.calibration_batches)
         watch_training_step(pl_module, batches, restore_buffers=False)  # BatchNorm statistics stay (eval mode)
         pl_module.train(was_training)
@@ -650,18 +665,18 @@ def _restore_parts(
     for key, state in checkpoint.get("callbacks", {}).items():
         if not key.startswith("QuantizationAwareTraining"):
             continue
-        config = QuantizationConfig(**state["config"])
+        backend = backend_for(config_from_state(state))
         skip_types = [resolve_module_type(entry, "skip") for entry in state["skip_types"]]
-        backend.use_backend(config)
+        backend.activate()
         swapped = state.get("swapped", {})
         for name in state["prepared"]:
             if name in swapped:
                 unswapped = [layer for layer in swapped[name] if not module_swap.is_swapped(pl_module.get_submodule(layer))]
-                module_swap.swap_in_fake_quant(pl_module, unswapped, config)
+                module_swap.swap_in_fake_quant(pl_module, unswapped, backend.config)
                 restored[name] = (None, {}, swapped[name])
                 continue
-            if name == "" and backend.installed_forward(pl_module) is None:
-                module = backend.forward_holder(pl_module, state["forward_networks"])
+            if name == "" and installed_forward(pl_module) is None:
+                module = forward_holder(pl_module, state["forward_networks"])
             elif name == "" or backend.is_prepared(_get(pl_module, name)):
                 restored[name] = (None, {}, [])
                 continue
@@ -670,8 +685,8 @@ def _restore_parts(
             prefix = f"{name}." if name else ""
             skip_names = [entry[len(prefix) :] for entry in state["skip_names"] if entry.startswith(prefix)]
             template = copy.deepcopy(module)
-            prepared = backend.prepare(module, backend.qconfig_mapping(config, skip_names, skip_types))
-            restored[name] = (template, backend.shared_tensor_names(module, prepared), [])
+            prepared = backend.restore_qat(module, state.get("inputs", {}).get(name), skip_names, skip_types)
+            restored[name] = (template, backend.tensor_names(module, prepared), [])
             _put(pl_module, name, prepared)
     return restored
 
@@ -685,13 +700,13 @@ def _get(root: nn.Module, name: str) -> nn.Module:
 
 def _prepared(root: nn.Module, name: str) -> nn.Module:
     """The prepared part ``name``; ``""`` is the module's forward quantized as one graph."""
-    return backend.installed_forward(root) if name == "" else root.get_submodule(name)
+    return installed_forward(root) if name == "" else root.get_submodule(name)
 
 
 def _put(root: nn.Module, name: str, part: nn.Module) -> None:
     """Put a version of part ``name`` (prepared, float or int8) into ``root``."""
     if name == "":
-        backend.install_forward(root, part)
+        install_forward(root, part)
     else:
         root.set_submodule(name, part)
 
@@ -705,7 +720,7 @@ def _names_a_type(entry: str | type) -> bool:
     return isinstance(entry, type) or entry.rsplit(".", 1)[-1][:1].isupper()
 
 
-def _check_same_output(module: nn.Module, prepared: nn.Module, args: tuple, kwargs: dict) -> None:
+def _check_same_output(backend: QuantizationBackend, module: nn.Module, prepared: nn.Module, args: tuple, kwargs: dict) -> None:
     """A traced graph that silently took one branch of Python control flow would compute something else:
     with fake-quant off, the prepared module must reproduce the float module's output."""
     backend.set_fake_quant(prepared, enabled=False)

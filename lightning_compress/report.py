@@ -69,14 +69,16 @@ def top1_accuracy(model: nn.Module, dataloader: Iterable) -> float:
 
 
 def _weights(module: nn.Module) -> Iterator[torch.Tensor]:
-    """Every weight and bias once; quantized Conv/Linear keep theirs packed, with the packed holder as a
-    child that exposes them again, so the walk stops at the first module that unpacks them."""
+    """Every weight and bias once, float or int8. The FX backend's int8 Conv/Linear keep theirs packed, with the
+    packed holder as a child that exposes them again, so the walk stops at the first module that unpacks them."""
     packed = getattr(module, "_weight_bias", None)
     if callable(packed):
         yield from _tensors_in(packed())
         yield from module.parameters(recurse=False)
         return
     yield from module.parameters(recurse=False)
+    # int8 weights a converted torch.export graph keeps as plain buffers (pt2e); 1-D ones are zero-points
+    yield from (buffer for buffer in module.buffers(recurse=False) if buffer.dtype == torch.int8 and buffer.dim() >= 2)
     for child in module.children():
         yield from _weights(child)
 

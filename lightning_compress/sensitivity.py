@@ -11,15 +11,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from lightning_compress import fx_quantization as backend
-from lightning_compress.fx_quantization import QuantizationConfig
 from lightning_compress.inputs import Call
+from lightning_compress.quantization_backend import QUANTIZABLE_LAYERS, backend_for
 
 
 @dataclass(frozen=True)
@@ -30,12 +30,12 @@ class LayerSensitivity:
 
 
 def quantizable_layers(network: nn.Module) -> list[str]:
-    return [name for name, module in network.named_modules() if isinstance(module, backend.QUANTIZABLE_LAYERS)]
+    return [name for name, module in network.named_modules() if isinstance(module, QUANTIZABLE_LAYERS)]
 
 
 def quantize(
     network: nn.Module,
-    config: QuantizationConfig,
+    config: Any,
     calibration: list[Call],
     only: str | None = None,
     keep_float: tuple[str, ...] = (),
@@ -45,7 +45,9 @@ def quantize(
     floats = set(keep_float)
     if only is not None:
         floats |= {name for name in quantizable_layers(network) if name != only}
-    prepared = backend.prepare_static(network, backend.qconfig_mapping(config, skip_names=sorted(floats)))
+    backend = backend_for(config)
+    args, kwargs = calibration[0] if calibration else ((), {})
+    prepared = backend.prepare_ptq(network, args, kwargs, sorted(floats))
     with torch.no_grad():
         for args, kwargs in calibration:
             prepared(*args, **kwargs)
@@ -53,10 +55,10 @@ def quantize(
 
 
 def layer_sensitivity(
-    network: nn.Module, config: QuantizationConfig, calibration: list[Call], accuracy: Callable[[nn.Module], float]
+    network: nn.Module, config: Any, calibration: list[Call], accuracy: Callable[[nn.Module], float]
 ) -> tuple[float, list[LayerSensitivity]]:
     """Float accuracy, and each layer's accuracy when it alone is quantized, most sensitive first."""
-    backend.use_backend(config)
+    backend_for(config).activate()
     reference = accuracy(network)
     results = []
     for layer in quantizable_layers(network):
@@ -67,7 +69,7 @@ def layer_sensitivity(
 
 def propose_float_layers(
     network: nn.Module,
-    config: QuantizationConfig,
+    config: Any,
     calibration: list[Call],
     accuracy: Callable[[nn.Module], float],
     reference: float,

@@ -99,7 +99,7 @@ def test_a_pruned_float_model_exports_as_plain_onnx_and_openvino(tmp_path: Path,
     [
         (
             lambda: QuantizationAwareTraining(export_format="tflite"),
-            r"'tflite' is unknown; allowed are \['torchscript', 'onnx', 'openvino'\]",
+            r"'tflite' is unknown; allowed are \['torchscript', 'torch_export', 'onnx', 'openvino'\]",
         ),
         (
             lambda: QuantizationAwareTraining(weight_bits=4, export_format=["torchscript", "onnx"]),

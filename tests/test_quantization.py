@@ -210,8 +210,9 @@ def test_untraceable_branch_and_keyword_input_are_quantized_piecewise(tmp_path: 
     assert qat.export_path.is_file()
 
 
-def test_resume_mid_qat_matches_uninterrupted_run(tmp_path: Path):
-    schedule = {"start_epoch": 1, "freeze_bn_epoch": 2, "freeze_observer_epoch": 3, "export_format": "none"}
+@pytest.mark.parametrize("backend", ["x86", pytest.param("x86_inductor", marks=pytest.mark.slow)])
+def test_resume_mid_qat_matches_uninterrupted_run(tmp_path: Path, backend: str):
+    schedule = {"start_epoch": 1, "freeze_bn_epoch": 2, "freeze_observer_epoch": 3, "export_format": "none", "backend": backend}
     every_epoch = ModelCheckpoint(dirpath=tmp_path / "full", filename="{epoch}", save_top_k=-1)
     _, _, full, digits = _fit_qat(tmp_path / "full", max_epochs=4, checkpoint=every_epoch, **schedule)
     expected = _predictions(full.quantized_model, digits)
@@ -273,7 +274,7 @@ def test_calibration_batches_set_ranges_before_fake_quant(tmp_path: Path):
         ),
         ({"start_epoch": 2, "freeze_observer_epoch": 0}, r"freeze_observer_epoch=0 is invalid"),
         ({"start_epoch": -1}, r"start_epoch=-1 is invalid"),
-        ({"backend": "tensorrt"}, r"backend='tensorrt' is unknown: allowed values are \['x86', 'fbgemm', 'qnnpack'\]"),
+        ({"backend": "tensorrt"}, r"backend='tensorrt' is unknown: allowed values are \['x86', 'fbgemm', 'qnnpack', 'x86_indu"),
         ({"observer": "entropy"}, r"observer='entropy' is unknown"),
         ({"export_format": "tflite"}, r"export_format='tflite': 'tflite' is unknown"),
         ({"skip": ["torch.nn.Nope"]}, r"skip='torch.nn.Nope' names no importable module type"),

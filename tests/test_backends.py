@@ -1,0 +1,251 @@
+"""The quantization backend seam: torch.ao FX and torchao pt2e behind one interface, chosen by config type.
+
+Each backend prepares, trains, converts and exports the default CNN (and resnet18, slow) on digits; the
+exported program, loaded in a process that never imports this package, predicts what the converted model
+does. The pt2e backend's checkpoints restore for ``trainer.test(ckpt_path=...)`` and ``load_from_checkpoint``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_compress import PostTrainingQuantization, QuantizationAwareTraining
+from lightning_compress.data import DigitsDataModule
+from lightning_compress.fx_quantization import FxBackend, QuantizationConfig
+from lightning_compress.models import ImageClassifier
+from lightning_compress.pt2e_quantization import CompiledProgram, ExportedPart, InductorBackend, InductorQuantizationConfig
+from lightning_compress.quantization_backend import backend_for, config_from_state
+from lightning_compress.report import count_parameters, top1_accuracy
+
+from conftest import ROOT, quiet_trainer
+
+# Loads an export with torch alone (plus the import torchao documents for pt2e programs), in a process that
+# never imports this package, and prints its predictions.
+LOADER = """
+import sys, torch
+path, images = sys.argv[1], torch.load(sys.argv[2])
+if path.endswith(".pt2"):
+    import torchao.quantization.pt2e  # defines the quantize ops of pt2e programs
+    model = torch.export.load(path).module()
+else:
+    model = torch.jit.load(path)
+print(" ".join(map(str, model(images).argmax(1).tolist())))
+assert "lightning_compress" not in sys.modules
+"""
+
+
+def _predictions_of_export(path: Path, images: torch.Tensor, tmp_path: Path) -> list[int]:
+    torch.save(images, tmp_path / "images.pt")
+    result = subprocess.run(
+        [sys.executable, "-c", LOADER, str(path), str(tmp_path / "images.pt")], capture_output=True, text=True, check=True
+    )
+    return [int(label) for label in result.stdout.split()]
+
+
+def _fit(tmp_path: Path, digits, architecture: str = "cnn", epochs: int = 3, callbacks: list = (), **qat_options):
+    L.seed_everything(0)
+    model = ImageClassifier(architecture=architecture, in_channels=digits.num_channels)
+    qat = QuantizationAwareTraining(start_epoch=1, export_dir=str(tmp_path), **qat_options)
+    trainer = quiet_trainer(tmp_path, [qat, *callbacks], epochs, limit_val_batches=0)
+    trainer.fit(model, datamodule=digits)
+    return trainer, model, qat
+
+
+def test_backends_are_chosen_by_config_type():
+    assert isinstance(backend_for(QuantizationConfig()), FxBackend)
+    assert isinstance(backend_for(InductorQuantizationConfig()), InductorBackend)
+    with pytest.raises(TypeError, match="no quantization backend handles str"):
+        backend_for("x86")
+
+
+def test_pt2e_qat_trains_converts_and_exports_a_program_that_runs_without_this_package(tmp_path: Path, digits):
+    trainer, model, qat = _fit(tmp_path, digits, freeze_bn_epoch=2, freeze_observer_epoch=2, backend="x86_inductor")
+    assert qat.prepared_names == ["net"] and isinstance(model.net, ExportedPart)
+    assert qat.parts[0].int8_layers == 4 and qat.parts[0].float_layers == []  # three convolutions and the classifier
+    assert model.net.batch_norm_frozen
+
+    images = digits.test_set.tensors[0]
+    with torch.no_grad():
+        fake_quant, int8 = model.eval()(images), qat.quantized_model(images)
+    assert (int8.argmax(1) == fake_quant.argmax(1)).float().mean() >= 0.99
+    # the logits are float (the classifier's output is not quantized): within 1% of their range on average
+    assert (int8 - fake_quant).abs().mean() <= 0.01 * (fake_quant.max() - fake_quant.min())
+    assert top1_accuracy(qat.quantized_model, digits.test_dataloader()) >= 0.85
+
+    # int8 weights, BatchNorm folded, no fp32 copy of a weight left behind
+    total, _ = count_parameters(qat.quantized_model)
+    batch_norm = sum(m.num_features for m in qat.float_model(model).modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert total == count_parameters(model)[0] - batch_norm  # gamma and beta folded into one bias per channel
+    program_state = qat.quantized_model.net.program.state_dict().values()
+    assert not [tensor for tensor in program_state if tensor.dtype == torch.float32 and tensor.dim() >= 2]
+
+    path = qat.export_paths["torch_export"]
+    assert path == tmp_path / "model_int8.pt2" and set(qat.export_paths) == {"torch_export"}
+    with torch.no_grad():
+        expected = qat.quantized_model.net.program(images[:64]).argmax(1).tolist()
+    assert _predictions_of_export(path, images[:64], tmp_path) == expected
+
+
+def test_pt2e_checkpoints_restore_for_test_and_load_from_checkpoint(tmp_path: Path, digits):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True)
+    _, model, qat = _fit(
+        tmp_path, digits, callbacks=[checkpoint], freeze_observer_epoch=2, backend="x86_inductor", export_format="none"
+    )
+    state = torch.load(checkpoint.last_model_path, weights_only=True)["callbacks"]
+    (saved,) = [value for key, value in state.items() if key.startswith("QuantizationAwareTraining")]
+    assert (saved["config_type"], saved["config_version"]) == ("InductorQuantizationConfig", 1)
+    assert isinstance(config_from_state(saved), InductorQuantizationConfig)
+
+    images = digits.test_set.tensors[0]
+    with torch.no_grad():
+        expected = model.eval()(images)
+    restored = ImageClassifier.load_from_checkpoint(checkpoint.last_model_path)
+    assert isinstance(restored.net, ExportedPart)
+    with torch.no_grad():
+        assert torch.equal(restored.eval()(images), expected)
+
+    tester = QuantizationAwareTraining(start_epoch=1, backend="x86_inductor", export_format="none")
+    fresh = ImageClassifier()
+    (result,) = quiet_trainer(tmp_path, [tester]).test(
+        fresh, datamodule=digits, ckpt_path=checkpoint.last_model_path, verbose=False
+    )
+    assert result["test/acc"] == pytest.approx(top1_accuracy(model, digits.test_dataloader()))
+
+    saved["config_version"] = 99
+    with pytest.raises(ValueError, match="InductorQuantizationConfig is version 99; this lightning-compress reads up to 1"):
+        config_from_state(saved)
+
+
+def test_pt2e_post_training_quantization_exports_a_program(tmp_path: Path, digits):
+    L.seed_everything(0)
+    model = ImageClassifier()
+    quiet_trainer(tmp_path, [], 3, limit_val_batches=0).fit(model, datamodule=digits)
+    ptq = PostTrainingQuantization(calibration_batches=8, backend="x86_inductor", export_dir=str(tmp_path))
+    quiet_trainer(tmp_path, [ptq], 0).fit(model, datamodule=digits)
+    float_accuracy = top1_accuracy(model, digits.test_dataloader())
+    assert abs(top1_accuracy(ptq.quantized_model, digits.test_dataloader()) - float_accuracy) <= 0.02
+    assert isinstance(ptq.quantized_model.net, CompiledProgram)
+    images = digits.test_set.tensors[0][:64]
+    with torch.no_grad():
+        expected = ptq.quantized_model.net.program(images).argmax(1).tolist()
+    assert _predictions_of_export(ptq.export_paths["torch_export"], images, tmp_path) == expected
+
+
+class _Branchy(torch.nn.Module):
+    """Python control flow on a tensor's value: strict ``torch.export`` refuses it, its children export."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU())
+        self.head = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(8 * 8 * 8, 10))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.stem(images)
+        if features.mean() > 10.0:
+            features = features / 2
+        return self.head(features)
+
+
+def test_pt2e_part_that_fails_strict_export_is_named_and_split(tmp_path: Path, digits):
+    L.seed_everything(0)
+    model = ImageClassifier()
+    model.net = _Branchy()
+    qat = QuantizationAwareTraining(start_epoch=1, backend="x86_inductor", export_format="none")
+    quiet_trainer(tmp_path, [qat], 2, limit_val_batches=0, limit_train_batches=5).fit(model, datamodule=digits)
+    split = qat.parts[0]
+    assert split.name == "net" and not split.quantized and split.reason.startswith("split into its children")
+    assert qat.prepared_names == ["net.stem", "net.head"]
+    assert sum(part.int8_layers for part in qat.parts if part.quantized) == 2
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            {"backend": "x86", "export_format": "torch_export"},
+            r"export_format='torch_export' is not written by backend='x86'.*needs backend='x86_inductor'",
+        ),
+        (
+            {"backend": "x86_inductor", "export_format": "torchscript"},
+            r"export_format='torchscript' is not written by backend='x86_inductor'",
+        ),
+        ({"backend": "x86_inductor", "weight_bits": 4}, r"weight_bits=4 is not supported by backend='x86_inductor'"),
+        (
+            {"backend": "x86_inductor", "observer": "minmax"},
+            r"observer='minmax' is not supported by backend='x86_inductor' \(allowed: \['moving_average_minmax', 'histogram'\]",
+        ),
+    ],
+)
+def test_settings_a_backend_cannot_honour_fail_at_construction(options, message):
+    with pytest.raises(ValueError, match=message):
+        QuantizationAwareTraining(**options)
+
+
+def test_pt2e_observers_are_those_of_its_quantizer():
+    with pytest.raises(
+        ValueError, match=r"backend='x86_inductor' observes quantization-aware training with observer='moving_average_minmax'"
+    ):
+        QuantizationAwareTraining(backend="x86_inductor", observer="histogram")  # PTQ's, not QAT's
+    with pytest.raises(ValueError, match=r"observes post-training quantization with observer='histogram', range_method='mse'"):
+        PostTrainingQuantization(backend="x86_inductor", observer="moving_average_minmax", range_method="max")
+
+
+def test_a_backend_whose_package_is_missing_names_it(monkeypatch: pytest.MonkeyPatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real(name, *a))
+    with pytest.raises(ValueError, match=r"backend='x86_inductor' needs the 'torchao' package"):
+        QuantizationAwareTraining(backend="x86_inductor")
+
+
+def test_only_the_backend_modules_name_a_quantization_library():
+    backend_modules = {"fx_quantization.py", "pt2e_quantization.py", "module_swap.py", "quantization_backend.py"}
+    naming = {
+        path.name for path in (ROOT / "lightning_compress").glob("*.py") if re.search(r"torch\.ao|torchao", path.read_text())
+    }
+    assert naming <= backend_modules, naming - backend_modules
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["x86", "x86_inductor"])
+def test_resnet18_exports_run_without_this_package(tmp_path: Path, backend: str):
+    digits = DigitsDataModule(batch_size=64, image_size=32, channels=3)
+    digits.setup()
+    trainer, model, qat = _fit(tmp_path, digits, "resnet18", backend=backend)
+    assert qat.parts[0].int8_layers == 21  # 20 convolutions and the classifier
+    images = digits.test_set.tensors[0][:64]
+    with torch.no_grad():
+        fake_quant, int8 = model.eval()(images), qat.quantized_model(images)
+    assert (int8.argmax(1) == fake_quant.argmax(1)).float().mean() >= 0.95
+    exported = qat.export_paths["torch_export" if backend == "x86_inductor" else "torchscript"]
+    eager = qat.quantized_model.net.program if backend == "x86_inductor" else qat.quantized_model
+    with torch.no_grad():
+        assert _predictions_of_export(exported, images, tmp_path) == eager(images).argmax(1).tolist()
+
+
+@pytest.mark.slow
+def test_the_qat_recipe_runs_on_the_pt2e_backend(tmp_path: Path):
+    from conftest import run_train
+
+    result = run_train(
+        "+compress=qat",
+        "compress.callbacks.quantization.backend=x86_inductor",
+        "report.latency_runs=10",
+        f"hydra.run.dir={tmp_path}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {row["name"]: row for row in json.loads((tmp_path / "report.json").read_text())["rows"]}
+    assert list(rows) == ["fp32", "fake-quant", "int8"]
+    assert rows["int8"]["size_ratio"] <= 0.3
+    assert rows["int8"]["accuracy"] >= 0.95 and abs(rows["int8"]["accuracy_delta_points"]) <= 1.0
+    assert (tmp_path / "checkpoints" / "model_int8.pt2").is_file()
+    assert not (tmp_path / "checkpoints" / "model_int8.pt").exists()
