@@ -55,3 +55,12 @@ def test_quantized_tensor_like_keeps_the_quantization_parameters(per_channel: bo
         assert torch.equal(rebuilt.q_per_channel_scales(), quantized.q_per_channel_scales())
     else:
         assert rebuilt.q_scale() == quantized.q_scale()
+
+
+def test_inductor_freezing_is_on_inside_and_restored_after():
+    import torch._inductor.config as inductor_config
+
+    before = inductor_config.freezing
+    with compat.inductor_freezing():
+        assert inductor_config.freezing is True
+    assert inductor_config.freezing == before
