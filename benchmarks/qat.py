@@ -251,26 +251,16 @@ def markdown(results: dict) -> str:
         "|---" * (1 + len(keys) + 2 * len(BACKENDS)) + "|",
     ]
     rows = results["accuracy"]
-    for row in rows:
-        lines.append(
-            f"| {row['seed']} | "
-            + " | ".join(f"{100 * row[key]:.2f}%" for key in keys)
-            + " | "
-            + " | ".join(f"{row[f'{b}_qat_minus_fp32_points']:+.2f}" for b in BACKENDS)
-            + " | "
-            + " | ".join(f"{row[f'{b}_qat_fit_s']}" for b in BACKENDS)
-            + " |"
-        )
-    mean = {key: statistics.mean(row[key] for row in rows) for key in keys}
-    lines.append(
-        "| mean | "
-        + " | ".join(f"{100 * mean[key]:.2f}%" for key in keys)
-        + " | "
-        + " | ".join(f"{statistics.mean(row[f'{b}_qat_minus_fp32_points'] for row in rows):+.2f}" for b in BACKENDS)
-        + " | "
-        + " | ".join(f"{statistics.mean(row[f'{b}_qat_fit_s'] for row in rows):.1f}" for b in BACKENDS)
-        + " |"
-    )
+
+    def table_row(label: object, value: callable) -> str:
+        """One line of the accuracy table; ``value(key)`` gives the figure of each column."""
+        cells = [f"{100 * value(key):.2f}%" for key in keys]
+        cells += [f"{value(f'{b}_qat_minus_fp32_points'):+.2f}" for b in BACKENDS]
+        cells += [f"{value(f'{b}_qat_fit_s'):.1f}" for b in BACKENDS]
+        return f"| {label} | " + " | ".join(cells) + " |"
+
+    lines += [table_row(row["seed"], row.__getitem__) for row in rows]
+    lines.append(table_row("mean", lambda key: statistics.mean(row[key] for row in rows)))
     step = results["training_step"]
     lines += [
         "",

@@ -8,7 +8,6 @@ does. The pt2e backend's checkpoints restore for ``trainer.test(ckpt_path=...)``
 from __future__ import annotations
 
 import importlib.util
-import json
 import re
 import subprocess
 import sys
@@ -230,22 +229,3 @@ def test_resnet18_exports_run_without_this_package(tmp_path: Path, backend: str)
     eager = qat.quantized_model.net.program if backend == "x86_inductor" else qat.quantized_model
     with torch.no_grad():
         assert _predictions_of_export(exported, images, tmp_path) == eager(images).argmax(1).tolist()
-
-
-@pytest.mark.slow
-def test_the_qat_recipe_runs_on_the_pt2e_backend(tmp_path: Path):
-    from conftest import run_train
-
-    result = run_train(
-        "+compress=qat",
-        "compress.callbacks.quantization.backend=x86_inductor",
-        "report.latency_runs=10",
-        f"hydra.run.dir={tmp_path}",
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = {row["name"]: row for row in json.loads((tmp_path / "report.json").read_text())["rows"]}
-    assert list(rows) == ["fp32", "fake-quant", "int8"]
-    assert rows["int8"]["size_ratio"] <= 0.3
-    assert rows["int8"]["accuracy"] >= 0.95 and abs(rows["int8"]["accuracy_delta_points"]) <= 1.0
-    assert (tmp_path / "checkpoints" / "model_int8.pt2").is_file()
-    assert not (tmp_path / "checkpoints" / "model_int8.pt").exists()

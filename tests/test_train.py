@@ -95,14 +95,22 @@ def test_a_failed_export_leaves_checkpoints_and_report_and_exits_non_zero(tmp_pa
     assert [row["name"] for row in json.loads((tmp_path / "report.json").read_text())["rows"]] == ["fp32", "dense"]
 
 
-def test_qat_recipe_reports_fp32_fake_quant_and_int8(tmp_path: Path):
-    result = run_train("+compress=qat", "report.latency_runs=10", f"hydra.run.dir={tmp_path}")
+@pytest.mark.parametrize(
+    ("backend", "export"), [("x86", "model_int8.pt"), pytest.param("x86_inductor", "model_int8.pt2", marks=pytest.mark.slow)]
+)
+def test_qat_recipe_reports_fp32_fake_quant_and_int8(tmp_path: Path, backend: str, export: str):
+    result = run_train(
+        "+compress=qat",
+        f"compress.callbacks.quantization.backend={backend}",
+        "report.latency_runs=10",
+        f"hydra.run.dir={tmp_path}",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {row["name"]: row for row in json.loads((tmp_path / "report.json").read_text())["rows"]}
     assert list(rows) == ["fp32", "fake-quant", "int8"]
     assert rows["int8"]["size_ratio"] <= 0.3
     assert rows["int8"]["accuracy"] >= 0.95 and abs(rows["int8"]["accuracy_delta_points"]) <= 1.0
-    assert (tmp_path / "checkpoints" / "model_int8.pt").is_file()
+    assert [path.name for path in (tmp_path / "checkpoints").glob("model_int8*")] == [export]  # the backend's own format
 
 
 def test_bad_input_never_deletes_an_earlier_run_in_the_same_folder(tmp_path: Path):
