@@ -195,6 +195,7 @@ class InductorBackend(QuantizationBackend):
 
     native_export = "torch_export"
     export_formats = ("torch_export",)
+    keeps_layer_modules = False  # an exported graph holds its layers' parameters, not the layers
 
     def _quantizer(self, is_qat: bool, skip_names: list[str], skip_types: list[type] = ()) -> X86InductorQuantizer:
         settings = get_default_x86_inductor_quantization_config(is_qat=is_qat)

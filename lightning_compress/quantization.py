@@ -32,6 +32,7 @@ from lightning_compress import module_swap
 from lightning_compress.export import output_folder, write_int8_exports
 from lightning_compress.forward_graph import forward_holder, install_forward, installed_forward
 from lightning_compress.inputs import first_calls, first_line, on_cpu, runs, same_outputs, training_batches, watch_training_step
+from lightning_compress.pruning import MagnitudePruning
 from lightning_compress.quantization_backend import (
     RECURRENT_LAYERS,
     QuantizationBackend,
@@ -219,6 +220,12 @@ class QuantizationAwareTraining(Callback):
             rank_zero_warn(
                 f"QuantizationAwareTraining: max_epochs={trainer.max_epochs} ends this fit before {', '.join(late)}: "
                 "what they schedule does not happen in it (it may in a resumed, longer one)."
+            )
+        pruning = [callback for callback in trainer.callbacks if isinstance(callback, MagnitudePruning)]
+        if pruning and not self.backend.keeps_layer_modules:
+            raise ValueError(
+                f"backend={self.config.backend!r} cannot be combined with MagnitudePruning in one fit: its exported graphs "
+                "hold no Conv/Linear modules for pruning to mask; use backend='x86' for pruning and QAT together."
             )
         targets = self._targets(pl_module)
         if not targets:

@@ -134,6 +134,9 @@ class QuantizationBackend(ABC):
     prepares_whole_forward: ClassVar[bool] = False
     """Whether a LightningModule's own forward over several networks can be prepared as one graph."""
 
+    keeps_layer_modules: ClassVar[bool] = True
+    """Whether a prepared part still holds Conv/Linear modules, the layers ``MagnitudePruning`` masks."""
+
     def __init__(self, config: Any) -> None:
         self.config = config
 

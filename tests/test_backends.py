@@ -51,11 +51,19 @@ def _predictions_of_export(path: Path, images: torch.Tensor, tmp_path: Path) -> 
     return [int(label) for label in result.stdout.split()]
 
 
-def _fit(tmp_path: Path, digits, architecture: str = "cnn", epochs: int = 3, callbacks: list = (), **qat_options):
+def _fit(
+    tmp_path: Path,
+    digits,
+    architecture: str = "cnn",
+    epochs: int = 3,
+    callbacks: list = (),
+    batches: int | None = None,
+    **qat_options,
+):
     L.seed_everything(0)
     model = ImageClassifier(architecture=architecture, in_channels=digits.num_channels)
     qat = QuantizationAwareTraining(start_epoch=1, export_dir=str(tmp_path), **qat_options)
-    trainer = quiet_trainer(tmp_path, [qat, *callbacks], epochs, limit_val_batches=0)
+    trainer = quiet_trainer(tmp_path, [qat, *callbacks], epochs, limit_val_batches=0, limit_train_batches=batches)
     trainer.fit(model, datamodule=digits)
     return trainer, model, qat
 
@@ -71,7 +79,9 @@ def test_pt2e_qat_trains_converts_and_exports_a_program_that_runs_without_this_p
     trainer, model, qat = _fit(tmp_path, digits, freeze_bn_epoch=2, freeze_observer_epoch=2, backend="x86_inductor")
     assert qat.prepared_names == ["net"] and isinstance(model.net, ExportedPart)
     assert qat.parts[0].int8_layers == 4 and qat.parts[0].float_layers == []  # three convolutions and the classifier
-    assert model.net.batch_norm_frozen
+    model.net.train()  # frozen BatchNorm normalizes with its running statistics in training too
+    batch_norms = [node for node in model.net.graph.graph.nodes if node.target is torch.ops.aten.batch_norm.default]
+    assert batch_norms and model.net.batch_norm_frozen and not any(node.args[5] for node in batch_norms)
 
     images = digits.test_set.tensors[0]
     with torch.no_grad():
@@ -199,6 +209,18 @@ def test_pt2e_observers_are_those_of_its_quantizer():
         PostTrainingQuantization(backend="x86_inductor", observer="moving_average_minmax", range_method="max")
 
 
+def test_pt2e_with_magnitude_pruning_in_the_same_fit_is_refused_before_training(tmp_path: Path, digits):
+    from lightning_compress import MagnitudePruning
+
+    qat = QuantizationAwareTraining(backend="x86_inductor", export_format="none")
+    pruning = MagnitudePruning(final_sparsity=0.5, export_format="none", plot=False)
+    model = ImageClassifier()
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"backend='x86_inductor' cannot be combined with MagnitudePruning in one fit"):
+        quiet_trainer(tmp_path, [pruning, qat], 1).fit(model, datamodule=digits)
+    assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())  # nothing trained
+
+
 def test_a_backend_whose_package_is_missing_names_it(monkeypatch: pytest.MonkeyPatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real(name, *a))
@@ -219,7 +241,7 @@ def test_only_the_backend_modules_name_a_quantization_library():
 def test_resnet18_exports_run_without_this_package(tmp_path: Path, backend: str):
     digits = DigitsDataModule(batch_size=64, image_size=32, channels=3)
     digits.setup()
-    trainer, model, qat = _fit(tmp_path, digits, "resnet18", backend=backend)
+    trainer, model, qat = _fit(tmp_path, digits, "resnet18", batches=8, backend=backend)
     assert qat.parts[0].int8_layers == 21  # 20 convolutions and the classifier
     images = digits.test_set.tensors[0][:64]
     with torch.no_grad():
