@@ -69,29 +69,48 @@ class PercentileObserver(HistogramObserver):
 
 
 class EntropyObserver(HistogramObserver):
-    """Chooses the upper end of the range that minimises the KL divergence between the observed distribution
-    and its quantized version (the calibration of TensorRT and NVIDIA's pytorch-quantization)."""
+    """Chooses the range that minimises the KL divergence between the observed distribution and its quantized
+    version, as TensorRT's entropy calibrator (and NVIDIA's pytorch-quantization) does.
+
+    Unsigned activations (nothing below zero, as after a ReLU) search the upper end of the range. Signed ones are
+    folded onto their magnitudes and a symmetric threshold is searched with half the levels, as TensorRT does:
+    searching only the upper end, as this observer did before, never clipped a negative tail, however far out.
+    """
 
     def _non_linear_param_search(self) -> tuple[torch.Tensor, torch.Tensor]:
         histogram = self.histogram.double().cpu()  # a short search over a small vector: on the CPU
         levels = self.quant_max - self.quant_min + 1
-        bin_width = (self.max_val - self.min_val) / self.bins
-        best_end, best_divergence = self.bins, float("inf")
-        for end in range(max(levels, self.bins // 16), self.bins + 1, max(self.bins // 256, 1)):
-            reference = histogram[:end].clone()
-            reference[-1] += histogram[end:].sum()  # clipped values pile up at the edge
-            # the same mass, merged into `levels` buckets and spread back over each bucket's non-empty bins
-            bucket = torch.arange(end) * levels // end
-            occupied = (histogram[:end] > 0).double()
-            mass = torch.zeros(levels, dtype=torch.float64).index_add_(0, bucket, histogram[:end])
-            count = torch.zeros(levels, dtype=torch.float64).index_add_(0, bucket, occupied)
-            expanded = occupied * (mass / count.clamp_min(1.0))[bucket]
-            p, q = reference / reference.sum(), expanded / max(expanded.sum(), 1e-12)
-            mask = p > 0
-            divergence = float((p[mask] * torch.log(p[mask] / q[mask].clamp_min(1e-12))).sum())
-            if divergence < best_divergence:
-                best_end, best_divergence = end, divergence
-        return self.min_val, self.min_val + bin_width * best_end
+        width = (self.max_val - self.min_val) / self.bins
+        if self.min_val < 0 < self.max_val:
+            centers = self.min_val.cpu().double() + width.cpu().double() * (torch.arange(self.bins, dtype=torch.float64) + 0.5)
+            folded = (centers.abs() / width.cpu().double()).long().clamp_max(self.bins - 1)
+            magnitudes = torch.zeros(self.bins, dtype=torch.float64).index_add_(0, folded, histogram)
+            threshold = width * kl_threshold(magnitudes, levels // 2)
+            return torch.maximum(self.min_val, -threshold), torch.minimum(self.max_val, threshold)
+        return self.min_val, self.min_val + width * kl_threshold(histogram, levels)
+
+
+def kl_threshold(histogram: torch.Tensor, levels: int) -> int:
+    """How many bins, from the first, to keep so that quantizing them to ``levels`` levels (what lies beyond
+    clipped onto the last kept bin) loses the least information (KL divergence)."""
+    occupied = int(torch.nonzero(histogram).max()) + 1 if bool(histogram.any()) else len(histogram)
+    step = max(len(histogram) // 256, 1)
+    best_end, best_divergence = occupied, float("inf")
+    for end in [*range(min(levels, occupied), occupied, step), occupied]:
+        reference = histogram[:end].clone()
+        reference[-1] += histogram[end:].sum()  # clipped values pile up at the edge
+        # the same mass, merged into `levels` buckets and spread back over each bucket's non-empty bins
+        bucket = torch.arange(end) * levels // end
+        nonempty = (histogram[:end] > 0).double()
+        mass = torch.zeros(levels, dtype=torch.float64).index_add_(0, bucket, histogram[:end])
+        count = torch.zeros(levels, dtype=torch.float64).index_add_(0, bucket, nonempty)
+        expanded = nonempty * (mass / count.clamp_min(1.0))[bucket]
+        p, q = reference / reference.sum(), expanded / max(float(expanded.sum()), 1e-12)
+        mask = p > 0
+        divergence = float((p[mask] * torch.log(p[mask] / q[mask].clamp_min(1e-12))).sum())
+        if divergence < best_divergence:
+            best_end, best_divergence = end, divergence
+    return best_end
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,27 @@ def test_observers_and_range_methods_on_a_known_tensor():
     assert _range("histogram", "mse", values) <= full
 
 
+def _range_ends(values: torch.Tensor) -> tuple[float, float]:
+    """The smallest and largest values the entropy range represents after observing ``values``."""
+    instance = QuantizationConfig(observer="histogram", range_method="entropy").activation_observer()(
+        dtype=torch.quint8, quant_min=0, quant_max=255
+    )
+    instance(values)
+    scale, zero_point = instance.calculate_qparams()
+    return float(scale) * (0 - int(zero_point)), float(scale) * (255 - int(zero_point))
+
+
+def test_entropy_range_of_signed_values_is_searched_on_their_magnitudes():
+    torch.manual_seed(0)
+    low, high = _range_ends(torch.cat([torch.randn(200_000), torch.tensor([-100.0, 100.0])]))
+    assert -50 < low < -3 and 3 < high < 50  # both outliers dropped, the bulk of the normal kept, on both sides
+    assert low == pytest.approx(-high, rel=0.05)  # one symmetric threshold, as TensorRT's calibrator chooses
+    # digits pixels: background at -1, strokes at +1, grey edges between: folding must not clip either end
+    pixels = torch.cat([torch.full((70_000,), -1.0), torch.full((20_000,), 1.0), torch.rand(10_000) * 2 - 1])
+    low, high = _range_ends(pixels)
+    assert low == pytest.approx(-1.0, abs=0.02) and high == pytest.approx(1.0, abs=0.02)
+
+
 def test_ptq_from_a_checkpoint_without_training(tmp_path: Path, trained_checkpoint: Path):
     model = ImageClassifier(checkpoint=str(trained_checkpoint))
     before = {key: value.clone() for key, value in model.state_dict().items()}
