@@ -135,6 +135,7 @@ def test_pt2e_checkpoints_restore_for_test_and_load_from_checkpoint(tmp_path: Pa
         config_from_state(saved)
 
 
+@pytest.mark.slow  # compiles an int8 model: the fast suite keeps the QAT, restore and bad-input tests
 def test_pt2e_post_training_quantization_exports_a_program(tmp_path: Path, digits):
     L.seed_everything(0)
     model = ImageClassifier()
@@ -165,6 +166,7 @@ class _Branchy(torch.nn.Module):
         return self.head(features)
 
 
+@pytest.mark.slow  # compiles an int8 model: the fast suite keeps the QAT, restore and bad-input tests
 def test_pt2e_part_that_fails_strict_export_is_named_and_split(tmp_path: Path, digits):
     L.seed_everything(0)
     model = ImageClassifier()
