@@ -5,6 +5,7 @@ Every object comes from `conf/` through `_target_`, so pointing a group at your 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import os
@@ -22,11 +23,11 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import InterpolationResolutionError
 
+from lightning_compress.app.models import LIGHTNING_CHECKPOINT_KEYS, read_checkpoint
 from lightning_compress.export import recording_export_failures
-from lightning_compress.models import LIGHTNING_CHECKPOINT_KEYS, ImageClassifier, read_checkpoint
 from lightning_compress.report import CompressionReport, models_to_report
 from lightning_compress.validation import is_integer
 
@@ -81,17 +82,43 @@ def _one_line(error: BaseException) -> str:
 def _instantiate(node: DictConfig, key: str, **kwargs):
     """``instantiate(node)``; an error that names a constructor argument (``final_sparsity=...``) names the
     configuration key instead (``compress.callbacks.pruning.final_sparsity=...``), or the key the recipe fills
-    the argument from (``model.teacher_checkpoint: ${teacher.checkpoint}`` -> ``teacher.checkpoint=...``)."""
+    the argument from (``model.teacher_checkpoint: ${teacher.checkpoint}`` -> ``teacher.checkpoint=...``).
+    The argument of a nested object is found by its name and value (``model.student.checkpoint=...``); an app
+    module's own key (``model.checkpoint=``) is renamed to the group it was built for (``teacher.checkpoint=``)."""
     try:
         return instantiate(node, **kwargs)
     except Exception as error:  # noqa: BLE001 - constructors and Hydra raise many kinds; each becomes one line
         message = _one_line(error)
-        argument = re.match(r"(\w+)=", message)
-        if argument and argument[1] in node:
-            raw = OmegaConf.to_container(node, resolve=False)[argument[1]]
-            source = re.fullmatch(r"\$\{([\w.]+)\}", raw) if isinstance(raw, str) else None
-            message = f"{source[1] if source else f'{key}.{argument[1]}'}{message[len(argument[1]) :]}"
+        argument = re.match(r"(?:model\.)?(\w+)=", message)
+        where = _config_key(node, key, argument[1], message[argument.end() :]) if argument else None
+        if where is not None:
+            message = f"{where}{message[argument.end() - 1 :]}"
         raise BeforeTraining(message) from error
+
+
+def _config_key(node: DictConfig, key: str, argument: str, after: str) -> str | None:
+    """The configuration key of the constructor argument ``argument`` whose value the message shows first in
+    ``after``: in ``node`` itself, else in a nested object's node; an interpolated value names its source."""
+    raw = OmegaConf.to_container(node, resolve=False)
+    if argument in raw:
+        value = raw[argument]
+        source = re.fullmatch(r"\$\{([\w.]+)\}", value) if isinstance(value, str) else None
+        return source[1] if source else f"{key}.{argument}"
+    for child, value in raw.items():
+        if isinstance(value, dict) and "_target_" in value and argument in value and after.startswith(repr(value[argument])):
+            return f"{key}.{child}.{argument}"
+    return None
+
+
+def teacher_settings(cfg: DictConfig) -> DictConfig:
+    """The teacher group without ``max_epochs``, which is train.py's setting rather than the module's."""
+    settings = OmegaConf.to_container(cfg.teacher, resolve=True)
+    settings.pop("max_epochs", None)
+    return OmegaConf.create(settings)
+
+
+def data_sizes(datamodule) -> dict[str, int]:
+    return {"num_classes": datamodule.num_classes, "in_channels": datamodule.num_channels}
 
 
 def train_teacher(cfg: DictConfig, datamodule, output_dir: Path) -> str:
@@ -101,13 +128,7 @@ def train_teacher(cfg: DictConfig, datamodule, output_dir: Path) -> str:
     if path.is_file():
         log.info("Reusing the teacher trained earlier in this run: %s", path)
         return str(path)
-    teacher = ImageClassifier(
-        cfg.teacher.architecture,
-        num_classes=datamodule.num_classes,
-        in_channels=datamodule.num_channels,
-        lr=cfg.teacher.lr,
-        architecture_options=dict(cfg.teacher.architecture_options or {}),
-    )
+    teacher = _instantiate(teacher_settings(cfg), "teacher", **data_sizes(datamodule), _convert_="all")
     trainer = instantiate(
         cfg.trainer,
         max_epochs=cfg.teacher.max_epochs,
@@ -122,9 +143,30 @@ def train_teacher(cfg: DictConfig, datamodule, output_dir: Path) -> str:
 
 
 def build_model(cfg: DictConfig, datamodule):
-    """The LightningModule, sized for the data; plain containers keep its checkpoints weights_only-loadable."""
-    sizes = {"num_classes": datamodule.num_classes, "in_channels": datamodule.num_channels}
-    return _instantiate(cfg.model, "model", **sizes, _convert_="all")
+    """The LightningModule, sized for the data: ``num_classes`` and ``in_channels`` go to every object of the
+    model config that takes them and does not set them (the model, a distillation student). A distillation
+    model also gets the teacher module its group builds (loaded from ``teacher.checkpoint``, if given).
+    Plain containers keep its checkpoints weights_only-loadable."""
+    sizes = data_sizes(datamodule)
+    _fill_sizes(cfg.model, sizes)
+    modules = {}
+    if "teacher" in cfg:
+        modules["teacher"] = _instantiate(teacher_settings(cfg), "teacher", **sizes, _convert_="all")
+    return _instantiate(cfg.model, "model", **modules, _convert_="all")
+
+
+def _fill_sizes(node: DictConfig, sizes: dict[str, int]) -> None:
+    """Set ``sizes`` in ``node`` and the objects nested in it, where their target takes them and they are unset."""
+    if "_target_" in node:
+        target = hydra.utils.get_object(node._target_)
+        parameters = inspect.signature(target).parameters
+        with open_dict(node):
+            for name, value in sizes.items():
+                if (name not in node and name in parameters) or OmegaConf.is_missing(node, name):
+                    node[name] = value
+    for child in node.values():
+        if isinstance(child, DictConfig):
+            _fill_sizes(child, sizes)
 
 
 def build(cfg: DictConfig):
@@ -189,7 +231,7 @@ def check_resume_checkpoint(cfg: DictConfig, model: L.LightningModule) -> None:
         )
     other_model = f"{where} is a checkpoint of another model"
     saved = checkpoint.get("hyper_parameters") or {}
-    for key in ("architecture", "student", "num_classes", "in_channels", "architecture_options", "student_options"):
+    for key in ("architecture", "num_classes", "in_channels", "architecture_options"):
         if key in saved and key in model.hparams and saved[key] != model.hparams[key]:
             raise BeforeTraining(f"{other_model}: {key}={saved[key]!r} there, {model.hparams[key]!r} here.")
     # Compression callbacks may rename layers (QAT fuses them), so only a name both sides share can disagree.

@@ -8,7 +8,7 @@ import lightning as L
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_compress.data import DigitsDataModule
+from lightning_compress.app.data import DigitsDataModule
 
 
 def fit(

@@ -25,9 +25,9 @@ from common import fit
 from torch import nn
 
 from lightning_compress import QuantizationAwareTraining
-from lightning_compress.data import DigitsDataModule
+from lightning_compress.app.data import DigitsDataModule
+from lightning_compress.app.models import ImageClassifier
 from lightning_compress.export import write_exports
-from lightning_compress.models import ImageClassifier
 from lightning_compress.report import count_parameters, latency_ms
 from lightning_compress.runtimes import OnnxRuntimeModel, OpenVinoModel
 

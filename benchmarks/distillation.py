@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from common import fit
 
 from lightning_compress import DistillationModule
-from lightning_compress.data import DigitsDataModule
-from lightning_compress.models import ImageClassifier
+from lightning_compress.app.data import DigitsDataModule
+from lightning_compress.app.models import ImageClassifier, build_network
 from lightning_compress.report import top1_accuracy
 
 RESULTS = Path(__file__).parent / "results"
@@ -40,11 +40,17 @@ DISTILLATION = {"temperature": 4.0, "alpha": 0.9}
 HINTS = {"features.4": "features.4"}  # second conv of student (16 channels) and teacher (64), both 4x4 maps
 
 
+def _student() -> torch.nn.Module:
+    return build_network("cnn", num_classes=10, in_channels=1, **STUDENT)
+
+
+def _teacher(teacher_path: Path) -> torch.nn.Module:
+    return build_network("cnn", num_classes=10, in_channels=1, checkpoint=str(teacher_path))
+
+
 def _students(teacher_path: Path, lr: float) -> dict[str, Callable[[], L.LightningModule]]:
     def distilled(**options) -> DistillationModule:
-        return DistillationModule(
-            student="cnn", student_options=STUDENT, teacher="cnn", teacher_checkpoint=str(teacher_path), lr=lr, **options
-        )
+        return DistillationModule(student=_student(), teacher=_teacher(teacher_path), lr=lr, **options)
 
     return {
         "alone": lambda: ImageClassifier("cnn", architecture_options=STUDENT, lr=lr),
@@ -113,7 +119,7 @@ def step_cost(teacher_path: Path, steps: int) -> dict:
     digits = DigitsDataModule(batch_size=64)
     digits.setup()
     images, labels = digits.train_set.tensors[0][:64], digits.train_set.tensors[1][:64]
-    module = DistillationModule(student="cnn", student_options=STUDENT, teacher="cnn", teacher_checkpoint=str(teacher_path))
+    module = DistillationModule(student=_student(), teacher=_teacher(teacher_path))
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-3)
 
     def student_step():

@@ -33,8 +33,8 @@ from lightning.pytorch.callbacks import ModelPruning
 from torch import nn
 
 from lightning_compress import MagnitudePruning
-from lightning_compress.data import DigitsDataModule
-from lightning_compress.models import ImageClassifier
+from lightning_compress.app.data import DigitsDataModule
+from lightning_compress.app.models import ImageClassifier
 from lightning_compress.report import count_parameters, latency_ms, serialized_size, top1_accuracy
 from lightning_compress.schedules import SparsitySchedule
 

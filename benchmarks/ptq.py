@@ -21,8 +21,8 @@ from common import fit
 from torch import nn
 
 from lightning_compress import DynamicQuantization, PostTrainingQuantization, QuantizationAwareTraining
-from lightning_compress.data import DigitsDataModule
-from lightning_compress.models import ImageClassifier
+from lightning_compress.app.data import DigitsDataModule
+from lightning_compress.app.models import ImageClassifier
 from lightning_compress.report import latency_ms, serialized_size, top1_accuracy
 
 RESULTS = Path(__file__).parent / "results"

@@ -33,8 +33,8 @@ from common import fit
 from torch.fx.experimental.optimization import fuse as fold_batch_norm
 
 from lightning_compress import PostTrainingQuantization, QuantizationAwareTraining, compat
-from lightning_compress.data import DigitsDataModule
-from lightning_compress.models import ImageClassifier, SmallCNN, torchvision_classifier
+from lightning_compress.app.data import DigitsDataModule
+from lightning_compress.app.models import ImageClassifier, SmallCNN, torchvision_classifier
 from lightning_compress.quantization_backend import backend_for, quantization_config
 from lightning_compress.report import latency_ms, serialized_size, top1_accuracy
 

@@ -1,5 +1,9 @@
 """``DistillationModule``: a student learns from a frozen teacher's softened outputs (Hinton et al. 2015).
 
+The module wraps networks it is given: it builds nothing from names and loads no files, so a user brings
+their own student (an ``nn.Module``, or their own ``LightningModule``, whose ``configure_optimizers`` it
+reuses) and any ``nn.Module`` teacher. The bundled app builds both from its configuration.
+
 The teacher is deliberately *not* a registered submodule. That one choice settles the usual traps: it is
 not in ``parameters()`` (so not in the optimizer, not wrapped by DDP, never visited by compression
 callbacks), not in ``state_dict()`` (so student checkpoints carry no teacher weights), and ``train()``
@@ -18,14 +22,34 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
+import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics import MeanMetric
 
 from lightning_compress.inputs import example_input
-from lightning_compress.models import ImageClassifier, build_network, load_network_weights
-from lightning_compress.validation import check_number
+from lightning_compress.quantization import restore_quantization
+from lightning_compress.validation import check_integer, check_number
+
+
+def _positions(
+    logits: torch.Tensor, labels: torch.Tensor, class_dim: int, ignore_index: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits as (positions, classes) and labels as (positions,), padding positions dropped.
+
+    An image classifier has one position per sample; a language model one per token."""
+    flat = logits.movedim(class_dim, -1).reshape(-1, logits.shape[class_dim])
+    labels = labels.reshape(-1)
+    if flat.shape[0] != labels.shape[0]:
+        raise ValueError(
+            f"labels of shape {tuple(labels.shape)} do not match logits of shape {tuple(logits.shape)} with classes "
+            f"on class_dim={class_dim}: every other dimension of the logits must be a label's."
+        )
+    if ignore_index is None:
+        return flat, labels
+    kept = labels != ignore_index
+    return flat[kept], labels[kept]
 
 
 def distillation_loss(
@@ -34,112 +58,143 @@ def distillation_loss(
     labels: torch.Tensor,
     temperature: float,
     alpha: float,
+    class_dim: int = 1,
+    ignore_index: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y)``; returns (total, kd, ce).
 
-    The ``T^2`` keeps the soft-target gradients on the scale of the hard-target ones as ``T`` changes. Computed
-    in float32 whatever precision the logits come in (bf16 under mixed precision): bf16's 8-bit mantissa
-    would round away the small differences between softened distributions that the loss is made of.
+    Both terms are means over positions: samples of an image classifier, tokens of a language model
+    (``class_dim=-1`` for (batch, tokens, vocabulary) logits), where positions whose label is ``ignore_index``
+    (padding) count in neither. The ``T^2`` keeps the soft-target gradients on the scale of the hard-target
+    ones as ``T`` changes. Computed in float32 whatever precision the logits come in (bf16 under mixed
+    precision): bf16's 8-bit mantissa would round away the small differences between softened
+    distributions that the loss is made of.
     """
-    student_logits, teacher_logits = student_logits.float(), teacher_logits.float()
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"teacher and student outputs differ: teacher {tuple(teacher_logits.shape)}, student "
+            f"{tuple(student_logits.shape)}; both must produce the same logits shape."
+        )
+    mask_labels = labels
+    student, labels = _positions(student_logits.float(), mask_labels, class_dim, ignore_index)
+    teacher, _ = _positions(teacher_logits.float(), mask_labels, class_dim, ignore_index)
     kd = (
         F.kl_div(
-            F.log_softmax(student_logits / temperature, dim=1),
-            F.log_softmax(teacher_logits / temperature, dim=1),
+            F.log_softmax(student / temperature, dim=-1),
+            F.log_softmax(teacher / temperature, dim=-1),
             log_target=True,
             reduction="batchmean",
         )
         * temperature**2
     )
-    ce = F.cross_entropy(student_logits, labels)
+    ce = F.cross_entropy(student, labels)
     return alpha * kd + (1.0 - alpha) * ce, kd, ce
 
 
-class DistillationModule(ImageClassifier):
+class DistillationModule(L.LightningModule):
     """Train ``student`` against a frozen ``teacher``; what ``trainer.fit`` receives.
 
     .. code-block:: python
 
         from lightning_compress import DistillationModule
 
-        module = DistillationModule(student="cnn", teacher=my_trained_resnet, temperature=4.0, alpha=0.9)
+        module = DistillationModule(student=MyStudent(), teacher=my_trained_resnet, temperature=4.0, alpha=0.9)
         Trainer(max_epochs=10).fit(module, datamodule=datamodule)
         module.student  # the trained student; checkpoints hold only its weights
 
     ``forward`` is the student's, so compression callbacks (QAT, pruning) act on the student alone and the
-    exported model is the student.
+    exported model is the student. Batches are ``(inputs, labels)``; both networks map ``inputs`` to logits
+    of the same shape. Logged: ``train/loss``, ``train/kd_loss``, ``train/ce_loss`` (``train/hint_loss``),
+    ``{train,val,test}/acc`` of the student, ``val/teacher_acc``, ``test/teacher_acc`` and
+    ``test/teacher_minus_student``.
+
+    ``load_from_checkpoint`` needs the two networks again (they are modules, not hyperparameters):
+    ``DistillationModule.load_from_checkpoint(path, student=MyStudent(), teacher=teacher)``.
 
     Args:
-        student: an architecture name (see ``lightning_compress.models.ARCHITECTURES``) or an ``nn.Module``
-            (a ``LightningModule`` works too: its ``forward`` is used).
-        teacher: same choices as ``student``; with a name, give ``teacher_checkpoint`` to load its weights.
-        num_classes: outputs of both networks (when built from names).
-        in_channels: input channels of both networks (when built from names).
+        student: the network to train, an ``nn.Module``. A ``LightningModule`` works too: its ``forward`` is
+            used, and its own ``configure_optimizers`` sets the optimizer (run over the live student's
+            parameters, which compression callbacks may have rebuilt; hint adapters join as a parameter group).
+        teacher: the trained network to learn from, an ``nn.Module``; frozen and kept in eval mode.
         temperature: softening temperature ``T`` (> 0).
         alpha: weight of the distillation term, in [0, 1]; ``1 - alpha`` weighs the label cross-entropy.
-        lr: peak learning rate of the student.
-        weight_decay: AdamW weight decay.
-        student_options: extra arguments of the student architecture (e.g. ``widths``).
-        teacher_options: extra arguments of the teacher architecture.
-        teacher_checkpoint: teacher weights, a Lightning checkpoint or a ``state_dict`` file, loaded with
-            ``weights_only=True``; missing keys or shape mismatches are errors naming the key.
-        checkpoint: start the student from these weights.
+        class_dim: the dimension of the logits that holds the classes: 1 for (batch, classes) or
+            (batch, classes, ...) outputs, -1 for a language model's (batch, tokens, vocabulary).
+        ignore_index: a label value that marks padding positions, left out of both losses and the accuracy;
+            ``None`` when every position counts.
+        lr: peak learning rate of AdamW under a cosine schedule, when the student is a plain ``nn.Module``.
+        weight_decay: AdamW weight decay, likewise.
         save_teacher: also store the teacher's weights in checkpoints (``teacher_state_dict``).
         hints: student layer name -> teacher layer name, e.g. ``{"features.4": "features.4"}``: the student
             layer's output, through a learned adapter, is pulled towards the teacher layer's (mean squared
             error). Layers must produce (N, C) or (N, C, H, W) outputs of the same spatial size. Under QAT,
             hint convolutions or linear layers: QAT fuses the BatchNorm and ReLU after them away.
         hint_weight: weight of the summed hint losses in the total loss (>= 0).
+
+    Raises:
+        TypeError: ``student`` or ``teacher`` is not an ``nn.Module``.
+        ValueError: a setting out of range, or ``hints`` naming layers that do not exist; teacher and student
+            logits of different shapes are found at ``fit`` start, before the first step.
     """
 
     training_aids = ("hint_adapters",)  # trained alongside the student, never compressed or deployed
 
     def __init__(
         self,
-        student: str | nn.Module = "cnn",
-        teacher: str | nn.Module = "resnet18",
-        num_classes: int = 10,
-        in_channels: int = 1,
+        student: nn.Module,
+        teacher: nn.Module,
         temperature: float = 4.0,
         alpha: float = 0.9,
+        class_dim: int = 1,
+        ignore_index: int | None = None,
         lr: float = 3e-3,
         weight_decay: float = 1e-4,
-        student_options: dict | None = None,
-        teacher_options: dict | None = None,
-        teacher_checkpoint: str | None = None,
-        checkpoint: str | None = None,
         save_teacher: bool = False,
         hints: Mapping[str, str] | None = None,
         hint_weight: float = 1.0,
     ) -> None:
+        super().__init__()
+        for setting, value in (("student", student), ("teacher", teacher)):
+            if not isinstance(value, nn.Module):
+                raise TypeError(
+                    f"{setting}={value!r} is invalid: it must be an nn.Module (build it first; the app's "
+                    "lightning_compress.app.models.build_network makes one from an architecture name)."
+                )
         check_number("temperature", temperature, low=0.0, low_open=True)
         check_number("alpha", alpha, 0.0, 1.0)
-        check_number("hint_weight", hint_weight)
-        if not hint_weight >= 0:
-            raise ValueError(f"hint_weight={hint_weight!r} is invalid: it must be 0 or more.")
-        super().__init__(student, num_classes, in_channels, lr, weight_decay, checkpoint, student_options)
-        self.save_hyperparameters(
-            ignore=[name for name, value in (("student", student), ("teacher", teacher)) if isinstance(value, nn.Module)]
-        )
-        if isinstance(teacher, nn.Module):
-            teacher_net = teacher
-        else:
-            teacher_net = build_network(teacher, num_classes, in_channels, **(teacher_options or {}))
-        if teacher_checkpoint is not None:
-            load_network_weights(teacher_net, teacher_checkpoint, setting="teacher_checkpoint")
-        teacher_net.requires_grad_(False).eval()
-        object.__setattr__(self, "_teacher", teacher_net)  # deliberately unregistered: see the module docstring
+        check_integer("class_dim", class_dim, minimum=None)
+        check_integer("ignore_index", ignore_index, none="every position counts")
+        for setting, value in (("lr", lr), ("hint_weight", hint_weight), ("weight_decay", weight_decay)):
+            check_number(setting, value)
+        if lr <= 0:
+            raise ValueError(f"lr={lr!r} is invalid: it must be positive.")
+        for setting, value in (("weight_decay", weight_decay), ("hint_weight", hint_weight)):
+            if value < 0:
+                raise ValueError(f"{setting}={value!r} is invalid: it must be 0 or more.")
+        self.save_hyperparameters(ignore=["student", "teacher"])
+        self.net = student
+        teacher.requires_grad_(False).eval()
+        object.__setattr__(self, "_teacher", teacher)  # deliberately unregistered: see the module docstring
+        # the user's LightningModule, whose configure_optimizers we reuse even after QAT has replaced self.net
+        object.__setattr__(self, "_student_module", student if isinstance(student, L.LightningModule) else None)
         self.temperature = temperature
         self.alpha = alpha
+        self.class_dim = class_dim
+        self.ignore_index = ignore_index
         self.save_teacher = save_teacher
         self.hints = dict(hints or {})
         self.hint_weight = hint_weight
-        _check_layers(self.hints, self.net, teacher_net)
+        _check_layers(self.hints, self.net, teacher)
         # one adapter per hint, keyed by its position: built in setup, once the layers' widths are seen
         self.hint_adapters = nn.ModuleDict()
+        # the share of correct positions (samples or tokens): no number of classes needed
+        self.train_accuracy, self.val_accuracy, self.test_accuracy = MeanMetric(), MeanMetric(), MeanMetric()
         # Teacher accuracy is a property of the teacher and the split: computed once, then reused.
-        self.teacher_accuracy = MulticlassAccuracy(num_classes, average="micro")
+        self.teacher_accuracy = MeanMetric()
         self.teacher_val_accuracy: float | None = None
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.net(*args, **kwargs)
 
     @property
     def student(self) -> nn.Module:
@@ -176,6 +231,11 @@ class DistillationModule(ImageClassifier):
             raise ValueError(
                 f"teacher and student outputs differ: teacher {teacher_shape}, student {student_shape}; "
                 "both must produce the same logits shape."
+            )
+        if not -len(student_shape) <= self.class_dim < len(student_shape):
+            raise ValueError(
+                f"class_dim={self.class_dim} is invalid for logits of shape {student_shape}: it must name one of "
+                f"their {len(student_shape)} dimensions."
             )
         for index, (student_layer, teacher_layer) in enumerate(self.hints.items()):
             student_shape, teacher_shape = student_features[index].shape, teacher_features[index].shape
@@ -220,26 +280,42 @@ class DistillationModule(ImageClassifier):
         with torch.no_grad():
             return self._teacher(images)
 
+    def _accuracy_update(self, metric: MeanMetric, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        logits, labels = _positions(logits.detach(), labels, self.class_dim, self.ignore_index)
+        if labels.numel():
+            metric.update((logits.argmax(dim=-1) == labels).float())
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        images, labels = batch
+        inputs, labels = batch
         with self._hint_features() as (student_features, teacher_features):
-            logits = self(images)
-            teacher_logits = self._teacher_logits(images)
-        loss, kd, ce = distillation_loss(logits, teacher_logits, labels, self.temperature, self.alpha)
+            logits = self(inputs)
+            teacher_logits = self._teacher_logits(inputs)
+        loss, kd, ce = distillation_loss(
+            logits, teacher_logits, labels, self.temperature, self.alpha, self.class_dim, self.ignore_index
+        )
         losses = {"train/kd_loss": kd, "train/ce_loss": ce}
         if self.hints:
             losses["train/hint_loss"] = hint = self.hint_loss(student_features, teacher_features)
             loss = loss + self.hint_weight * hint
-        self.train_accuracy(logits, labels)
+        self._accuracy_update(self.train_accuracy, logits, labels)
         self.log_dict({"train/loss": loss, **losses}, prog_bar=True)
         self.log("train/acc", self.train_accuracy, on_step=False, on_epoch=True)
         return loss
 
+    def _evaluate(self, batch, stage: str, accuracy: MeanMetric) -> torch.Tensor:
+        """The student's label loss and accuracy, as a plain classifier of the same student would log them."""
+        inputs, labels = batch
+        logits = self(inputs)
+        flat_logits, flat_labels = _positions(logits.float(), labels, self.class_dim, self.ignore_index)
+        self._accuracy_update(accuracy, logits, labels)
+        self.log(f"{stage}/loss", F.cross_entropy(flat_logits, flat_labels), prog_bar=stage != "test")
+        self.log(f"{stage}/acc", accuracy, prog_bar=True, on_step=False, on_epoch=True)
+        return inputs
+
     def validation_step(self, batch, batch_idx: int) -> None:
-        super().validation_step(batch, batch_idx)
+        inputs = self._evaluate(batch, "val", self.val_accuracy)
         if self.teacher_val_accuracy is None and not self.trainer.sanity_checking:
-            images, labels = batch
-            self.teacher_accuracy.update(self._teacher_logits(images), labels)
+            self._accuracy_update(self.teacher_accuracy, self._teacher_logits(inputs), batch[1])
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
@@ -250,9 +326,8 @@ class DistillationModule(ImageClassifier):
         self.log("val/teacher_acc", self.teacher_val_accuracy)
 
     def test_step(self, batch, batch_idx: int) -> None:
-        super().test_step(batch, batch_idx)
-        images, labels = batch
-        self.teacher_accuracy.update(self._teacher_logits(images), labels)
+        inputs = self._evaluate(batch, "test", self.test_accuracy)
+        self._accuracy_update(self.teacher_accuracy, self._teacher_logits(inputs), batch[1])
 
     def on_test_epoch_end(self) -> None:
         teacher_accuracy = float(self.teacher_accuracy.compute())
@@ -264,8 +339,28 @@ class DistillationModule(ImageClassifier):
             }
         )
 
+    def configure_optimizers(self) -> Any:
+        """The user's ``LightningModule`` student's own optimizer configuration, else AdamW with a cosine
+        schedule over ``max_epochs``; the hint adapters train with the student either way."""
+        if self._student_module is None:
+            optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+            epochs = max(self.trainer.max_epochs or 1, 1)
+            return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)}
+        self._student_module.trainer = self.trainer
+        configuration = type(self._student_module).configure_optimizers(_LiveStudent(self._student_module, self.net))
+        if len(self.hint_adapters):
+            optimizers = _optimizers_in(configuration)
+            if len(optimizers) != 1:
+                raise ValueError(
+                    f"hints: the student's configure_optimizers returns {len(optimizers)} optimizers; the hint "
+                    "adapters need exactly one to join."
+                )
+            optimizers[0].add_param_group({"params": list(self.hint_adapters.parameters())})
+        return configuration
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)
+        # A QAT checkpoint holds fake-quant modules: rebuild them so that load_from_checkpoint fits.
+        restore_quantization(self, checkpoint)
         # load_from_checkpoint builds the module without running setup: make the saved adapters exist.
         for key, weight in checkpoint["state_dict"].items():
             prefix, _, rest = key.partition(".")
@@ -301,3 +396,33 @@ def _check_layers(hints: dict[str, str], student: nn.Module, teacher: nn.Module,
             raise ValueError(
                 f"hints: {setting} layers {missing} do not exist in the {setting}{advice}; its layers include {examples}."
             )
+
+
+class _LiveStudent:
+    """The user's student ``LightningModule`` as its ``configure_optimizers`` should see it: its own settings
+    (``self.hparams``, ``self.trainer``, ...), but the parameters of the network being trained, which QAT may
+    have rebuilt into a new module since the student was given."""
+
+    def __init__(self, student: L.LightningModule, live: nn.Module) -> None:
+        object.__setattr__(self, "_student", student)
+        object.__setattr__(self, "_live", live)
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
+        return self._live.parameters(recurse)
+
+    def named_parameters(self, *args: Any, **kwargs: Any) -> Iterator[tuple[str, nn.Parameter]]:
+        return self._live.named_parameters(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._student, name)
+
+
+def _optimizers_in(configuration: Any) -> list[torch.optim.Optimizer]:
+    """The optimizers in any of the shapes ``configure_optimizers`` may return."""
+    if isinstance(configuration, torch.optim.Optimizer):
+        return [configuration]
+    if isinstance(configuration, Mapping):
+        return _optimizers_in(configuration.get("optimizer"))
+    if isinstance(configuration, list | tuple):
+        return [optimizer for entry in configuration for optimizer in _optimizers_in(entry)]
+    return []

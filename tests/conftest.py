@@ -9,7 +9,7 @@ import lightning as L
 import pytest
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_compress.data import DigitsDataModule
+from lightning_compress.app.data import DigitsDataModule
 
 ROOT = Path(__file__).resolve().parents[1]
 

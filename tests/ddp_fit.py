@@ -11,8 +11,8 @@ import lightning as L
 import torch
 
 from lightning_compress import MagnitudePruning, QuantizationAwareTraining
-from lightning_compress.data import DigitsDataModule
-from lightning_compress.models import ImageClassifier
+from lightning_compress.app.data import DigitsDataModule
+from lightning_compress.app.models import ImageClassifier
 
 warnings.filterwarnings("ignore")
 

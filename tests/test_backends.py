@@ -19,9 +19,9 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_compress import PostTrainingQuantization, QuantizationAwareTraining
-from lightning_compress.data import DigitsDataModule
+from lightning_compress.app.data import DigitsDataModule
+from lightning_compress.app.models import ImageClassifier
 from lightning_compress.fx_quantization import FxBackend, QuantizationConfig
-from lightning_compress.models import ImageClassifier
 from lightning_compress.pt2e_quantization import CompiledProgram, ExportedPart, InductorBackend, InductorQuantizationConfig
 from lightning_compress.quantization_backend import backend_for, config_from_state
 from lightning_compress.report import count_parameters, top1_accuracy

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_compress import compat
-from lightning_compress.models import ImageClassifier
+from lightning_compress.app.models import ImageClassifier
 
 from conftest import quiet_trainer
 

@@ -6,9 +6,9 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
 
-from lightning_compress.augmentation import RandomAffine
-from lightning_compress.data import DigitsDataModule, ImageFolderDataModule, TorchvisionDataModule
-from lightning_compress.models import ImageClassifier
+from lightning_compress.app.augmentation import RandomAffine
+from lightning_compress.app.data import DigitsDataModule, ImageFolderDataModule, TorchvisionDataModule
+from lightning_compress.app.models import ImageClassifier
 
 from conftest import quiet_trainer
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from lightning_compress import DynamicQuantization, MagnitudePruning, PostTrainingQuantization, QuantizationAwareTraining
-from lightning_compress.models import ImageClassifier
+from lightning_compress.app.models import ImageClassifier
 from lightning_compress.report import models_to_report
 from lightning_compress.runtimes import OnnxRuntimeModel, OpenVinoModel
 
@@ -146,7 +146,7 @@ def test_the_app_writes_both_runtime_exports_and_reports_them(tmp_path: Path):
 
 @pytest.mark.slow
 def test_qat_resnet18_exports_agree_with_fake_quant(tmp_path: Path):
-    from lightning_compress.data import DigitsDataModule
+    from lightning_compress.app.data import DigitsDataModule
 
     digits = DigitsDataModule(batch_size=64, image_size=32)
     digits.setup()

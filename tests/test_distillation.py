@@ -12,10 +12,10 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_compress import DistillationModule, QuantizationAwareTraining
-from lightning_compress.data import DigitsDataModule
+from lightning_compress.app.data import DigitsDataModule
+from lightning_compress.app.models import ImageClassifier, SmallCNN, build_network
 from lightning_compress.distillation import distillation_loss
 from lightning_compress.fx_quantization import is_prepared
-from lightning_compress.models import ImageClassifier, SmallCNN
 from lightning_compress.report import count_parameters, models_to_report
 
 from conftest import quiet_trainer, run_train
@@ -33,14 +33,16 @@ def teacher_checkpoint(tmp_path_factory) -> Path:
     return folder / "teacher.ckpt"
 
 
+def _student() -> torch.nn.Module:
+    return build_network("cnn", num_classes=10, in_channels=1, widths=[8, 16])
+
+
+def _teacher(teacher_checkpoint: Path) -> torch.nn.Module:
+    return build_network("cnn", num_classes=10, in_channels=1, checkpoint=str(teacher_checkpoint))
+
+
 def _module(teacher_checkpoint: Path, **options) -> DistillationModule:
-    return DistillationModule(
-        student="cnn",
-        student_options={"widths": [8, 16]},
-        teacher="cnn",
-        teacher_checkpoint=str(teacher_checkpoint),
-        **options,
-    )
+    return DistillationModule(student=_student(), teacher=_teacher(teacher_checkpoint), **options)
 
 
 def test_loss_matches_a_hand_computation(digits):
@@ -85,7 +87,9 @@ def test_teacher_is_bit_identical_after_fit_and_absent_from_checkpoints(tmp_path
     state = torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]
     assert state and all(key.startswith(("net.", "train_", "val_", "test_", "teacher_accuracy")) for key in state)
     assert not any(key.startswith("teacher.") or "_teacher" in key for key in state)
-    restored = DistillationModule.load_from_checkpoint(tmp_path / "last.ckpt", weights_only=True)
+    restored = DistillationModule.load_from_checkpoint(
+        tmp_path / "last.ckpt", weights_only=True, student=_student(), teacher=_teacher(teacher_checkpoint)
+    )
     assert torch.equal(restored.student.classifier.weight, module.student.classifier.weight)
 
 
@@ -134,19 +138,30 @@ def test_teacher_follows_the_student_to_its_device(teacher_checkpoint: Path):
     [
         ({"temperature": 0.0}, ValueError, r"temperature=0.0 is invalid: it must be > 0"),
         ({"alpha": 1.5}, ValueError, r"alpha=1.5 is invalid: it must lie in \[0, 1\]"),
-        (
-            {"teacher_checkpoint": "missing.ckpt"},
-            FileNotFoundError,
-            r"teacher_checkpoint='missing.ckpt' does not exist",
-        ),
-        ({"teacher": "resnet18"}, ValueError, r"teacher_checkpoint=.* of another model: key 'conv1.weight' is missing"),
+        ({"student": "cnn"}, TypeError, r"student='cnn' is invalid: it must be an nn.Module"),
+        ({"teacher": None}, TypeError, r"teacher=None is invalid: it must be an nn.Module"),
         ({"hint_weight": -1.0}, ValueError, r"hint_weight=-1.0 is invalid: it must be 0 or more"),
+        ({"ignore_index": 0.5}, ValueError, r"ignore_index=0.5 is invalid: it must be an integer, or None"),
     ],
 )
 def test_bad_settings_fail_at_construction(teacher_checkpoint: Path, options, error, message):
-    settings = {"student": "cnn", "teacher": "cnn", "teacher_checkpoint": str(teacher_checkpoint), **options}
+    settings = {"student": _student(), "teacher": _teacher(teacher_checkpoint), **options}
     with pytest.raises(error, match=message):
         DistillationModule(**settings)
+
+
+# Loading a teacher is the app's work now (the library wraps modules): its errors name the app's argument.
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        ({"checkpoint": "missing.ckpt"}, FileNotFoundError, r"checkpoint='missing.ckpt' does not exist"),
+        ({"architecture": "resnet18"}, ValueError, r"checkpoint=.* of another model: key 'conv1.weight' is missing"),
+    ],
+)
+def test_a_teacher_file_that_does_not_fit_fails_when_built(teacher_checkpoint: Path, options, error, message):
+    settings = {"architecture": "cnn", "num_classes": 10, "in_channels": 1, "checkpoint": str(teacher_checkpoint), **options}
+    with pytest.raises(error, match=message):
+        build_network(**settings)
 
 
 def test_output_shapes_that_differ_fail_before_training(tmp_path: Path):
@@ -230,7 +245,9 @@ def test_hints_pull_student_features_towards_the_teacher_and_survive_checkpoints
     assert {id(p) for p in module.hint_adapters.parameters()} <= optimized
     assert trainer.callback_metrics["val/acc"] >= 0.6  # still learning the task (chance is 0.1)
 
-    restored = DistillationModule.load_from_checkpoint(tmp_path / "last.ckpt", weights_only=True)  # strict load
+    restored = DistillationModule.load_from_checkpoint(  # strict load
+        tmp_path / "last.ckpt", weights_only=True, student=_student(), teacher=_teacher(teacher_checkpoint)
+    )
     saved = torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]
     assert torch.equal(restored.hint_adapters["0"].weight, saved["hint_adapters.0.weight"])
 
@@ -282,3 +299,67 @@ def test_hints_with_different_map_sizes_fail_before_training(tmp_path: Path, tea
     with pytest.raises(ValueError, match=r"student layer 'features.0' \(2, 8, 8, 8\) cannot be matched to teacher layer"):
         trainer.fit(module, datamodule=DigitsDataModule())
     assert trainer.global_step == 0
+
+
+class OwnStudent(L.LightningModule):
+    """A user's student: a forward and its own optimizer, no training_step (distillation provides it)."""
+
+    def __init__(self, lr: float = 0.05) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.body = SmallCNN(widths=(8, 16))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.body(images)
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
+        return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)}
+
+
+def test_a_users_lightning_module_student_keeps_its_optimizer_and_learns_from_a_plain_teacher(
+    tmp_path: Path, teacher_checkpoint: Path
+):
+    L.seed_everything(0)
+    teacher = _teacher(teacher_checkpoint)
+    assert type(teacher) is SmallCNN  # a plain nn.Module, not a LightningModule
+    student = OwnStudent()
+    module = DistillationModule(student=student, teacher=teacher, hints={"body.features.4": "features.4"})
+    trainer = quiet_trainer(tmp_path, [], 4)
+    trainer.fit(module, datamodule=DigitsDataModule())
+    (optimizer,) = trainer.optimizers
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["momentum"] == 0.9  # the student's own
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05 * 0.5**4)  # its own scheduler stepped each epoch
+    optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert {id(p) for p in student.parameters()} | {id(p) for p in module.hint_adapters.parameters()} == optimized
+    assert trainer.callback_metrics["val/acc"] >= 0.6  # chance is 0.1
+    assert module.student is student
+
+
+def test_a_users_student_under_qat_optimizes_the_prepared_network(tmp_path: Path, teacher_checkpoint: Path):
+    student = OwnStudent()
+    module = DistillationModule(student=student, teacher=_teacher(teacher_checkpoint))
+    qat = QuantizationAwareTraining(export_format="none")
+    trainer = quiet_trainer(tmp_path, [qat], 1, limit_train_batches=3, limit_val_batches=1)
+    trainer.fit(module, datamodule=DigitsDataModule())
+    assert is_prepared(module.student)
+    optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert isinstance(trainer.optimizers[0], torch.optim.SGD)
+    assert optimized == {id(p) for p in module.parameters()}  # the fake-quant network's, not the float original's
+
+
+def test_token_level_loss_ignores_padding_and_matches_the_per_token_computation():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 5, 11), torch.randn(2, 5, 11)  # (batch, tokens, vocabulary)
+    labels = torch.randint(0, 11, (2, 5))
+    labels[1, 3:] = -100  # padding
+    total, kd, ce = distillation_loss(student, teacher, labels, 2.0, 0.5, class_dim=-1, ignore_index=-100)
+    kept = labels != -100
+    reference = distillation_loss(student[kept], teacher[kept], labels[kept], 2.0, 0.5)  # (tokens, vocabulary)
+    assert all(torch.allclose(a, b) for a, b in zip((total, kd, ce), reference, strict=True))
+    # the classes on dim 1 of (batch, vocabulary, tokens) logits give the same numbers
+    moved = distillation_loss(student.transpose(1, 2), teacher.transpose(1, 2), labels, 2.0, 0.5, 1, -100)
+    assert all(torch.allclose(a, b) for a, b in zip(moved, reference, strict=True))
+    padded_student = student.clone()
+    padded_student[1, 3:] += 100.0  # what the student says at padding changes nothing
+    assert torch.equal(distillation_loss(padded_student, teacher, labels, 2.0, 0.5, -1, -100)[0], total)

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_compress.models import ARCHITECTURES, ImageClassifier, SmallCNN, build_network
+from lightning_compress.app.models import ARCHITECTURES, ImageClassifier, SmallCNN, build_network
 
 
 @pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
@@ -21,7 +21,7 @@ def test_large_input_resnet_keeps_imagenet_stem():
 
 
 def test_architecture_by_import_path():
-    net = build_network("lightning_compress.models.SmallCNN", num_classes=4, in_channels=1, widths=(8,))
+    net = build_network("lightning_compress.app.models.SmallCNN", num_classes=4, in_channels=1, widths=(8,))
     assert isinstance(net, SmallCNN) and net.classifier.out_features == 4
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_compress.data import DigitsDataModule
+from lightning_compress.app.data import DigitsDataModule
 
 from conftest import ROOT, run_train
 from wandb_records import run_summary

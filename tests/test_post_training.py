@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from lightning_compress import DynamicQuantization, PostTrainingQuantization
-from lightning_compress.data import DigitsDataModule
+from lightning_compress.app.data import DigitsDataModule
+from lightning_compress.app.models import ImageClassifier
 from lightning_compress.fx_quantization import QuantizationConfig
-from lightning_compress.models import ImageClassifier
 from lightning_compress.report import serialized_size, top1_accuracy
 
 from conftest import quiet_trainer, run_train

@@ -16,9 +16,9 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_compress import DistillationModule, MagnitudePruning, QuantizationAwareTraining
-from lightning_compress.data import DigitsDataModule
+from lightning_compress.app.data import DigitsDataModule
+from lightning_compress.app.models import ImageClassifier, SmallCNN
 from lightning_compress.distillation import distillation_loss
-from lightning_compress.models import ImageClassifier, SmallCNN
 
 from conftest import quiet_trainer
 

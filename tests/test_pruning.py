@@ -16,8 +16,8 @@ from torch.ao.nn.intrinsic.quantized import ConvReLU2d as ConvReLU2dInt8
 from torch.ao.nn.quantized import Linear as LinearInt8
 
 from lightning_compress import MagnitudePruning, QuantizationAwareTraining
-from lightning_compress.data import DigitsDataModule
-from lightning_compress.models import ImageClassifier
+from lightning_compress.app.data import DigitsDataModule
+from lightning_compress.app.models import ImageClassifier
 from lightning_compress.report import count_parameters, top1_accuracy
 from lightning_compress.schedules import SparsitySchedule
 

@@ -18,9 +18,9 @@ from torch.ao.nn.quantized import Conv2d as Conv2dInt8
 from torch.ao.nn.quantized import Linear as LinearInt8
 
 from lightning_compress import QuantizationAwareTraining, compat
-from lightning_compress.data import DigitsDataModule
+from lightning_compress.app.data import DigitsDataModule
+from lightning_compress.app.models import ImageClassifier
 from lightning_compress.fx_quantization import is_prepared
-from lightning_compress.models import ImageClassifier
 from lightning_compress.report import top1_accuracy
 
 from conftest import quiet_trainer

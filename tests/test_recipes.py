@@ -13,8 +13,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from lightning_compress import QuantizationAwareTraining
-from lightning_compress.data import DigitsDataModule
-from lightning_compress.models import ImageClassifier
+from lightning_compress.app.data import DigitsDataModule
+from lightning_compress.app.models import ImageClassifier
 
 from conftest import ROOT, quiet_trainer, run_train
 

@@ -10,7 +10,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from lightning_compress.sweep_summary import SweepPoint, collect, pareto_front, write
+from lightning_compress.app.sweep_summary import SweepPoint, collect, pareto_front, write
 
 from conftest import ROOT, run_train
 

@@ -27,7 +27,7 @@ def test_wandb_offline_run_holds_config_and_metrics(tmp_path: Path):
     (run_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
     run = run_summary(run_file)
     assert run["config"]["trainer"]["max_epochs"] == 1
-    assert run["config"]["data"]["_target_"] == "lightning_compress.data.DigitsDataModule"
+    assert run["config"]["data"]["_target_"] == "lightning_compress.app.data.DigitsDataModule"
     assert run["group"] == "baseline" and "trainer.max_epochs=1" in run["name"]
     assert 0.0 < run["metrics"]["test/acc"] <= 1.0
     assert run["metrics"]["report/fp32/parameters"] > 0

@@ -15,9 +15,9 @@ from lightning_compress import (
     PostTrainingQuantization,
     QuantizationAwareTraining,
 )
-from lightning_compress.augmentation import RandomAffine
-from lightning_compress.data import DigitsDataModule, ImageFolderDataModule, TorchvisionDataModule
-from lightning_compress.models import ImageClassifier
+from lightning_compress.app.augmentation import RandomAffine
+from lightning_compress.app.data import DigitsDataModule, ImageFolderDataModule, TorchvisionDataModule
+from lightning_compress.app.models import ImageClassifier, SmallCNN
 
 CASES = [
     (QuantizationAwareTraining, {"start_epoch": "3"}, r"start_epoch='3' is invalid: it must be an integer >= 0, not str\."),
@@ -33,7 +33,7 @@ CASES = [
     (DistillationModule, {"temperature": "4"}, r"temperature='4' is invalid: it must be a number > 0, not str"),
     (DistillationModule, {"alpha": None}, r"alpha=None is invalid: it must be a number in \[0, 1\]"),
     (DistillationModule, {"hint_weight": "1"}, r"hint_weight='1' is invalid: it must be a finite number, not str"),
-    (DistillationModule, {"lr": "3e-3"}, r"model.lr='3e-3' is invalid: it must be a finite number, not str"),
+    (DistillationModule, {"lr": "3e-3"}, r"^lr='3e-3' is invalid: it must be a finite number, not str"),
     (ImageClassifier, {"weight_decay": True}, r"model.weight_decay=True is invalid: it must be a finite number, not bool"),
     (ImageClassifier, {"num_classes": "10"}, r"model.num_classes='10' is invalid: it must be a positive integer, not str"),
     (DigitsDataModule, {"batch_size": "64"}, r"data.batch_size='64' is invalid: it must be a positive integer, not str"),
@@ -51,7 +51,7 @@ CASES = [
 
 @pytest.mark.parametrize(("cls", "options", "message"), CASES, ids=[f"{c.__name__}-{next(iter(o))}" for c, o, _ in CASES])
 def test_a_wrong_type_is_one_clear_error_naming_the_argument(cls, options, message):
-    settings = {"student": "cnn", "teacher": "cnn", **options} if cls is DistillationModule else options
+    settings = {"student": SmallCNN(), "teacher": SmallCNN(), **options} if cls is DistillationModule else options
     with pytest.raises(ValueError, match=message) as error:
         cls(**settings)
     assert "\n" not in str(error.value)

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset, random
 from torchvision import datasets, transforms
 from torchvision.datasets.folder import find_classes
 
-from lightning_compress.augmentation import RandomAffine
+from lightning_compress.app.augmentation import RandomAffine
 from lightning_compress.validation import check_integer, check_number, is_integer
 
 
@@ -152,7 +152,7 @@ class DigitsDataModule(_ClassificationDataModule):
         num_workers: DataLoader worker processes; the data is tiny and in memory, so 0 is fastest.
         train_fraction: keep only this stratified share of the training split (for low-data studies, such
             as distilling a student that sees less data than its teacher did); val and test are unchanged.
-        augment: jitter training batches (shift, rotation, zoom; see ``lightning_compress.augmentation``):
+        augment: jitter training batches (shift, rotation, zoom; see ``lightning_compress.app.augmentation``):
             ``true`` for the defaults, or a mapping such as ``{shift: 0.125, degrees: 10, scale: 0.1}``.
     """
 
@@ -240,7 +240,7 @@ class TorchvisionDataModule(_ClassificationDataModule):
         val_fraction: share of the training set held out for validation.
         split_seed: seed of the train/val split.
         num_workers: DataLoader worker processes.
-        augment: jitter training batches (shift, rotation, zoom; see ``lightning_compress.augmentation``):
+        augment: jitter training batches (shift, rotation, zoom; see ``lightning_compress.app.augmentation``):
             ``true`` for the defaults, or a mapping such as ``{shift: 0.125, degrees: 10, scale: 0.1}``.
     """
 
@@ -321,7 +321,7 @@ class ImageFolderDataModule(_ClassificationDataModule):
         image_size: side of the square images fed to the model (images are resized and centre-cropped).
         channels: 1 (grey) or 3 (RGB).
         num_workers: DataLoader worker processes.
-        augment: jitter training batches (shift, rotation, zoom; see ``lightning_compress.augmentation``):
+        augment: jitter training batches (shift, rotation, zoom; see ``lightning_compress.app.augmentation``):
             ``true`` for the defaults, or a mapping such as ``{shift: 0.125, degrees: 10, scale: 0.1}``.
     """
 

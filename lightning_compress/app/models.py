@@ -20,7 +20,7 @@ import torchvision
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_compress.quantization import restore_quantization
+from lightning_compress.quantization import restore_quantization  # the app builds on the library
 from lightning_compress.validation import check_integer, check_number
 
 
@@ -110,8 +110,10 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def build_network(architecture: str, num_classes: int, in_channels: int, **options) -> nn.Module:
-    """Build a registered architecture by name, or any ``package.module.Class`` taking the same arguments."""
+def build_network(architecture: str, num_classes: int, in_channels: int, checkpoint: str | None = None, **options) -> nn.Module:
+    """Build a registered architecture by name, or any ``package.module.Class`` taking the same arguments;
+    with ``checkpoint``, load its trained weights (a Lightning checkpoint of an ``ImageClassifier`` or a
+    ``state_dict`` file), as the distillation recipes do for their student and teacher."""
     if architecture in ARCHITECTURES:
         factory = ARCHITECTURES[architecture]
     elif "." in architecture:
@@ -125,7 +127,10 @@ def build_network(architecture: str, num_classes: int, in_channels: int, **optio
             f"model.architecture={architecture!r} is unknown: allowed are {sorted(ARCHITECTURES)} "
             "or an import path such as 'my_package.models.MyNet'."
         )
-    return factory(num_classes=num_classes, in_channels=in_channels, **options)
+    net = factory(num_classes=num_classes, in_channels=in_channels, **options)
+    if checkpoint is not None:
+        load_network_weights(net, checkpoint, setting="checkpoint")
+    return net
 
 
 LIGHTNING_CHECKPOINT_KEYS = ("state_dict", "pytorch-lightning_version")

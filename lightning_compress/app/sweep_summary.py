@@ -1,6 +1,6 @@
 """Summarise a sweep: accuracy against size and latency for every job, with the Pareto front marked.
 
-    python -m lightning_compress.sweep_summary multirun/prune/<time> [--model fp32] [--wandb]
+    python -m lightning_compress.app.sweep_summary multirun/prune/<time> [--model fp32] [--wandb]
 
 Reads each job's ``report.json`` and ``.hydra/overrides.yaml`` under the sweep folder, writes
 ``sweep_summary.png`` and ``sweep_summary.md`` there, and with ``--wandb`` logs both to a W&B run of
