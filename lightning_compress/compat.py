@@ -6,10 +6,14 @@ one against the installed versions, so a new Lightning or torch release is vette
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import copy
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
+from typing import Any
 
 import lightning as L
 import torch
+from torch import nn
 
 
 def cpu_has_vnni() -> bool:
@@ -56,3 +60,62 @@ def inductor_freezing():
     import torch._inductor.config as inductor_config
 
     return inductor_config.patch(freezing=True)
+
+
+def training_batch_index(trainer: L.Trainer) -> int:
+    """The index, within its epoch, of the training batch being prepared (in ``on_after_batch_transfer``).
+
+    ``batch_idx`` reaches ``training_step`` but not the batch hooks; the fit loop's progress counter has it.
+    A resumed run restores the counter, so per-batch random draws seeded by it repeat exactly.
+    """
+    return trainer.fit_loop.epoch_loop.batch_progress.current.ready
+
+
+def detached_tracing() -> AbstractContextManager:
+    """A context in which a ``LightningModule`` without a ``Trainer`` can be traced or exported.
+
+    Tracers probe every attribute, and ``LightningModule.trainer`` raises when detached unless Lightning's
+    own scripting flag is set; Lightning's ``to_torchscript`` sets it with this private context manager.
+    """
+    from lightning.pytorch.core.module import _jit_is_scripting
+
+    return _jit_is_scripting()
+
+
+def without_children(module: nn.Module, names: Iterable[str]) -> nn.Module:
+    """A shallow copy of ``module`` without the children ``names``; ``module`` itself keeps them.
+
+    ``copy.copy`` shares the registry of children with the original, so deleting from the copy would
+    delete from both; the copy gets a registry of its own, which ``nn.Module`` keeps in ``_modules``.
+    """
+    dropped = set(names)
+    copied = copy.copy(module)
+    copied._modules = {name: child for name, child in module._modules.items() if name not in dropped}
+    return copied
+
+
+def packed_weight_and_bias(module: nn.Module) -> Any:
+    """The weight and bias an int8 module of the FX backend keeps packed for its kernel
+    (a pair for Conv/Linear, nested dicts for dynamic LSTMs), or ``None`` for any other module.
+
+    They are neither parameters nor buffers; only the private ``_weight_bias`` unpacks them all alike.
+    """
+    packed = getattr(module, "_weight_bias", None)
+    return packed() if callable(packed) else None
+
+
+def run_before_weights_load(pl_module: L.LightningModule, hook: Callable[[dict[str, Any]], None]) -> None:
+    """Run ``hook(checkpoint)`` before Lightning loads a checkpoint's weights into ``pl_module``, then the
+    module's own ``on_load_checkpoint``.
+
+    Lightning 2.6 loads the module's state_dict before any callback's ``load_state_dict`` or
+    ``on_load_checkpoint``, and ``trainer.ckpt_path`` is unset in ``setup``: a callback that changes the
+    module's structure must rebuild it in the one hook that runs before the weights load, the module's.
+    """
+    own_hook = pl_module.on_load_checkpoint
+
+    def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
+        hook(checkpoint)
+        own_hook(checkpoint)
+
+    pl_module.on_load_checkpoint = on_load_checkpoint

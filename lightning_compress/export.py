@@ -13,10 +13,10 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.core.module import _jit_is_scripting
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from lightning_compress import compat
 from lightning_compress.inputs import first_line, on_cpu
 from lightning_compress.selection import without_training_aids
 
@@ -130,7 +130,7 @@ def export_torchscript(model: nn.Module, args: tuple | None, kwargs: dict[str, A
     the FX backend's quantized modules (their script objects have no ``__obj_flatten__``).
     """
     with _recording_failure(path, "TorchScript"):
-        with _jit_is_scripting(), torch.no_grad():  # tracing probes `trainer`, which raises when detached
+        with compat.detached_tracing(), torch.no_grad():  # tracing probes `trainer`, which raises when detached
             traced = torch.jit.trace(
                 without_training_aids(model).eval(), _call(args), example_kwarg_inputs=kwargs or None, check_trace=False
             )
@@ -188,7 +188,7 @@ def export_onnx(model: nn.Module, args: tuple | None, kwargs: dict[str, Any], pa
     with _recording_failure(path, "ONNX"):
         args = _call(args)
         names = [f"input_{index}" for index in range(len(args))] + list(kwargs)
-        with _jit_is_scripting(), torch.no_grad(), warnings.catch_warnings():
+        with compat.detached_tracing(), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the exporter's deprecation notices, once per op
             torch.onnx.export(
                 without_training_aids(model).eval(),
@@ -214,7 +214,7 @@ def export_openvino(model: nn.Module, args: tuple | None, kwargs: dict[str, Any]
         import openvino
 
         args = _call(args)
-        with _jit_is_scripting(), torch.no_grad(), warnings.catch_warnings():
+        with compat.detached_tracing(), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             converted = openvino.convert_model(
                 without_training_aids(model).eval(), example_input={**dict(enumerate(args)), **kwargs} if kwargs else args

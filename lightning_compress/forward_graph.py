@@ -36,11 +36,13 @@ def install_forward(pl_module: nn.Module, graph: nn.Module) -> None:
     fake-quants a ``quantization_observers`` child, so every tensor has one name in the state_dict and moves
     with the module; ``forward`` calls the graph, or the class's own forward again for a float holder.
     """
-    networks = [name for name, _ in graph.named_children() if name in pl_module._modules and name != FORWARD_OBSERVERS]
+    children = {name for name, _ in pl_module.named_children()}
+    networks = [name for name, _ in graph.named_children() if name in children and name != FORWARD_OBSERVERS]
     for name in networks:
         setattr(pl_module, name, getattr(graph, name))
     observers = {name: child for name, child in graph.named_children() if name not in networks}
-    pl_module._modules.pop(FORWARD_OBSERVERS, None)
+    if FORWARD_OBSERVERS in children:
+        delattr(pl_module, FORWARD_OBSERVERS)
     if observers:
         pl_module.add_module(FORWARD_OBSERVERS, nn.ModuleDict(observers))
     if isinstance(graph, GraphModule):

@@ -28,7 +28,7 @@ from torch import nn
 from torchmetrics import Metric
 from typing_extensions import override
 
-from lightning_compress import module_swap
+from lightning_compress import compat, module_swap
 from lightning_compress.export import output_folder, write_int8_exports
 from lightning_compress.forward_graph import forward_holder, install_forward, installed_forward
 from lightning_compress.inputs import first_calls, first_line, on_cpu, runs, same_outputs, training_batches, watch_training_step
@@ -585,9 +585,7 @@ class QuantizationAwareTraining(Callback):
                 self._float_names.pop(part.name)
 
     def _restore_before_weights_load(self, pl_module: L.LightningModule) -> None:
-        own_hook = pl_module.on_load_checkpoint
-
-        def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
+        def restore(checkpoint: dict[str, Any]) -> None:
             restored = _restore_parts(pl_module, checkpoint)
             for name, (template, names, _) in restored.items():
                 if template is not None:
@@ -596,9 +594,8 @@ class QuantizationAwareTraining(Callback):
                 QuantizedPart(name, True, "restored from the checkpoint", swapped_layers=swapped)
                 for name, (_, _, swapped) in restored.items()
             ]
-            own_hook(checkpoint)
 
-        pl_module.on_load_checkpoint = on_load_checkpoint
+        compat.run_before_weights_load(pl_module, restore)
 
     def _float_part(self, pl_module: nn.Module, name: str) -> nn.Module:
         if name in self._swapped_parts():

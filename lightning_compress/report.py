@@ -29,6 +29,7 @@ from rich.table import Table
 from torch import nn
 from torch.utils.data import DataLoader
 
+from lightning_compress import compat
 from lightning_compress.runtimes import RuntimeModel
 from lightning_compress.selection import without_training_aids
 
@@ -71,9 +72,9 @@ def top1_accuracy(model: nn.Module, dataloader: Iterable) -> float:
 def _weights(module: nn.Module) -> Iterator[torch.Tensor]:
     """Every weight and bias once, float or int8. The FX backend's int8 Conv/Linear keep theirs packed, with the
     packed holder as a child that exposes them again, so the walk stops at the first module that unpacks them."""
-    packed = getattr(module, "_weight_bias", None)
-    if callable(packed):
-        yield from _tensors_in(packed())
+    packed = compat.packed_weight_and_bias(module)
+    if packed is not None:
+        yield from _tensors_in(packed)
         yield from module.parameters(recurse=False)
         return
     yield from module.parameters(recurse=False)
@@ -84,7 +85,7 @@ def _weights(module: nn.Module) -> Iterator[torch.Tensor]:
 
 
 def _tensors_in(value) -> Iterator[torch.Tensor]:
-    """Tensors inside what ``_weight_bias`` returns: a pair for Conv/Linear, nested dicts for dynamic LSTMs."""
+    """Tensors inside what ``compat.packed_weight_and_bias`` returns: a pair for Conv/Linear, nested dicts for dynamic LSTMs."""
     if isinstance(value, torch.Tensor):
         yield value
     elif isinstance(value, dict):

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import copy
 import importlib
 
 from torch import nn
 from torchmetrics import Metric
+
+from lightning_compress import compat
 
 
 def compressible_children(pl_module: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -26,12 +27,8 @@ def without_training_aids(model: nn.Module) -> nn.Module:
 
     A shallow copy sharing every parameter; ``model`` itself keeps its children (training may go on).
     """
-    aids = set(getattr(model, "training_aids", ())) & set(model._modules)
-    if not aids:
-        return model
-    deployed = copy.copy(model)
-    deployed._modules = {name: child for name, child in model._modules.items() if name not in aids}
-    return deployed
+    aids = set(getattr(model, "training_aids", ())) & {name for name, _ in model.named_children()}
+    return compat.without_children(model, aids) if aids else model
 
 
 def resolve_module_type(entry: type | str, setting: str) -> type[nn.Module]:

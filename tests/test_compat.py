@@ -64,3 +64,76 @@ def test_inductor_freezing_is_on_inside_and_restored_after():
     with compat.inductor_freezing():
         assert inductor_config.freezing is True
     assert inductor_config.freezing == before
+
+
+def test_training_batch_index_counts_the_batches_of_each_epoch(tmp_path: Path, digits):
+    seen = []
+
+    class Probe(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append((trainer.current_epoch, batch_idx, compat.training_batch_index(trainer)))
+
+    trainer = quiet_trainer(tmp_path, [Probe()], 2, limit_train_batches=3, limit_val_batches=0)
+    trainer.fit(ImageClassifier(architecture="cnn"), datamodule=digits)
+    # the counter is one ahead of batch_idx once the batch is fetched: it counts batches made ready
+    assert [(epoch, index + 1) for epoch, index, _ in seen] == [(epoch, ready) for epoch, _, ready in seen]
+    assert [ready for _, _, ready in seen] == [1, 2, 3, 1, 2, 3]
+
+
+def test_detached_tracing_lets_a_module_without_trainer_be_traced():
+    model = ImageClassifier(architecture="cnn").eval()
+    with pytest.raises(RuntimeError, match="not attached to a `Trainer`"):
+        model.trainer  # noqa: B018 - what tracers probe
+    with compat.detached_tracing():
+        assert model.trainer is None
+        traced = torch.jit.trace(model, torch.zeros(1, 1, 8, 8))
+    assert torch.equal(traced(torch.ones(1, 1, 8, 8)), model(torch.ones(1, 1, 8, 8)))
+
+
+def test_without_children_leaves_the_original_whole():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(), torch.nn.Linear(3, 1))
+    trimmed = compat.without_children(model, ["1"])
+    assert [name for name, _ in trimmed.named_children()] == ["0", "2"]
+    assert [name for name, _ in model.named_children()] == ["0", "1", "2"]
+    assert trimmed[0].weight is model[0].weight  # shares the parameters
+
+
+def test_packed_weight_and_bias_unpacks_int8_layers_only():
+    float_linear = torch.nn.Linear(4, 3)
+    assert compat.packed_weight_and_bias(float_linear) is None
+    int8_linear = torch.ao.nn.quantized.Linear(4, 3)
+    int8_linear.set_weight_bias(
+        torch.quantize_per_tensor(float_linear.weight.detach(), 0.01, 0, torch.qint8), float_linear.bias.detach()
+    )
+    weight, bias = compat.packed_weight_and_bias(int8_linear)
+    assert weight.shape == (3, 4) and weight.dtype == torch.qint8 and torch.equal(bias, float_linear.bias.detach())
+    lstm = torch.ao.nn.quantized.dynamic.LSTM(4, 5)
+    assert isinstance(compat.packed_weight_and_bias(lstm), dict)
+
+
+def test_run_before_weights_load_runs_before_the_state_dict_is_loaded(tmp_path: Path, digits):
+    trainer = quiet_trainer(tmp_path, [], 1, limit_train_batches=2, limit_val_batches=0)
+    model = ImageClassifier(architecture="cnn", architecture_options={"widths": [4]})
+    trainer.fit(model, datamodule=digits)
+    trainer.save_checkpoint(tmp_path / "wide.ckpt")
+    events = []
+
+    class Rebuild(L.Callback):
+        """Gives the module the structure of the checkpoint, as QAT does, where only this hook can."""
+
+        def setup(self, trainer, pl_module, stage):
+            def rebuild(checkpoint):
+                events.append(("rebuild", tuple(pl_module.net.features[0].weight.shape)))
+                pl_module.net = type(pl_module.net)(widths=[4])
+
+            compat.run_before_weights_load(pl_module, rebuild)
+
+    class Own(ImageClassifier):
+        def on_load_checkpoint(self, checkpoint):
+            events.append(("own hook", None))
+
+    resumed = Own(architecture="cnn", architecture_options={"widths": [8]})  # another shape: loading would fail
+    trainer = quiet_trainer(tmp_path, [Rebuild()], 2, limit_train_batches=2, limit_val_batches=0)
+    trainer.fit(resumed, datamodule=digits, ckpt_path=tmp_path / "wide.ckpt")
+    assert events == [("rebuild", (8, 1, 3, 3)), ("own hook", None)]
+    assert resumed.net.features[0].weight.shape == (4, 1, 3, 3) and trainer.global_step == 4  # loaded, then went on

@@ -29,8 +29,7 @@ def test_no_library_module_imports_the_app_hydra_or_omegaconf():
     library = [path for path in PACKAGE.rglob("*.py") if "app" not in path.relative_to(PACKAGE).parts]
     assert len(library) > 10
     offenders = {
-        str(path.relative_to(PACKAGE)): sorted(name for name in _imports(path) if name.startswith(FORBIDDEN))
-        for path in library
+        str(path.relative_to(PACKAGE)): sorted(name for name in _imports(path) if name.startswith(FORBIDDEN)) for path in library
     }
     assert not {path: names for path, names in offenders.items() if names}
 

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset, random
 from torchvision import datasets, transforms
 from torchvision.datasets.folder import find_classes
 
+from lightning_compress import compat
 from lightning_compress.app.augmentation import RandomAffine
 from lightning_compress.validation import check_integer, check_number, is_integer
 
@@ -130,7 +131,7 @@ class _ClassificationDataModule(L.LightningDataModule):
             return batch
         images, labels = batch
         # Seeded by run, epoch and batch, so that a resumed run draws the same views (see augmentation.py).
-        batch_index = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        batch_index = compat.training_batch_index(trainer)
         seed = hash((self.shuffle_seed, trainer.current_epoch, batch_index)) % 2**63  # ints hash alike in every process
         return self.augmentation(images, torch.Generator().manual_seed(seed)), labels
 
