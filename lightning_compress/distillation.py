@@ -30,6 +30,7 @@ from torchmetrics import MeanMetric
 
 from lightning_compress.inputs import example_input
 from lightning_compress.quantization import restore_quantization
+from lightning_compress.report import ReportsModels
 from lightning_compress.validation import check_integer, check_number
 
 
@@ -91,7 +92,7 @@ def distillation_loss(
     return alpha * kd + (1.0 - alpha) * ce, kd, ce
 
 
-class DistillationModule(L.LightningModule):
+class DistillationModule(L.LightningModule, ReportsModels):
     """Train ``student`` against a frozen ``teacher``; what ``trainer.fit`` receives.
 
     .. code-block:: python

@@ -26,13 +26,13 @@ from lightning_compress.export import check_export_format, export_torchscript, o
 from lightning_compress.fx_quantization import DYNAMIC_LAYERS, quantize_dynamic
 from lightning_compress.inputs import first_calls, first_tensor, keep_what_runs, training_batches, watch_training_step
 from lightning_compress.quantization_backend import QuantizationBackend, backend_for, check_backend_exports, quantization_config
-from lightning_compress.report import count_parameters
+from lightning_compress.report import ReportsModels, count_parameters
 from lightning_compress.runtimes import runtime_models
 from lightning_compress.selection import compressible_children
 from lightning_compress.validation import check_integer, check_number
 
 
-class PostTrainingQuantization(Callback):
+class PostTrainingQuantization(Callback, ReportsModels):
     r"""Calibrate on training batches at the end of ``fit`` and convert to int8, without quantization-aware
     training.
 
@@ -216,7 +216,7 @@ class PostTrainingQuantization(Callback):
         return write_int8_exports(self.quantized_model, runtime_model, args, kwargs, folder, self.export_formats)
 
 
-class DynamicQuantization(Callback):
+class DynamicQuantization(Callback, ReportsModels):
     r"""At the end of ``fit``, an int8 copy with dynamically quantized Linear, LSTM and GRU layers.
 
     .. code-block:: python

@@ -25,7 +25,7 @@ from typing_extensions import override
 from lightning_compress import channel_groups
 from lightning_compress.export import check_export_format, output_folder, write_exports
 from lightning_compress.inputs import first_calls, first_line, on_cpu, runs, same_outputs, training_batches
-from lightning_compress.report import count_parameters
+from lightning_compress.report import ReportsModels, count_parameters
 from lightning_compress.runtimes import runtime_models
 from lightning_compress.schedules import SCHEDULES, SparsitySchedule
 from lightning_compress.selection import compressible_children, resolve_module_type
@@ -35,7 +35,7 @@ MODES = ("unstructured", "channels")
 SCOPES = ("global", "layer")
 
 
-class MagnitudePruning(Callback):
+class MagnitudePruning(Callback, ReportsModels):
     r"""Prune the smallest weights (or output channels) to a target sparsity that ramps up over training.
 
     .. code-block:: python

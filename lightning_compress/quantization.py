@@ -42,7 +42,7 @@ from lightning_compress.quantization_backend import (
     config_state,
     quantization_config,
 )
-from lightning_compress.report import count_parameters
+from lightning_compress.report import ReportsModels, count_parameters
 from lightning_compress.runtimes import RUNTIMES, runtime_models
 from lightning_compress.selection import compressible_children, resolve_module_type
 from lightning_compress.validation import check_integer, is_integer
@@ -67,7 +67,7 @@ class QuantizedPart:
     float_layers: list[str] = field(default_factory=list)
 
 
-class QuantizationAwareTraining(Callback):
+class QuantizationAwareTraining(Callback, ReportsModels):
     r"""Train with fake-quantized weights and activations, then convert to a real int8 model.
 
     .. code-block:: python

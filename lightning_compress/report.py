@@ -5,7 +5,8 @@ same way: test accuracy over the same loader, weights counted exactly (quantized
 counted on the dequantized values), the byte size of its serialized ``state_dict``, and the median latency
 of a batch-1 forward on one CPU thread, after warm-up, in eval mode and without autograd.
 
-Callbacks (and the LightningModule) contribute models by defining ``report_models() -> dict[str, nn.Module]``;
+Callbacks (and the LightningModule) contribute models by implementing ``ReportsModels``
+(``report_models() -> dict[str, nn.Module]``);
 a name they return replaces the same name from earlier sources (the QAT callback, for one, supplies the true
 fp32 model, since the trained module itself holds fake-quant observers).
 """
@@ -22,6 +23,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import torch
 from rich.console import Console
@@ -266,14 +268,26 @@ class CompressionReport:
                 logger.log_table(key="report", columns=columns, data=[[row.get(c) for c in columns] for row in rows])
 
 
+@runtime_checkable
+class ReportsModels(Protocol):
+    """A callback or LightningModule with models worth a row in the compression report.
+
+    The compression callbacks and ``DistillationModule`` implement it; a user's own callback does by
+    defining the method (subclassing this class is optional, and documents it).
+    """
+
+    def report_models(self) -> dict[str, nn.Module]:
+        """Row name -> model, measured like every other row; an empty dict while there is nothing to show."""
+        ...
+
+
 def models_to_report(trainer, pl_module: nn.Module) -> dict[str, nn.Module]:
     """The trained module as ``fp32``, then what the module itself (a distillation teacher, say) and each
     compression callback contribute; each without its training aids (hint adapters), which are never shipped."""
     models: dict[str, nn.Module] = {BASELINE: pl_module}
     for source in (pl_module, *trainer.callbacks):
-        report_models = getattr(source, "report_models", None)
-        if callable(report_models):
-            models.update(report_models())
+        if isinstance(source, ReportsModels):
+            models.update(source.report_models())
     return {name: without_training_aids(_on_the_cpu(model)) for name, model in models.items()}
 
 

@@ -57,3 +57,33 @@ def test_measuring_restores_threads_mode_and_determinism(digits):
     finally:
         torch.use_deterministic_algorithms(False)
     assert model.training and torch.get_num_threads() == threads
+
+
+def test_a_users_callback_that_reports_models_gets_its_rows(digits, tmp_path):
+    import lightning as L
+
+    from lightning_compress import MagnitudePruning, QuantizationAwareTraining
+    from lightning_compress.app.models import ImageClassifier
+    from lightning_compress.report import ReportsModels, models_to_report
+
+    class HalfWidth(L.Callback):  # no base class needed: the method is the contract
+        def report_models(self) -> dict[str, nn.Module]:
+            return {"half width": nn.Sequential(nn.Flatten(), nn.Linear(64, 10))}
+
+    assert isinstance(HalfWidth(), ReportsModels) and not isinstance(L.Callback(), ReportsModels)
+    assert isinstance(QuantizationAwareTraining(), ReportsModels) and isinstance(MagnitudePruning(), ReportsModels)
+    trainer = L.Trainer(
+        max_epochs=1,
+        limit_train_batches=1,
+        limit_val_batches=0,
+        callbacks=[HalfWidth()],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    model = ImageClassifier(architecture="cnn")
+    trainer.fit(model, datamodule=digits)
+    models = models_to_report(trainer, model)
+    assert list(models) == ["fp32", "half width"] and models["fp32"] is model
