@@ -18,7 +18,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_deprecation, rank_zero_info, rank_zero_only, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
@@ -28,7 +28,7 @@ from lightning_compress.inputs import first_calls, first_line, on_cpu, runs, sam
 from lightning_compress.report import ReportsModels, count_parameters
 from lightning_compress.runtimes import runtime_models
 from lightning_compress.schedules import SCHEDULES, SparsitySchedule
-from lightning_compress.selection import compressible_children, resolve_module_type
+from lightning_compress.selection import compressible_children, resolve_module_type, split_skip, type_path, within
 from lightning_compress.validation import check_integer
 
 MODES = ("unstructured", "channels")
@@ -61,8 +61,13 @@ class MagnitudePruning(Callback, ReportsModels):
         scope: ``global`` ranks weights across all pruned layers, ``layer`` prunes each layer alike
             (``channels`` always ranks within each coupled channel group).
         layer_types: layer classes (or their import paths) to prune.
-        names: regular expressions; when given, only layers whose name matches one are pruned.
-        skip: regular expressions of layer names left dense (the first and last layer are common choices).
+        modules: names of submodules whose layers are pruned (e.g. ``["net.features"]``) instead of all the
+            module's networks; as in ``QuantizationAwareTraining``.
+        skip: submodule names (``"net.classifier"``: that layer, or every layer inside that submodule) or
+            layer types (``torch.nn.Linear`` or ``"torch.nn.Linear"``) left dense, as in
+            ``QuantizationAwareTraining``; the first and last layers are common choices. Deprecated: a name
+            that is no submodule is read as a regular expression searched in layer names (with a warning).
+        names: deprecated, use ``modules``: regular expressions; only layers whose name matches one are pruned.
         channel_norm: 1 or 2, the norm that ranks channels.
         export_format: one format or a list, written at fit end: ``torchscript`` (``model_pruned.pt``),
             ``onnx`` (``model_pruned.onnx``), ``openvino`` (``model_pruned_openvino.xml``/``.bin``), all in
@@ -82,8 +87,9 @@ class MagnitudePruning(Callback, ReportsModels):
         mode: str = "unstructured",
         scope: str = "global",
         layer_types: Sequence[type | str] = (nn.Conv2d, nn.Linear),
+        modules: Sequence[str] | None = None,
+        skip: Sequence[str | type] = (),
         names: Sequence[str] | None = None,
-        skip: Sequence[str] = (),
         channel_norm: int = 2,
         export_format: str | Sequence[str] = "torchscript",
         export_dir: str | None = None,
@@ -113,8 +119,16 @@ class MagnitudePruning(Callback, ReportsModels):
         self.mode = mode
         self.scope = scope
         self.layer_types = tuple(resolve_module_type(entry, "layer_types") for entry in layer_types)
+        self.modules = list(modules) if modules is not None else None
+        if names is not None:
+            rank_zero_deprecation(
+                "MagnitudePruning(names=...) is deprecated: give modules=[submodule names], the setting's name in "
+                "every compression callback."
+            )
         self.names = [re.compile(pattern) for pattern in names] if names else None
-        self.skip = [re.compile(pattern) for pattern in skip]
+        self.skip = list(skip)
+        self.skip_names, self.skip_types = split_skip(skip)
+        self._skip_patterns: list[re.Pattern] = []  # skip names that name no submodule (deprecated meaning)
         self.channel_norm = channel_norm
         self.export_format = export_format
         self.export_dir = export_dir
@@ -143,9 +157,10 @@ class MagnitudePruning(Callback, ReportsModels):
         # Two MagnitudePruning callbacks (say, one by channel, one unstructured on other layers) keep apart.
         return self._generate_state_key(
             mode=self.mode,
-            layer_types=[f"{t.__module__}.{t.__qualname__}" for t in self.layer_types],
+            layer_types=[type_path(t) for t in self.layer_types],
             names=self._patterns(self.names),
-            skip=self._patterns(self.skip),
+            skip=[entry if isinstance(entry, str) else type_path(entry) for entry in self.skip],
+            **({"modules": self.modules} if self.modules is not None else {}),
         )
 
     @override
@@ -172,6 +187,7 @@ class MagnitudePruning(Callback, ReportsModels):
         self._batches = training_batches(trainer, pl_module, 1)
         roots = [name for name, _ in compressible_children(pl_module)]
         self._calls = first_calls(pl_module, self._batches, roots)
+        self._resolve_names(pl_module)
         if self.mode == "channels":
             self._find_groups(trainer, pl_module)
         else:
@@ -330,12 +346,41 @@ class MagnitudePruning(Callback, ReportsModels):
             for name in group.producers
         ]
 
+    def _resolve_names(self, pl_module: nn.Module) -> None:
+        """Check ``modules`` and ``skip`` against the module; a skip name that is no submodule but matches
+        layer names as a regular expression keeps its old meaning, with a deprecation warning."""
+        names = {name for name, _ in pl_module.named_modules() if name}
+        for entry in self.modules or ():
+            if entry not in names:
+                raise ValueError(f"modules={entry!r} names no submodule; submodules are e.g. {sorted(names)[:6]}.")
+        self._skip_patterns = []
+        for entry in self.skip_names:
+            if entry in names:
+                continue
+            try:
+                pattern = re.compile(entry)
+            except re.error:
+                pattern = None
+            if pattern is None or not any(pattern.search(name) for name in names):
+                raise ValueError(f"skip={entry!r} names no submodule; submodules are e.g. {sorted(names)[:6]}.")
+            rank_zero_deprecation(
+                f"MagnitudePruning(skip={entry!r}): skip names submodules now, as in every compression callback; "
+                "reading it as a regular expression is deprecated: list the submodule names instead."
+            )
+            self._skip_patterns.append(pattern)
+
     def _selected(self, name: str, module: nn.Module) -> bool:
         return (
             isinstance(module, self.layer_types)
+            and (self.modules is None or any(within(name, entry) for entry in self.modules))
             and (self.names is None or any(pattern.search(name) for pattern in self.names))
-            and not any(pattern.search(name) for pattern in self.skip)
+            and not any(within(name, entry) for entry in self.skip_names)
+            and not any(pattern.search(name) for pattern in self._skip_patterns)
+            and not isinstance(module, tuple(self.skip_types))
         )
+
+    def _chosen_explicitly(self) -> bool:
+        return self.modules is not None or self.names is not None
 
     def _select_layers(self, pl_module: nn.Module) -> dict[str, nn.Parameter]:
         targets = {}
@@ -348,8 +393,8 @@ class MagnitudePruning(Callback, ReportsModels):
         if not targets:
             raise ValueError(
                 "MagnitudePruning selects no layer: layer_types="
-                f"{[t.__name__ for t in self.layer_types]}, names={self._patterns(self.names)}, "
-                f"skip={self._patterns(self.skip)} match nothing with trainable weights."
+                f"{[t.__name__ for t in self.layer_types]}, modules={self.modules}, names={self._patterns(self.names)}, "
+                f"skip={self.skip} match nothing with trainable weights."
             )
         return targets
 
@@ -381,14 +426,15 @@ class MagnitudePruning(Callback, ReportsModels):
                 left_out = [f"{root}.{name}" for name in group.producers if f"{root}.{name}" not in selected_layers]
                 reason = group.blocked_by or ("it has a single output channel" if group.size < 2 else "")
                 if not reason and left_out:
-                    reason = f"its channels go with those of {left_out[0]!r}, which names/skip/layer_types leave out"
+                    reason = f"its channels go with those of {left_out[0]!r}, which modules/skip/layer_types leave out"
                 why_not.update({f"{root}.{name}": reason for name in group.producers if reason})
         prunable = {f"{root}.{name}" for root, groups in self._groups.items() for g in groups for name in g.producers}
-        unshrinkable = sorted(name for name in selected_layers - prunable if self.names is not None and name in why_not)
+        unshrinkable = sorted(name for name in selected_layers - prunable if self._chosen_explicitly() and name in why_not)
         if unshrinkable:
             raise ValueError(f"mode='channels' cannot shrink {unshrinkable[0]!r}: {why_not[unshrinkable[0]]}.")
-        if self.names is not None and not prunable:
-            raise ValueError(f"names={self._patterns(self.names)} selects no layer that mode='channels' can shrink.")
+        if self._chosen_explicitly() and not prunable:
+            chosen = f"modules={self.modules}" if self.modules is not None else f"names={self._patterns(self.names)}"
+            raise ValueError(f"{chosen} selects no layer that mode='channels' can shrink.")
         if not prunable:
             raise ValueError("mode='channels' found no channel group it can shrink in this model.")
         for root, groups in self._groups.items():

@@ -44,7 +44,7 @@ from lightning_compress.quantization_backend import (
 )
 from lightning_compress.report import ReportsModels, count_parameters
 from lightning_compress.runtimes import RUNTIMES, runtime_models
-from lightning_compress.selection import compressible_children, resolve_module_type
+from lightning_compress.selection import compressible_children, resolve_module_type, split_skip
 from lightning_compress.validation import check_integer, is_integer
 
 log = logging.getLogger(__name__)
@@ -168,8 +168,7 @@ class QuantizationAwareTraining(Callback, ReportsModels):
         self.freeze_bn_epoch = freeze_bn_epoch
         self.freeze_observer_epoch = freeze_observer_epoch
         self.modules = list(modules) if modules is not None else None
-        self.skip_names = [entry for entry in skip if not _names_a_type(entry)]
-        self.skip_types = [resolve_module_type(entry, "skip") for entry in skip if _names_a_type(entry)]
+        self.skip_names, self.skip_types = split_skip(skip)
         self.calibration_batches = calibration_batches
         self.convert_on_fit_end = convert_on_fit_end
         runtime_formats = [name for name in self.export_formats if name in RUNTIMES]
@@ -717,11 +716,6 @@ def _put(root: nn.Module, name: str, part: nn.Module) -> None:
 
 def _some(names: dict[str, nn.Module]) -> list[str]:
     return [name for name in names if name][:8]
-
-
-def _names_a_type(entry: str | type) -> bool:
-    """Classes are CamelCase, submodule names are not: ``"torch.nn.Linear"`` versus ``"net.classifier"``."""
-    return isinstance(entry, type) or entry.rsplit(".", 1)[-1][:1].isupper()
 
 
 def _check_same_output(backend: QuantizationBackend, module: nn.Module, prepared: nn.Module, args: tuple, kwargs: dict) -> None:

@@ -1,8 +1,15 @@
-"""What compression acts on: a LightningModule's own networks, and layers chosen by type."""
+"""What compression acts on: a LightningModule's own networks, and layers chosen by name or type.
+
+One vocabulary for every compression callback: ``modules`` names the submodules to compress (the layers in
+and under them), ``skip`` names submodules or layer types to leave alone (a type as a class or an import
+path such as ``"torch.nn.Linear"``, a submodule by its qualified name such as ``"net.classifier"``; a skipped
+submodule's layers are all skipped).
+"""
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 
 from torch import nn
 from torchmetrics import Metric
@@ -44,3 +51,24 @@ def resolve_module_type(entry: type | str, setting: str) -> type[nn.Module]:
     if not (isinstance(resolved, type) and issubclass(resolved, nn.Module)):
         raise ValueError(f"{setting}={entry!r} is not an nn.Module type.")
     return resolved
+
+
+def split_skip(skip: Sequence[str | type], setting: str = "skip") -> tuple[list[str], list[type[nn.Module]]]:
+    """``skip`` entries as (submodule names, layer types)."""
+    names = [entry for entry in skip if not names_a_type(entry)]
+    types = [resolve_module_type(entry, setting) for entry in skip if names_a_type(entry)]
+    return names, types
+
+
+def names_a_type(entry: str | type) -> bool:
+    """Classes are CamelCase, submodule names are not: ``"torch.nn.Linear"`` versus ``"net.classifier"``."""
+    return isinstance(entry, type) or entry.rsplit(".", 1)[-1][:1].isupper()
+
+
+def within(name: str, submodule: str) -> bool:
+    """Whether the layer ``name`` is the submodule ``submodule`` or lies inside it."""
+    return name == submodule or name.startswith(f"{submodule}.")
+
+
+def type_path(module_type: type) -> str:
+    return f"{module_type.__module__}.{module_type.__qualname__}"

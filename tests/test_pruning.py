@@ -189,6 +189,9 @@ def test_bad_settings_fail_at_construction(options, message):
         ({"names": [r"^decoder\."]}, r"MagnitudePruning selects no layer: .*names=\['\^decoder\\\\.'\]"),
         ({"layer_types": ["torch.nn.LSTM"]}, r"MagnitudePruning selects no layer"),
         ({"mode": "channels", "names": [r"classifier"]}, r"mode='channels' cannot shrink 'net.classifier'"),
+        ({"mode": "channels", "modules": ["net.classifier"]}, r"mode='channels' cannot shrink 'net.classifier'"),
+        ({"modules": ["net.decoder"]}, r"modules='net.decoder' names no submodule; submodules are e.g."),
+        ({"skip": ["net.decoder"]}, r"skip='net.decoder' names no submodule"),
     ],
 )
 def test_bad_settings_fail_before_training(tmp_path: Path, options, message):
@@ -263,8 +266,8 @@ def test_two_pruning_callbacks_keep_their_own_checkpoint_state(tmp_path: Path):
     def pair() -> list[MagnitudePruning]:
         options = {"start_epoch": 0, "end_epoch": 1, "update_every": 2, "export_format": "none", "plot": False}
         return [
-            MagnitudePruning(final_sparsity=0.5, names=[r"features"], **options),
-            MagnitudePruning(final_sparsity=0.3, names=[r"classifier"], scope="layer", **options),
+            MagnitudePruning(final_sparsity=0.5, modules=["net.features"], **options),
+            MagnitudePruning(final_sparsity=0.3, modules=["net.classifier"], scope="layer", **options),
         ]
 
     first = pair()
@@ -324,3 +327,26 @@ def test_a_failed_export_warns_in_one_line_and_the_fit_ends_normally(tmp_path: P
     assert [(failure.path.name, failure.export_format) for failure in failures] == [("model_pruned.pt", "TorchScript")]
     assert pruning.export_path is None and pruning.pruned_model is not None
     assert pruning.plot_path.is_file()  # what comes after the export still happens
+
+
+def test_modules_and_skip_mean_what_they_mean_in_qat(tmp_path: Path):
+    """Submodule names (a subtree each) and layer types, the vocabulary of every compression callback."""
+    options = {"final_sparsity": 0.5, "start_epoch": 0, "end_epoch": 1, "export_format": "none", "plot": False}
+    by_name = MagnitudePruning(modules=["net.features"], skip=["net.features.4"], **options)
+    by_type = MagnitudePruning(skip=["torch.nn.Linear"], **options)
+    for pruning in (by_name, by_type):
+        quiet_trainer(tmp_path, [pruning], 1, limit_train_batches=2).fit(ImageClassifier(), datamodule=DigitsDataModule())
+    assert set(by_name.masks) == {"net.features.0.weight", "net.features.8.weight"}
+    assert set(by_type.masks) == {"net.features.0.weight", "net.features.4.weight", "net.features.8.weight"}
+
+
+def test_the_old_regular_expressions_still_work_with_a_deprecation_warning(tmp_path: Path):
+    options = {"final_sparsity": 0.5, "start_epoch": 0, "end_epoch": 1, "export_format": "none", "plot": False}
+    with pytest.warns(DeprecationWarning, match=r"names=\.\.\.\) is deprecated: give modules="):
+        old_names = MagnitudePruning(names=[r"features\.[04]$"], **options)
+    old_skip = MagnitudePruning(skip=[r"classifier"], **options)
+    with pytest.warns(DeprecationWarning, match=r"skip='classifier'\): skip names submodules now"):
+        for pruning in (old_names, old_skip):
+            quiet_trainer(tmp_path, [pruning], 1, limit_train_batches=2).fit(ImageClassifier(), datamodule=DigitsDataModule())
+    assert set(old_names.masks) == {"net.features.0.weight", "net.features.4.weight"}
+    assert set(old_skip.masks) == {"net.features.0.weight", "net.features.4.weight", "net.features.8.weight"}

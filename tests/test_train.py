@@ -58,7 +58,10 @@ def test_multirun_gives_one_wandb_run_per_job(tmp_path: Path):
         (["+compress=qat", "trainer.max_epochs=1"], "trainer.max_epochs=1 is too short for the qat recipe"),
         (["+compress=prune", "compress.callbacks.pruning.final_sparsity=abc"], "compress.callbacks.pruning.final_sparsity='abc'"),
         # found in the callback's setup, inside fit, after the loggers wrote their first files
-        (["+compress=prune", "trainer.max_epochs=2", "compress.callbacks.pruning.names=[nope]"], "MagnitudePruning selects no"),
+        (
+            ["+compress=prune", "trainer.max_epochs=2", "compress.callbacks.pruning.layer_types=[torch.nn.LSTM]"],
+            "MagnitudePruning selects no",
+        ),
     ],
 )
 def test_bad_input_fails_before_training_and_leaves_nothing(tmp_path: Path, overrides, message):
@@ -137,7 +140,7 @@ def test_under_ddp_an_error_found_in_setup_is_printed_once(tmp_path: Path):
         "trainer=ddp_cpu",
         "+compress=prune",
         "trainer.max_epochs=2",
-        "compress.callbacks.pruning.names=[nope]",
+        "compress.callbacks.pruning.layer_types=[torch.nn.LSTM]",
         f"hydra.run.dir={run_dir}",
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
