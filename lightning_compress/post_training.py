@@ -22,13 +22,13 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_compress import sensitivity
-from lightning_compress.export import check_export_format, export_torchscript, output_folder, write_int8_exports
+from lightning_compress.export import check_export_format, output_folder, write_exports, write_int8_exports
 from lightning_compress.fx_quantization import DYNAMIC_LAYERS, quantize_dynamic
 from lightning_compress.inputs import first_calls, first_tensor, keep_what_runs, training_batches, watch_training_step
 from lightning_compress.quantization_backend import QuantizationBackend, backend_for, check_backend_exports, quantization_config
-from lightning_compress.report import ReportsModels, count_parameters
+from lightning_compress.report import ReportsModels, count_parameters, plot_sensitivity, print_sensitivity
 from lightning_compress.runtimes import runtime_models
-from lightning_compress.selection import compressible_children
+from lightning_compress.selection import check_submodule_names, compressible_children, is_skipped, skipped_layers, split_skip
 from lightning_compress.validation import check_integer, check_number
 
 
@@ -50,7 +50,7 @@ class PostTrainingQuantization(Callback, ReportsModels):
         observer: ``minmax``, ``moving_average_minmax`` or ``histogram``.
         range_method: ``max``, ``percentile``, ``entropy`` or ``mse`` (all but ``max`` need ``histogram``).
         percentile: kept percentile for ``range_method="percentile"``, in (0, 100].
-        modules: submodules to quantize (default: the module's networks, as for QAT).
+        modules: submodules to quantize (default: the module's networks), as in every compression callback.
         accuracy_budget: when set (accuracy points), first measure each layer's sensitivity on the validation
             data (quantized alone), then keep the most sensitive layers in float until the quantized model is
             within this budget of the float one; prints the table and writes ``quantization_sensitivity.png``.
@@ -61,6 +61,8 @@ class PostTrainingQuantization(Callback, ReportsModels):
             and ``openvino`` (``model_int8_openvino.xml``/``.bin``) are run in int8 by their runtimes;
             ``none`` writes nothing.
         export_dir: where to write it (default: the checkpoint folder, else the log folder).
+        skip: submodule names (``"net.classifier"``, or every layer inside a named submodule) or layer types
+            (``torch.nn.Linear`` or ``"torch.nn.Linear"``) kept in float, as in every compression callback.
     """
 
     def __init__(
@@ -75,6 +77,7 @@ class PostTrainingQuantization(Callback, ReportsModels):
         accuracy_budget: float | None = None,
         export_format: str | Sequence[str] | None = None,
         export_dir: str | None = None,
+        skip: Sequence[str | type] = (),
     ) -> None:
         check_number("accuracy_budget", accuracy_budget, low=0.0, none="no sensitivity study")
         check_integer("calibration_batches", calibration_batches, minimum=1)
@@ -87,6 +90,7 @@ class PostTrainingQuantization(Callback, ReportsModels):
         self.export_formats = check_backend_exports(self.backend, export_format)
         self.calibration_batches = calibration_batches
         self.modules = list(modules) if modules is not None else None
+        self.skip_names, self.skip_types = split_skip(skip)
         self.accuracy_budget = accuracy_budget
         self.float_layers: dict[str, list[str]] = {}
         self.sensitivity: dict[str, dict] = {}
@@ -98,6 +102,7 @@ class PostTrainingQuantization(Callback, ReportsModels):
         self.export_paths: dict[str, Path] = {}  # every file written, by format
         self.calibrated_batches = 0
         self._targets: list[str] = []
+        self._skipped: dict[str, list[str]] = {}  # target -> its layers that skip keeps in float
         self._calls: dict = {}
 
     @override
@@ -105,11 +110,16 @@ class PostTrainingQuantization(Callback, ReportsModels):
         if stage != "fit":
             return
         names = dict(pl_module.named_modules())
-        for name in self.modules or []:
-            if not name or name not in names:
-                raise ValueError(f"modules={name!r} names no submodule; submodules are e.g. {list(names)[1:9]}.")
+        check_submodule_names(pl_module, "modules", self.modules or [])
+        check_submodule_names(pl_module, "skip", self.skip_names)
         candidates = self.modules if self.modules is not None else [name for name, _ in compressible_children(pl_module)]
-        self._targets = [name for name in candidates if self.backend.has_quantizable_layers(names[name])]
+        self._targets = [
+            name
+            for name in candidates
+            if self.backend.has_quantizable_layers(names[name])
+            and not is_skipped(name, names[name], self.skip_names, self.skip_types)
+        ]
+        self._skipped = {name: skipped_layers(names[name], name, self.skip_names, self.skip_types) for name in self._targets}
         if not self._targets:
             raise ValueError("PostTrainingQuantization: the model has no Conv or Linear layer to quantize.")
         if self.accuracy_budget is not None and trainer.datamodule is None:
@@ -126,7 +136,11 @@ class PostTrainingQuantization(Callback, ReportsModels):
             calls = watch_training_step(pl_module, batches, self._targets, calls_per_module=len(batches))
             self._choose_float_layers(trainer, pl_module, calls)
         calibrated = copy.deepcopy(pl_module).eval()
-        parts = [part for name in self._targets for part in self._prepare(calibrated, name, self.float_layers.get(name, []))]
+        parts = [
+            part
+            for name in self._targets
+            for part in self._prepare(calibrated, name, sorted({*self.float_layers.get(name, []), *self._skipped[name]}))
+        ]
         watch_training_step(calibrated, batches, restore_buffers=False, inference_fastpath=False)  # observers record
         quantized = copy.deepcopy(pl_module).cpu().eval()  # int8 kernels are CPU kernels
         int8_parts = {name: self.backend.convert(calibrated.get_submodule(name)) for name in parts}
@@ -195,9 +209,9 @@ class PostTrainingQuantization(Callback, ReportsModels):
             self.float_layers[name] = keep
             self.sensitivity[name] = {"reference": reference, "ranking": ranking, "float_layers": keep}
             if trainer.is_global_zero:
-                sensitivity.show(reference, ranking, keep, title=name)
+                print_sensitivity(reference, ranking, keep, title=name)
                 plot_name = "quantization_sensitivity.png" if len(self._targets) == 1 else f"quantization_sensitivity_{name}.png"
-                self.sensitivity_plots[name] = sensitivity.plot(ranking, output_folder(trainer, self.export_dir) / plot_name)
+                self.sensitivity_plots[name] = plot_sensitivity(ranking, output_folder(trainer, self.export_dir) / plot_name)
 
     @property
     def sensitivity_plot(self) -> Path | None:
@@ -229,9 +243,20 @@ class DynamicQuantization(Callback, ReportsModels):
         export_format: ``torchscript`` writes ``model_dynamic_int8.pt``; ``none`` writes nothing. (ONNX
             and OpenVINO have no dynamically quantized layers to map these onto: export the QAT or PTQ model.)
         export_dir: where to write it (default: the checkpoint folder, else the log folder).
+        modules: submodules to quantize (default: the module's networks), as in every compression callback.
+        skip: submodule names (``"net.classifier"``, or every layer inside a named submodule) or layer types
+            (``torch.nn.LSTM`` or ``"torch.nn.LSTM"``) kept in float, as in every compression callback.
     """
 
-    def __init__(self, export_format: str = "torchscript", export_dir: str | None = None) -> None:
+    def __init__(
+        self,
+        export_format: str = "torchscript",
+        export_dir: str | None = None,
+        modules: Sequence[str] | None = None,
+        skip: Sequence[str | type] = (),
+    ) -> None:
+        self.modules = list(modules) if modules is not None else None
+        self.skip_names, self.skip_types = split_skip(skip)
         self.export_formats = formats = check_export_format(export_format)
         if set(formats) - {"torchscript"}:
             raise ValueError(
@@ -242,6 +267,7 @@ class DynamicQuantization(Callback, ReportsModels):
         self.export_dir = export_dir
         self.quantized_model: nn.Module | None = None
         self.export_path: Path | None = None
+        self.export_paths: dict[str, Path] = {}
         self.float_layers: list[str] = []
         self._targets: list[str] = []
         self._batches: list = []
@@ -251,10 +277,15 @@ class DynamicQuantization(Callback, ReportsModels):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        check_submodule_names(pl_module, "modules", self.modules or [])
+        check_submodule_names(pl_module, "skip", self.skip_names)
+        names = dict(pl_module.named_modules())
+        candidates = self.modules if self.modules is not None else [name for name, _ in compressible_children(pl_module)]
         self._targets = [
             name
-            for name, child in compressible_children(pl_module)
-            if any(isinstance(module, DYNAMIC_LAYERS) for module in child.modules())
+            for name in candidates
+            if any(isinstance(module, DYNAMIC_LAYERS) for module in names[name].modules())
+            and not is_skipped(name, names[name], self.skip_names, self.skip_types)
         ]
         if not self._targets:
             raise ValueError("DynamicQuantization: the model has no Linear, LSTM or GRU layer to quantize.")
@@ -268,12 +299,18 @@ class DynamicQuantization(Callback, ReportsModels):
         as ``nn.TransformerEncoderLayer``'s inference fast path does)."""
         quantized = copy.deepcopy(pl_module).cpu().eval()  # int8 kernels are CPU kernels
         self.float_layers = []
-        whole = {name: quantize_dynamic(quantized.get_submodule(name)) for name in self._targets}
-        for name in keep_what_runs(quantized, whole, self._batches):  # these networks layer by layer
+        with_skips = [
+            name
+            for name in self._targets
+            if skipped_layers(quantized.get_submodule(name), name, self.skip_names, self.skip_types)
+        ]
+        whole = {name: quantize_dynamic(quantized.get_submodule(name)) for name in self._targets if name not in with_skips}
+        for name in [*keep_what_runs(quantized, whole, self._batches), *with_skips]:  # these networks layer by layer
             layers = {
                 f"{name}.{layer_name}": quantize_dynamic(layer)
                 for layer_name, layer in quantized.get_submodule(name).named_modules()
                 if isinstance(layer, DYNAMIC_LAYERS)
+                and not is_skipped(f"{name}.{layer_name}", layer, self.skip_names, self.skip_types)
             }
             for layer_name, failure in keep_what_runs(quantized, layers, self._batches).items():
                 self.float_layers.append(layer_name)
@@ -282,13 +319,14 @@ class DynamicQuantization(Callback, ReportsModels):
                 )
         self.quantized_model = quantized
         if self.export_formats:
-            self.export_path = self._export(trainer, pl_module)
+            self.export_paths = self._export(trainer) or {}
+            self.export_path = self.export_paths.get("torchscript")
 
     def report_models(self) -> dict[str, nn.Module]:
         return {} if self.quantized_model is None else {"int8 dynamic": self.quantized_model}
 
     @rank_zero_only
-    def _export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path | None:
-        path = output_folder(trainer, self.export_dir) / "model_dynamic_int8.pt"
+    def _export(self, trainer: L.Trainer) -> dict[str, Path]:
         args, kwargs = self._calls.get("", (None, {}))
-        return export_torchscript(self.quantized_model, args, kwargs, path)
+        folder = output_folder(trainer, self.export_dir)
+        return write_exports(self.quantized_model, args, kwargs, folder, "model_dynamic_int8", self.export_formats)

@@ -25,10 +25,17 @@ from typing_extensions import override
 from lightning_compress import channel_groups
 from lightning_compress.export import check_export_format, output_folder, write_exports
 from lightning_compress.inputs import first_calls, first_line, on_cpu, runs, same_outputs, training_batches
-from lightning_compress.report import ReportsModels, count_parameters
+from lightning_compress.report import ReportsModels, count_parameters, plot_pruning
 from lightning_compress.runtimes import runtime_models
 from lightning_compress.schedules import SCHEDULES, SparsitySchedule
-from lightning_compress.selection import compressible_children, resolve_module_type, split_skip, type_path, within
+from lightning_compress.selection import (
+    check_submodule_names,
+    compressible_children,
+    resolve_module_type,
+    split_skip,
+    type_path,
+    within,
+)
 from lightning_compress.validation import check_integer
 
 MODES = ("unstructured", "channels")
@@ -87,13 +94,13 @@ class MagnitudePruning(Callback, ReportsModels):
         mode: str = "unstructured",
         scope: str = "global",
         layer_types: Sequence[type | str] = (nn.Conv2d, nn.Linear),
-        modules: Sequence[str] | None = None,
-        skip: Sequence[str | type] = (),
         names: Sequence[str] | None = None,
+        skip: Sequence[str | type] = (),
         channel_norm: int = 2,
         export_format: str | Sequence[str] = "torchscript",
         export_dir: str | None = None,
         plot: bool = True,
+        modules: Sequence[str] | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is unknown: allowed values are {list(MODES)}.")
@@ -349,10 +356,8 @@ class MagnitudePruning(Callback, ReportsModels):
     def _resolve_names(self, pl_module: nn.Module) -> None:
         """Check ``modules`` and ``skip`` against the module; a skip name that is no submodule but matches
         layer names as a regular expression keeps its old meaning, with a deprecation warning."""
+        check_submodule_names(pl_module, "modules", self.modules or [])
         names = {name for name, _ in pl_module.named_modules() if name}
-        for entry in self.modules or ():
-            if entry not in names:
-                raise ValueError(f"modules={entry!r} names no submodule; submodules are e.g. {sorted(names)[:6]}.")
         self._skip_patterns = []
         for entry in self.skip_names:
             if entry in names:
@@ -523,38 +528,13 @@ class MagnitudePruning(Callback, ReportsModels):
 
     @rank_zero_only
     def _plot(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
         _, per_layer = self.measured_sparsity(pl_module)
-        figure, (schedule_axis, layer_axis) = plt.subplots(1, 2, figsize=(12, 4.5))
+        curve = []
         if self.schedule is not None:
             steps = range(0, max(self.schedule.end_step + 1, trainer.global_step + 1))
-            schedule_axis.plot(steps, [self.schedule.target(step) for step in steps], label="schedule")
-        schedule_axis.step(
-            [h["step"] for h in self.history],
-            [h["target"] for h in self.history],
-            where="post",
-            label="target at updates",
-        )
-        schedule_axis.plot(
-            [h["step"] for h in self.history],
-            [h["measured"] for h in self.history],
-            "o",
-            markersize=3,
-            label="measured",
-        )
-        schedule_axis.set(xlabel="optimizer step", ylabel="sparsity", title=f"{self.schedule_kind} schedule")
-        schedule_axis.legend()
-        layer_axis.barh(list(per_layer), list(per_layer.values()))
-        layer_axis.set(xlabel="fraction of zero weights", title="sparsity per layer", xlim=(0, 1))
-        layer_axis.tick_params(axis="y", labelsize=7)
-        figure.tight_layout()
+            curve = [(step, self.schedule.target(step)) for step in steps]
         path = output_folder(trainer, self.export_dir) / "pruning.png"
-        figure.savefig(path, dpi=100)
-        plt.close(figure)
+        plot_pruning(path, self.schedule_kind, curve, self.history, per_layer)
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):
                 logger.log_image(key="pruning/sparsity", images=[str(path)])

@@ -22,8 +22,6 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
-from rich.console import Console
-from rich.table import Table
 from torch import nn
 from torchmetrics import Metric
 from typing_extensions import override
@@ -42,7 +40,7 @@ from lightning_compress.quantization_backend import (
     config_state,
     quantization_config,
 )
-from lightning_compress.report import ReportsModels, count_parameters
+from lightning_compress.report import ReportsModels, count_parameters, print_quantized_parts
 from lightning_compress.runtimes import RUNTIMES, runtime_models
 from lightning_compress.selection import compressible_children, resolve_module_type, split_skip
 from lightning_compress.validation import check_integer, is_integer
@@ -639,14 +637,7 @@ class QuantizationAwareTraining(Callback, ReportsModels):
 
     @rank_zero_only
     def _show_parts(self) -> None:
-        converted = any(part.int8_layers is not None for part in self.parts)
-        table = Table(title=f"Quantization-aware training ({self.config.backend} backend{', converted' if converted else ''})")
-        for column in ("submodule", "quantized", *(("int8 layers", "float layers") if converted else ()), "note"):
-            table.add_column(column)
-        for part in self.parts:
-            counts = (str(part.int8_layers or 0), ", ".join(part.float_layers) or "-") if converted else ()
-            table.add_row(part.name or "(forward)", "yes" if part.quantized else "no", *counts, part.reason)
-        Console(width=max(Console().width, 120)).print(table)
+        print_quantized_parts(self.parts, self.config.backend)
 
 
 def restore_quantization(pl_module: nn.Module, checkpoint: dict[str, Any]) -> list[str]:

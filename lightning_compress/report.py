@@ -19,11 +19,11 @@ import json
 import random
 import statistics
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 from rich.console import Console
@@ -34,6 +34,10 @@ from torch.utils.data import DataLoader
 from lightning_compress import compat
 from lightning_compress.runtimes import RuntimeModel
 from lightning_compress.selection import without_training_aids
+
+if TYPE_CHECKING:  # the callbacks import this module: their result types are read, never imported at run time
+    from lightning_compress.quantization import QuantizedPart
+    from lightning_compress.sensitivity import LayerSensitivity
 
 BASELINE = "fp32"
 
@@ -296,3 +300,86 @@ def _on_the_cpu(model: nn.Module) -> nn.Module:
     live module stays where it is."""
     on_device = any(tensor.device.type != "cpu" for tensor in (*model.parameters(), *model.buffers()))
     return copy.deepcopy(model).cpu() if on_device else model
+
+
+# ---------------------------------------------------------------------- the callbacks' tables and plots
+# Drawn here, from the plain results the callbacks hold, so that a change of presentation touches one module.
+
+
+def _console() -> Console:
+    return Console(width=max(Console().width, 120))
+
+
+def print_quantized_parts(parts: Sequence[QuantizedPart], backend: str) -> None:
+    """QAT's table: each part of the module, whether it was quantized and why (after conversion, its int8
+    and float layers, read back from the int8 model)."""
+    converted = any(part.int8_layers is not None for part in parts)
+    table = Table(title=f"Quantization-aware training ({backend} backend{', converted' if converted else ''})")
+    for column in ("submodule", "quantized", *(("int8 layers", "float layers") if converted else ()), "note"):
+        table.add_column(column)
+    for part in parts:
+        counts = (str(part.int8_layers or 0), ", ".join(part.float_layers) or "-") if converted else ()
+        table.add_row(part.name or "(forward)", "yes" if part.quantized else "no", *counts, part.reason)
+    _console().print(table)
+
+
+def print_sensitivity(reference: float, ranking: Sequence[LayerSensitivity], keep: Sequence[str], title: str = "") -> None:
+    """PTQ's sensitivity study: each layer's accuracy when quantized alone, and which stay float."""
+    table = Table(title=f"Quantization sensitivity{f' of {title}' if title else ''} (float accuracy {100 * reference:.2f}%)")
+    for column in ("layer", "accuracy when quantized alone", "drop (points)", "proposal"):
+        table.add_column(column)
+    for result in ranking:
+        table.add_row(
+            result.layer,
+            f"{100 * result.accuracy:.2f}%",
+            f"{result.drop_points:+.2f}",
+            "keep float" if result.layer in keep else "int8",
+        )
+    _console().print(table)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on training machines
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_sensitivity(ranking: Sequence[LayerSensitivity], path: Path) -> Path:
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(8, 0.35 * len(ranking) + 1.5))
+    axis.barh([result.layer for result in ranking][::-1], [result.drop_points for result in ranking][::-1])
+    axis.set(xlabel="accuracy drop when quantized alone (points)", title="quantization sensitivity per layer")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def plot_pruning(
+    path: Path,
+    schedule_kind: str,
+    schedule_curve: Sequence[tuple[int, float]],
+    history: Sequence[dict[str, float]],
+    per_layer: dict[str, float],
+) -> Path:
+    """Pruning's plot: the sparsity schedule with its targets and measured values at each mask update, and
+    the fraction of zeros in each pruned layer."""
+    plt = _pyplot()
+    figure, (schedule_axis, layer_axis) = plt.subplots(1, 2, figsize=(12, 4.5))
+    if schedule_curve:
+        schedule_axis.plot([step for step, _ in schedule_curve], [target for _, target in schedule_curve], label="schedule")
+    steps = [entry["step"] for entry in history]
+    schedule_axis.step(steps, [entry["target"] for entry in history], where="post", label="target at updates")
+    schedule_axis.plot(steps, [entry["measured"] for entry in history], "o", markersize=3, label="measured")
+    schedule_axis.set(xlabel="optimizer step", ylabel="sparsity", title=f"{schedule_kind} schedule")
+    schedule_axis.legend()
+    layer_axis.barh(list(per_layer), list(per_layer.values()))
+    layer_axis.set(xlabel="fraction of zero weights", title="sparsity per layer", xlim=(0, 1))
+    layer_axis.tick_params(axis="y", labelsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path

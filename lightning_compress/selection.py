@@ -72,3 +72,26 @@ def within(name: str, submodule: str) -> bool:
 
 def type_path(module_type: type) -> str:
     return f"{module_type.__module__}.{module_type.__qualname__}"
+
+
+def check_submodule_names(pl_module: nn.Module, setting: str, names: Sequence[str]) -> None:
+    """Every entry of ``names`` must be a submodule of ``pl_module``: one line naming the first that is not."""
+    submodules = {name for name, _ in pl_module.named_modules() if name}
+    for entry in names:
+        if entry not in submodules:
+            raise ValueError(f"{setting}={entry!r} names no submodule; submodules are e.g. {sorted(submodules)[:6]}.")
+
+
+def is_skipped(name: str, module: nn.Module, skip_names: Sequence[str], skip_types: Sequence[type]) -> bool:
+    """Whether ``skip`` leaves the submodule ``name`` alone: it is named, inside one named, or of a skipped type."""
+    return any(within(name, entry) for entry in skip_names) or isinstance(module, tuple(skip_types))
+
+
+def skipped_layers(network: nn.Module, prefix: str, skip_names: Sequence[str], skip_types: Sequence[type]) -> list[str]:
+    """The submodules of ``network`` (called ``prefix`` in the module) that ``skip`` leaves alone, named
+    relative to ``network``."""
+    return [
+        name
+        for name, module in network.named_modules()
+        if name and is_skipped(f"{prefix}.{name}", module, skip_names, skip_types)
+    ]

@@ -10,12 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-from rich.console import Console
-from rich.table import Table
 from torch import nn
 
 from lightning_compress.inputs import Call
@@ -85,34 +82,3 @@ def propose_float_layers(
         keep.append(result.layer)
         score = accuracy(quantize(network, config, calibration, keep_float=tuple(keep)))
     return keep, score
-
-
-def show(
-    reference: float, ranking: list[LayerSensitivity], keep: list[str], console: Console | None = None, title: str = ""
-) -> None:
-    table = Table(title=f"Quantization sensitivity{f' of {title}' if title else ''} (float accuracy {100 * reference:.2f}%)")
-    for column in ("layer", "accuracy when quantized alone", "drop (points)", "proposal"):
-        table.add_column(column)
-    for result in ranking:
-        table.add_row(
-            result.layer,
-            f"{100 * result.accuracy:.2f}%",
-            f"{result.drop_points:+.2f}",
-            "keep float" if result.layer in keep else "int8",
-        )
-    (console or Console(width=max(Console().width, 120))).print(table)
-
-
-def plot(ranking: list[LayerSensitivity], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(8, 0.35 * len(ranking) + 1.5))
-    axis.barh([result.layer for result in ranking][::-1], [result.drop_points for result in ranking][::-1])
-    axis.set(xlabel="accuracy drop when quantized alone (points)", title="quantization sensitivity per layer")
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path

@@ -228,3 +228,42 @@ def test_dynamic_quantization_leaves_frozen_children_alone(tmp_path: Path, digit
     quiet_trainer(tmp_path, [dynamic], 1, limit_train_batches=2, limit_val_batches=0).fit(model, datamodule=digits)
     assert isinstance(dynamic.quantized_model.net.classifier, DynamicLinearInt8)
     assert type(dynamic.quantized_model.helper) is nn.Linear
+
+
+def test_skip_keeps_layers_float_by_name_or_type_in_ptq_and_dynamic_quantization(tmp_path: Path, digits):
+    """The same skip as QAT's and pruning's: submodule names and layer types."""
+    L.seed_everything(0)
+    model = ImageClassifier()
+    quiet_trainer(tmp_path, [], 1, limit_train_batches=5).fit(model, datamodule=digits)
+    by_name = PostTrainingQuantization(calibration_batches=2, skip=["net.classifier"], export_format="none")
+    by_type = PostTrainingQuantization(calibration_batches=2, skip=["torch.nn.Conv2d"], export_format="none")
+    for ptq in (by_name, by_type):
+        quiet_trainer(tmp_path, [ptq], 0).fit(model, datamodule=digits)
+    assert type(by_name.quantized_model.net.classifier) is nn.Linear
+    int8_layers = {type(layer).__module__ for layer in by_type.quantized_model.net.modules()}
+    assert "torch.ao.nn.quantized.modules.linear" in int8_layers
+    assert not any(type(layer) is nn.Conv2d for layer in by_name.quantized_model.net.modules())
+    assert any(type(layer) is nn.Conv2d for layer in by_type.quantized_model.net.modules())
+
+    lstm = ImageClassifier(architecture="lstm", architecture_options={"hidden_size": 32})
+    dynamic = DynamicQuantization(export_format="none", skip=["net.classifier"])
+    quiet_trainer(tmp_path, [dynamic], 1, limit_train_batches=2).fit(lstm, datamodule=digits)
+    assert isinstance(dynamic.quantized_model.net.lstm, torch.ao.nn.quantized.dynamic.LSTM)
+    assert type(dynamic.quantized_model.net.classifier) is nn.Linear
+    only_head = DynamicQuantization(export_format="none", modules=["net.classifier"])
+    quiet_trainer(tmp_path, [only_head], 1, limit_train_batches=2).fit(lstm, datamodule=digits)
+    assert type(only_head.quantized_model.net.lstm) is nn.LSTM
+    assert isinstance(only_head.quantized_model.net.classifier, torch.ao.nn.quantized.dynamic.Linear)
+
+
+@pytest.mark.parametrize(
+    ("factory", "message"),
+    [
+        (lambda: PostTrainingQuantization(skip=["net.head"]), r"skip='net.head' names no submodule"),
+        (lambda: DynamicQuantization(modules=["net.head"]), r"modules='net.head' names no submodule"),
+        (lambda: DynamicQuantization(skip=["torch.nn.Nope"]), r"skip='torch.nn.Nope' names no importable module type"),
+    ],
+)
+def test_names_that_match_nothing_fail_before_training(tmp_path: Path, digits, factory, message):
+    with pytest.raises(ValueError, match=message):
+        quiet_trainer(tmp_path, [factory()], 1).fit(ImageClassifier(architecture="lstm"), datamodule=digits)
