@@ -16,6 +16,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
@@ -29,7 +30,7 @@ from omegaconf.errors import InterpolationResolutionError
 from lightning_compress.app.models import LIGHTNING_CHECKPOINT_KEYS, read_checkpoint
 from lightning_compress.export import recording_export_failures
 from lightning_compress.report import CompressionReport, models_to_report
-from lightning_compress.validation import is_integer
+from lightning_compress.validation import check_integer, is_integer
 
 log = logging.getLogger(__name__)
 
@@ -169,12 +170,24 @@ def _fill_sizes(node: DictConfig, sizes: dict[str, int]) -> None:
             _fill_sizes(child, sizes)
 
 
+def deployment_input(example_input, size: int | None):
+    """The example image resized to ``size`` x ``size`` (bilinear), or ``None``: models trained on small images
+    are also timed at the resolution they would serve."""
+    if size is None:
+        return None
+    return torch.nn.functional.interpolate(example_input, size=(size, size), mode="bilinear", align_corners=False)
+
+
 def build(cfg: DictConfig):
     """Everything `main` needs, built and checked before any training starts."""
     try:
         OmegaConf.to_container(cfg, resolve=True)  # a recipe too long for trainer.max_epochs fails here, in one line
     except InterpolationResolutionError as error:
         raise BeforeTraining(_one_line(error)) from error
+    try:
+        check_integer("report.latency_input_size", cfg.report.get("latency_input_size"), minimum=1, none="the data's size only")
+    except ValueError as error:
+        raise BeforeTraining(str(error)) from error
     datamodule = _instantiate(cfg.data, "data")
     try:
         datamodule.prepare_data()  # a missing dataset fails now, not after the trainer is set up
@@ -311,6 +324,7 @@ def run(cfg: DictConfig, output_dir: Path) -> float:
             example_input,
             runs=cfg.report.latency_runs,
             warmup=cfg.report.warmup_runs,
+            deployment_input=deployment_input(example_input, cfg.report.latency_input_size),
         )
         report.print()
         report.save(output_dir / "report.json")

@@ -153,10 +153,28 @@ class Measurement:
     nonzero_parameters: int
     size_bytes: int
     latency_ms: float
+    # at the deployment resolution, when the report is asked for one and the model runs at it
+    deployment_latency_ms: float | None = None
+
+
+def runs_on(model: nn.Module, example_input: torch.Tensor) -> bool:
+    """Whether ``model`` runs on ``example_input``: an exported graph or runtime file with a fixed input size,
+    or a network whose shape is tied to its training images, does not run at another resolution."""
+    try:
+        with _measuring(model):
+            model(example_input)
+    except Exception:  # noqa: BLE001 - any failure means: no figure at this size
+        return False
+    return True
 
 
 def measure(
-    name: str, model: nn.Module, dataloader: Iterable | None, latency: float, known_accuracy: float | None = None
+    name: str,
+    model: nn.Module,
+    dataloader: Iterable | None,
+    latency: float,
+    known_accuracy: float | None = None,
+    deployment_latency: float | None = None,
 ) -> Measurement:
     """Measure one model; ``latency`` comes from ``latency_ms``, ``known_accuracy`` skips evaluating a
     figure computed elsewhere."""
@@ -171,6 +189,7 @@ def measure(
         nonzero_parameters=nonzero,
         size_bytes=sum(file.stat().st_size for file in model.files) if exported else serialized_size(model),
         latency_ms=latency,
+        deployment_latency_ms=deployment_latency,
     )
 
 
@@ -190,13 +209,27 @@ class CompressionReport:
         runs: int = 50,
         warmup: int = 10,
         accuracies: dict[str, float] | None = None,
+        deployment_input: torch.Tensor | None = None,
     ) -> CompressionReport:
-        """Measure every model; ``accuracies`` gives figures already computed (the teacher's, say)."""
+        """Measure every model; ``accuracies`` gives figures already computed (the teacher's, say).
+
+        ``deployment_input`` (one input at the resolution the models will serve, say 224x224 for models trained
+        on 32x32 images) adds a second latency, timed the same way among the models that run at that size:
+        convolution costs grow with the pixels, so the speedups that matter in deployment show there.
+        """
         accuracies = accuracies or {}
         latencies = latency_ms(models, example_input, runs, warmup)
-        measurements = [measure(name, model, dataloader, latencies[name], accuracies.get(name)) for name, model in models.items()]
+        deployment: dict[str, float] = {}
+        if deployment_input is not None:
+            runnable = {name: model for name, model in models.items() if runs_on(model, deployment_input)}
+            deployment = latency_ms(runnable, deployment_input, runs, warmup) if runnable else {}
+        measurements = [
+            measure(name, model, dataloader, latencies[name], accuracies.get(name), deployment.get(name))
+            for name, model in models.items()
+        ]
         settings = {
             "input_shape": list(example_input.shape),
+            **({"deployment_input_shape": list(deployment_input.shape)} if deployment_input is not None else {}),
             "threads": 1,
             "latency_runs": runs,
             "warmup_runs": warmup,
@@ -219,11 +252,16 @@ class CompressionReport:
                 values["size_ratio"] = row.size_bytes / baseline.size_bytes
                 values["nonzero_ratio"] = row.nonzero_parameters / max(baseline.nonzero_parameters, 1)
                 values["speedup"] = baseline.latency_ms / row.latency_ms
+                if row.deployment_latency_ms is not None and baseline.deployment_latency_ms is not None:
+                    values["deployment_speedup"] = baseline.deployment_latency_ms / row.deployment_latency_ms
             rows.append(values)
         return rows
 
     def table(self) -> Table:
         table = Table(title=f"Compression report (batch {self.settings['input_shape'][0]}, 1 thread)")
+        sides = self.settings.get("deployment_input_shape", [])[2:]
+        size = str(sides[0]) if len(set(sides)) == 1 else "x".join(str(side) for side in sides)
+        deployment_columns = (f"ms @{size}", f"speedup @{size}") if size else ()
         for column in (
             "model",
             "test acc",
@@ -234,9 +272,14 @@ class CompressionReport:
             "Δacc pts",
             "size x",
             "speedup",
+            *deployment_columns,
         ):
             table.add_column(column, justify="left" if column == "model" else "right")
         for row in self.rows():
+            deployment_cells = (
+                "-" if row["deployment_latency_ms"] is None else f"{row['deployment_latency_ms']:.3f}",
+                "-" if "deployment_speedup" not in row else f"{row['deployment_speedup']:.2f}x",
+            )
             table.add_row(
                 row["name"],
                 "-" if row["accuracy"] is None else f"{100 * row['accuracy']:.2f}%",
@@ -247,6 +290,7 @@ class CompressionReport:
                 "-" if row.get("accuracy_delta_points") is None else f"{row['accuracy_delta_points']:+.2f}",
                 "-" if "size_ratio" not in row else f"{row['size_ratio']:.3f}",
                 "-" if "speedup" not in row else f"{row['speedup']:.2f}x",
+                *(deployment_cells if size else ()),
             )
         return table
 

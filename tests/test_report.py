@@ -87,3 +87,31 @@ def test_a_users_callback_that_reports_models_gets_its_rows(digits, tmp_path):
     trainer.fit(model, datamodule=digits)
     models = models_to_report(trainer, model)
     assert list(models) == ["fp32", "half width"] and models["fp32"] is model
+
+
+def test_latency_at_the_deployment_resolution_for_the_models_that_run_there(digits):
+    from lightning_compress.app.models import SmallCNN
+
+    torch.manual_seed(0)
+    wide, narrow = SmallCNN(widths=(32, 64)).eval(), SmallCNN(widths=(8, 16)).eval()
+    fixed_size = nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).eval()  # 8x8 inputs only
+    example = digits.test_dataloader().dataset.tensors[0][:1]
+    deployment = torch.nn.functional.interpolate(example, size=(64, 64), mode="bilinear")
+    report = CompressionReport.from_models(
+        {"fp32": wide, "narrow": narrow, "fixed": fixed_size},
+        digits.test_dataloader(),
+        example,
+        runs=5,
+        warmup=1,
+        deployment_input=deployment,
+    )
+    rows = {row["name"]: row for row in report.rows()}
+    assert report.settings["deployment_input_shape"] == [1, 1, 64, 64]
+    assert rows["fixed"]["deployment_latency_ms"] is None and "deployment_speedup" not in rows["fixed"]
+    assert rows["narrow"]["deployment_latency_ms"] > 0 and rows["fp32"]["deployment_speedup"] == 1.0
+    # 64x more pixels: each network's time grows, and the narrow one's share of the work shows
+    assert rows["fp32"]["deployment_latency_ms"] > rows["fp32"]["latency_ms"]
+    assert rows["narrow"]["deployment_speedup"] == pytest.approx(
+        rows["fp32"]["deployment_latency_ms"] / rows["narrow"]["deployment_latency_ms"]
+    )
+    assert [column.header for column in report.table().columns][-2:] == ["ms @64", "speedup @64"]

@@ -56,6 +56,7 @@ def test_multirun_gives_one_wandb_run_per_job(tmp_path: Path):
         (["data=mnist", "data.root=/no/such/folder"], "data.download=False"),
         (["model.architecture=vgg"], "model.architecture='vgg' is unknown"),
         (["+compress=qat", "trainer.max_epochs=1"], "trainer.max_epochs=1 is too short for the qat recipe"),
+        (["report.latency_input_size=0"], "report.latency_input_size=0 is invalid: it must be a positive integer"),
         (["+compress=prune", "compress.callbacks.pruning.final_sparsity=abc"], "compress.callbacks.pruning.final_sparsity='abc'"),
         # found in the callback's setup, inside fit, after the loggers wrote their first files
         (
