@@ -168,3 +168,62 @@ def test_augment_jitters_training_batches_only_and_resumes_exactly(tmp_path: Pat
 def test_augment_rejects_bad_settings(augment, message):
     with pytest.raises(ValueError, match=message):
         DigitsDataModule(augment=augment)
+
+
+@pytest.mark.parametrize("folds", [2, 5])
+def test_k_folds_test_every_image_exactly_once_per_seed_stratified(folds: int):
+    for seed in (0, 1):
+        tested = []
+        for fold in range(folds):
+            data = DigitsDataModule(folds=folds, fold=fold, split_seed=seed)
+            data.setup()
+            tested += data.test_indices.tolist()
+            everything = torch.cat([split.tensors[1] for split in (data.train_set, data.val_set, data.test_set)])
+            # stratified: each fold holds 1/folds of every class, to the image
+            counts = torch.bincount(data.test_set.tensors[1], minlength=10).float()
+            assert (counts - torch.bincount(everything, minlength=10).float() / folds).abs().max() < 1.0
+            assert len(data.train_set) + len(data.val_set) + len(data.test_set) == 1797
+        assert sorted(tested) == list(range(1797))  # each image once
+    first = DigitsDataModule(folds=5, fold=0, split_seed=0)
+    other_seed = DigitsDataModule(folds=5, fold=0, split_seed=1)
+    for data in (first, other_seed):
+        data.setup()
+    assert not torch.equal(first.test_indices, other_seed.test_indices)  # the seed reshuffles the folds
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"folds": 1}, r"data.folds=1 is invalid: it must be an integer from 2 to 174, or None"),
+        ({"folds": 175}, r"data.folds=175 is invalid: it must be an integer from 2 to 174"),
+        ({"folds": 5, "fold": 5}, r"data.fold=5 is invalid: it must be an integer from 0 to 4"),
+        ({"folds": 2, "val_fraction": 0.5}, r"data.val_fraction=0.5 with data.folds=2 .* leaves no training data"),
+    ],
+)
+def test_k_fold_settings_that_cannot_work_fail_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DigitsDataModule(**kwargs)
+
+
+def test_the_benchmarks_k_fold_helper_scores_every_image_with_a_model_that_never_saw_it():
+    import sys
+
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from kfold import kfold_accuracy
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+    def nearest_class_mean(data: DigitsDataModule, seed: int) -> dict[str, torch.Tensor]:
+        images, labels = (tensor.flatten(1) if tensor.dim() > 1 else tensor for tensor in data.train_set.tensors)
+        means = torch.stack([images[labels == digit].mean(0) for digit in range(10)])
+        test = data.test_set.tensors[0].flatten(1)
+        return {"nearest mean": torch.cdist(test, means).argmin(1), "constant": torch.zeros(len(test), dtype=torch.long)}
+
+    result = kfold_accuracy(nearest_class_mean, folds=3, seeds=[0, 1])
+    assert result["images"] == 1797 and result["seeds"] == [0, 1]
+    constant = result["arms"]["constant"]["per_seed"]
+    assert constant == [pytest.approx(178 / 1797)] * 2  # 178 zeros among the digits: every image counted once
+    assert 0.85 <= result["arms"]["nearest mean"]["mean"] <= 0.95

@@ -17,7 +17,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
+from sklearn.model_selection import StratifiedKFold, train_test_split
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset, random_split
 from torchvision import datasets, transforms
 from torchvision.datasets.folder import find_classes
@@ -155,9 +155,15 @@ class DigitsDataModule(_ClassificationDataModule):
             as distilling a student that sees less data than its teacher did); val and test are unchanged.
         augment: jitter training batches (shift, rotation, zoom; see ``lightning_compress.app.augmentation``):
             ``true`` for the defaults, or a mapping such as ``{shift: 0.125, degrees: 10, scale: 0.1}``.
+        folds: k-fold evaluation: the images are dealt into ``folds`` stratified parts (shuffled by
+            ``split_seed``) and part ``fold`` is the test set (``test_fraction`` is then unused); the k runs
+            with ``fold=0..k-1`` predict every image exactly once, each with a model that never saw it.
+            ``None``: one fixed test split. At least 2, at most the images of the smallest class (174).
+        fold: which part is the test set, from 0 to ``folds - 1``.
     """
 
     num_classes = 10
+    smallest_class = 174  # images in the rarest class: the most folds that each hold one of every class
 
     def __init__(
         self,
@@ -170,15 +176,24 @@ class DigitsDataModule(_ClassificationDataModule):
         num_workers: int = 0,
         train_fraction: float = 1.0,
         augment: bool | Mapping | RandomAffine | None = False,
+        folds: int | None = None,
+        fold: int = 0,
     ) -> None:
         super().__init__(batch_size, num_workers, augment)
+        check_integer("data.folds", folds, minimum=2, maximum=self.smallest_class, none="one fixed test split")
+        check_integer("data.fold", fold, minimum=0, maximum=(folds or 1) - 1)
         _check_positive("image_size", image_size)
         _check_channels(channels)
         check_number("data.train_fraction", train_fraction, 0.0, 1.0, low_open=True)
         check_integer("data.split_seed", split_seed, minimum=0)
         _check_fraction("val_fraction", val_fraction)
         _check_fraction("test_fraction", test_fraction)
-        if val_fraction + test_fraction >= 1.0:
+        if folds is not None and val_fraction + 1 / folds >= 1.0:
+            raise ValueError(
+                f"data.val_fraction={val_fraction} with data.folds={folds} (a test share of 1/{folds}) leaves no "
+                "training data: use more folds or a smaller val_fraction."
+            )
+        if folds is None and val_fraction + test_fraction >= 1.0:
             raise ValueError(
                 f"data.val_fraction + data.test_fraction = {val_fraction + test_fraction} leaves no training "
                 "data: their sum must be below 1."
@@ -189,6 +204,9 @@ class DigitsDataModule(_ClassificationDataModule):
         self.test_fraction = test_fraction
         self.split_seed = split_seed
         self.train_fraction = train_fraction
+        self.folds = folds
+        self.fold = fold
+        self.test_indices: torch.Tensor | None = None  # positions in load_digits() of the test images
 
     def _images(self, pixels: torch.Tensor) -> torch.Tensor:
         # load_digits pixels are integers 0..16; centre them so the first layer sees zero-mean input.
@@ -203,10 +221,16 @@ class DigitsDataModule(_ClassificationDataModule):
         digits = load_digits()
         pixels, labels = torch.from_numpy(digits.data), torch.from_numpy(digits.target).long()
         indices = torch.arange(len(labels)).numpy()
-        rest, test = train_test_split(indices, test_size=self.test_fraction, stratify=labels, random_state=self.split_seed)
+        if self.folds is None:
+            rest, test = train_test_split(indices, test_size=self.test_fraction, stratify=labels, random_state=self.split_seed)
+            test_share = self.test_fraction
+        else:
+            splits = StratifiedKFold(n_splits=self.folds, shuffle=True, random_state=self.split_seed).split(indices, labels)
+            rest, test = list(splits)[self.fold]
+            test_share = len(test) / len(indices)
         train, val = train_test_split(
             rest,
-            test_size=self.val_fraction / (1.0 - self.test_fraction),
+            test_size=self.val_fraction / (1.0 - test_share),
             stratify=labels[rest],
             random_state=self.split_seed,
         )
@@ -218,6 +242,7 @@ class DigitsDataModule(_ClassificationDataModule):
         self.train_set = TensorDataset(images[train], labels[train])
         self.val_set = TensorDataset(images[val], labels[val])
         self.test_set = TensorDataset(images[test], labels[test])
+        self.test_indices = torch.as_tensor(test)
 
 
 _TORCHVISION_DATASETS = {
