@@ -158,12 +158,22 @@ def channel_masks(network: nn.Module, group: ChannelGroup, keep: torch.Tensor) -
 def remove_channels(network: nn.Module, groups: list[ChannelGroup], keeps: list[torch.Tensor], *args: Any, **kwargs: Any) -> None:
     """Physically drop the channels whose ``keep`` entry is False, in place (Torch-Pruning removes them,
     group by group, re-deriving each group on the network as it shrinks)."""
+    remove_dropped_channels(network, dropped_channels(groups, keeps), *args, **kwargs)
+
+
+def dropped_channels(groups: list[ChannelGroup], keeps: list[torch.Tensor]) -> list[tuple[str, list[int]]]:
+    """Each group's root layer and the output channels it drops: all a later process needs to shrink a fresh
+    copy of the network the same way (``remove_dropped_channels``), kept in checkpoints."""
+    return [(group.root, (~keep).nonzero().flatten().tolist()) for group, keep in zip(groups, keeps, strict=True)]
+
+
+def remove_dropped_channels(network: nn.Module, dropped: list[tuple[str, list[int]]], *args: Any, **kwargs: Any) -> None:
+    """Drop, in place and in order, the given output channels of each root layer and everything coupled to them."""
     graph = _dependency_graph(network, args, kwargs)
-    for group, keep in zip(groups, keeps, strict=True):
-        dropped = (~keep).nonzero().flatten().tolist()
-        if dropped:
-            root = network.get_submodule(group.root)
-            graph.get_pruning_group(root, graph.get_pruner_of_module(root).prune_out_channels, dropped).prune()
+    for root_name, channels in dropped:
+        if channels:
+            root = network.get_submodule(root_name)
+            graph.get_pruning_group(root, graph.get_pruner_of_module(root).prune_out_channels, channels).prune()
 
 
 KEPT_CHANNELS = "kept_channels"

@@ -29,6 +29,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from lightning_compress.inputs import example_input
+from lightning_compress.pruning import restore_pruned_channels
 from lightning_compress.quantization import restore_quantization
 from lightning_compress.report import ReportsModels
 from lightning_compress.validation import check_integer, check_number
@@ -361,6 +362,7 @@ class DistillationModule(L.LightningModule, ReportsModels):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # A QAT checkpoint holds fake-quant modules: rebuild them so that load_from_checkpoint fits.
+        restore_pruned_channels(self, checkpoint)  # a checkpoint written after shrink_epoch holds smaller layers
         restore_quantization(self, checkpoint)
         # load_from_checkpoint builds the module without running setup: make the saved adapters exist.
         for key, weight in checkpoint["state_dict"].items():

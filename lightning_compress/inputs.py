@@ -136,6 +136,37 @@ def keep_what_runs(module: L.LightningModule, replacements: dict[str, nn.Module]
     return refused
 
 
+def call_record(args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The shapes and dtypes of a call's tensors (and its other values), small enough for a checkpoint: what
+    rebuilding a traced structure (an exported graph, a network with channels removed) needs before any data."""
+    return {"args": _record(tuple(args)), "kwargs": _record(dict(kwargs))}
+
+
+def replayed_call(record: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    """Arguments of the recorded shapes and dtypes (zeros), for tracing; values are not kept."""
+    return _replay(record["args"]), _replay(record["kwargs"])
+
+
+def _record(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return {"shape": list(value.shape), "dtype": str(value.dtype).removeprefix("torch.")}
+    if isinstance(value, list | tuple):
+        return [_record(item) for item in value]
+    if isinstance(value, dict):
+        return {"dict": {key: _record(item) for key, item in value.items()}}
+    return {"value": value}
+
+
+def _replay(record: Any) -> Any:
+    if isinstance(record, list):
+        return tuple(_replay(item) for item in record)
+    if "shape" in record:
+        return torch.zeros(record["shape"], dtype=getattr(torch, record["dtype"]))
+    if "dict" in record:
+        return {key: _replay(item) for key, item in record["dict"].items()}
+    return record["value"]
+
+
 def same_outputs(expected: Any, actual: Any) -> bool:
     """Whether two outputs of a module hold the same tensors (however nested in tuples, lists and dicts), in
     number, shape and value up to float tolerance: how a traced or shrunken copy is checked against the original

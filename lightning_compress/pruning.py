@@ -22,9 +22,18 @@ from lightning.pytorch.utilities import rank_zero_deprecation, rank_zero_info, r
 from torch import nn
 from typing_extensions import override
 
-from lightning_compress import channel_groups
+from lightning_compress import channel_groups, compat
 from lightning_compress.export import check_export_format, output_folder, write_exports
-from lightning_compress.inputs import first_calls, first_line, on_cpu, runs, same_outputs, training_batches
+from lightning_compress.inputs import (
+    call_record,
+    first_calls,
+    first_line,
+    on_cpu,
+    replayed_call,
+    runs,
+    same_outputs,
+    training_batches,
+)
 from lightning_compress.report import ReportsModels, count_parameters, plot_pruning
 from lightning_compress.runtimes import runtime_models
 from lightning_compress.schedules import SCHEDULES, SparsitySchedule
@@ -81,6 +90,12 @@ class MagnitudePruning(Callback, ReportsModels):
             float; ``none`` writes nothing.
         export_dir: where to write it (default: the checkpoint folder, else the log folder).
         plot: write ``pruning.png`` (schedule and per-layer sparsity) at fit end, and log it to W&B.
+        shrink_epoch: ``mode="channels"`` only: at the start of this epoch (at or after ``end_epoch``, when the
+            masks have reached ``final_sparsity``) the pruned channels are physically removed from the live
+            network and training goes on with the smaller, faster network; the optimizer keeps its state for
+            the kept channels and the learning-rate schedulers their position. Checkpoints written after it
+            hold the smaller network and resume into it. ``None`` (default): the live network keeps its
+            masks; the channels are removed from the copy made at fit end (``pruned_model``).
     """
 
     def __init__(
@@ -101,6 +116,7 @@ class MagnitudePruning(Callback, ReportsModels):
         export_dir: str | None = None,
         plot: bool = True,
         modules: Sequence[str] | None = None,
+        shrink_epoch: int | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is unknown: allowed values are {list(MODES)}.")
@@ -113,6 +129,15 @@ class MagnitudePruning(Callback, ReportsModels):
         if end_epoch <= start_epoch:
             raise ValueError(f"end_epoch={end_epoch!r} is invalid: it must be an integer after start_epoch={start_epoch}.")
         check_integer("channel_norm", channel_norm, minimum=1, maximum=2)
+        check_integer("shrink_epoch", shrink_epoch, minimum=0, none="channels removed from a copy at fit end")
+        if shrink_epoch is not None and mode != "channels":
+            raise ValueError(f"shrink_epoch={shrink_epoch} removes channels: it needs mode='channels', not mode={mode!r}.")
+        if shrink_epoch is not None and shrink_epoch < end_epoch:
+            raise ValueError(
+                f"shrink_epoch={shrink_epoch} is before end_epoch={end_epoch}: channels can be removed only once the "
+                "masks have reached final_sparsity, at or after end_epoch."
+            )
+        self.shrink_epoch = shrink_epoch
         self.export_formats = check_export_format(export_format)
         check_integer("update_every", update_every, minimum=1, none="per epoch")
         # Checks the sparsities now, before any training; the steps are set in on_train_start.
@@ -155,6 +180,18 @@ class MagnitudePruning(Callback, ReportsModels):
         self._groups: dict[str, list[channel_groups.ChannelGroup]] = {}
         self._batches: list = []
         self._calls: dict = {}
+        # after shrink_epoch: root network -> (group root layer, dropped output channels), and the inputs that
+        # rebuild the smaller structure in a fresh process (both kept in checkpoints)
+        self._dropped: dict[str, list[tuple[str, list[int]]]] = {}
+        self._dropped_inputs: dict[str, dict] = {}
+        self._sparsity_at_shrink: dict[str, Any] = {}  # measured_sparsity just before the shrink
+        self._shrink_hook_on: nn.Module | None = None
+        self._unshrunk_copy: nn.Module | None = None  # the module as built, before a resume shrank it
+
+    @property
+    def shrunk(self) -> bool:
+        """Whether the live network has had its pruned channels removed (``shrink_epoch``)."""
+        return bool(self._dropped)
 
     # ------------------------------------------------------------------ Lightning hooks
 
@@ -172,6 +209,12 @@ class MagnitudePruning(Callback, ReportsModels):
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.shrink_epoch is not None and self._shrink_hook_on is not pl_module:
+            # a checkpoint written after the shrink holds the smaller network: rebuild it before its weights load
+            compat.run_before_weights_load(pl_module, lambda checkpoint: self._restore_shrink(pl_module, checkpoint))
+            self._shrink_hook_on = pl_module
+        if stage == "fit" and self.shrink_epoch is not None:
+            self._check_shrink_is_possible(trainer)
         if stage != "fit" or trainer.max_epochs is None or trainer.max_epochs < 0:
             return
         # Not an error: a run trained for fewer epochs now may be resumed with a larger max_epochs later.
@@ -195,15 +238,21 @@ class MagnitudePruning(Callback, ReportsModels):
         roots = [name for name, _ in compressible_children(pl_module)]
         self._calls = first_calls(pl_module, self._batches, roots)
         self._resolve_names(pl_module)
-        if self.mode == "channels":
+        if self.shrunk:  # resumed after the shrink: nothing is masked any more
+            pass
+        elif self.mode == "channels":
             self._find_groups(trainer, pl_module)
+            if self.shrink_epoch is not None:
+                self._check_the_module_runs_shrunk(pl_module)
         else:
             self._targets = self._select_layers(pl_module)
         self._apply_masks(pl_module)  # masks restored from a checkpoint take effect at once
         if self._dense_state_dict is not None and self.dense_model is None:  # resumed after pruning began
-            self.dense_model = self._dense_copy(pl_module)
+            # after the shrink, the dense model has the structure the module had before it was rebuilt smaller
+            self.dense_model = self._dense_copy(self._unshrunk_copy if self.shrunk else pl_module)
             self.dense_model.load_state_dict(self._dense_state_dict)
             self._dense_state_dict = None
+        self._unshrunk_copy = None
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -224,10 +273,19 @@ class MagnitudePruning(Callback, ReportsModels):
         )
 
     @override
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.shrink_epoch is not None and trainer.current_epoch >= self.shrink_epoch and not self.shrunk:
+            self._shrink(trainer, pl_module)
+
+    @override
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
-        if self.schedule is None or step == self._last_update_step or not self.schedule.is_update_step(step):
+        if self.shrunk or self.schedule is None or step == self._last_update_step or not self.schedule.is_update_step(step):
             return
+        self._prune_to(trainer, pl_module, step)
+
+    def _prune_to(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
+        """Update the masks to the schedule's target at ``step``, apply them, record and log the result."""
         if self.dense_model is None and not self.masks:
             self.dense_model = self._dense_copy(pl_module)  # the report's dense baseline
         target = self.schedule.target(step)
@@ -255,7 +313,7 @@ class MagnitudePruning(Callback, ReportsModels):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._apply_masks(pl_module)
         self.pruned_model = copy.deepcopy(pl_module).cpu().eval()  # shipped and measured on the CPU
-        if self.mode == "channels":
+        if self.mode == "channels" and not self.shrunk:
             for root, groups in self._groups.items():
                 network = self.pruned_model.get_submodule(root)
                 channel_groups.unmask_layer_norms(network)  # removal makes them normalize over the kept channels
@@ -286,6 +344,11 @@ class MagnitudePruning(Callback, ReportsModels):
             **{key: getattr(self, attribute) for key, attribute in _SAVED_SETTINGS.items()},
             # The report's dense row: without it a run resumed after pruning began would report one row less.
             "dense_state_dict": None if self.dense_model is None else _cpu_state_dict(self.dense_model),
+            "dropped_channels": {
+                root: [[layer, list(channels)] for layer, channels in dropped] for root, dropped in self._dropped.items()
+            },
+            "dropped_inputs": self._dropped_inputs,
+            "sparsity_at_shrink": self._sparsity_at_shrink,
         }
 
     @override
@@ -313,11 +376,15 @@ class MagnitudePruning(Callback, ReportsModels):
         self._last_update_step = state_dict["last_update_step"]
         self.history = list(state_dict["history"])
         self._dense_state_dict = state_dict.get("dense_state_dict")
+        self._sparsity_at_shrink = dict(state_dict.get("sparsity_at_shrink", {}))
 
     # ------------------------------------------------------------------ results
 
     def measured_sparsity(self, pl_module: nn.Module) -> tuple[float, dict[str, float]]:
-        """Exact fraction of zeros over the pruned weight tensors, overall and per layer."""
+        """Exact fraction of zeros over the pruned weight tensors, overall and per layer; after the shrink,
+        the fraction of output channels removed from each layer (its weights hold no zeros any more)."""
+        if self.shrunk:
+            return self._sparsity_at_shrink.get("overall", 0.0), dict(self._sparsity_at_shrink.get("per_layer", {}))
         parameters = dict(pl_module.named_parameters())
         zeros = total = 0
         per_layer = {}
@@ -451,6 +518,90 @@ class MagnitudePruning(Callback, ReportsModels):
                 + (f"; and {len(left_alone) - 4} more." if len(left_alone) > 4 else ".")
             )
 
+    def _check_shrink_is_possible(self, trainer: L.Trainer) -> None:
+        if trainer.world_size > 1:
+            raise ValueError(
+                f"shrink_epoch={self.shrink_epoch} is not supported with {trainer.world_size} processes yet: removing "
+                "channels mid-run would need the DDP wrapper rebuilt; leave shrink_epoch=None (channels are removed "
+                "from the copy at fit end)."
+            )
+        quantization = [callback for callback in trainer.callbacks if type(callback).__name__ == "QuantizationAwareTraining"]
+        if quantization:
+            raise ValueError(
+                f"shrink_epoch={self.shrink_epoch} with QuantizationAwareTraining in the same fit is not supported yet: "
+                "QAT prepares the network at setup, before the shrink; leave shrink_epoch=None."
+            )
+
+    def _check_the_module_runs_shrunk(self, pl_module: L.LightningModule) -> None:
+        """Before training: a copy with one channel per group removed must still run a training step (a
+        distillation hint adapter reading a shrinking layer, say, would fail only at shrink_epoch)."""
+        trial = copy.deepcopy(pl_module)
+        for root, groups in self._groups.items():
+            keeps = [channel_groups.kept_channels(group, torch.zeros(group.size), group.blocks) for group in groups]
+            network = trial.get_submodule(root)
+            channel_groups.unmask_layer_norms(network)
+            channel_groups.remove_channels(network, groups, keeps, *self._calls[root][0], **self._calls[root][1])
+        failure = runs(trial, self._batches)
+        if failure:
+            raise ValueError(
+                f"shrink_epoch={self.shrink_epoch}: the module's training step fails once channels are removed "
+                f"({failure}); leave shrink_epoch=None to remove them from a copy at fit end."
+            )
+
+    def _shrink(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Remove the pruned channels from the live network, check it computes what the masked one did, and
+        rebuild the optimizers (their state cut to the kept channels) and schedulers (their position kept)."""
+        step = trainer.global_step  # the update due at this step would come with its first batch: too late
+        if self.schedule is not None and (not self.history or self.history[-1]["target"] != self.schedule.target(step)):
+            self._prune_to(trainer, pl_module, step)
+        self._apply_masks(pl_module)
+        self._sparsity_at_shrink = dict(zip(("overall", "per_layer"), self.measured_sparsity(pl_module), strict=True))
+        states = _optimizer_states(trainer, pl_module)
+        shrunken: dict[str, nn.Module] = {}
+        for root, groups in self._groups.items():
+            network = pl_module.get_submodule(root)
+            dropped = channel_groups.dropped_channels(groups, [self._channel_keep(network, group) for group in groups])
+            args, kwargs = self._calls[root]
+            smaller = copy.deepcopy(network)
+            channel_groups.unmask_layer_norms(smaller)  # removal makes them normalize over the kept channels
+            channel_groups.remove_dropped_channels(smaller, dropped, *args, **kwargs)
+            if not _computes_the_same(network, smaller, args, kwargs):
+                raise RuntimeError(
+                    f"MagnitudePruning: {root!r} computes something else after its channels are removed at "
+                    f"shrink_epoch={self.shrink_epoch}; leave shrink_epoch=None to keep the masks until fit end."
+                )
+            for values in _parameter_shaped(states, f"{root}."):  # momentum, Adam's moments: cut like the weights
+                twin = _with_values(network, {name.removeprefix(f"{root}."): value for name, value in values.items()})
+                channel_groups.remove_dropped_channels(twin, dropped, *args, **kwargs)
+                values.update({f"{root}.{name}": value.detach() for name, value in twin.named_parameters()})
+            shrunken[root], self._dropped[root] = smaller, dropped
+            self._dropped_inputs[root] = call_record(*on_cpu((args, kwargs)))
+        for root, smaller in shrunken.items():
+            pl_module.set_submodule(root, smaller)
+        self.masks = {}
+        _rebuild_optimizers(trainer, pl_module, states)
+        removed = sum(len(channels) for dropped in self._dropped.values() for _, channels in dropped)
+        rank_zero_info(
+            f"MagnitudePruning: removed {removed} channels at epoch {trainer.current_epoch}; training goes on with "
+            f"{count_parameters(pl_module)[0]:,} parameters."
+        )
+
+    def _restore_shrink(self, pl_module: nn.Module, checkpoint: dict[str, Any]) -> None:
+        """Shrink a fresh network as the checkpoint's was, so that its weights load."""
+        states = checkpoint.get("callbacks", {})
+        key = self.state_key if self.state_key in states else "MagnitudePruning"
+        state = states.get(key, {})
+        if state.get("dropped_channels"):
+            if state.get("dense_state_dict") is not None:  # the report's dense row needs the original structure
+                self._unshrunk_copy = copy.deepcopy(pl_module).cpu()
+            _shrink_as_recorded(pl_module, state, checkpoint.get("state_dict", {}))
+            self._dropped = {
+                root: [(layer, list(channels)) for layer, channels in entries]
+                for root, entries in state["dropped_channels"].items()
+            }
+            self._dropped_inputs = dict(state["dropped_inputs"])
+            self.masks = {}
+
     def _channel_keep(self, network: nn.Module, group: channel_groups.ChannelGroup) -> torch.Tensor:
         """Channels currently kept: those whose producer rows are not all zero."""
         weight = network.get_submodule(group.producers[0]).weight.detach()
@@ -554,6 +705,125 @@ _SAVED_SETTINGS = {
     "schedule": "schedule_kind",
     "mode": "mode",
 }
+
+
+def restore_pruned_channels(pl_module: nn.Module, checkpoint: dict[str, Any]) -> list[str]:
+    """Give a module the smaller structure recorded in a checkpoint written after ``shrink_epoch``, so its
+    weights load; networks already that small are left alone.
+
+    Call it from your LightningModule's ``on_load_checkpoint`` to make ``load_from_checkpoint`` work on such
+    checkpoints without the callback (``ImageClassifier`` and ``DistillationModule`` do). Returns the names of
+    the networks it shrank.
+    """
+    shrunk = []
+    for key, state in checkpoint.get("callbacks", {}).items():
+        if key.startswith("MagnitudePruning") and state.get("dropped_channels"):
+            shrunk += _shrink_as_recorded(pl_module, state, checkpoint.get("state_dict", {}))
+    return shrunk
+
+
+def _shrink_as_recorded(pl_module: nn.Module, state: dict[str, Any], weights: dict[str, torch.Tensor]) -> list[str]:
+    shrunk = []
+    for root, entries in state["dropped_channels"].items():
+        network = pl_module.get_submodule(root)
+        saved = {name.removeprefix(f"{root}."): value for name, value in weights.items() if name.startswith(f"{root}.")}
+        if all(name not in saved or saved[name].shape == value.shape for name, value in network.state_dict().items()):
+            continue  # already as small as the checkpoint's
+        args, kwargs = replayed_call(state["dropped_inputs"][root])
+        channel_groups.unmask_layer_norms(network)
+        dropped = [(layer, list(channels)) for layer, channels in entries]
+        channel_groups.remove_dropped_channels(network, dropped, *args, **kwargs)
+        shrunk.append(root)
+    return shrunk
+
+
+OptimizerStates = list[dict[str, dict[str, Any]]]
+"""Per optimizer, each parameter's state by the parameter's name in the module."""
+
+
+def _optimizer_states(trainer: L.Trainer, pl_module: nn.Module) -> OptimizerStates:
+    names = {id(parameter): name for name, parameter in pl_module.named_parameters()}
+    return [
+        {names[id(parameter)]: dict(state) for parameter, state in optimizer.state.items() if id(parameter) in names}
+        for optimizer in trainer.optimizers
+    ]
+
+
+def _parameter_shaped(states: OptimizerStates, prefix: str) -> list[dict[str, torch.Tensor]]:
+    """For each optimizer and state key whose tensors are shaped like their parameters, those tensors of the
+    parameters under ``prefix`` by name; updating a returned dict updates ``states``."""
+    views = []
+    for per_name in states:
+        keys = {key for name, state in per_name.items() if name.startswith(prefix) for key in state}
+        for key in sorted(keys):
+            values = _StateView(per_name, key, prefix)
+            if values:
+                views.append(values)
+    return views
+
+
+class _StateView(dict):
+    """One state key's tensors (of the parameters under a prefix) by parameter name; ``update`` writes back."""
+
+    def __init__(self, per_name: dict[str, dict[str, Any]], key: str, prefix: str) -> None:
+        super().__init__(
+            (name, state[key])
+            for name, state in per_name.items()
+            if name.startswith(prefix) and isinstance(state.get(key), torch.Tensor) and state[key].dim() > 0
+        )
+        self._per_name, self._key = per_name, key
+
+    def update(self, values: dict[str, torch.Tensor]) -> None:  # type: ignore[override]
+        for name, value in values.items():
+            if name in self:
+                self._per_name[name][self._key] = value
+
+
+def _with_values(network: nn.Module, values: dict[str, torch.Tensor]) -> nn.Module:
+    """A copy of ``network`` whose parameters hold ``values`` (zeros where none is given): channel removal
+    applied to it cuts the values exactly as it cuts the weights."""
+    twin = copy.deepcopy(network)
+    with torch.no_grad():
+        for name, parameter in twin.named_parameters():
+            parameter.copy_(values[name] if name in values else torch.zeros_like(parameter))
+    return twin
+
+
+def _computes_the_same(network: nn.Module, smaller: nn.Module, args: tuple, kwargs: dict) -> bool:
+    was_training = network.training
+    network.eval()
+    smaller.eval()
+    try:
+        with torch.no_grad():
+            return same_outputs(network(*args, **kwargs), smaller(*args, **kwargs))
+    finally:
+        network.train(was_training)
+        smaller.train(was_training)
+
+
+def _rebuild_optimizers(trainer: L.Trainer, pl_module: nn.Module, states: OptimizerStates) -> None:
+    """New optimizers and schedulers from the module's ``configure_optimizers`` over the new parameters, with
+    the old optimizers' hyperparameters (the scheduled learning rate) and per-parameter state (cut to the kept
+    channels), and the old schedulers' positions."""
+    old_optimizers = list(trainer.optimizers)
+    old_schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
+    trainer.strategy.setup_optimizers(trainer)
+    if len(trainer.optimizers) != len(old_optimizers) or len(trainer.lr_scheduler_configs) != len(old_schedulers):
+        raise RuntimeError("MagnitudePruning: configure_optimizers returned other optimizers after the shrink.")
+    names = {id(parameter): name for name, parameter in pl_module.named_parameters()}
+    for old, new, per_name in zip(old_optimizers, trainer.optimizers, states, strict=True):
+        for old_group, new_group in zip(old.param_groups, new.param_groups, strict=False):
+            new_group.update({key: value for key, value in old_group.items() if key != "params"})
+        for group in new.param_groups:
+            for parameter in group["params"]:
+                state = per_name.get(names.get(id(parameter)))
+                if state is not None:
+                    new.state[parameter] = {
+                        key: value.to(parameter.device) if isinstance(value, torch.Tensor) else value
+                        for key, value in state.items()
+                    }
+    for old, config in zip(old_schedulers, trainer.lr_scheduler_configs, strict=True):
+        config.scheduler.load_state_dict(old.state_dict())
 
 
 def _cpu_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:

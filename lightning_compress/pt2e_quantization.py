@@ -38,6 +38,7 @@ from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
 
 from lightning_compress import compat, fx_quantization
 from lightning_compress.export import dynamic_batch
+from lightning_compress.inputs import call_record, replayed_call
 from lightning_compress.quantization_backend import (
     QUANTIZABLE_LAYERS,
     RECURRENT_LAYERS,
@@ -169,26 +170,6 @@ def _export(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> GraphModu
     return program.module()
 
 
-def _record(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return {"shape": list(value.shape), "dtype": str(value.dtype).removeprefix("torch.")}
-    if isinstance(value, list | tuple):
-        return [_record(item) for item in value]
-    if isinstance(value, dict):
-        return {"dict": {key: _record(item) for key, item in value.items()}}
-    return {"value": value}
-
-
-def _replay(record: Any) -> Any:
-    if isinstance(record, list):
-        return tuple(_replay(item) for item in record)
-    if "shape" in record:
-        return torch.zeros(record["shape"], dtype=getattr(torch, record["dtype"]))
-    if "dict" in record:
-        return {key: _replay(item) for key, item in record["dict"].items()}
-    return record["value"]
-
-
 @register_backend(InductorQuantizationConfig)
 class InductorBackend(QuantizationBackend):
     """torchao pt2e with ``X86InductorQuantizer``: exported graphs, int8 under ``torch.compile``, ``.pt2`` exports."""
@@ -229,12 +210,12 @@ class InductorBackend(QuantizationBackend):
         return ExportedPart(graph).train(was_training)
 
     def input_record(self, args: tuple, kwargs: dict[str, Any]) -> Any:
-        return {"args": _record(tuple(args)), "kwargs": _record(dict(kwargs))}
+        return call_record(args, kwargs)
 
     def restore_qat(self, module: nn.Module, inputs: Any, skip_names: list[str], skip_types: list[type]) -> nn.Module:
         if inputs is None:
             raise ValueError("the checkpoint does not record the inputs of this part, which backend='x86_inductor' exports")
-        return self.prepare_qat(module, _replay(inputs["args"]), _replay(inputs["kwargs"]), skip_names, skip_types)
+        return self.prepare_qat(module, *replayed_call(inputs), skip_names, skip_types)
 
     def prepare_ptq(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], skip_names: list[str]) -> nn.Module:
         float_module = copy.deepcopy(module).eval()

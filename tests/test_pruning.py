@@ -350,3 +350,150 @@ def test_the_old_regular_expressions_still_work_with_a_deprecation_warning(tmp_p
             quiet_trainer(tmp_path, [pruning], 1, limit_train_batches=2).fit(ImageClassifier(), datamodule=DigitsDataModule())
     assert set(old_names.masks) == {"net.features.0.weight", "net.features.4.weight"}
     assert set(old_skip.masks) == {"net.features.0.weight", "net.features.4.weight", "net.features.8.weight"}
+
+
+SHRINK = {"mode": "channels", "final_sparsity": 0.5, "start_epoch": 0, "end_epoch": 2, "update_every": None, "plot": False}
+
+
+class EpochLosses(L.Callback):
+    """The mean training loss of each epoch, and what the optimizer holds at the end of each."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.optimizer_matches_module: list[bool] = []
+        self._sum = self._count = 0.0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._sum, self._count = self._sum + float(outputs["loss"]), self._count + 1
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.losses.append(self._sum / self._count)
+        self._sum = self._count = 0.0
+        optimizer = trainer.optimizers[0]
+        optimized = [p for group in optimizer.param_groups for p in group["params"]]
+        self.optimizer_matches_module.append(
+            {id(p) for p in optimized} == {id(p) for p in pl_module.parameters()}
+            and all(state["exp_avg"].shape == p.shape for p, state in optimizer.state.items())
+        )
+
+
+@pytest.mark.parametrize("architecture", ["cnn", pytest.param("resnet18", marks=pytest.mark.slow)])
+def test_shrink_mid_run_goes_on_training_the_smaller_network(tmp_path: Path, architecture: str):
+    pruning = MagnitudePruning(shrink_epoch=2, export_format="torchscript", **SHRINK)
+    record = EpochLosses()
+    limit = {"limit_train_batches": 8} if architecture == "resnet18" else {}
+    trainer, model, digits = _fit(tmp_path, pruning, 5, architecture=architecture, extra=[record], **limit)
+    assert pruning.shrunk and not pruning.masks
+    dense_parameters, _ = count_parameters(pruning.report_models()["dense"])
+    parameters, nonzero = count_parameters(model)
+    assert parameters < 0.4 * dense_parameters and nonzero > 0.95 * parameters  # smaller, not masked
+    # the optimizer holds the new parameters only, Adam's moments cut to their shapes, and the cosine schedule
+    # kept its position across the rebuild (5 epochs: lr at the end of epoch 4 is 0 only if it never restarted)
+    assert all(record.optimizer_matches_module)
+    assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 5
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    assert record.losses[4] < record.losses[2]  # training goes on after the shrink
+    if architecture == "cnn":
+        assert model.net.features[0].out_channels == 16 and top1_accuracy(model, digits.test_dataloader()) >= 0.9
+    else:
+        assert model.net.layer1[0].conv2.out_channels == model.net.conv1.out_channels == 32
+    images = digits.test_set.tensors[0][:32]
+    with torch.no_grad():  # the shipped model is the live one, and the export computes what it does
+        assert torch.equal(pruning.pruned_model(images), model.eval().cpu()(images))
+        assert torch.allclose(torch.jit.load(str(pruning.export_path))(images), model(images), atol=1e-5)
+
+
+def test_the_shrink_keeps_what_the_masked_network_computed_and_its_optimizer_state(tmp_path: Path):
+    seen = {}
+
+    class Probe(L.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):  # runs after the pruning callback's
+            if trainer.current_epoch == 3:
+                images = trainer.datamodule.val_set.tensors[0][:16]
+                was_training = pl_module.training
+                with torch.no_grad():
+                    seen[trainer.current_epoch] = pl_module.eval()(images)
+                pl_module.train(was_training)
+                optimizer = trainer.optimizers[0]
+                first = pl_module.net.features[0].weight
+                seen[f"moment {trainer.current_epoch}"] = optimizer.state[first]["exp_avg"].clone()
+
+    class Keep(L.Callback):  # before the shrink, the masked network at the end of epoch 2
+        def on_train_epoch_end(self, trainer, pl_module):
+            if trainer.current_epoch == 2:  # final_sparsity reached with its first batch
+                images = trainer.datamodule.val_set.tensors[0][:16]
+                with torch.no_grad():
+                    seen["masked"] = pl_module.eval()(images)
+                pl_module.train()
+                kept = pl_module.net.features[0].weight.flatten(1).abs().sum(1) != 0
+                seen["kept moments"] = trainer.optimizers[0].state[pl_module.net.features[0].weight]["exp_avg"][kept].clone()
+
+    pruning = MagnitudePruning(shrink_epoch=3, export_format="none", **SHRINK)
+    _fit(tmp_path, pruning, 4, extra=[Probe(), Keep()])
+    assert torch.allclose(seen[3], seen["masked"], atol=1e-5)  # removal changed nothing the network computes
+    assert torch.equal(seen["moment 3"], seen["kept moments"])  # the kept channels' moments, in order
+
+
+def test_resume_across_the_shrink_equals_the_uninterrupted_run(tmp_path: Path):
+    every_epoch = ModelCheckpoint(dirpath=tmp_path / "full", filename="{epoch}", save_top_k=-1)
+    full = MagnitudePruning(shrink_epoch=2, export_format="none", **SHRINK)
+    _, uninterrupted, _ = _fit(tmp_path / "full", full, 4, extra=[every_epoch], enable_checkpointing=True)
+    for epoch in (1, 2):  # a checkpoint from before the shrink, and one holding the smaller network
+        L.seed_everything(0)
+        resumed = MagnitudePruning(shrink_epoch=2, export_format="none", **SHRINK)
+        model = ImageClassifier()
+        trainer = quiet_trainer(tmp_path / f"resumed{epoch}", [resumed], 4)
+        trainer.fit(model, datamodule=DigitsDataModule(batch_size=64), ckpt_path=tmp_path / "full" / f"epoch={epoch}.ckpt")
+        assert resumed.shrunk and resumed.measured_sparsity(model) == full.measured_sparsity(uninterrupted)
+        for (name, expected), actual in zip(uninterrupted.state_dict().items(), model.state_dict().values(), strict=True):
+            assert actual.shape == expected.shape and torch.allclose(actual, expected, atol=1e-6), (epoch, name)
+    # without the callback: load_from_checkpoint and trainer.test rebuild the smaller structure first
+    loaded = ImageClassifier.load_from_checkpoint(tmp_path / "full" / "epoch=3.ckpt", weights_only=True)
+    assert loaded.net.features[0].out_channels == 16
+    fresh = ImageClassifier()
+    tester = quiet_trainer(tmp_path / "test", [MagnitudePruning(shrink_epoch=2, export_format="none", **SHRINK)])
+    (metrics,) = tester.test(fresh, datamodule=DigitsDataModule(), ckpt_path=tmp_path / "full" / "epoch=3.ckpt")
+    assert fresh.net.features[0].out_channels == 16 and metrics["test/acc"] >= 0.9
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            {"shrink_epoch": 1, "end_epoch": 2, "mode": "channels"},
+            r"shrink_epoch=1 is before end_epoch=2: channels can be removed only once",
+        ),
+        ({"shrink_epoch": 3}, r"shrink_epoch=3 removes channels: it needs mode='channels', not mode='unstructured'"),
+        ({"shrink_epoch": -1, "mode": "channels"}, r"shrink_epoch=-1 is invalid: it must be an integer >= 0, or None"),
+    ],
+)
+def test_shrink_settings_that_cannot_work_fail_at_construction(options, message):
+    with pytest.raises(ValueError, match=message):
+        MagnitudePruning(**options)
+
+
+def test_shrink_with_qat_in_the_same_fit_is_refused_before_training(tmp_path: Path):
+    from lightning_compress import QuantizationAwareTraining
+
+    pruning = MagnitudePruning(shrink_epoch=2, export_format="none", **SHRINK)
+    trainer = quiet_trainer(tmp_path, [pruning, QuantizationAwareTraining(start_epoch=3, export_format="none")], 4)
+    with pytest.raises(ValueError, match=r"shrink_epoch=2 with QuantizationAwareTraining in the same fit is not supported yet"):
+        trainer.fit(ImageClassifier(), datamodule=DigitsDataModule())
+    assert trainer.global_step == 0
+
+
+def test_a_module_that_cannot_run_shrunk_is_refused_before_training(tmp_path: Path):
+    """A distillation hint adapter reads the student layer's channels: removing them would break the step."""
+    from lightning_compress import DistillationModule
+    from lightning_compress.app.models import SmallCNN
+
+    module = DistillationModule(student=SmallCNN(widths=(8, 16)), teacher=SmallCNN(), hints={"features.4": "features.4"})
+    pruning = MagnitudePruning(shrink_epoch=2, export_format="none", **SHRINK)
+    trainer = quiet_trainer(tmp_path, [pruning], 3)
+    with pytest.raises(ValueError, match=r"shrink_epoch=2: the module's training step fails once channels are removed"):
+        trainer.fit(module, datamodule=DigitsDataModule())
+    assert trainer.global_step == 0
+    plain = DistillationModule(student=SmallCNN(widths=(8, 16)), teacher=SmallCNN())  # no hint: it shrinks and trains on
+    pruning = MagnitudePruning(shrink_epoch=2, export_format="none", **SHRINK)
+    quiet_trainer(tmp_path, [pruning], 3, limit_train_batches=4).fit(plain, datamodule=DigitsDataModule())
+    assert pruning.shrunk and plain.student.features[0].out_channels == 4

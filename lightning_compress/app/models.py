@@ -20,6 +20,7 @@ import torchvision
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_compress.pruning import restore_pruned_channels
 from lightning_compress.quantization import restore_quantization  # the app builds on the library
 from lightning_compress.validation import check_integer, check_number
 
@@ -247,6 +248,7 @@ class ImageClassifier(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # A QAT checkpoint holds fake-quant modules: rebuild them so that load_from_checkpoint fits.
+        restore_pruned_channels(self, checkpoint)  # a checkpoint written after shrink_epoch holds smaller layers
         restore_quantization(self, checkpoint)
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, accuracy: MulticlassAccuracy):
