@@ -119,3 +119,19 @@ def run_before_weights_load(pl_module: L.LightningModule, hook: Callable[[dict[s
         own_hook(checkpoint)
 
     pl_module.on_load_checkpoint = on_load_checkpoint
+
+
+def rewrap_distributed(trainer: L.Trainer) -> None:
+    """Wrap the module in ``DistributedDataParallel`` again after its parameters changed (a network shrunk
+    mid-run): DDP registers the parameters it synchronizes when it wraps, so new ones would never be reduced.
+
+    Lightning has no public "re-wrap"; its DDP strategy's ``configure_ddp`` wraps whatever ``strategy.model``
+    is, which is the bare module again once set so.
+    """
+    from lightning.pytorch.strategies import DDPStrategy
+    from torch.nn.parallel import DistributedDataParallel
+
+    strategy = trainer.strategy
+    if isinstance(strategy, DDPStrategy) and isinstance(strategy.model, DistributedDataParallel):
+        strategy.model = strategy.lightning_module
+        strategy.configure_ddp()

@@ -519,12 +519,6 @@ class MagnitudePruning(Callback, ReportsModels):
             )
 
     def _check_shrink_is_possible(self, trainer: L.Trainer) -> None:
-        if trainer.world_size > 1:
-            raise ValueError(
-                f"shrink_epoch={self.shrink_epoch} is not supported with {trainer.world_size} processes yet: removing "
-                "channels mid-run would need the DDP wrapper rebuilt; leave shrink_epoch=None (channels are removed "
-                "from the copy at fit end)."
-            )
         quantization = [callback for callback in trainer.callbacks if type(callback).__name__ == "QuantizationAwareTraining"]
         if quantization:
             raise ValueError(
@@ -579,6 +573,7 @@ class MagnitudePruning(Callback, ReportsModels):
         for root, smaller in shrunken.items():
             pl_module.set_submodule(root, smaller)
         self.masks = {}
+        compat.rewrap_distributed(trainer)  # every process shrank alike (same weights, same masks): sync the new ones
         _rebuild_optimizers(trainer, pl_module, states)
         removed = sum(len(channels) for dropped in self._dropped.values() for _, channels in dropped)
         rank_zero_info(

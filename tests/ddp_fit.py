@@ -1,4 +1,5 @@
-"""Run by test_distributed.py: QAT and pruning under 2-process CPU DDP; each rank dumps its state.
+"""Run by test_distributed.py: QAT and pruning (or channel pruning that shrinks the network mid-run) under
+2-process CPU DDP; each rank dumps its state.
 
 Lightning's DDP launcher starts rank 1 by re-running this script, so it must be a script, not a test.
 """
@@ -17,7 +18,9 @@ from lightning_compress.app.models import ImageClassifier
 warnings.filterwarnings("ignore")
 
 
-def main(output: Path, devices: int) -> None:
+def main(output: Path, devices: int, mode: str = "qat") -> None:
+    if mode == "shrink":
+        return shrink(output, devices)
     L.seed_everything(0)
     model = ImageClassifier()
     pruning = MagnitudePruning(final_sparsity=0.6, start_epoch=0, end_epoch=2, update_every=3, export_format="none", plot=False)
@@ -56,5 +59,33 @@ def main(output: Path, devices: int) -> None:
     )
 
 
+def shrink(output: Path, devices: int) -> None:
+    L.seed_everything(0)
+    model = ImageClassifier()
+    pruning = MagnitudePruning(
+        mode="channels", final_sparsity=0.5, start_epoch=0, end_epoch=2, shrink_epoch=2, export_format="none", plot=False
+    )
+    trainer = L.Trainer(
+        max_epochs=4,
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp" if devices > 1 else "auto",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[pruning],
+    )
+    trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
+    digits = DigitsDataModule()
+    digits.setup()
+    with torch.no_grad():
+        accuracy = float((model.eval()(digits.test_set.tensors[0]).argmax(1) == digits.test_set.tensors[1]).float().mean())
+    torch.save(
+        {"weights": model.net.state_dict(), "shrunk": pruning.shrunk, "accuracy": accuracy},
+        output / f"shrink_{'ddp' if devices > 1 else 'single'}_rank{trainer.global_rank}.pt",
+    )
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), int(sys.argv[2]))
+    main(Path(sys.argv[1]), int(sys.argv[2]), *sys.argv[3:])

@@ -137,3 +137,27 @@ def test_run_before_weights_load_runs_before_the_state_dict_is_loaded(tmp_path: 
     trainer.fit(resumed, datamodule=digits, ckpt_path=tmp_path / "wide.ckpt")
     assert events == [("rebuild", (8, 1, 3, 3)), ("own hook", None)]
     assert resumed.net.features[0].weight.shape == (4, 1, 3, 3) and trainer.global_step == 4  # loaded, then went on
+
+
+def test_rewrap_distributed_wraps_the_new_parameters(tmp_path: Path, digits):
+    from torch.nn.parallel import DistributedDataParallel
+
+    seen = {}
+
+    class Replace(L.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == 1:
+                pl_module.net.classifier = torch.nn.Linear(pl_module.net.classifier.in_features, 10)
+                compat.rewrap_distributed(trainer)
+                trainer.strategy.setup_optimizers(trainer)
+                wrapped = trainer.strategy.model
+                seen["wrapped"] = isinstance(wrapped, DistributedDataParallel) and wrapped.module is pl_module
+                seen["synchronized"] = {id(p) for p in wrapped.parameters()} >= {id(pl_module.net.classifier.weight)}
+
+    trainer = L.Trainer(
+        max_epochs=2, accelerator="cpu", devices=1, strategy="ddp", limit_train_batches=2, limit_val_batches=0,
+        callbacks=[Replace()], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(ImageClassifier(architecture="cnn"), datamodule=digits)
+    assert seen == {"wrapped": True, "synchronized": True}

@@ -11,10 +11,10 @@ import torch
 SCRIPT = Path(__file__).with_name("ddp_fit.py")
 
 
-def _run(output: Path, devices: int) -> None:
+def _run(output: Path, devices: int, *mode: str) -> None:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), str(output), str(devices)], capture_output=True, text=True, env=env, timeout=600
+        [sys.executable, str(SCRIPT), str(output), str(devices), *mode], capture_output=True, text=True, env=env, timeout=600
     )
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -34,6 +34,18 @@ def test_two_process_ddp_gives_identical_state_on_every_rank(tmp_path: Path):
     assert (tmp_path / "model_int8.pt").is_file()  # exported once, by rank 0
     accuracies = [float((run["predictions"].argmax(1) == run["labels"]).float().mean()) for run in (rank0, single)]
     assert min(accuracies) >= 0.95 and abs(accuracies[0] - accuracies[1]) <= 0.02
+
+
+@pytest.mark.slow
+def test_two_processes_shrink_alike_mid_run_and_train_on(tmp_path: Path):
+    _run(tmp_path, 2, "shrink")
+    rank0, rank1 = (torch.load(tmp_path / f"shrink_ddp_rank{rank}.pt", weights_only=True) for rank in (0, 1))
+    assert rank0["shrunk"] and rank1["shrunk"]
+    assert rank0["weights"]["features.0.weight"].shape[0] == 16  # half of the first block's 32 channels
+    assert set(rank0["weights"]) == set(rank1["weights"])
+    # identical after two more epochs of training: the new, smaller parameters are synchronized
+    assert all(torch.equal(rank0["weights"][key], rank1["weights"][key]) for key in rank0["weights"])
+    assert rank0["accuracy"] >= 0.9
 
 
 @pytest.mark.slow
