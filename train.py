@@ -157,13 +157,17 @@ def build_model(cfg: DictConfig, datamodule):
 
 
 def _fill_sizes(node: DictConfig, sizes: dict[str, int]) -> None:
-    """Set ``sizes`` in ``node`` and the objects nested in it, where their target takes them and they are unset."""
+    """Set ``sizes`` in ``node`` and the objects nested in it, where their target takes them (by name, or
+    through ``**kwargs``) and they are unset."""
     if "_target_" in node:
-        target = hydra.utils.get_object(node._target_)
-        parameters = inspect.signature(target).parameters
+        try:
+            parameters = inspect.signature(hydra.utils.get_object(node._target_)).parameters
+        except Exception:  # noqa: BLE001 - a target that does not import: instantiate says so, in one line
+            parameters = {}
+        takes_any = any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters.values())
         with open_dict(node):
             for name, value in sizes.items():
-                if (name not in node and name in parameters) or OmegaConf.is_missing(node, name):
+                if (name not in node and (name in parameters or takes_any)) or OmegaConf.is_missing(node, name):
                     node[name] = value
     for child in node.values():
         if isinstance(child, DictConfig):

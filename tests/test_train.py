@@ -148,3 +148,36 @@ def test_under_ddp_an_error_found_in_setup_is_printed_once(tmp_path: Path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "MagnitudePruning selects no layer" in errors[0]
     assert not run_dir.exists()
+
+
+class TakesAnything:
+    """A user's model whose constructor takes ``**kwargs``: it gets the data's sizes too."""
+
+    def __init__(self, **kwargs) -> None:
+        self.kwargs = kwargs
+
+
+def test_the_data_sizes_reach_every_object_that_takes_them():
+    import sys
+
+    from omegaconf import OmegaConf
+
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT))
+    try:
+        from train import _fill_sizes
+    finally:
+        sys.path.remove(str(ROOT))
+    model = OmegaConf.create(
+        {
+            "_target_": "lightning_compress.DistillationModule",  # takes neither: the student does
+            "student": {"_target_": "lightning_compress.app.models.build_network", "architecture": "cnn"},
+            "helper": {"_target_": "test_train.TakesAnything"},
+            "fixed": {"_target_": "lightning_compress.app.models.SmallCNN", "num_classes": 4},  # set: kept
+        }
+    )
+    _fill_sizes(model, {"num_classes": 10, "in_channels": 3})
+    assert "num_classes" not in model and "in_channels" not in model
+    assert model.student.num_classes == 10 and model.student.in_channels == 3
+    assert model.helper.num_classes == 10 and model.fixed.num_classes == 4 and model.fixed.in_channels == 3
