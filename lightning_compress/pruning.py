@@ -564,10 +564,7 @@ class MagnitudePruning(Callback, ReportsModels):
                     f"MagnitudePruning: {root!r} computes something else after its channels are removed at "
                     f"shrink_epoch={self.shrink_epoch}; leave shrink_epoch=None to keep the masks until fit end."
                 )
-            for values in _parameter_shaped(states, f"{root}."):  # momentum, Adam's moments: cut like the weights
-                twin = _with_values(network, {name.removeprefix(f"{root}."): value for name, value in values.items()})
-                channel_groups.remove_dropped_channels(twin, dropped, *args, **kwargs)
-                values.update({f"{root}.{name}": value.detach() for name, value in twin.named_parameters()})
+            _cut_optimizer_states(states, root, network, dropped, args, kwargs)
             shrunken[root], self._dropped[root] = smaller, dropped
             self._dropped_inputs[root] = call_record(*on_cpu((args, kwargs)))
         for root, smaller in shrunken.items():
@@ -744,44 +741,35 @@ def _optimizer_states(trainer: L.Trainer, pl_module: nn.Module) -> OptimizerStat
     ]
 
 
-def _parameter_shaped(states: OptimizerStates, prefix: str) -> list[dict[str, torch.Tensor]]:
-    """For each optimizer and state key whose tensors are shaped like their parameters, those tensors of the
-    parameters under ``prefix`` by name; updating a returned dict updates ``states``."""
-    views = []
+def _cut_optimizer_states(
+    states: OptimizerStates, root: str, network: nn.Module, dropped: list[tuple[str, list[int]]], args: tuple, kwargs: dict
+) -> None:
+    """Cut the per-parameter state tensors of ``root``'s parameters (momentum, Adam's moments) as the channel
+    removal cuts the weights, by applying the same removal to a copy of the network that holds them. A state
+    not shaped like its parameter (a factored one, say) cannot follow: that parameter's state starts afresh."""
+    prefix = f"{root}."
+    shapes = {name: parameter.shape for name, parameter in network.named_parameters()}
     for per_name in states:
-        keys = {key for name, state in per_name.items() if name.startswith(prefix) for key in state}
+        owners = {name.removeprefix(prefix): state for name, state in per_name.items() if name.startswith(prefix)}
+        for name, state in list(owners.items()):
+            tensors = [value for value in state.values() if isinstance(value, torch.Tensor) and value.dim() > 0]
+            if any(value.shape != shapes[name] for value in tensors):
+                del per_name[prefix + name], owners[name]
+        keys = {
+            key
+            for state in owners.values()
+            for key, value in state.items()
+            if isinstance(value, torch.Tensor) and value.dim() > 0
+        }
         for key in sorted(keys):
-            values = _StateView(per_name, key, prefix)
-            if values:
-                views.append(values)
-    return views
-
-
-class _StateView(dict):
-    """One state key's tensors (of the parameters under a prefix) by parameter name; ``update`` writes back."""
-
-    def __init__(self, per_name: dict[str, dict[str, Any]], key: str, prefix: str) -> None:
-        super().__init__(
-            (name, state[key])
-            for name, state in per_name.items()
-            if name.startswith(prefix) and isinstance(state.get(key), torch.Tensor) and state[key].dim() > 0
-        )
-        self._per_name, self._key = per_name, key
-
-    def update(self, values: dict[str, torch.Tensor]) -> None:  # type: ignore[override]
-        for name, value in values.items():
-            if name in self:
-                self._per_name[name][self._key] = value
-
-
-def _with_values(network: nn.Module, values: dict[str, torch.Tensor]) -> nn.Module:
-    """A copy of ``network`` whose parameters hold ``values`` (zeros where none is given): channel removal
-    applied to it cuts the values exactly as it cuts the weights."""
-    twin = copy.deepcopy(network)
-    with torch.no_grad():
-        for name, parameter in twin.named_parameters():
-            parameter.copy_(values[name] if name in values else torch.zeros_like(parameter))
-    return twin
+            twin = copy.deepcopy(network)
+            with torch.no_grad():
+                for name, parameter in twin.named_parameters():
+                    parameter.copy_(owners[name][key] if key in owners.get(name, {}) else torch.zeros_like(parameter))
+            channel_groups.remove_dropped_channels(twin, dropped, *args, **kwargs)
+            for name, parameter in twin.named_parameters():
+                if key in owners.get(name, {}):
+                    owners[name][key] = parameter.detach()
 
 
 def _computes_the_same(network: nn.Module, smaller: nn.Module, args: tuple, kwargs: dict) -> bool:

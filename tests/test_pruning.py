@@ -497,3 +497,26 @@ def test_a_module_that_cannot_run_shrunk_is_refused_before_training(tmp_path: Pa
     pruning = MagnitudePruning(shrink_epoch=2, export_format="none", **SHRINK)
     quiet_trainer(tmp_path, [pruning], 3, limit_train_batches=4).fit(plain, datamodule=DigitsDataModule())
     assert pruning.shrunk and plain.student.features[0].out_channels == 4
+
+
+def test_the_shrink_keeps_momentum_and_restarts_states_that_cannot_be_cut(tmp_path: Path):
+    """SGD's momentum is shaped like its weight and is cut with it; Adafactor's factored row and column
+    statistics are not, so those parameters' states start afresh instead of failing the next step."""
+    for optimizer in ("sgd", "adafactor"):
+
+        class Classifier(ImageClassifier):
+            def configure_optimizers(self, optimizer=optimizer):
+                if optimizer == "sgd":
+                    return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+                return torch.optim.Adafactor(self.parameters(), lr=0.01)
+
+        L.seed_everything(0)
+        model, pruning = Classifier(), MagnitudePruning(shrink_epoch=2, export_format="none", **SHRINK)
+        trainer = quiet_trainer(tmp_path / optimizer, [pruning], 3)
+        trainer.fit(model, datamodule=DigitsDataModule())
+        state = trainer.optimizers[0].state[model.net.features[4].weight]
+        assert pruning.shrunk and model.net.features[4].weight.shape == (32, 16, 3, 3)
+        if optimizer == "sgd":
+            assert state["momentum_buffer"].shape == (32, 16, 3, 3)
+        else:  # started afresh at the shrink, then a full epoch of steps on the smaller weight
+            assert state["row_var"].shape[0] == 32 and int(state["step"]) == trainer.num_training_batches
