@@ -179,6 +179,9 @@ def deployment_input(example_input, size: int | None):
     are also timed at the resolution they would serve."""
     if size is None:
         return None
+    if not (isinstance(example_input, torch.Tensor) and example_input.dim() == 4 and example_input.is_floating_point()):
+        log.warning("report.latency_input_size=%s applies to image inputs; these are not: not timed at it.", size)
+        return None
     return torch.nn.functional.interpolate(example_input, size=(size, size), mode="bilinear", align_corners=False)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import math
 import random
 import statistics
 import time
@@ -65,14 +66,34 @@ def _measuring(model: nn.Module, threads: int | None = None) -> Iterator[None]:
         model.train(was_training)
 
 
-def top1_accuracy(model: nn.Module, dataloader: Iterable) -> float:
-    """Top-1 accuracy (fraction) of ``model`` over ``(images, labels)`` batches."""
+def _by_position(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits as (positions, classes) and labels as (positions,). A language model's (N, T, V) logits against
+    (N, T) labels have their classes last; a classifier's (N, C) or (N, C, ...) have them on dim 1."""
+    if logits.dim() == labels.dim() + 1 and logits.shape[:-1] == labels.shape:
+        return logits.flatten(0, -2), labels.flatten()
+    return logits.movedim(1, -1).flatten(0, -2), labels.flatten()
+
+
+def evaluate(model: nn.Module, dataloader: Iterable) -> tuple[float, float | None]:
+    """Top-1 accuracy (fraction of positions: samples, or tokens) of ``model`` over ``(inputs, labels)``
+    batches, and for outputs with a position dimension (a language model's) the perplexity, ``exp`` of the
+    mean cross-entropy per token; ``None`` for one label per sample."""
     correct = total = 0
+    cross_entropy = 0.0
+    sequences = False
     with _measuring(model):
-        for images, labels in dataloader:
-            correct += int((model(images).argmax(dim=1) == labels).sum())
-            total += len(labels)
-    return correct / total
+        for inputs, labels in dataloader:
+            logits, flat_labels = _by_position(model(inputs), labels)
+            sequences = labels.dim() > 1
+            correct += int((logits.argmax(dim=-1) == flat_labels).sum())
+            cross_entropy += float(torch.nn.functional.cross_entropy(logits.float(), flat_labels, reduction="sum"))
+            total += len(flat_labels)
+    return correct / total, (math.exp(cross_entropy / total) if sequences else None)
+
+
+def top1_accuracy(model: nn.Module, dataloader: Iterable) -> float:
+    """Top-1 accuracy (fraction) of ``model`` over ``(inputs, labels)`` batches, per sample or per token."""
+    return evaluate(model, dataloader)[0]
 
 
 def _weights(module: nn.Module) -> Iterator[torch.Tensor]:
@@ -155,6 +176,8 @@ class Measurement:
     latency_ms: float
     # at the deployment resolution, when the report is asked for one and the model runs at it
     deployment_latency_ms: float | None = None
+    # language models: exp of the mean cross-entropy per token (lower is better)
+    perplexity: float | None = None
 
 
 def runs_on(model: nn.Module, example_input: torch.Tensor) -> bool:
@@ -180,8 +203,9 @@ def measure(
     figure computed elsewhere."""
     exported = isinstance(model, RuntimeModel)  # run by ONNX Runtime or OpenVINO: counted from its source
     total, nonzero = model.parameter_counts if exported else count_parameters(model)
+    perplexity = None
     if known_accuracy is None and dataloader is not None:
-        known_accuracy = top1_accuracy(model, dataloader)
+        known_accuracy, perplexity = evaluate(model, dataloader)
     return Measurement(
         name=name,
         accuracy=known_accuracy,
@@ -190,6 +214,7 @@ def measure(
         size_bytes=sum(file.stat().st_size for file in model.files) if exported else serialized_size(model),
         latency_ms=latency,
         deployment_latency_ms=deployment_latency,
+        perplexity=perplexity,
     )
 
 
@@ -259,12 +284,14 @@ class CompressionReport:
 
     def table(self) -> Table:
         table = Table(title=f"Compression report (batch {self.settings['input_shape'][0]}, 1 thread)")
+        with_perplexity = any(row.perplexity is not None for row in self.measurements)
         sides = self.settings.get("deployment_input_shape", [])[2:]
         size = str(sides[0]) if len(set(sides)) == 1 else "x".join(str(side) for side in sides)
         deployment_columns = (f"ms @{size}", f"speedup @{size}") if size else ()
         for column in (
             "model",
             "test acc",
+            *(("perplexity",) if with_perplexity else ()),
             "params",
             "non-zero",
             "size",
@@ -283,6 +310,7 @@ class CompressionReport:
             table.add_row(
                 row["name"],
                 "-" if row["accuracy"] is None else f"{100 * row['accuracy']:.2f}%",
+                *(("-" if row["perplexity"] is None else f"{row['perplexity']:.3f}",) if with_perplexity else ()),
                 f"{row['parameters']:,}",
                 f"{row['nonzero_parameters']:,}",
                 f"{row['size_bytes'] / 1024:,.1f} KiB",

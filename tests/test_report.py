@@ -115,3 +115,27 @@ def test_latency_at_the_deployment_resolution_for_the_models_that_run_there(digi
         rows["fp32"]["deployment_latency_ms"] / rows["narrow"]["deployment_latency_ms"]
     )
     assert [column.header for column in report.table().columns][-2:] == ["ms @64", "speedup @64"]
+
+
+def test_the_report_measures_language_models_per_token_with_perplexity():
+    """Logits (batch, tokens, vocabulary) against labels (batch, tokens): accuracy and perplexity per token."""
+    from lightning_compress.report import evaluate
+
+    class Bigram(nn.Module):  # predicts the next byte from the current one, with fixed log-probabilities
+        def __init__(self, table: torch.Tensor) -> None:
+            super().__init__()
+            self.table = nn.Parameter(table)
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            return self.table[tokens]
+
+    torch.manual_seed(0)
+    table = torch.randn(5, 5)
+    tokens, labels = torch.randint(0, 5, (3, 7)), torch.randint(0, 5, (3, 7))
+    accuracy, perplexity = evaluate(Bigram(table), [(tokens, labels)])
+    logits = table[tokens]
+    assert accuracy == pytest.approx(float((logits.argmax(-1) == labels).float().mean()))
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten()).exp()
+    assert perplexity == pytest.approx(float(expected), rel=1e-6)
+    # one label per sample: accuracy over samples, no perplexity
+    assert evaluate(nn.Identity(), [(torch.eye(4), torch.tensor([0, 1, 2, 0]))]) == (0.75, None)

@@ -91,3 +91,49 @@ def test_token_level_distillation_into_a_smaller_language_model(tmp_path: Path):
     unigram = _unigram_perplexity(data.train_set.tensors[0], data.test_set.tensors[1])
     assert math.exp(metrics["test/loss"]) < unigram
     assert 0 < metrics["test/acc"] <= metrics["test/teacher_acc"]
+
+
+LM_RUN = [
+    "model=byte_transformer",
+    "data=python_source",
+    "model.layers=2",
+    "model.width=64",
+    "data.block_size=64",
+    "data.train_bytes=100000",
+    "data.eval_bytes=20000",
+    "report.latency_runs=3",
+]
+
+
+@pytest.mark.slow
+def test_train_py_trains_a_language_model_compresses_it_and_reports_perplexity(tmp_path: Path):
+    import json
+
+    from conftest import run_train
+
+    result = run_train(*LM_RUN, "trainer.max_epochs=1", "+compress=dynamic", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {row["name"]: row for row in json.loads((tmp_path / "report.json").read_text())["rows"]}
+    assert set(rows) == {"fp32", "int8 dynamic"}
+    assert rows["int8 dynamic"]["size_ratio"] < 0.5  # the Linear weights in int8
+    for row in rows.values():
+        assert 1 < row["perplexity"] < 256  # better than guessing among 256 bytes
+    assert abs(rows["int8 dynamic"]["perplexity"] - rows["fp32"]["perplexity"]) < 0.05 * rows["fp32"]["perplexity"]
+
+
+@pytest.mark.slow
+def test_unstructured_pruning_of_every_linear_layer_of_a_transformer(tmp_path: Path):
+    from lightning_compress import MagnitudePruning
+
+    L.seed_everything(0)
+    data = PythonSourceDataModule(**SMALL)
+    model = ByteTransformer(block_size=64, width=64, layers=2, heads=4, lr=3e-3)
+    pruning = MagnitudePruning(
+        final_sparsity=0.5, start_epoch=0, end_epoch=1, layer_types=["torch.nn.Linear"], export_format="none", plot=False
+    )
+    quiet_trainer(tmp_path, [pruning], 2).fit(model, datamodule=data)
+    linear = {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    assert set(pruning.masks) == linear and len(linear) == 2 * 4 + 1  # qkv, out, two MLP layers per block; the head
+    assert pruning.measured_sparsity(model)[0] == pytest.approx(0.5, abs=0.001)
+    (metrics,) = quiet_trainer(tmp_path).test(model, datamodule=data)
+    assert metrics["test/perplexity"] < _unigram_perplexity(data.train_set.tensors[0], data.test_set.tensors[1])
