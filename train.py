@@ -82,8 +82,8 @@ def _one_line(error: BaseException) -> str:
 
 def _instantiate(node: DictConfig, key: str, **kwargs):
     """``instantiate(node)``; an error that names a constructor argument (``final_sparsity=...``) names the
-    configuration key instead (``compress.callbacks.pruning.final_sparsity=...``), or the key the recipe fills
-    the argument from (``model.teacher_checkpoint: ${teacher.checkpoint}`` -> ``teacher.checkpoint=...``).
+    configuration key instead (``compress.callbacks.pruning.final_sparsity=...``), or the key the config fills
+    the argument from (``model.block_size: ${data.block_size}`` -> ``data.block_size=...``).
     The argument of a nested object is found by its name and value (``model.student.checkpoint=...``); an app
     module's own key (``model.checkpoint=``) is renamed to the group it was built for (``teacher.checkpoint=``)."""
     try:

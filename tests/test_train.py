@@ -57,6 +57,15 @@ def test_multirun_gives_one_wandb_run_per_job(tmp_path: Path):
         (["model.architecture=vgg"], "model.architecture='vgg' is unknown"),
         (["+compress=qat", "trainer.max_epochs=1"], "trainer.max_epochs=1 is too short for the qat recipe"),
         (["report.latency_input_size=0"], "report.latency_input_size=0 is invalid: it must be a positive integer"),
+        # a nested object's argument, and an app module built for another group, are named by their config keys
+        (
+            ["+compress=distill", "teacher=cnn", "model.student.checkpoint=/no/such.ckpt"],
+            "model.student.checkpoint='/no/such.ckpt' does not exist",
+        ),
+        (
+            ["+compress=distill", "teacher=cnn", "teacher.checkpoint=/no/such.ckpt"],
+            "teacher.checkpoint='/no/such.ckpt' does not exist",
+        ),
         (["+compress=prune", "compress.callbacks.pruning.final_sparsity=abc"], "compress.callbacks.pruning.final_sparsity='abc'"),
         # found in the callback's setup, inside fit, after the loggers wrote their first files
         (
