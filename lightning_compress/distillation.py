@@ -282,8 +282,10 @@ class DistillationModule(L.LightningModule, ReportsModels):
         with torch.no_grad():
             return self._teacher(images)
 
-    def _accuracy_update(self, metric: MeanMetric, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        logits, labels = _positions(logits.detach(), labels, self.class_dim, self.ignore_index)
+    def _accuracy_update(self, metric: MeanMetric, logits: torch.Tensor, labels: torch.Tensor, flat: bool = False) -> None:
+        """Add the share of correct positions; ``flat``: already (positions, classes), padding dropped."""
+        if not flat:
+            logits, labels = _positions(logits.detach(), labels, self.class_dim, self.ignore_index)
         if labels.numel():
             metric.update((logits.argmax(dim=-1) == labels).float())
 
@@ -309,7 +311,7 @@ class DistillationModule(L.LightningModule, ReportsModels):
         inputs, labels = batch
         logits = self(inputs)
         flat_logits, flat_labels = _positions(logits.float(), labels, self.class_dim, self.ignore_index)
-        self._accuracy_update(accuracy, logits, labels)
+        self._accuracy_update(accuracy, flat_logits, flat_labels, flat=True)
         self.log(f"{stage}/loss", F.cross_entropy(flat_logits, flat_labels), prog_bar=stage != "test")
         self.log(f"{stage}/acc", accuracy, prog_bar=True, on_step=False, on_epoch=True)
         return inputs

@@ -238,13 +238,11 @@ class MagnitudePruning(Callback, ReportsModels):
         roots = [name for name, _ in compressible_children(pl_module)]
         self._calls = first_calls(pl_module, self._batches, roots)
         self._resolve_names(pl_module)
-        if self.shrunk:  # resumed after the shrink: nothing is masked any more
-            pass
-        elif self.mode == "channels":
+        if self.mode == "channels" and not self.shrunk:  # resumed after the shrink: nothing to mask any more
             self._find_groups(trainer, pl_module)
             if self.shrink_epoch is not None:
                 self._check_the_module_runs_shrunk(pl_module)
-        else:
+        elif self.mode != "channels":
             self._targets = self._select_layers(pl_module)
         self._apply_masks(pl_module)  # masks restored from a checkpoint take effect at once
         if self._dense_state_dict is not None and self.dense_model is None:  # resumed after pruning began
