@@ -104,21 +104,35 @@ def packed_weight_and_bias(module: nn.Module) -> Any:
     return packed() if callable(packed) else None
 
 
-def run_before_weights_load(pl_module: L.LightningModule, hook: Callable[[dict[str, Any]], None]) -> None:
+def run_before_weights_load(pl_module: L.LightningModule, hook: Callable[[dict[str, Any]], None], order: int) -> None:
     """Run ``hook(checkpoint)`` before Lightning loads a checkpoint's weights into ``pl_module``, then the
-    module's own ``on_load_checkpoint``.
+    module's own ``on_load_checkpoint``. Hooks run by ``order``, lowest first, whichever registered first: a
+    structure built on another (fake-quant inserted into a network whose channels were removed) is rebuilt
+    after it, whatever the order of the callbacks in the Trainer.
 
     Lightning 2.6 loads the module's state_dict before any callback's ``load_state_dict`` or
     ``on_load_checkpoint``, and ``trainer.ckpt_path`` is unset in ``setup``: a callback that changes the
     module's structure must rebuild it in the one hook that runs before the weights load, the module's.
     """
-    own_hook = pl_module.on_load_checkpoint
+    hooks = pl_module.__dict__.get(_HOOKS_BEFORE_WEIGHTS_LOAD)
+    if hooks is None:
+        hooks = pl_module.__dict__[_HOOKS_BEFORE_WEIGHTS_LOAD] = []
+        own_hook = pl_module.on_load_checkpoint
 
-    def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
-        hook(checkpoint)
-        own_hook(checkpoint)
+        def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
+            for _, registered in sorted(hooks, key=lambda entry: entry[0]):
+                registered(checkpoint)
+            own_hook(checkpoint)
 
-    pl_module.on_load_checkpoint = on_load_checkpoint
+        pl_module.on_load_checkpoint = on_load_checkpoint
+    hooks.append((order, hook))
+
+
+_HOOKS_BEFORE_WEIGHTS_LOAD = "_lightning_compress_hooks_before_weights_load"
+
+CHANNELS_REMOVED, FAKE_QUANT_INSERTED = 0, 1
+"""The ``order`` of the structures callbacks rebuild before the weights load: QAT inserts fake-quant into the
+network as channel pruning's shrink left it."""
 
 
 def rewrap_distributed(trainer: L.Trainer) -> None:

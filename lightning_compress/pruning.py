@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_deprecation, rank_zero_info, r
 from torch import nn
 from typing_extensions import override
 
-from lightning_compress import channel_groups, compat
+from lightning_compress import channel_groups, compat, optimizers
 from lightning_compress.export import check_export_format, output_folder, write_exports
 from lightning_compress.inputs import (
     call_record,
@@ -34,6 +34,7 @@ from lightning_compress.inputs import (
     same_outputs,
     training_batches,
 )
+from lightning_compress.quantization_backend import HoldsFakeQuant
 from lightning_compress.report import ReportsModels, count_parameters, plot_pruning
 from lightning_compress.runtimes import runtime_models
 from lightning_compress.schedules import SCHEDULES, SparsitySchedule
@@ -187,6 +188,7 @@ class MagnitudePruning(Callback, ReportsModels):
         self._sparsity_at_shrink: dict[str, Any] = {}  # measured_sparsity just before the shrink
         self._shrink_hook_on: nn.Module | None = None
         self._unshrunk_copy: nn.Module | None = None  # the module as built, before a resume shrank it
+        self._float_from: HoldsFakeQuant | None = None  # the callback whose float copy pruned_model is
 
     @property
     def shrunk(self) -> bool:
@@ -211,10 +213,10 @@ class MagnitudePruning(Callback, ReportsModels):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.shrink_epoch is not None and self._shrink_hook_on is not pl_module:
             # a checkpoint written after the shrink holds the smaller network: rebuild it before its weights load
-            compat.run_before_weights_load(pl_module, lambda checkpoint: self._restore_shrink(pl_module, checkpoint))
+            compat.run_before_weights_load(
+                pl_module, lambda checkpoint: self._restore_shrink(pl_module, checkpoint), order=compat.CHANNELS_REMOVED
+            )
             self._shrink_hook_on = pl_module
-        if stage == "fit" and self.shrink_epoch is not None:
-            self._check_shrink_is_possible(trainer)
         if stage != "fit" or trainer.max_epochs is None or trainer.max_epochs < 0:
             return
         # Not an error: a run trained for fewer epochs now may be resumed with a larger max_epochs later.
@@ -272,8 +274,16 @@ class MagnitudePruning(Callback, ReportsModels):
 
     @override
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.shrink_epoch is not None and trainer.current_epoch >= self.shrink_epoch and not self.shrunk:
-            self._shrink(trainer, pl_module)
+        self.shrink_if_due(trainer, pl_module)
+
+    def shrink_if_due(self, trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
+        """Remove the pruned channels from the live network now if ``shrink_epoch`` has come and they are still
+        there; whether it did. Called at the start of every epoch, and by ``QuantizationAwareTraining`` before it
+        prepares the network, whichever of the two runs first in the Trainer's callbacks."""
+        if self.shrink_epoch is None or trainer.current_epoch < self.shrink_epoch or self.shrunk:
+            return False
+        self._shrink(trainer, pl_module)
+        return True
 
     @override
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
@@ -310,7 +320,7 @@ class MagnitudePruning(Callback, ReportsModels):
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._apply_masks(pl_module)
-        self.pruned_model = copy.deepcopy(pl_module).cpu().eval()  # shipped and measured on the CPU
+        self.pruned_model = self._float_copy(trainer, pl_module)  # shipped and measured on the CPU
         if self.mode == "channels" and not self.shrunk:
             for root, groups in self._groups.items():
                 network = self.pruned_model.get_submodule(root)
@@ -326,7 +336,7 @@ class MagnitudePruning(Callback, ReportsModels):
             failure = self._shrunken_differs(pl_module)
             if failure:
                 rank_zero_warn(f"MagnitudePruning: the masked model is kept, channels not removed: {failure}.")
-                self.pruned_model = copy.deepcopy(pl_module).cpu().eval()
+                self.pruned_model = self._float_copy(trainer, pl_module)
         if self.export_formats:
             self.export_paths = self._export(trainer, pl_module) or {}
             self.export_path = self.export_paths.get("torchscript")
@@ -399,7 +409,8 @@ class MagnitudePruning(Callback, ReportsModels):
         models: dict[str, nn.Module] = {}
         if self.dense_model is not None:
             models["dense"] = self.dense_model
-        if self.mode == "channels" and self.pruned_model is not None:
+        # shrunk before QAT, the float copy is the report's fp32 row already (QAT's): no second row of it
+        if self.mode == "channels" and self.pruned_model is not None and not (self.shrunk and self._float_from):
             models["channels removed"] = self.pruned_model
         if self.pruned_model is not None:
             name = "channels removed" if self.mode == "channels" else "pruned"
@@ -516,14 +527,6 @@ class MagnitudePruning(Callback, ReportsModels):
                 + (f"; and {len(left_alone) - 4} more." if len(left_alone) > 4 else ".")
             )
 
-    def _check_shrink_is_possible(self, trainer: L.Trainer) -> None:
-        quantization = [callback for callback in trainer.callbacks if type(callback).__name__ == "QuantizationAwareTraining"]
-        if quantization:
-            raise ValueError(
-                f"shrink_epoch={self.shrink_epoch} with QuantizationAwareTraining in the same fit is not supported yet: "
-                "QAT prepares the network at setup, before the shrink; leave shrink_epoch=None."
-            )
-
     def _check_the_module_runs_shrunk(self, pl_module: L.LightningModule) -> None:
         """Before training: a copy with one channel per group removed must still run a training step (a
         distillation hint adapter reading a shrinking layer, say, would fail only at shrink_epoch)."""
@@ -548,7 +551,7 @@ class MagnitudePruning(Callback, ReportsModels):
             self._prune_to(trainer, pl_module, step)
         self._apply_masks(pl_module)
         self._sparsity_at_shrink = dict(zip(("overall", "per_layer"), self.measured_sparsity(pl_module), strict=True))
-        states = _optimizer_states(trainer, pl_module)
+        states = optimizers.optimizer_states(trainer, pl_module)
         shrunken: dict[str, nn.Module] = {}
         for root, groups in self._groups.items():
             network = pl_module.get_submodule(root)
@@ -569,7 +572,7 @@ class MagnitudePruning(Callback, ReportsModels):
             pl_module.set_submodule(root, smaller)
         self.masks = {}
         compat.rewrap_distributed(trainer)  # every process shrank alike (same weights, same masks): sync the new ones
-        _rebuild_optimizers(trainer, pl_module, states)
+        optimizers.rebuild_optimizers(trainer, pl_module, states, changed_by="MagnitudePruning's shrink")
         removed = sum(len(channels) for dropped in self._dropped.values() for _, channels in dropped)
         rank_zero_info(
             f"MagnitudePruning: removed {removed} channels at epoch {trainer.current_epoch}; training goes on with "
@@ -578,6 +581,8 @@ class MagnitudePruning(Callback, ReportsModels):
 
     def _restore_shrink(self, pl_module: nn.Module, checkpoint: dict[str, Any]) -> None:
         """Shrink a fresh network as the checkpoint's was, so that its weights load."""
+        if self.shrunk:  # shrunk in this process already (a later test(ckpt_path=...)): nothing to rebuild
+            return
         states = checkpoint.get("callbacks", {})
         key = self.state_key if self.state_key in states else "MagnitudePruning"
         state = states.get(key, {})
@@ -591,6 +596,17 @@ class MagnitudePruning(Callback, ReportsModels):
             }
             self._dropped_inputs = dict(state["dropped_inputs"])
             self.masks = {}
+
+    def _float_copy(self, trainer: L.Trainer, pl_module: L.LightningModule) -> nn.Module:
+        """A CPU copy of the module to ship; where QAT has put fake-quant into the network (after the shrink, or
+        around unstructured masks), the float copy QAT makes of it, so that ``model_pruned`` is a float model."""
+        self._float_from = next(
+            (callback for callback in trainer.callbacks if isinstance(callback, HoldsFakeQuant) and callback.prepared_names),
+            None,
+        )
+        if self._float_from is not None:
+            return self._float_from.float_model(pl_module)
+        return copy.deepcopy(pl_module).cpu().eval()
 
     def _channel_keep(self, network: nn.Module, group: channel_groups.ChannelGroup) -> torch.Tensor:
         """Channels currently kept: those whose producer rows are not all zero."""
@@ -717,7 +733,8 @@ def _shrink_as_recorded(pl_module: nn.Module, state: dict[str, Any], weights: di
     for root, entries in state["dropped_channels"].items():
         network = pl_module.get_submodule(root)
         saved = {name.removeprefix(f"{root}."): value for name, value in weights.items() if name.startswith(f"{root}.")}
-        if all(name not in saved or saved[name].shape == value.shape for name, value in network.state_dict().items()):
+        # parameters only: fake-quant buffers (per-channel scales) are shaped when they first observe
+        if all(name not in saved or saved[name].shape == value.shape for name, value in network.named_parameters()):
             continue  # already as small as the checkpoint's
         args, kwargs = replayed_call(state["dropped_inputs"][root])
         channel_groups.unmask_layer_norms(network)
@@ -727,20 +744,13 @@ def _shrink_as_recorded(pl_module: nn.Module, state: dict[str, Any], weights: di
     return shrunk
 
 
-OptimizerStates = list[dict[str, dict[str, Any]]]
-"""Per optimizer, each parameter's state by the parameter's name in the module."""
-
-
-def _optimizer_states(trainer: L.Trainer, pl_module: nn.Module) -> OptimizerStates:
-    names = {id(parameter): name for name, parameter in pl_module.named_parameters()}
-    return [
-        {names[id(parameter)]: dict(state) for parameter, state in optimizer.state.items() if id(parameter) in names}
-        for optimizer in trainer.optimizers
-    ]
-
-
 def _cut_optimizer_states(
-    states: OptimizerStates, root: str, network: nn.Module, dropped: list[tuple[str, list[int]]], args: tuple, kwargs: dict
+    states: optimizers.OptimizerStates,
+    root: str,
+    network: nn.Module,
+    dropped: list[tuple[str, list[int]]],
+    args: tuple,
+    kwargs: dict,
 ) -> None:
     """Cut the per-parameter state tensors of ``root``'s parameters (momentum, Adam's moments) as the channel
     removal cuts the weights, by applying the same removal to a copy of the network that holds them. A state
@@ -780,31 +790,6 @@ def _computes_the_same(network: nn.Module, smaller: nn.Module, args: tuple, kwar
     finally:
         network.train(was_training)
         smaller.train(was_training)
-
-
-def _rebuild_optimizers(trainer: L.Trainer, pl_module: nn.Module, states: OptimizerStates) -> None:
-    """New optimizers and schedulers from the module's ``configure_optimizers`` over the new parameters, with
-    the old optimizers' hyperparameters (the scheduled learning rate) and per-parameter state (cut to the kept
-    channels), and the old schedulers' positions."""
-    old_optimizers = list(trainer.optimizers)
-    old_schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
-    trainer.strategy.setup_optimizers(trainer)
-    if len(trainer.optimizers) != len(old_optimizers) or len(trainer.lr_scheduler_configs) != len(old_schedulers):
-        raise RuntimeError("MagnitudePruning: configure_optimizers returned other optimizers after the shrink.")
-    names = {id(parameter): name for name, parameter in pl_module.named_parameters()}
-    for old, new, per_name in zip(old_optimizers, trainer.optimizers, states, strict=True):
-        for old_group, new_group in zip(old.param_groups, new.param_groups, strict=False):
-            new_group.update({key: value for key, value in old_group.items() if key != "params"})
-        for group in new.param_groups:
-            for parameter in group["params"]:
-                state = per_name.get(names.get(id(parameter)))
-                if state is not None:
-                    new.state[parameter] = {
-                        key: value.to(parameter.device) if isinstance(value, torch.Tensor) else value
-                        for key, value in state.items()
-                    }
-    for old, config in zip(old_schedulers, trainer.lr_scheduler_configs, strict=True):
-        config.scheduler.load_state_dict(old.state_dict())
 
 
 def _cpu_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:

@@ -26,7 +26,7 @@ from torch import nn
 from torchmetrics import Metric
 from typing_extensions import override
 
-from lightning_compress import compat, module_swap
+from lightning_compress import compat, module_swap, optimizers
 from lightning_compress.export import output_folder, write_int8_exports
 from lightning_compress.forward_graph import forward_holder, install_forward, installed_forward
 from lightning_compress.inputs import first_calls, first_line, on_cpu, runs, same_outputs, training_batches, watch_training_step
@@ -186,6 +186,7 @@ class QuantizationAwareTraining(Callback, ReportsModels):
         self._float_templates: dict[str, nn.Module] = {}
         self._float_names: dict[str, dict[str, str]] = {}
         self._example_inputs: dict[str, tuple[tuple, dict]] = {}
+        self._shrinks: list[MagnitudePruning] = []  # channel pruning that shrinks the network before QAT prepares it
 
     # ------------------------------------------------------------------ Lightning hooks
 
@@ -224,6 +225,17 @@ class QuantizationAwareTraining(Callback, ReportsModels):
                 f"backend={self.config.backend!r} cannot be combined with MagnitudePruning in one fit: its exported graphs "
                 "hold no Conv/Linear modules for pruning to mask; use backend='x86' for pruning and QAT together."
             )
+        self._shrinks = self._shrinks_before_start(pruning)
+        if self._shrinks:
+            # Prepared at start_epoch, once the channels are gone; a checkpoint written after that holds the
+            # prepared structure, rebuilt (on top of the shrink's) before its weights load.
+            self._check_names(pl_module)
+            self._restore_before_weights_load(pl_module)
+            return
+        self._prepare(trainer, pl_module)
+
+    def _prepare(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Insert fake-quant into the module's networks, switched off; the parts table says how each went."""
         targets = self._targets(pl_module)
         if not targets:
             rank_zero_warn("QuantizationAwareTraining: nothing quantizable (no Conv/Linear layers); model unchanged.")
@@ -249,10 +261,55 @@ class QuantizationAwareTraining(Callback, ReportsModels):
         # would otherwise fake-quantize with ranges that no observer has set yet.
         self._set_fake_quant(pl_module, enabled=False)
 
+    def _shrinks_before_start(self, pruning: list[MagnitudePruning]) -> list[MagnitudePruning]:
+        """The channel-pruning callbacks of this fit, each of which removes its channels at or before
+        ``start_epoch``: QAT then prepares the smaller network. Channel pruning that would remove channels
+        later, from a network already holding fake-quant, is refused."""
+        shrinking = [callback for callback in pruning if callback.mode == "channels"]
+        for callback in shrinking:
+            if callback.shrink_epoch is None:
+                raise ValueError(
+                    "MagnitudePruning(mode='channels') with QuantizationAwareTraining in one fit needs shrink_epoch "
+                    f"(at or before start_epoch={self.start_epoch}): channels are removed from the float network, "
+                    "which QAT then prepares."
+                )
+            if callback.shrink_epoch > self.start_epoch:
+                raise ValueError(
+                    f"shrink_epoch={callback.shrink_epoch} is after start_epoch={self.start_epoch}: QuantizationAwareTraining "
+                    "would prepare the network before MagnitudePruning removes its channels; shrink at or before start_epoch."
+                )
+        return shrinking
+
+    def _prepare_after_the_shrink(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Prepare the network mid-fit, once every shrink due has happened (the pruning callbacks may come
+        after this one in the Trainer), then give the optimizers and DDP the prepared network's parameters."""
+        for pruning in self._shrinks:
+            pruning.shrink_if_due(trainer, pl_module)
+        states = optimizers.optimizer_states(trainer, pl_module)
+        self._prepare(trainer, pl_module)
+        if not self.prepared_names:
+            return
+        compat.rewrap_distributed(trainer)  # every process prepared alike: synchronize the new parameters
+        new_names = {
+            ".".join(filter(None, (part, old))): ".".join(filter(None, (part, new)))
+            for part, names in self._float_names.items()
+            for old, new in names.items()
+        }
+        optimizers.rebuild_optimizers(trainer, pl_module, optimizers.renamed(states, new_names), "QuantizationAwareTraining")
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._shrinks and self.prepared_names and not self._example_inputs:
+            # resumed from a checkpoint written after QAT prepared the shrunken network: how its parts are
+            # called, for the int8 model's check and the exports
+            self._example_inputs = first_calls(pl_module, training_batches(trainer, pl_module, 1), self.prepared_names)
+
     @override
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Apply the schedule for this epoch; derived from the epoch alone, so a resumed run matches."""
         epoch = trainer.current_epoch
+        if epoch >= self.start_epoch and self._shrinks and not self.prepared_names:
+            self._prepare_after_the_shrink(trainer, pl_module)
         if epoch < self.start_epoch or not self.prepared_names:
             return
         if epoch == self.start_epoch and self.calibration_batches and not self._calibrated:
@@ -448,16 +505,21 @@ class QuantizationAwareTraining(Callback, ReportsModels):
 
     _pl_module: nn.Module | None = None
 
-    def _targets(self, pl_module: L.LightningModule) -> list[str]:
-        self._pl_module = pl_module
+    def _check_names(self, pl_module: L.LightningModule) -> dict[str, nn.Module]:
+        """``skip`` and ``modules`` must name submodules; the module's submodules by name."""
         names = dict(pl_module.named_modules())
         for entry in self.skip_names:
             if entry not in names:
                 raise ValueError(f"skip={entry!r} names no submodule; submodules are e.g. {_some(names)}.")
+        for name in self.modules or []:
+            if name not in names or name == "":
+                raise ValueError(f"modules={name!r} names no submodule; submodules are e.g. {_some(names)}.")
+        return names
+
+    def _targets(self, pl_module: L.LightningModule) -> list[str]:
+        self._pl_module = pl_module
+        names = self._check_names(pl_module)
         if self.modules is not None:
-            for name in self.modules:
-                if name not in names or name == "":
-                    raise ValueError(f"modules={name!r} names no submodule; submodules are e.g. {_some(names)}.")
             candidates = self.modules
         else:
             candidates = [name for name, _ in compressible_children(pl_module)]
@@ -583,7 +645,11 @@ class QuantizationAwareTraining(Callback, ReportsModels):
 
     def _restore_before_weights_load(self, pl_module: L.LightningModule) -> None:
         def restore(checkpoint: dict[str, Any]) -> None:
+            if self.prepared_names:  # prepared in this process already (a later test(ckpt_path=...)): nothing to rebuild
+                return
             restored = _restore_parts(pl_module, checkpoint)
+            if restored:
+                self._pl_module = pl_module
             for name, (template, names, _) in restored.items():
                 if template is not None:
                     self._float_templates[name], self._float_names[name] = template, names
@@ -592,7 +658,7 @@ class QuantizationAwareTraining(Callback, ReportsModels):
                 for name, (_, _, swapped) in restored.items()
             ]
 
-        compat.run_before_weights_load(pl_module, restore)
+        compat.run_before_weights_load(pl_module, restore, order=compat.FAKE_QUANT_INSERTED)
 
     def _float_part(self, pl_module: nn.Module, name: str) -> nn.Module:
         if name in self._swapped_parts():

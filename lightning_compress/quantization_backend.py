@@ -16,7 +16,7 @@ import importlib.util
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import asdict
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -90,6 +90,21 @@ def check_backend_exports(backend: QuantizationBackend, export_format: str | Seq
                 + (" (torch_export needs backend='x86_inductor')." if name == "torch_export" else ".")
             )
     return formats
+
+
+@runtime_checkable
+class HoldsFakeQuant(Protocol):
+    """A callback that has put fake-quant into the module it trains (``QuantizationAwareTraining``). Another
+    callback that ships a copy of the module (channel pruning's ``pruned_model``) asks it for the float one."""
+
+    @property
+    def prepared_names(self) -> list[str]:
+        """The parts of the module that hold fake-quant (none: the module is as it was)."""
+        ...
+
+    def float_model(self, pl_module: nn.Module) -> nn.Module:
+        """A plain float copy of ``pl_module`` with its current weights, on the CPU, in eval mode."""
+        ...
 
 
 _BACKENDS: dict[type, type[QuantizationBackend]] = {}

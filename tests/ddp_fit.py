@@ -1,5 +1,5 @@
-"""Run by test_distributed.py: QAT and pruning (or channel pruning that shrinks the network mid-run) under
-2-process CPU DDP; each rank dumps its state.
+"""Run by test_distributed.py: QAT and pruning (or channel pruning that shrinks the network mid-run, then QAT
+of the smaller network) under 2-process CPU DDP; each rank dumps its state.
 
 Lightning's DDP launcher starts rank 1 by re-running this script, so it must be a script, not a test.
 """
@@ -65,8 +65,9 @@ def shrink(output: Path, devices: int) -> None:
     pruning = MagnitudePruning(
         mode="channels", final_sparsity=0.5, start_epoch=0, end_epoch=2, shrink_epoch=2, export_format="none", plot=False
     )
+    qat = QuantizationAwareTraining(start_epoch=3, freeze_bn_epoch=4, export_format="none")
     trainer = L.Trainer(
-        max_epochs=4,
+        max_epochs=5,
         accelerator="cpu",
         devices=devices,
         strategy="ddp" if devices > 1 else "auto",
@@ -74,15 +75,22 @@ def shrink(output: Path, devices: int) -> None:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[pruning],
+        callbacks=[qat, pruning],
     )
     trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
     digits = DigitsDataModule()
     digits.setup()
     with torch.no_grad():
-        accuracy = float((model.eval()(digits.test_set.tensors[0]).argmax(1) == digits.test_set.tensors[1]).float().mean())
+        predictions = qat.quantized_model(digits.test_set.tensors[0])
+    accuracy = float((predictions.argmax(1) == digits.test_set.tensors[1]).float().mean())
     torch.save(
-        {"weights": model.net.state_dict(), "shrunk": pruning.shrunk, "accuracy": accuracy},
+        {
+            "weights": qat.float_model(model).net.state_dict(),
+            "shrunk": pruning.shrunk,
+            "prepared": qat.prepared_names,
+            "predictions": predictions,
+            "accuracy": accuracy,
+        },
         output / f"shrink_{'ddp' if devices > 1 else 'single'}_rank{trainer.global_rank}.pt",
     )
 

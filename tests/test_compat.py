@@ -119,23 +119,27 @@ def test_run_before_weights_load_runs_before_the_state_dict_is_loaded(tmp_path: 
     events = []
 
     class Rebuild(L.Callback):
-        """Gives the module the structure of the checkpoint, as QAT does, where only this hook can."""
+        """Gives the module the structure of the checkpoint, as QAT does, where only this hook can; ``order``
+        says which structure is built on which (lower first), whatever the order of the callbacks."""
+
+        def __init__(self, order: int) -> None:
+            self.order = order
 
         def setup(self, trainer, pl_module, stage):
             def rebuild(checkpoint):
-                events.append(("rebuild", tuple(pl_module.net.features[0].weight.shape)))
+                events.append((f"rebuild {self.order}", tuple(pl_module.net.features[0].weight.shape)))
                 pl_module.net = type(pl_module.net)(widths=[4])
 
-            compat.run_before_weights_load(pl_module, rebuild)
+            compat.run_before_weights_load(pl_module, rebuild, order=self.order)
 
     class Own(ImageClassifier):
         def on_load_checkpoint(self, checkpoint):
             events.append(("own hook", None))
 
     resumed = Own(architecture="cnn", architecture_options={"widths": [8]})  # another shape: loading would fail
-    trainer = quiet_trainer(tmp_path, [Rebuild()], 2, limit_train_batches=2, limit_val_batches=0)
+    trainer = quiet_trainer(tmp_path, [Rebuild(1), Rebuild(0)], 2, limit_train_batches=2, limit_val_batches=0)
     trainer.fit(resumed, datamodule=digits, ckpt_path=tmp_path / "wide.ckpt")
-    assert events == [("rebuild", (8, 1, 3, 3)), ("own hook", None)]
+    assert events == [("rebuild 0", (8, 1, 3, 3)), ("rebuild 1", (4, 1, 3, 3)), ("own hook", None)]
     assert resumed.net.features[0].weight.shape == (4, 1, 3, 3) and trainer.global_step == 4  # loaded, then went on
 
 

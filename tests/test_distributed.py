@@ -37,14 +37,16 @@ def test_two_process_ddp_gives_identical_state_on_every_rank(tmp_path: Path):
 
 
 @pytest.mark.slow
-def test_two_processes_shrink_alike_mid_run_and_train_on(tmp_path: Path):
+def test_two_processes_shrink_alike_mid_run_then_train_int8_alike(tmp_path: Path):
     _run(tmp_path, 2, "shrink")
     rank0, rank1 = (torch.load(tmp_path / f"shrink_ddp_rank{rank}.pt", weights_only=True) for rank in (0, 1))
-    assert rank0["shrunk"] and rank1["shrunk"]
+    assert rank0["shrunk"] and rank1["shrunk"] and rank0["prepared"] == rank1["prepared"] == ["net"]
     assert rank0["weights"]["features.0.weight"].shape[0] == 16  # half of the first block's 32 channels
     assert set(rank0["weights"]) == set(rank1["weights"])
-    # identical after two more epochs of training: the new, smaller parameters are synchronized
+    # identical after three more epochs of training, two of them with fake-quant: the smaller, then the prepared
+    # network's parameters are synchronized, and both ranks convert the same int8 model
     assert all(torch.equal(rank0["weights"][key], rank1["weights"][key]) for key in rank0["weights"])
+    assert torch.equal(rank0["predictions"], rank1["predictions"])
     assert rank0["accuracy"] >= 0.9
 
 

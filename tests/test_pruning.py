@@ -472,16 +472,6 @@ def test_shrink_settings_that_cannot_work_fail_at_construction(options, message)
         MagnitudePruning(**options)
 
 
-def test_shrink_with_qat_in_the_same_fit_is_refused_before_training(tmp_path: Path):
-    from lightning_compress import QuantizationAwareTraining
-
-    pruning = MagnitudePruning(shrink_epoch=2, export_format="none", **SHRINK)
-    trainer = quiet_trainer(tmp_path, [pruning, QuantizationAwareTraining(start_epoch=3, export_format="none")], 4)
-    with pytest.raises(ValueError, match=r"shrink_epoch=2 with QuantizationAwareTraining in the same fit is not supported yet"):
-        trainer.fit(ImageClassifier(), datamodule=DigitsDataModule())
-    assert trainer.global_step == 0
-
-
 def test_a_module_that_cannot_run_shrunk_is_refused_before_training(tmp_path: Path):
     """A distillation hint adapter reads the student layer's channels: removing them would break the step."""
     from lightning_compress import DistillationModule
