@@ -5,6 +5,7 @@ Every object comes from `conf/` through `_target_`, so pointing a group at your 
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import math
@@ -254,13 +255,21 @@ def check_resume_checkpoint(cfg: DictConfig, model: L.LightningModule) -> None:
     for key in ("architecture", "num_classes", "in_channels", "architecture_options"):
         if key in saved and key in model.hparams and saved[key] != model.hparams[key]:
             raise BeforeTraining(f"{other_model}: {key}={saved[key]!r} there, {model.hparams[key]!r} here.")
-    # Compression callbacks may rename layers (QAT fuses them), so only a name both sides share can disagree.
-    expected = model.state_dict()
+    # Compression changes the structure (QAT fuses and renames layers, a shrink removes channels): the module's
+    # own on_load_checkpoint rebuilds it (ImageClassifier's and DistillationModule's do), on a copy here, and
+    # of what remains only a name both sides share can disagree.
+    rebuilt = copy.deepcopy(model)
+    try:
+        rebuilt.on_load_checkpoint(checkpoint)
+    except Exception as error:  # noqa: BLE001 - a structure the checkpoint describes but this model cannot take
+        raise BeforeTraining(f"{other_model}: its structure cannot be rebuilt here ({_one_line(error)}).") from error
+    expected = rebuilt.state_dict()
     shared = [key for key in checkpoint["state_dict"] if key in expected]
     if expected and not shared:
         example = next(iter(checkpoint["state_dict"]), None)
         raise BeforeTraining(f"{other_model}: none of its weights has a name of this model's (it has e.g. {example!r}).")
-    for key in shared:
+    parameters = dict(rebuilt.named_parameters())  # buffers such as per-channel fake-quant scales take their shape on load
+    for key in (key for key in shared if key in parameters):
         if checkpoint["state_dict"][key].shape != expected[key].shape:
             raise BeforeTraining(
                 f"{other_model}: {key!r} has shape {tuple(checkpoint['state_dict'][key].shape)}, "

@@ -33,6 +33,17 @@ SHORT = [
 ]
 
 
+# The channels-then-int8 recipe, short: teacher 1 epoch; student 4 (ramp in epoch 0, channels removed at 1, QAT
+# from 2, freezes at 3).
+CHANNELS_THEN_INT8 = [
+    "+compress=distill_channels_qat",
+    "teacher.max_epochs=1",
+    "trainer.max_epochs=4",
+    "callbacks.model_checkpoint.save_top_k=-1",
+    "report.latency_runs=5",
+]
+
+
 def _int8_predictions(run_dir: Path) -> torch.Tensor:
     model = torch.jit.load(str(run_dir / "checkpoints" / "model_int8.pt"))
     digits = DigitsDataModule()
@@ -62,36 +73,46 @@ def _loads(path: Path) -> bool:
 
 
 @pytest.mark.slow
-def test_sigkill_and_resume_ends_like_an_uninterrupted_run(tmp_path: Path):
+@pytest.mark.parametrize(
+    ("recipe", "killed_after", "weights_kept"),
+    [
+        (SHORT, "epoch04", 1.0),  # mid-QAT; unstructured pruning keeps every weight, zeroed
+        (CHANNELS_THEN_INT8, "epoch02", 0.3),  # after the shrink and QAT's start; half the channels: a quarter of the weights
+    ],
+    ids=["distill_prune_qat", "distill_channels_qat"],
+)
+def test_sigkill_and_resume_ends_like_an_uninterrupted_run(
+    tmp_path: Path, recipe: list[str], killed_after: str, weights_kept: float
+):
     uninterrupted = tmp_path / "uninterrupted"
-    assert run_train(*SHORT, f"hydra.run.dir={uninterrupted}").returncode == 0
+    assert run_train(*recipe, f"hydra.run.dir={uninterrupted}").returncode == 0
 
     interrupted = tmp_path / "interrupted"
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     process = subprocess.Popen(
-        [sys.executable, str(ROOT / "train.py"), *SHORT, f"hydra.run.dir={interrupted}"],
+        [sys.executable, str(ROOT / "train.py"), *recipe, f"hydra.run.dir={interrupted}"],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     checkpoints = interrupted / "checkpoints"
     deadline = time.monotonic() + 300
-    while not list(checkpoints.glob("epoch04-*.ckpt")) and time.monotonic() < deadline:  # mid-QAT
+    while not list(checkpoints.glob(f"{killed_after}-*.ckpt")) and time.monotonic() < deadline:
         time.sleep(0.05)
     # Freeze the run at once, so that a fast machine cannot race on to the end of training, and let it go on
     # in short steps only until the checkpoint it is writing is complete.
     os.kill(process.pid, signal.SIGSTOP)
-    while not _loads(next(checkpoints.glob("epoch04-*.ckpt"))) and time.monotonic() < deadline:
+    while not _loads(next(checkpoints.glob(f"{killed_after}-*.ckpt"))) and time.monotonic() < deadline:
         os.kill(process.pid, signal.SIGCONT)
         time.sleep(0.02)
         os.kill(process.pid, signal.SIGSTOP)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     assert process.returncode == -signal.SIGKILL
-    (resume_from,) = checkpoints.glob("epoch04-*.ckpt")
+    (resume_from,) = checkpoints.glob(f"{killed_after}-*.ckpt")
     assert not (checkpoints / "model_int8.pt").exists()
 
-    result = run_train(*SHORT, f"hydra.run.dir={interrupted}", f"ckpt_path={resume_from}")
+    result = run_train(*recipe, f"hydra.run.dir={interrupted}", f"ckpt_path={resume_from}")
     assert result.returncode == 0, result.stderr[-3000:]
     expected, actual = _int8_predictions(uninterrupted), _int8_predictions(interrupted)
     assert torch.equal(actual.argmax(1), expected.argmax(1))
@@ -106,6 +127,7 @@ def test_sigkill_and_resume_ends_like_an_uninterrupted_run(tmp_path: Path):
     )
     dense = [next(row for row in rows if row["name"] == "dense") for rows in final]
     assert dense[0]["accuracy"] == dense[1]["accuracy"] and dense[0]["nonzero_parameters"] == dense[1]["nonzero_parameters"]
+    assert final[1][0]["parameters"] <= weights_kept * dense[1]["parameters"]
 
 
 @pytest.mark.slow

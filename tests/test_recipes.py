@@ -27,6 +27,7 @@ DEFAULTS = {
     "prune": {"pruning": (1, 6)},
     "prune_channels": {"pruning": (1, 6)},
     "distill_prune_qat": {"pruning": (1, 5), "quantization": (6, 8, 9)},
+    "distill_channels_qat": {"pruning": (0, 4, 4), "quantization": (6, 8, 9)},  # pruning: start, end, shrink
 }
 
 
@@ -36,9 +37,9 @@ def _compose(*overrides: str):
 
 
 def _schedule(cfg) -> dict[str, tuple[int, ...]]:
-    keys = ("start_epoch", "end_epoch", "freeze_bn_epoch", "freeze_observer_epoch")
+    keys = ("start_epoch", "end_epoch", "shrink_epoch", "freeze_bn_epoch", "freeze_observer_epoch")
     callbacks = OmegaConf.to_container(cfg.compress.callbacks, resolve=True) if "callbacks" in cfg.compress else {}
-    return {name: tuple(settings[key] for key in keys if key in settings) for name, settings in callbacks.items()}
+    return {name: tuple(settings[key] for key in keys if settings.get(key) is not None) for name, settings in callbacks.items()}
 
 
 def test_every_recipe_states_its_minimum_length():
@@ -57,14 +58,14 @@ def test_schedules_scale_with_max_epochs_from_the_stated_minimum(recipe: str):
         cfg = _compose(f"+compress={recipe}", f"trainer.max_epochs={epochs}")
         schedule = _schedule(cfg)
         if "pruning" in schedule:
-            start, end = schedule["pruning"]
-            assert 0 <= start < end <= epochs, (epochs, schedule)
+            start, end, *shrink = schedule["pruning"]
+            assert 0 <= start < end <= epochs and all(end <= epoch < epochs for epoch in shrink), (epochs, schedule)
         if "quantization" in schedule:
             start, freeze_bn, freeze_observer = schedule["quantization"]
             # fake-quant on for at least one epoch with observers recording, every step inside the fit
             assert 0 <= start <= freeze_bn <= freeze_observer < epochs and start < freeze_observer, (epochs, schedule)
             if "pruning" in schedule:
-                assert schedule["pruning"][1] <= start  # QAT once the ramp is over
+                assert max(schedule["pruning"][1:]) <= start  # QAT once the ramp is over and the channels removed
         if "teacher" in cfg:
             assert 1 <= cfg.teacher.max_epochs <= max(epochs, 1)
         for settings in (
