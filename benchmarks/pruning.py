@@ -182,7 +182,7 @@ class _Classifier(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=1e-3)
 
 
-def _torch_pruning(network: nn.Module, example: torch.Tensor) -> nn.Module | str:
+def torch_pruning_magnitude(network: nn.Module, example: torch.Tensor) -> nn.Module | str:
     """Torch-Pruning's MagnitudePruner at 50%, the final classifier ignored; what it raises, if it fails."""
     import warnings
 
@@ -217,7 +217,7 @@ def architectures(runs: int) -> list[dict]:
         L.seed_everything(0)
         module = _Classifier(getattr(torchvision.models, name)(num_classes=10))
         dense = copy.deepcopy(module.net).eval()
-        theirs = _torch_pruning(dense, images[:1])
+        theirs = torch_pruning_magnitude(dense, images[:1])
         pruning = MagnitudePruning(
             final_sparsity=0.5, start_epoch=0, end_epoch=1, mode="channels", export_format="none", plot=False
         )

@@ -60,7 +60,7 @@ def _int8(model: torch.nn.Module, calibration: torch.Tensor, backend_name: str) 
     return backend.convert(prepared)
 
 
-def _hand_written_fx(model: torch.nn.Module, calibration: torch.Tensor) -> torch.nn.Module:
+def hand_written_fx(model: torch.nn.Module, calibration: torch.Tensor) -> torch.nn.Module:
     """The hand-written torch.ao FX flow (prepare_fx with the x86 defaults, calibrate, convert_fx)."""
     from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
@@ -127,7 +127,7 @@ def latency_and_size(runs: int) -> list[dict]:
                 "fp32_bn_folded": fold_batch_norm(copy.deepcopy(fp32)),
                 "fp32_compiled": _Frozen(torch.compile(copy.deepcopy(fp32))),
                 "fx_int8": _int8(fp32, calibration, "x86"),
-                "hand_written_fx_int8": _hand_written_fx(fp32, calibration),
+                "hand_written_fx_int8": hand_written_fx(fp32, calibration),
                 "pt2e_int8": _int8(fp32, calibration, "x86_inductor"),
                 "hand_written_pt2e_int8": _hand_written_pt2e(fp32, calibration),
             }

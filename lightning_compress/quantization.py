@@ -87,6 +87,10 @@ class QuantizationAwareTraining(Callback, ReportsModels):
     ``module_swap``); how each part went, and what stays in float and why, is printed in one table at setup
     and kept in ``parts``.
 
+    With a ``MagnitudePruning(mode="channels", shrink_epoch=...)`` in the same Trainer (before or after this
+    callback in the list), preparation waits for the shrink: at ``start_epoch`` (at or after ``shrink_epoch``)
+    the smaller network is prepared, and the optimizers are rebuilt over its parameters, keeping their state.
+
     Args:
         start_epoch: epoch at which fake-quant switches on; earlier epochs train in fp32.
         freeze_bn_epoch: epoch from which fused BatchNorm statistics stop updating (``None``: never).
