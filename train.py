@@ -186,8 +186,36 @@ def deployment_input(example_input, size: int | None):
     return torch.nn.functional.interpolate(example_input, size=(size, size), mode="bilinear", align_corners=False)
 
 
+def check_tasks(cfg: DictConfig) -> None:
+    """The model, the data and the recipe must be made for the same task (a language model cannot train on
+    images): one line naming them, before anything is built. A class says its task in its ``task`` attribute;
+    a distillation module takes its teacher's."""
+
+    def task(node: DictConfig | None) -> str | None:
+        target = None if node is None else node.get("_target_")
+        try:
+            return getattr(hydra.utils.get_object(target), "task", None) if target else None
+        except Exception:  # noqa: BLE001 - a target that does not import: instantiate says so, in one line
+            return None
+
+    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    named = {
+        f"model={choices.get('model', cfg.model.get('_target_'))}": task(cfg.model) or task(cfg.get("teacher")),
+        f"data={choices.get('data', cfg.data.get('_target_'))}": task(cfg.data),
+        f"+compress={OmegaConf.select(cfg, 'compress.name')}": OmegaConf.select(cfg, "compress.task"),
+    }
+    given = {name: value for name, value in named.items() if value is not None}
+    if len(set(given.values())) > 1:
+        raise BeforeTraining(
+            "these are made for different tasks: "
+            + ", ".join(f"{name} ({value})" for name, value in given.items())
+            + "; language models: model=byte_transformer data=python_source."
+        )
+
+
 def build(cfg: DictConfig):
     """Everything `main` needs, built and checked before any training starts."""
+    check_tasks(cfg)
     try:
         OmegaConf.to_container(cfg, resolve=True)  # a recipe too long for trainer.max_epochs fails here, in one line
     except InterpolationResolutionError as error:

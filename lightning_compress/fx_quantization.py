@@ -171,6 +171,10 @@ class QuantizationConfig:
         """Only 8-bit grids map onto the int8 kernels; narrower ones stay fake-quantized."""
         return self.weight_bits == 8 and self.activation_bits == 8
 
+    def describe(self) -> str:
+        weights = "per-channel" if self.per_channel_weights else "per-tensor"
+        return f"{self.observer} observer, range {self.range_method}, {weights} weights"
+
     def weight_range(self) -> tuple[int, int]:
         half = 2 ** (self.weight_bits - 1)
         return -half + int(self.narrow_range), half - 1

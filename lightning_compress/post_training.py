@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -25,7 +26,7 @@ from lightning_compress import sensitivity
 from lightning_compress.export import check_export_format, output_folder, write_exports, write_int8_exports
 from lightning_compress.fx_quantization import DYNAMIC_LAYERS, quantize_dynamic
 from lightning_compress.inputs import first_calls, first_tensor, keep_what_runs, training_batches, watch_training_step
-from lightning_compress.quantization_backend import QuantizationBackend, backend_for, check_backend_exports, quantization_config
+from lightning_compress.quantization_backend import QuantizationBackend, backend_for, check_backend_exports, chosen_config
 from lightning_compress.report import ReportsModels, count_parameters, plot_sensitivity, print_sensitivity
 from lightning_compress.runtimes import runtime_models
 from lightning_compress.selection import check_submodule_names, compressible_children, is_skipped, skipped_layers, split_skip
@@ -63,6 +64,9 @@ class PostTrainingQuantization(Callback, ReportsModels):
         export_dir: where to write it (default: the checkpoint folder, else the log folder).
         skip: submodule names (``"net.classifier"``, or every layer inside a named submodule) or layer types
             (``torch.nn.Linear`` or ``"torch.nn.Linear"``) kept in float, as in every compression callback.
+        config: a config object instead of ``backend`` and its settings, as in ``QuantizationAwareTraining``:
+            ``LowBitLinearConfig(scheme="8da4w")`` quantizes Linear layers with the low-bit schemes after training
+            (nothing to calibrate: their scales are computed at each call).
     """
 
     def __init__(
@@ -78,15 +82,27 @@ class PostTrainingQuantization(Callback, ReportsModels):
         export_format: str | Sequence[str] | None = None,
         export_dir: str | None = None,
         skip: Sequence[str | type] = (),
+        config: Any | None = None,
     ) -> None:
         check_number("accuracy_budget", accuracy_budget, low=0.0, none="no sensitivity study")
         check_integer("calibration_batches", calibration_batches, minimum=1)
         check_number("percentile", percentile, 0.0, 100.0, low_open=True)
-        self.config = quantization_config(
-            backend, per_channel_weights=per_channel_weights, observer=observer, range_method=range_method, percentile=percentile
+        self.config = chosen_config(
+            config,
+            type(self),
+            backend,
+            per_channel_weights=per_channel_weights,
+            observer=observer,
+            range_method=range_method,
+            percentile=percentile,
         )
         self.backend: QuantizationBackend = backend_for(self.config)
         self.backend.check_settings(training=False)
+        if accuracy_budget is not None and not self.backend.has_ranges:
+            raise ValueError(
+                f"accuracy_budget={accuracy_budget!r} studies calibrated int8 layers one at a time; it is not offered "
+                f"with config={type(self.config).__name__}(...), which calibrates nothing."
+            )
         self.export_formats = check_backend_exports(self.backend, export_format)
         self.calibration_batches = calibration_batches
         self.modules = list(modules) if modules is not None else None
@@ -120,6 +136,8 @@ class PostTrainingQuantization(Callback, ReportsModels):
             and not is_skipped(name, names[name], self.skip_names, self.skip_types)
         ]
         self._skipped = {name: skipped_layers(names[name], name, self.skip_names, self.skip_types) for name in self._targets}
+        for name in self._targets:  # a layer that cannot be quantized as asked: one line, before any training
+            self.backend.check_layers(names[name], name, self._skipped[name], self.skip_types)
         if not self._targets:
             raise ValueError("PostTrainingQuantization: the model has no Conv or Linear layer to quantize.")
         if self.accuracy_budget is not None and trainer.datamodule is None:
@@ -150,11 +168,7 @@ class PostTrainingQuantization(Callback, ReportsModels):
                 f"PostTrainingQuantization: {name!r} stays in float: with its int8 version the module fails ({failure})."
             )
         self.quantized_model = quantized
-        rank_zero_info(
-            f"PostTrainingQuantization: {self.config.observer} observer, range {self.config.range_method}, "
-            f"{'per-channel' if self.config.per_channel_weights else 'per-tensor'} weights, "
-            f"calibrated on {self.calibrated_batches} batches."
-        )
+        rank_zero_info(f"PostTrainingQuantization: {self.config.describe()}, calibrated on {self.calibrated_batches} batches.")
         if self.export_formats:
 
             def runtime_model() -> nn.Module:  # ONNX and OpenVINO read the calibrated ranges

@@ -36,9 +36,9 @@ from lightning_compress.quantization_backend import (
     QuantizationBackend,
     backend_for,
     check_backend_exports,
+    chosen_config,
     config_from_state,
     config_state,
-    quantization_config,
 )
 from lightning_compress.report import ReportsModels, count_parameters, print_quantized_parts
 from lightning_compress.runtimes import RUNTIMES, runtime_models
@@ -121,6 +121,10 @@ class QuantizationAwareTraining(Callback, ReportsModels):
             ``openvino`` writes ``model_int8_openvino.xml``/``.bin`` (OpenVINO runs its convolutions in
             int8); ``none`` writes nothing. Files go next to the checkpoints.
         export_dir: where to write the export (default: the checkpoint folder, else the log folder).
+        config: a config object that says how to quantize, instead of ``backend`` and its settings (which then
+            keep their defaults): ``lowbit_quantization.LowBitLinearConfig(scheme="8da4w", group_size=32)``
+            trains Linear layers for int4/int8 low-bit schemes (transformers), with no ranges to freeze or
+            calibrate; its models export as ``torch_export``.
     """
 
     def __init__(
@@ -141,20 +145,18 @@ class QuantizationAwareTraining(Callback, ReportsModels):
         convert_on_fit_end: bool = True,
         export_format: str | Sequence[str] | None = None,
         export_dir: str | None = None,
+        config: Any | None = None,
     ) -> None:
         check_integer("start_epoch", start_epoch, minimum=0)
         for name, epoch in (("freeze_bn_epoch", freeze_bn_epoch), ("freeze_observer_epoch", freeze_observer_epoch)):
             if epoch is not None and (not is_integer(epoch) or epoch < start_epoch):
                 raise ValueError(f"{name}={epoch!r} is invalid: it must be an integer >= start_epoch ({start_epoch}), or None.")
         check_integer("calibration_batches", calibration_batches, minimum=0)
-        if freeze_observer_epoch == start_epoch and calibration_batches == 0:
-            raise ValueError(
-                f"freeze_observer_epoch={freeze_observer_epoch} equals start_epoch: no observer would ever see data, "
-                "so fake-quant would run without ranges. Freeze later, or set calibration_batches > 0."
-            )
         for name, bits in (("weight_bits", weight_bits), ("activation_bits", activation_bits)):
             check_integer(name, bits, minimum=2, maximum=8)
-        self.config = quantization_config(
+        self.config = chosen_config(
+            config,
+            type(self),
             backend,
             per_channel_weights=per_channel_weights,
             observer=observer,
@@ -164,6 +166,22 @@ class QuantizationAwareTraining(Callback, ReportsModels):
             signed_activations=signed_activations,
         )
         self.backend: QuantizationBackend = backend_for(self.config)
+        if not self.backend.has_ranges:
+            for name, value in (
+                ("freeze_bn_epoch", freeze_bn_epoch),
+                ("freeze_observer_epoch", freeze_observer_epoch),
+                ("calibration_batches", calibration_batches or None),
+            ):
+                if value is not None:
+                    raise ValueError(
+                        f"{name}={value!r} has nothing to act on with {type(self.config).__name__}: its scales are computed "
+                        "at each call, from the weights and from each token, and no BatchNorm is fused; leave it unset."
+                    )
+        elif freeze_observer_epoch == start_epoch and calibration_batches == 0:
+            raise ValueError(
+                f"freeze_observer_epoch={freeze_observer_epoch} equals start_epoch: no observer would ever see data, "
+                "so fake-quant would run without ranges. Freeze later, or set calibration_batches > 0."
+            )
         self.backend.check_settings(training=True)
         self.export_formats = check_backend_exports(self.backend, export_format)
         self.start_epoch = start_epoch
@@ -244,6 +262,10 @@ class QuantizationAwareTraining(Callback, ReportsModels):
         if not targets:
             rank_zero_warn("QuantizationAwareTraining: nothing quantizable (no Conv/Linear layers); model unchanged.")
             return
+        for name in targets:  # a layer that cannot be quantized as asked: one line, before anything is prepared
+            prefix = f"{name}."
+            skip_names = [entry[len(prefix) :] for entry in self.skip_names if entry.startswith(prefix)]
+            self.backend.check_layers(_get(pl_module, name), name, skip_names, self.skip_types)
         self.backend.activate()
         self._example_inputs = first_calls(pl_module, training_batches(trainer, pl_module, 1), targets)
         whole = None
@@ -325,7 +347,9 @@ class QuantizationAwareTraining(Callback, ReportsModels):
             self.backend.set_observers(module, enabled=self._observers_on(epoch))
             if self.freeze_bn_epoch is not None and epoch >= self.freeze_bn_epoch:
                 self.backend.freeze_batch_norm(module)
-        if epoch in (self.start_epoch, self.freeze_bn_epoch, self.freeze_observer_epoch):
+        if epoch == self.start_epoch and not self.backend.has_ranges:
+            rank_zero_info(f"QuantizationAwareTraining: epoch {epoch}: fake-quant on ({self.config.describe()}).")
+        elif epoch in (self.start_epoch, self.freeze_bn_epoch, self.freeze_observer_epoch):
             rank_zero_info(
                 f"QuantizationAwareTraining: epoch {epoch}: fake-quant on, observers "
                 f"{'on' if self._observers_on(epoch) else 'frozen'}, BatchNorm statistics "
@@ -476,6 +500,7 @@ class QuantizationAwareTraining(Callback, ReportsModels):
             _put(quantized, part.name, int8_part)
             int8_layers, float_layers = self.backend.layers_by_kind(_prepared(quantized, part.name))
             part.int8_layers, part.float_layers = len(int8_layers), float_layers
+            part.reason = part.reason or self.backend.conversion_note()
         self._show_parts()
         return quantized
 
@@ -579,6 +604,8 @@ class QuantizationAwareTraining(Callback, ReportsModels):
             prepared = self.backend.prepare_qat(module, args, kwargs, skip_names, self.skip_types)
             _check_same_output(self.backend, module, prepared, args, kwargs)
         except Exception as error:  # noqa: BLE001 - any tracing failure means: try the children instead
+            if self.backend.swaps_modules:  # no tracing to fail: the children would fail alike
+                raise
             reason = first_line(error, limit=120)
             # a trace that got as far as preparing may have swapped layers in place inside torch.nn leaves
             module = copy.deepcopy(template)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import importlib
 import importlib.util
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -51,6 +52,26 @@ def quantization_config(backend: str, **settings: Any) -> Any:
     if importlib.util.find_spec(package) is None:
         raise ValueError(f"backend={backend!r} needs the {package!r} package: pip install {package}.")
     return getattr(importlib.import_module(module_name), class_name)(backend=backend, **settings)
+
+
+def chosen_config(config: Any | None, owner: type, backend: str, **settings: Any) -> Any:
+    """The config a callback of class ``owner`` quantizes with: ``config`` itself, a config object as torchao takes
+    (``LowBitLinearConfig``, say), or else the one that ``backend`` and the flow's ``settings`` build. With
+    ``config``, those settings must keep ``owner``'s defaults: they would say something else."""
+    if config is None:
+        return quantization_config(backend, **settings)
+    _register_builtin_backends()
+    if type(config) not in _BACKENDS:
+        known = [config_type.__name__ for config_type in _BACKENDS]
+        raise ValueError(f"config={config!r} is not a quantization config: known types are {known}.")
+    defaults = {name: parameter.default for name, parameter in inspect.signature(owner.__init__).parameters.items()}
+    for name, value in {"backend": backend, **settings}.items():
+        if value != defaults[name]:
+            raise ValueError(
+                f"{name}={value!r} is a setting of the backend= flows; with config={type(config).__name__}(...), which says "
+                "how to quantize, leave it at its default."
+            )
+    return config
 
 
 def config_from_state(state: dict[str, Any]) -> Any:
@@ -152,6 +173,14 @@ class QuantizationBackend(ABC):
     keeps_layer_modules: ClassVar[bool] = True
     """Whether a prepared part still holds Conv/Linear modules, the layers ``MagnitudePruning`` masks."""
 
+    has_ranges: ClassVar[bool] = True
+    """Whether observers learn ranges that calibration sets and a freeze can stop (static int8 grids do;
+    per-call dynamic scales do not)."""
+
+    swaps_modules: ClassVar[bool] = False
+    """Whether ``prepare_qat`` swaps layers itself, without tracing: its failure is then no reason to try a
+    part's children or the FX module swap instead."""
+
     def __init__(self, config: Any) -> None:
         self.config = config
 
@@ -166,6 +195,15 @@ class QuantizationBackend(ABC):
     def check_settings(self, training: bool) -> None:
         """Raise if the config asks for something this backend cannot do in QAT (``training``) or PTQ."""
         return None
+
+    def check_layers(self, module: nn.Module, prefix: str, skip_names: list[str], skip_types: list[type]) -> None:
+        """Raise, naming the layer (``prefix`` is ``module``'s name), if a layer it would quantize cannot be:
+        called before training, so that a setting that cannot work fails at once."""
+        return None
+
+    def conversion_note(self) -> str:
+        """What the parts table says of every converted part (how its weights are stored, what runs them)."""
+        return ""
 
     # ---------------------------------------------------------------- preparing
 
@@ -273,3 +311,4 @@ def _register_builtin_backends() -> None:
     importlib.import_module("lightning_compress.fx_quantization")
     if importlib.util.find_spec("torchao") is not None:
         importlib.import_module("lightning_compress.pt2e_quantization")
+        importlib.import_module("lightning_compress.lowbit_quantization")

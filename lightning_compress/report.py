@@ -127,7 +127,10 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     """All weights and biases, float or quantized, and how many of them are not zero."""
     total = nonzero = 0
     for tensor in _weights(model):
-        values = tensor.dequantize() if tensor.is_quantized else tensor.detach()
+        # torch's quantized tensors, and tensor subclasses that hold low-bit integers, count as the
+        # values they stand for
+        low_bit = tensor.is_quantized or type(tensor) not in (torch.Tensor, nn.Parameter)
+        values = tensor.detach().dequantize() if low_bit else tensor.detach()
         total += values.numel()
         nonzero += int(torch.count_nonzero(values))
     return total, nonzero

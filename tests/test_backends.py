@@ -231,7 +231,13 @@ def test_a_backend_whose_package_is_missing_names_it(monkeypatch: pytest.MonkeyP
 
 
 def test_only_the_backend_modules_name_a_quantization_library():
-    backend_modules = {"fx_quantization.py", "pt2e_quantization.py", "module_swap.py", "quantization_backend.py"}
+    backend_modules = {
+        "fx_quantization.py",
+        "pt2e_quantization.py",
+        "lowbit_quantization.py",
+        "module_swap.py",
+        "quantization_backend.py",
+    }
     naming = {
         path.name for path in (ROOT / "lightning_compress").glob("*.py") if re.search(r"torch\.ao|torchao", path.read_text())
     }

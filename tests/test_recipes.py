@@ -28,6 +28,7 @@ DEFAULTS = {
     "prune_channels": {"pruning": (1, 6)},
     "distill_prune_qat": {"pruning": (1, 5), "quantization": (6, 8, 9)},
     "distill_channels_qat": {"pruning": (0, 4, 4), "quantization": (6, 8, 9)},  # pruning: start, end, shrink
+    "qat_llm": {"quantization": (2,)},
 }
 
 
@@ -61,9 +62,11 @@ def test_schedules_scale_with_max_epochs_from_the_stated_minimum(recipe: str):
             start, end, *shrink = schedule["pruning"]
             assert 0 <= start < end <= epochs and all(end <= epoch < epochs for epoch in shrink), (epochs, schedule)
         if "quantization" in schedule:
-            start, freeze_bn, freeze_observer = schedule["quantization"]
-            # fake-quant on for at least one epoch with observers recording, every step inside the fit
-            assert 0 <= start <= freeze_bn <= freeze_observer < epochs and start < freeze_observer, (epochs, schedule)
+            start, *freezes = schedule["quantization"]  # qat_llm's low-bit scheme has no ranges to freeze
+            assert 0 <= start < epochs and all(start <= epoch < epochs for epoch in freezes), (epochs, schedule)
+            if freezes:  # fake-quant on for at least one epoch with observers recording
+                freeze_bn, freeze_observer = freezes
+                assert freeze_bn <= freeze_observer and start < freeze_observer, (epochs, schedule)
             if "pruning" in schedule:
                 assert max(schedule["pruning"][1:]) <= start  # QAT once the ramp is over and the channels removed
         if "teacher" in cfg:

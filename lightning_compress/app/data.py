@@ -86,6 +86,7 @@ class _ClassificationDataModule(L.LightningDataModule):
 
     num_classes: int
     num_channels: int
+    task = "image classification"  # what train.py pairs with a model's task
 
     def __init__(self, batch_size: int, num_workers: int, augment: bool | Mapping | RandomAffine | None = False) -> None:
         super().__init__()

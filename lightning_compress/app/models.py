@@ -213,6 +213,8 @@ class ImageClassifier(L.LightningModule):
         architecture_options: extra keyword arguments of the architecture (``widths`` of the CNN, say).
     """
 
+    task = "image classification"  # the data it trains on: train.py refuses another pairing in one line
+
     def __init__(
         self,
         architecture: str | nn.Module = "cnn",

@@ -1,0 +1,199 @@
+"""The low-bit Linear backend: torchao's QAT of Linear layers (int4 weights, int8 dynamic activations).
+
+What transformers are compressed with: Linear layers with int4 weights in groups and int8 activations
+quantized per token at each call ("8da4w"), int4 weights alone, or int8 weights per channel with int8
+dynamic activations. torchao does the mechanics by module swap (``quantize_(model, QATConfig(base_config,
+step="prepare"))`` puts ``FakeQuantizedLinear`` in place of each ``nn.Linear``, ``step="convert"`` puts real
+low-bit tensors in their weights), with no graph tracing, so it works whatever the forward does. This module
+gives that a config and a ``QuantizationBackend``, so ``QuantizationAwareTraining(config=LowBitLinearConfig(...))``
+adds the schedule, checkpoints, resume, DDP and the report.
+
+There are no ranges to observe: activation scales come from each token at each call, weight scales from the
+current weights of each group, so the observer and BatchNorm freezes of the int8 CNN flows do not apply.
+torchao 0.18 has no x86 CPU kernel for these tensors (its C++ low-bit kernels are not in the PyPI wheel, and
+``Int4WeightOnlyConfig`` needs CUDA's), so the converted model computes exactly what fake-quant trained but
+dequantizes its weights at each call: it is smaller (int4 values stored one per byte, beside a scale per
+group), not faster. The parts table says so.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torchao.quantization import (
+    Int8DynamicActivationIntxWeightConfig,
+    IntxWeightOnlyConfig,
+    MappingType,
+    PerAxis,
+    PerGroup,
+    quantize_,
+)
+from torchao.quantization.qat import QATConfig
+from torchao.quantization.qat.linear import FakeQuantizedLinear, enable_linear_fake_quant
+from torchao.utils import TorchAOBaseTensor
+
+from lightning_compress import fx_quantization
+from lightning_compress.quantization_backend import QuantizationBackend, register_backend
+from lightning_compress.selection import is_skipped
+
+SCHEMES = ("8da4w", "int4_weight_only", "int8_dynamic")
+"""``8da4w``: int8 dynamic per-token activations, int4 weights per group; ``int4_weight_only``: int4 weights per
+group, float activations; ``int8_dynamic``: int8 dynamic per-token activations, int8 weights per output channel."""
+
+
+@dataclass(frozen=True)
+class LowBitLinearConfig:
+    """Which low-bit scheme torchao applies to the Linear layers.
+
+    Args:
+        scheme: ``8da4w``, ``int4_weight_only`` or ``int8_dynamic`` (see ``SCHEMES``).
+        group_size: input features that share one weight scale (the int4 schemes); it must divide the input
+            width of every quantized Linear layer. ``int8_dynamic`` has one scale per output channel.
+        symmetric_weights: a symmetric weight grid (no zero-point), or an asymmetric one.
+    """
+
+    version: ClassVar[int] = 1
+    backend: ClassVar[str] = "torchao_linear"
+
+    scheme: str = "8da4w"
+    group_size: int = 32
+    symmetric_weights: bool = True
+
+    def __post_init__(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"scheme={self.scheme!r} is unknown: allowed values are {list(SCHEMES)}.")
+        if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or self.group_size < 1:
+            raise ValueError(f"group_size={self.group_size!r} is invalid: it must be a positive integer.")
+
+    @property
+    def converts_to_int8(self) -> bool:
+        """Every scheme converts to real low-bit tensors (int4 values are stored in int8)."""
+        return True
+
+    @property
+    def weight_bits(self) -> int:
+        return 8 if self.scheme == "int8_dynamic" else 4
+
+    @property
+    def grouped(self) -> bool:
+        return self.scheme != "int8_dynamic"
+
+    def torchao_config(self) -> Any:
+        """torchao's post-training config of the scheme: what QAT infers its fake-quant from, and converts with."""
+        mapping = MappingType.SYMMETRIC if self.symmetric_weights else MappingType.ASYMMETRIC
+        if self.scheme == "int4_weight_only":
+            return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(self.group_size), mapping_type=mapping)
+        return Int8DynamicActivationIntxWeightConfig(
+            weight_dtype=torch.int4 if self.grouped else torch.int8,
+            weight_granularity=PerGroup(self.group_size) if self.grouped else PerAxis(0),
+            weight_mapping_type=mapping,
+        )
+
+    def describe(self) -> str:
+        weights = f"int{self.weight_bits} weights" + (f" in groups of {self.group_size}" if self.grouped else " per channel")
+        activations = "float activations" if self.scheme == "int4_weight_only" else "int8 dynamic activations"
+        return f"{self.scheme}: {weights}, {activations}"
+
+
+@register_backend(LowBitLinearConfig)
+class LowBitLinearBackend(QuantizationBackend):
+    """torchao's ``QATConfig`` on Linear layers: fake-quant by module swap, then torchao's low-bit tensors."""
+
+    native_export = "torch_export"
+    export_formats = ("torch_export",)
+    keeps_layer_modules = True  # FakeQuantizedLinear is an nn.Linear: unstructured pruning masks it as before
+    has_ranges = False
+    swaps_modules = True
+
+    @staticmethod
+    def has_quantizable_layers(module: nn.Module) -> bool:
+        return any(type(layer) is nn.Linear for layer in module.modules())
+
+    def check_layers(self, module: nn.Module, prefix: str, skip_names: list[str], skip_types: list[type]) -> None:
+        if not self.config.grouped:
+            return
+        for name, layer in _linear_layers(module, prefix, skip_names, skip_types):
+            if layer.in_features % self.config.group_size:
+                divisors = [size for size in range(1, layer.in_features + 1) if layer.in_features % size == 0]
+                raise ValueError(
+                    f"group_size={self.config.group_size} does not divide the input width {layer.in_features} of "
+                    f"{name!r}: group sizes allowed for it are {divisors}; or skip it (skip=[{name!r}])."
+                )
+
+    def prepare_qat(
+        self, module: nn.Module, args: tuple, kwargs: dict[str, Any], skip_names: list[str], skip_types: list[type]
+    ) -> nn.Module:
+        return self.restore_qat(module, None, skip_names, skip_types)
+
+    def restore_qat(self, module: nn.Module, inputs: Any, skip_names: list[str], skip_types: list[type]) -> nn.Module:
+        # a new structure over the same parameters and buffers, as the FX backend's graph is: the float module
+        # stays as it was (the callback keeps it as the template of the float copy)
+        prepared = copy.deepcopy(module, memo={id(tensor): tensor for tensor in (*module.parameters(), *module.buffers())})
+        chosen = {name for name, _ in _linear_layers(prepared, "", skip_names, skip_types)}
+        return _swapped(prepared, QATConfig(self.config.torchao_config(), step="prepare"), chosen)
+
+    def prepare_ptq(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], skip_names: list[str]) -> nn.Module:
+        # nothing to calibrate: the prepared copy only marks which layers convert
+        return self.restore_qat(copy.deepcopy(module), None, skip_names, []).eval()
+
+    def is_prepared(self, module: nn.Module) -> bool:
+        return any(isinstance(layer, FakeQuantizedLinear) for layer in module.modules())
+
+    def set_fake_quant(self, module: nn.Module, enabled: bool) -> None:
+        for layer in module.modules():
+            if isinstance(layer, FakeQuantizedLinear):
+                enable_linear_fake_quant(layer, enabled)
+
+    def set_observers(self, module: nn.Module, enabled: bool) -> None:
+        return None  # scales are computed at each call: nothing observes
+
+    def freeze_batch_norm(self, module: nn.Module) -> None:
+        return None  # no BatchNorm is fused into a Linear layer
+
+    def convert(self, prepared: nn.Module) -> nn.Module:
+        converted = copy.deepcopy(prepared).cpu().eval()
+        chosen = {name for name, layer in converted.named_modules() if isinstance(layer, FakeQuantizedLinear)}
+        return _swapped(converted, QATConfig(self.config.torchao_config(), step="convert"), chosen)
+
+    def layers_by_kind(self, converted: nn.Module) -> tuple[list[str], list[str]]:
+        low_bit, floating = [], []
+        for name, layer in converted.named_modules():
+            if isinstance(layer, nn.Linear) and isinstance(layer.weight, TorchAOBaseTensor):
+                low_bit.append(name)
+            elif isinstance(layer, (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.LSTM, nn.GRU)):
+                floating.append(name)
+        return low_bit, floating
+
+    def conversion_note(self) -> str:
+        stored = "int4 values stored one per byte" if self.config.weight_bits == 4 else "int8 weights"
+        return (
+            f"{self.config.describe()}; {stored} (torchao's unpacked_to_int8 tensors): torchao 0.18 has no x86 kernel "
+            "for them, each call dequantizes (smaller, not faster)"
+        )
+
+    def quantize_dynamic(self, module: nn.Module, layers: tuple[type, ...] = ()) -> nn.Module:
+        return fx_quantization.quantize_dynamic(module, layers or fx_quantization.DYNAMIC_LAYERS)
+
+
+def _linear_layers(module: nn.Module, prefix: str, skip_names: list[str], skip_types: list[type]) -> list[tuple[str, nn.Linear]]:
+    """The plain ``nn.Linear`` layers of ``module`` that ``skip`` leaves to quantize, named with ``prefix``
+    (skip names are relative to ``module``)."""
+    return [
+        (".".join(filter(None, (prefix, name))), layer)
+        for name, layer in module.named_modules()
+        if type(layer) is nn.Linear and not is_skipped(name, layer, skip_names, skip_types)
+    ]
+
+
+def _swapped(module: nn.Module, config: QATConfig, chosen: set[str]) -> nn.Module:
+    """``quantize_`` on the layers ``chosen`` (names relative to ``module``); a lone layer is swapped too
+    (``quantize_`` replaces children only)."""
+    holder = nn.Sequential(module) if not any(True for _ in module.children()) else None
+    target = holder if holder is not None else module
+    names = {f"0.{name}" if name else "0" for name in chosen} if holder is not None else chosen
+    quantize_(target, config, filter_fn=lambda layer, name: name in names)
+    return holder[0] if holder is not None else target
