@@ -196,7 +196,7 @@ def markdown(results: dict) -> str:
     )
     lines += [
         "",
-        f"Accuracy: the one-run int8 model is {results['teacher_minus_one_run_points']:+.2f} points below the fp32 teacher "
+        f"Accuracy: the one-run int8 model is {results['teacher_minus_one_run_points']:.2f} points below the fp32 teacher "
         "(goal: at most 2). The yardstick is not fine-tuned after its pruning: its accuracy is not comparable.",
     ]
     return "\n".join(lines) + "\n"
