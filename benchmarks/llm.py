@@ -41,9 +41,9 @@ from lightning_compress.report import evaluate, latency_ms
 
 RESULTS = Path(__file__).parent / "results"
 BLOCK = 64
-DATA = {"block_size": BLOCK, "batch_size": 32, "train_bytes": 1_000_000, "eval_bytes": 100_000}
+DATA = {"block_size": BLOCK, "batch_size": 32, "train_bytes": 600_000, "eval_bytes": 100_000}
 WIDTH, TEACHER_LAYERS, STUDENT_LAYERS = 128, 4, 2
-PRETRAIN_EPOCHS, FINETUNE_EPOCHS, STUDENT_EPOCHS = 4, 2, 4
+PRETRAIN_EPOCHS, FINETUNE_EPOCHS, STUDENT_EPOCHS = 3, 2, 3
 SCHEMES = ("8da4w", "int4_weight_only")
 SKIP = ["head"]
 
@@ -137,7 +137,9 @@ def summarize(per_seed: list[dict[str, float]], models: dict[str, nn.Module], ru
         won_back = statistics.mean(run[f"PTQ {scheme}"] - run[f"QAT {scheme}"] for run in per_seed)
         recovered[scheme] = {"per_seed": shares, "of_the_means": won_back / increase if increase > 0 else None}
     fp32_bytes, _ = stored_weight_bytes(models["fp32"])
-    sizes = {name: stored_weight_bytes(model)[0] / fp32_bytes for name, model in models.items() if name != "fp32"}
+    sizes = {  # torch.ao's dynamic int8 Linear packs its weights out of reach: int8, a quarter, not counted here
+        name: stored_weight_bytes(model)[1] / fp32_bytes for name, model in models.items() if name.startswith(("PTQ", "QAT"))
+    }
     context = torch.randint(0, 256, (1, BLOCK))
     timings = latency_ms(models, context, runs=runs, warmup=5)
     gap = [run["student alone"] - run["student distilled"] for run in per_seed]

@@ -33,6 +33,7 @@ from torch.ao.quantization import (
     enable_observer,
     get_default_qat_qconfig_mapping,
 )
+from torch.ao.quantization._learnable_fake_quantize import _LearnableFakeQuantize  # private: no public class learns ranges
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qat_fx
 from torch.fx import GraphModule
 from torch.nn.utils.fusion import fuse_conv_bn_weights
@@ -113,6 +114,54 @@ def kl_threshold(histogram: torch.Tensor, levels: int) -> int:
     return best_end
 
 
+class LearnedRangeFakeQuantize(_LearnableFakeQuantize):
+    """Learned step size quantization (LSQ, Esser et al. 2019): the scale (and, for an asymmetric grid, the
+    zero-point) is a parameter trained with the straight-through gradient of the quantizer, scaled by LSQ's
+    ``1 / sqrt(N * Qp)`` so that the step size learns at the pace of the weights.
+
+    It starts from the observer: while observers are on (``enable_observer``), the observer sets the
+    parameters as ``FakeQuantize`` sets its ranges; once they are frozen, the parameters learn instead of
+    staying where the observer left them. A per-channel weight grid is sized for its layer by ``size_for``.
+    """
+
+    def __init__(self, observer: Any = MovingAverageMinMaxObserver, quant_min: int = 0, quant_max: int = 255, **kwargs: Any):
+        super().__init__(observer, quant_min, quant_max, use_grad_scaling=True, **kwargs)
+        self.is_per_channel = self.qscheme in (torch.per_channel_symmetric, torch.per_channel_affine)
+        self.symmetric = self.qscheme in (torch.per_channel_symmetric, torch.per_tensor_symmetric)
+        self.enable_observer(True)
+
+    def size_for(self, channels: int) -> None:
+        """One scale and zero-point per output channel of the layer this grid quantizes the weights of."""
+        if self.is_per_channel and self.scale.numel() != channels:
+            learning = bool(self.learning_enabled[0])
+            self.scale = nn.Parameter(torch.ones(channels, device=self.scale.device))
+            self.zero_point = nn.Parameter(torch.zeros(channels, device=self.zero_point.device))
+            self.toggle_qparam_learning(learning)
+
+    def enable_observer(self, enabled: bool = True) -> None:
+        """Observers on: the observer sets the range; off: the range learns (LSQ), where ``FakeQuantize`` would freeze."""
+        self.toggle_observer_update(enabled)
+        self._learn_if_used()
+
+    def disable_observer(self) -> None:
+        self.enable_observer(False)
+
+    def enable_fake_quant(self, enabled: bool = True) -> None:
+        self.toggle_fake_quant(enabled)
+        self._learn_if_used()
+
+    def disable_fake_quant(self) -> None:
+        self.enable_fake_quant(False)
+
+    def _learn_if_used(self) -> None:
+        """Ranges learn (require gradients) only while they quantize and no observer sets them: a parameter that
+        requires a gradient but gets none (fake-quant off, before ``start_epoch``) would stall DDP's reduction."""
+        learning = bool(self.fake_quant_enabled[0]) and not bool(self.static_enabled[0])
+        self.toggle_qparam_learning(learning)
+        if self.symmetric:  # a symmetric grid has no zero-point to learn
+            self.zero_point.requires_grad_(False)
+
+
 @dataclass(frozen=True)
 class QuantizationConfig:
     """How weights and activations are observed and quantized.
@@ -130,6 +179,8 @@ class QuantizationConfig:
         activation_bits: bits of the activation grid, 2 to 8.
         narrow_range: weights use a symmetric grid without its lowest level (-127..127 at 8 bits).
         signed_activations: activations on a signed grid (-128..127) instead of 0..255.
+        learnable_ranges: QAT trains each scale (and asymmetric zero-point) with LSQ's gradient once observers
+            are frozen, starting from where the observers left it (``LearnedRangeFakeQuantize``).
     """
 
     version: ClassVar[int] = 1
@@ -144,6 +195,7 @@ class QuantizationConfig:
     activation_bits: int = 8
     narrow_range: bool = False
     signed_activations: bool = False
+    learnable_ranges: bool = False
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -219,7 +271,8 @@ def _qconfig(config: QuantizationConfig) -> QConfig:
         # function from the one it ships. A symmetric narrow grid also makes the largest weight map exactly
         # onto 63, which the int8 kernels (clamping at 127 only) reproduce.
         weight_min, weight_max = -63, 63
-    activation = FakeQuantize.with_args(
+    fake_quantize = LearnedRangeFakeQuantize if config.learnable_ranges else FakeQuantize
+    activation = fake_quantize.with_args(
         observer=config.activation_observer(),
         quant_min=activation_min,
         quant_max=activation_max,
@@ -227,7 +280,7 @@ def _qconfig(config: QuantizationConfig) -> QConfig:
         qscheme=torch.per_tensor_affine,
     )
     per_channel = config.per_channel_weights
-    weight = FakeQuantize.with_args(
+    weight = fake_quantize.with_args(
         observer=MovingAveragePerChannelMinMaxObserver if per_channel else MovingAverageMinMaxObserver,
         quant_min=weight_min,
         quant_max=weight_max,
@@ -261,6 +314,9 @@ def prepare(module: nn.Module, mapping: QConfigMapping, example_args: tuple = ()
         # as a child it converts to a quantized module that reports, saves and prints like one.
         module = nn.Sequential(module)
     prepared = prepare_qat_fx(module.train(), mapping, example_args)
+    for layer in prepared.modules():  # learned per-channel ranges get one scale per output channel of their layer
+        if isinstance(getattr(layer, "weight_fake_quant", None), LearnedRangeFakeQuantize):
+            layer.weight_fake_quant.size_for(layer.weight.shape[0])
     module.train(was_training)
     return prepared.train(was_training)
 

@@ -58,6 +58,7 @@ class LowBitLinearConfig:
 
     version: ClassVar[int] = 1
     backend: ClassVar[str] = "torchao_linear"
+    learnable_ranges: ClassVar[bool] = False  # scales are computed at each call: there is no range to learn
 
     scheme: str = "8da4w"
     group_size: int = 32

@@ -82,6 +82,7 @@ class InductorQuantizationConfig(fx_quantization.QuantizationConfig):
             "activation_bits": (self.activation_bits, 8),
             "narrow_range": (self.narrow_range, False),
             "signed_activations": (self.signed_activations, False),
+            "learnable_ranges": (self.learnable_ranges, False),
         }
         for name, (value, supported) in refused.items():
             if value != supported:

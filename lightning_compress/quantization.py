@@ -121,6 +121,10 @@ class QuantizationAwareTraining(Callback, ReportsModels):
             ``openvino`` writes ``model_int8_openvino.xml``/``.bin`` (OpenVINO runs its convolutions in
             int8); ``none`` writes nothing. Files go next to the checkpoints.
         export_dir: where to write the export (default: the checkpoint folder, else the log folder).
+        learnable_ranges: learned step size quantization (LSQ, Esser et al. 2019): from ``freeze_observer_epoch``
+            on, every scale (and asymmetric zero-point) is a parameter trained with LSQ's gradient, starting where
+            the observers left it, instead of staying frozen; checkpointed and resumed with the weights, converted
+            to the same int8 kernels. FX backends only; layers quantized by module swap keep observed ranges.
         config: a config object that says how to quantize, instead of ``backend`` and its settings (which then
             keep their defaults): ``lowbit_quantization.LowBitLinearConfig(scheme="8da4w", group_size=32)``
             trains Linear layers for int4/int8 low-bit schemes (transformers), with no ranges to freeze or
@@ -146,6 +150,7 @@ class QuantizationAwareTraining(Callback, ReportsModels):
         export_format: str | Sequence[str] | None = None,
         export_dir: str | None = None,
         config: Any | None = None,
+        learnable_ranges: bool = False,
     ) -> None:
         check_integer("start_epoch", start_epoch, minimum=0)
         for name, epoch in (("freeze_bn_epoch", freeze_bn_epoch), ("freeze_observer_epoch", freeze_observer_epoch)):
@@ -164,8 +169,14 @@ class QuantizationAwareTraining(Callback, ReportsModels):
             activation_bits=activation_bits,
             narrow_range=narrow_range,
             signed_activations=signed_activations,
+            learnable_ranges=learnable_ranges,
         )
         self.backend: QuantizationBackend = backend_for(self.config)
+        if learnable_ranges and freeze_observer_epoch is None:
+            raise ValueError(
+                "learnable_ranges=True needs freeze_observer_epoch: the observers set the ranges until that epoch and "
+                "the ranges learn from then on; with None they would never learn."
+            )
         if not self.backend.has_ranges:
             for name, value in (
                 ("freeze_bn_epoch", freeze_bn_epoch),
@@ -209,6 +220,7 @@ class QuantizationAwareTraining(Callback, ReportsModels):
         self._float_names: dict[str, dict[str, str]] = {}
         self._example_inputs: dict[str, tuple[tuple, dict]] = {}
         self._shrinks: list[MagnitudePruning] = []  # channel pruning that shrinks the network before QAT prepares it
+        self._ranges_synchronized = False  # learned ranges wrapped by DDP since they began to learn, in this fit
 
     # ------------------------------------------------------------------ Lightning hooks
 
@@ -347,6 +359,10 @@ class QuantizationAwareTraining(Callback, ReportsModels):
             self.backend.set_observers(module, enabled=self._observers_on(epoch))
             if self.freeze_bn_epoch is not None and epoch >= self.freeze_bn_epoch:
                 self.backend.freeze_batch_norm(module)
+        if self.config.learnable_ranges and not self._observers_on(epoch) and not self._ranges_synchronized:
+            # the ranges now need gradients: DDP reduces only the parameters that required them when it wrapped
+            compat.rewrap_distributed(trainer)
+            self._ranges_synchronized = True
         if epoch == self.start_epoch and not self.backend.has_ranges:
             rank_zero_info(f"QuantizationAwareTraining: epoch {epoch}: fake-quant on ({self.config.describe()}).")
         elif epoch in (self.start_epoch, self.freeze_bn_epoch, self.freeze_observer_epoch):

@@ -21,6 +21,8 @@ warnings.filterwarnings("ignore")
 def main(output: Path, devices: int, mode: str = "qat") -> None:
     if mode == "shrink":
         return shrink(output, devices)
+    if mode == "lsq":
+        return learned_ranges(output, devices)
     L.seed_everything(0)
     model = ImageClassifier()
     pruning = MagnitudePruning(final_sparsity=0.6, start_epoch=0, end_epoch=2, update_every=3, export_format="none", plot=False)
@@ -92,6 +94,39 @@ def shrink(output: Path, devices: int) -> None:
             "accuracy": accuracy,
         },
         output / f"shrink_{'ddp' if devices > 1 else 'single'}_rank{trainer.global_rank}.pt",
+    )
+
+
+def learned_ranges(output: Path, devices: int) -> None:
+    """QAT with learned ranges (LSQ): the ranges begin to learn mid-fit, and must then be synchronized."""
+    L.seed_everything(0)
+    model = ImageClassifier()
+    qat = QuantizationAwareTraining(
+        start_epoch=1, freeze_bn_epoch=2, freeze_observer_epoch=2, learnable_ranges=True, export_format="none"
+    )
+    trainer = L.Trainer(
+        max_epochs=4,
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp" if devices > 1 else "auto",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[qat],
+    )
+    trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
+    digits = DigitsDataModule()
+    digits.setup()
+    with torch.no_grad():
+        predictions = qat.quantized_model(digits.test_set.tensors[0])
+    torch.save(
+        {
+            "scales": {name: p.detach().clone() for name, p in model.named_parameters() if name.endswith(".scale")},
+            "predictions": predictions,
+            "accuracy": float((predictions.argmax(1) == digits.test_set.tensors[1]).float().mean()),
+        },
+        output / f"lsq_{'ddp' if devices > 1 else 'single'}_rank{trainer.global_rank}.pt",
     )
 
 

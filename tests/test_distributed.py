@@ -51,6 +51,15 @@ def test_two_processes_shrink_alike_mid_run_then_train_int8_alike(tmp_path: Path
 
 
 @pytest.mark.slow
+def test_two_processes_learn_the_same_ranges(tmp_path: Path):
+    """LSQ's ranges begin to learn mid-fit: DDP must reduce their gradients from then on, or the ranks drift."""
+    _run(tmp_path, 2, "lsq")
+    rank0, rank1 = (torch.load(tmp_path / f"lsq_ddp_rank{rank}.pt", weights_only=True) for rank in (0, 1))
+    assert rank0["scales"] and all(torch.equal(rank0["scales"][name], rank1["scales"][name]) for name in rank0["scales"])
+    assert torch.equal(rank0["predictions"], rank1["predictions"]) and rank0["accuracy"] >= 0.9
+
+
+@pytest.mark.slow
 def test_train_py_on_ddp_cpu_writes_one_report(tmp_path: Path):
     from conftest import run_train
 

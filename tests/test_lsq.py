@@ -1,0 +1,112 @@
+"""Learned step size quantization (LSQ): ranges that start from the observers and then train with the weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.ao.quantization._learnable_fake_quantize import _LearnableFakeQuantize
+
+from lightning_compress import QuantizationAwareTraining
+from lightning_compress.app.data import DigitsDataModule
+from lightning_compress.app.models import ImageClassifier
+from lightning_compress.fx_quantization import LearnedRangeFakeQuantize
+from lightning_compress.lowbit_quantization import LowBitLinearConfig
+
+from conftest import quiet_trainer
+
+SCHEDULE = {"start_epoch": 1, "freeze_bn_epoch": 2, "freeze_observer_epoch": 2, "learnable_ranges": True}
+
+
+class RangeRecord(L.Callback):
+    """The learned scales at each epoch's start (after QAT's switches), and whether a step gave them gradients."""
+
+    def __init__(self) -> None:
+        self.scales: dict[int, dict[str, torch.Tensor]] = {}
+        self.had_gradients: dict[int, bool] = {}
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.scales[trainer.current_epoch] = {
+            name: parameter.detach().clone() for name, parameter in pl_module.named_parameters() if name.endswith(".scale")
+        }
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        grads = [p.grad for name, p in pl_module.named_parameters() if name.endswith(".scale")]
+        has = any(grad is not None and bool(grad.abs().sum() > 0) for grad in grads)
+        self.had_gradients[trainer.current_epoch] = self.had_gradients.get(trainer.current_epoch, False) or has
+
+
+def _fit(tmp_path: Path, max_epochs: int = 4, extra=(), **kwargs):
+    L.seed_everything(0)
+    qat = QuantizationAwareTraining(export_format="none", **SCHEDULE)
+    model = ImageClassifier()
+    trainer = quiet_trainer(tmp_path, [qat, *extra], max_epochs, **kwargs)
+    trainer.fit(model, datamodule=DigitsDataModule(batch_size=64))
+    return model, qat
+
+
+def test_learned_ranges_start_from_the_observers_then_train_and_convert(tmp_path: Path, digits):
+    record = RangeRecord()
+    model, qat = _fit(tmp_path, extra=[record])
+    learned = [module for module in model.modules() if isinstance(module, LearnedRangeFakeQuantize)]
+    assert len(learned) == 9  # the input, 4 activations, 4 weight grids (one scale per output channel each)
+    assert model.net.get_submodule("features.0").weight_fake_quant.scale.shape == (32,)
+    # epoch 1 observes (no gradient reaches the ranges); from epoch 2 they learn and move
+    assert record.had_gradients == {0: False, 1: False, 2: True, 3: True}
+    at_freeze, after = record.scales[2], record.scales[3]
+    assert all(not torch.equal(at_freeze[name], after[name]) for name in at_freeze)
+    assert all(torch.equal(record.scales[1][name], record.scales[0][name]) for name in at_freeze)  # untouched before
+    # the int8 model runs on the learned ranges and computes what fake-quant trained
+    images = digits.test_set.tensors[0]
+    with torch.no_grad():
+        fake_quant, int8 = model.eval()(images), qat.quantized_model(images)
+    assert (int8.argmax(1) == fake_quant.argmax(1)).float().mean() >= 0.98
+    activation_scales = [float(module.scale) for module in learned if not module.is_per_channel]
+    assert any(abs(float(qat.quantized_model.net.classifier.scale) - scale) < 1e-7 for scale in activation_scales)
+
+
+def test_learned_ranges_resume_like_the_uninterrupted_run(tmp_path: Path, digits):
+    every_epoch = ModelCheckpoint(dirpath=tmp_path / "full", filename="{epoch}", save_top_k=-1)
+    _, full = _fit(tmp_path / "full", extra=[every_epoch], enable_checkpointing=True)
+    L.seed_everything(0)
+    resumed = QuantizationAwareTraining(export_format="none", **SCHEDULE)
+    trainer = quiet_trainer(tmp_path / "resumed", [resumed], 4)
+    trainer.fit(ImageClassifier(), datamodule=DigitsDataModule(batch_size=64), ckpt_path=tmp_path / "full" / "epoch=2.ckpt")
+    images = digits.test_set.tensors[0]
+    with torch.no_grad():
+        expected, actual = full.quantized_model(images), resumed.quantized_model(images)
+    assert torch.allclose(actual, expected, atol=1e-5) and torch.equal(actual.argmax(1), expected.argmax(1))
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"learnable_ranges": True}, r"learnable_ranges=True needs freeze_observer_epoch"),
+        (
+            {"learnable_ranges": True, "freeze_observer_epoch": 2, "backend": "x86_inductor"},
+            r"learnable_ranges=True is not supported by backend='x86_inductor'",
+        ),
+        (
+            {"learnable_ranges": True, "config": LowBitLinearConfig()},
+            r"learnable_ranges=True is a setting of the backend= flows; with config=LowBitLinearConfig",
+        ),
+    ],
+)
+def test_learned_ranges_with_settings_they_cannot_honour_fail_at_construction(options: dict, message: str):
+    with pytest.raises(ValueError, match=message):
+        QuantizationAwareTraining(**options)
+
+
+def test_learnable_fake_quantize_trains_its_scale_by_backpropagation():
+    """The private torch.ao class under LearnedRangeFakeQuantize: its scale must be a parameter that gradients reach."""
+    fake_quantize = _LearnableFakeQuantize(
+        observer=torch.ao.quantization.MovingAverageMinMaxObserver, quant_min=0, quant_max=255, use_grad_scaling=True
+    )
+    fake_quantize(torch.linspace(-1.0, 3.0, 100))  # the observer sets the initial range
+    fake_quantize.toggle_observer_update(False).toggle_qparam_learning(True)
+    assert isinstance(fake_quantize.scale, torch.nn.Parameter)
+    fake_quantize(torch.linspace(-1.0, 3.0, 100) * 2).pow(2).sum().backward()
+    assert fake_quantize.scale.grad is not None and fake_quantize.scale.grad.abs().item() > 0
