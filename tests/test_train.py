@@ -57,6 +57,9 @@ def test_multirun_gives_one_wandb_run_per_job(tmp_path: Path):
         (["model.architecture=vgg"], "model.architecture='vgg' is unknown"),
         (["+compress=qat", "trainer.max_epochs=1"], "trainer.max_epochs=1 is too short for the qat recipe"),
         (["report.latency_input_size=0"], "report.latency_input_size=0 is invalid: it must be a positive integer"),
+        # a language model on images, and a language-model recipe on images, are one line naming what clashes
+        (["model=byte_transformer"], "model=byte_transformer (language modelling), data=digits (image classification)"),
+        (["+compress=qat_llm", "data=digits"], "data=digits (image classification), +compress=qat_llm (language modelling)"),
         # a nested object's argument, and an app module built for another group, are named by their config keys
         (
             ["+compress=distill", "teacher=cnn", "model.student.checkpoint=/no/such.ckpt"],
