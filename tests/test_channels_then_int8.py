@@ -82,7 +82,7 @@ def _fit(tmp_path: Path, shrink_epoch: int, start_epoch: int, qat_first: bool, m
 
 @pytest.mark.parametrize(
     ("shrink_epoch", "start_epoch", "qat_first"),
-    [(2, 3, False), (2, 3, True), (3, 3, True)],
+    [(2, 3, False), (2, 3, True), pytest.param(3, 3, True, marks=pytest.mark.slow)],
     ids=["shrink-then-qat", "qat-listed-first", "same-epoch-qat-listed-first"],
 )
 def test_qat_prepares_the_shrunken_network_and_converts_it_to_int8(
@@ -113,6 +113,7 @@ def test_qat_prepares_the_shrunken_network_and_converts_it_to_int8(
     assert torch.equal(torch.jit.load(str(qat.export_path))(images).argmax(1), quantized.argmax(1))
 
 
+@pytest.mark.slow
 def test_resume_before_and_after_qat_prepared_the_shrunken_network_equals_the_uninterrupted_run(tmp_path: Path, digits):
     every_epoch = ModelCheckpoint(dirpath=tmp_path / "full", filename="{epoch}", save_top_k=-1)
     _, uninterrupted, _, full = _fit(tmp_path / "full", 2, 3, False, extra=[every_epoch], enable_checkpointing=True)

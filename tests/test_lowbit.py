@@ -53,7 +53,7 @@ def _low_bit_layers(model: nn.Module) -> list[str]:
     return [name for name, layer in model.named_modules() if isinstance(getattr(layer, "weight", None), TorchAOBaseTensor)]
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("scheme", [SCHEMES[0], *(pytest.param(scheme, marks=pytest.mark.slow) for scheme in SCHEMES[1:])])
 def test_each_scheme_trains_converts_and_keeps_the_fake_quant_perplexity(tmp_path: Path, scheme: str):
     qat = QuantizationAwareTraining(start_epoch=1, config=LowBitLinearConfig(scheme=scheme), skip=["head"])
     _, model, data = _fit(tmp_path, [qat], limit_train_batches=20)
@@ -75,6 +75,7 @@ def test_each_scheme_trains_converts_and_keeps_the_fake_quant_perplexity(tmp_pat
     assert ratio <= 0.3  # int4 values stored in int8 bytes (or int8 weights), a scale per group or channel
 
 
+@pytest.mark.slow
 def test_resume_mid_qat_equals_the_uninterrupted_run_and_the_export_runs_without_this_package(tmp_path: Path):
     every_epoch = ModelCheckpoint(dirpath=tmp_path / "full", filename="{epoch}", save_top_k=-1)
     config = LowBitLinearConfig(scheme="8da4w", group_size=16)

@@ -68,6 +68,7 @@ def test_learned_ranges_start_from_the_observers_then_train_and_convert(tmp_path
     assert any(abs(float(qat.quantized_model.net.classifier.scale) - scale) < 1e-7 for scale in activation_scales)
 
 
+@pytest.mark.slow
 def test_learned_ranges_resume_like_the_uninterrupted_run(tmp_path: Path, digits):
     every_epoch = ModelCheckpoint(dirpath=tmp_path / "full", filename="{epoch}", save_top_k=-1)
     _, full = _fit(tmp_path / "full", extra=[every_epoch], enable_checkpointing=True)
