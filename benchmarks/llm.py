@@ -180,9 +180,9 @@ def markdown(results: dict) -> str:
     spread = max(perplexity["student alone"]["std"], perplexity["student distilled"]["std"])
     lines += [
         "",
-        f"Distillation: the distilled {STUDENT_LAYERS}-layer student's perplexity is {gain['mean']:+.3f} below the same "
-        f"student trained alone (per seed: {' '.join(f'{value:+.3f}' for value in gain['per_seed'])}; the larger "
-        f"seed-to-seed std of the two is {spread:.3f}).",
+        f"Distillation: the distilled {STUDENT_LAYERS}-layer student's perplexity is {abs(gain['mean']):.3f} "
+        f"{'below' if gain['mean'] > 0 else 'above'} the same student trained alone (alone minus distilled, per seed: "
+        f"{' '.join(f'{value:+.3f}' for value in gain['per_seed'])}; the larger seed-to-seed std of the two is {spread:.3f}).",
     ]
     return "\n".join(lines) + "\n"
 
