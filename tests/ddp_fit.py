@@ -18,6 +18,23 @@ from lightning_compress.app.models import ImageClassifier
 warnings.filterwarnings("ignore")
 
 
+def _fit(model: ImageClassifier, devices: int, max_epochs: int, callbacks: list) -> L.Trainer:
+    """Fit on digits with DDP over ``devices`` CPU processes (one: no DDP), quietly, without checkpoints."""
+    trainer = L.Trainer(
+        max_epochs=max_epochs,
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp" if devices > 1 else "auto",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+    )
+    trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
+    return trainer
+
+
 def main(output: Path, devices: int, mode: str = "qat") -> None:
     if mode == "shrink":
         return shrink(output, devices)
@@ -27,19 +44,7 @@ def main(output: Path, devices: int, mode: str = "qat") -> None:
     model = ImageClassifier()
     pruning = MagnitudePruning(final_sparsity=0.6, start_epoch=0, end_epoch=2, update_every=3, export_format="none", plot=False)
     qat = QuantizationAwareTraining(start_epoch=2, freeze_bn_epoch=3, export_format="torchscript", export_dir=str(output))
-    strategy = "ddp" if devices > 1 else "auto"
-    trainer = L.Trainer(
-        max_epochs=4,
-        accelerator="cpu",
-        devices=devices,
-        strategy=strategy,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[pruning, qat],
-    )
-    trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
+    trainer = _fit(model, devices, 4, [pruning, qat])
     observers = {
         name: tensor.clone()
         for name, tensor in model.net.state_dict().items()
@@ -68,18 +73,7 @@ def shrink(output: Path, devices: int) -> None:
         mode="channels", final_sparsity=0.5, start_epoch=0, end_epoch=2, shrink_epoch=2, export_format="none", plot=False
     )
     qat = QuantizationAwareTraining(start_epoch=3, freeze_bn_epoch=4, export_format="none")
-    trainer = L.Trainer(
-        max_epochs=5,
-        accelerator="cpu",
-        devices=devices,
-        strategy="ddp" if devices > 1 else "auto",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[qat, pruning],
-    )
-    trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
+    trainer = _fit(model, devices, 5, [qat, pruning])
     digits = DigitsDataModule()
     digits.setup()
     with torch.no_grad():
@@ -104,18 +98,7 @@ def learned_ranges(output: Path, devices: int) -> None:
     qat = QuantizationAwareTraining(
         start_epoch=1, freeze_bn_epoch=2, freeze_observer_epoch=2, learnable_ranges=True, export_format="none"
     )
-    trainer = L.Trainer(
-        max_epochs=4,
-        accelerator="cpu",
-        devices=devices,
-        strategy="ddp" if devices > 1 else "auto",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[qat],
-    )
-    trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
+    trainer = _fit(model, devices, 4, [qat])
     digits = DigitsDataModule()
     digits.setup()
     with torch.no_grad():
