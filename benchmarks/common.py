@@ -16,10 +16,10 @@ def fit(
     epochs: int,
     callbacks: list = (),
     seed: int = 0,
-    datamodule: DigitsDataModule | None = None,
+    datamodule: L.LightningDataModule | None = None,
     train_dataloaders: DataLoader | None = None,
 ) -> float:
-    """Seed, then fit ``model`` for ``epochs`` on digits (batch 64), or on ``train_dataloaders``, with no
+    """Seed, then fit ``model`` for ``epochs`` on ``datamodule`` (default: digits, batch 64), or on ``train_dataloaders``, with no
     logger, bar or checkpoint; seconds taken."""
     L.seed_everything(seed)
     trainer = L.Trainer(

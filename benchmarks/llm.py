@@ -29,8 +29,8 @@ import json
 import statistics
 from pathlib import Path
 
-import lightning as L
 import torch
+from common import fit
 from torch import nn
 from torchao.utils import TorchAOBaseTensor
 
@@ -55,19 +55,6 @@ def _model(layers: int = TEACHER_LAYERS, state: dict | None = None) -> ByteTrans
     return model
 
 
-def _fit(model: L.LightningModule, epochs: int, callbacks: list, seed: int, data: PythonSourceDataModule) -> None:
-    L.seed_everything(seed)
-    L.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        callbacks=callbacks,
-    ).fit(model, datamodule=data)
-
-
 def stored_weight_bytes(model: nn.Module) -> tuple[int, int]:
     """Bytes held by the weights of the Linear layers outside ``SKIP``: (all of them, those in low-bit tensors)."""
 
@@ -86,28 +73,28 @@ def run_seed(seed: int) -> tuple[dict[str, float], dict[str, nn.Module]]:
     """Every arm of one seed: test perplexities, and the models to time."""
     data = PythonSourceDataModule(**DATA)
     pretrained = _model()
-    _fit(pretrained, PRETRAIN_EPOCHS, [], seed, data)
+    fit(pretrained, PRETRAIN_EPOCHS, [], seed, datamodule=data)
     start = {name: tensor.detach().clone() for name, tensor in pretrained.state_dict().items()}
     test = data.test_dataloader()
 
     fp32 = _model(state=start)
-    _fit(fp32, FINETUNE_EPOCHS, [], seed, data)
+    fit(fp32, FINETUNE_EPOCHS, [], seed, datamodule=data)
     models: dict[str, nn.Module] = {"fp32": fp32.eval()}
     for scheme in SCHEMES:
         ptq = PostTrainingQuantization(calibration_batches=1, config=LowBitLinearConfig(scheme=scheme), skip=SKIP)
-        _fit(_model(state=fp32.state_dict()), 0, [ptq], seed, data)
+        fit(_model(state=fp32.state_dict()), 0, [ptq], seed, datamodule=data)
         models[f"PTQ {scheme}"] = ptq.quantized_model
         qat = QuantizationAwareTraining(start_epoch=0, config=LowBitLinearConfig(scheme=scheme), skip=SKIP, export_format="none")
-        _fit(_model(state=start), FINETUNE_EPOCHS, [qat], seed, data)
+        fit(_model(state=start), FINETUNE_EPOCHS, [qat], seed, datamodule=data)
         models[f"QAT {scheme}"] = qat.quantized_model
     dynamic = DynamicQuantization(export_format="none", skip=SKIP)
-    _fit(_model(state=fp32.state_dict()), 0, [dynamic], seed, data)
+    fit(_model(state=fp32.state_dict()), 0, [dynamic], seed, datamodule=data)
     models["torch.ao dynamic int8"] = dynamic.quantized_model
 
     student_alone = _model(STUDENT_LAYERS)
-    _fit(student_alone, STUDENT_EPOCHS, [], seed, data)
+    fit(student_alone, STUDENT_EPOCHS, [], seed, datamodule=data)
     distilled = DistillationModule(student=_model(STUDENT_LAYERS), teacher=fp32, class_dim=-1)
-    _fit(distilled, STUDENT_EPOCHS, [], seed, data)
+    fit(distilled, STUDENT_EPOCHS, [], seed, datamodule=data)
     perplexities = {name: evaluate(model, test)[1] for name, model in models.items()}
     perplexities["student alone"] = evaluate(student_alone, test)[1]
     perplexities["student distilled"] = evaluate(distilled.student, test)[1]
