@@ -10,8 +10,11 @@ turns): shared machines are noisy, so compare ratios, not absolute milliseconds 
    int8 from this package's FX backend (eager) and pt2e backend (compiled by Inductor), each prepared for QAT
    and observed on digits images, beside the hand-written torch.ao FX flow and the hand-written torchao pt2e
    + Inductor flow; with the compile time of each compiled model.
-2. Accuracy on digits: an fp32 CNN, post-training quantization of that same model, and QAT fine-tuning of it
-   with ``QuantizationAwareTraining``, with each backend.
+2. Accuracy on digits, k-fold (every image a test image once per seed, ``benchmarks/kfold.py``), in three
+   regimes: the default CNN, a capacity-starved CNN and mobilenet_v2: fp32, post-training int8 of the same
+   weights, and QAT fine-tuning of them with observer ranges and with learned ranges (LSQ), at 8 bits, and at
+   4 and 3 bits on the default CNN. The FX backend only: the pt2e backend's QAT fit is ten times slower here
+   and its accuracy tied FX's on the single split this benchmark used before (its tests compare the two).
 3. Training step time with fake-quant relative to fp32.
 """
 
@@ -30,13 +33,14 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from common import fit
+from kfold import kfold_accuracy, paired_difference
 from torch.fx.experimental.optimization import fuse as fold_batch_norm
 
 from lightning_compress import PostTrainingQuantization, QuantizationAwareTraining, compat
 from lightning_compress.app.data import DigitsDataModule
 from lightning_compress.app.models import ImageClassifier, SmallCNN, torchvision_classifier
 from lightning_compress.quantization_backend import backend_for, quantization_config
-from lightning_compress.report import latency_ms, serialized_size, top1_accuracy
+from lightning_compress.report import latency_ms, serialized_size
 
 RESULTS = Path(__file__).parent / "results"
 BACKENDS = ("x86", "x86_inductor")
@@ -153,34 +157,84 @@ def latency_and_size(runs: int) -> list[dict]:
     return rows
 
 
-def accuracy_on_digits(root: Path, fp32_epochs: int, qat_epochs: int, seed: int) -> dict:
-    digits = DigitsDataModule(batch_size=64)
-    L.seed_everything(seed)
-    model = ImageClassifier(architecture="cnn")
-    fit(model, fp32_epochs, [], seed, digits)
-    test = digits.test_dataloader()
-    fp32_path = root / "fp32.pt"
-    torch.save(model.net.state_dict(), fp32_path)
-    result = {"seed": seed, "test_images": len(digits.test_set), "fp32": top1_accuracy(model, test)}
-    for backend in BACKENDS:
-        ptq = PostTrainingQuantization(calibration_batches=8, backend=backend, export_format="none")
-        fit(copy.deepcopy(model), 0, [ptq], seed, digits)
-        result[f"{backend}_ptq"] = top1_accuracy(ptq.quantized_model, test)
+# Where methods differ: the default CNN is near 100% on digits; a capacity-starved CNN and mobilenet_v2
+# (depthwise convolutions are known to be quantization-sensitive) leave room, and so do 4- and 3-bit grids.
+REGIMES = {
+    "default CNN": {"architecture": "cnn"},
+    "starved CNN (widths 4, 8, 16)": {"architecture": "cnn", "architecture_options": {"widths": [4, 8, 16]}},
+    "mobilenet_v2": {"architecture": "mobilenet_v2"},
+}
+LOW_BIT_REGIMES = ("default CNN",)  # 4- and 3-bit arms (weights and activations), observers against LSQ
 
-        qat_model = ImageClassifier(architecture="cnn", lr=3e-4, checkpoint=str(fp32_path))
-        qat = QuantizationAwareTraining(
-            start_epoch=0,
-            freeze_bn_epoch=qat_epochs - 2,
-            freeze_observer_epoch=qat_epochs - 1,
-            calibration_batches=8,
-            backend=backend,
-            export_format="none",
-        )
-        result[f"{backend}_qat_fit_s"] = round(fit(qat_model, qat_epochs, [qat], seed, digits), 1)
-        result[f"{backend}_qat"] = top1_accuracy(qat.quantized_model, test)
-        result[f"{backend}_qat_minus_fp32_points"] = round(100 * (result[f"{backend}_qat"] - result["fp32"]), 2)
-    print(result, flush=True)
-    return result
+
+def _predict(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return torch.cat([model(batch).argmax(1) for batch in images.split(256)])
+
+
+def _qat(regime: dict, fp32_path: Path, epochs: int, bits: int, learnable_ranges: bool, backend: str = "x86") -> tuple:
+    """Fine-tune from the fp32 weights with fake-quant; observers freeze for the last epoch, or, with LSQ, after
+    the first, so that the ranges learn for the rest of the run."""
+    model = ImageClassifier(**regime, lr=3e-4, checkpoint=str(fp32_path))
+    qat = QuantizationAwareTraining(
+        start_epoch=0,
+        freeze_bn_epoch=epochs - 2,
+        freeze_observer_epoch=1 if learnable_ranges else epochs - 1,
+        weight_bits=bits,
+        activation_bits=bits,
+        learnable_ranges=learnable_ranges,
+        calibration_batches=8,
+        backend=backend,
+        export_format="none",
+    )
+    return model, qat
+
+
+def regime_arms(regime_name: str, fp32_epochs: int, qat_epochs: int, scratch: Path):
+    """``train_and_predict`` for ``kfold_accuracy``: fp32, PTQ int8 and QAT (observers and LSQ; 8 bits, and 4 and 3
+    bits where the regime asks) of one regime, every arm fine-tuned from the same fp32 weights of the fold."""
+    regime = REGIMES[regime_name]
+    fit_seconds: dict[str, list[float]] = {}
+
+    def train_and_predict(datamodule: DigitsDataModule, seed: int) -> dict[str, torch.Tensor]:
+        images = datamodule.test_set.tensors[0]
+        L.seed_everything(seed)
+        model = ImageClassifier(**regime)
+        fit(model, fp32_epochs, [], seed, datamodule)
+        fp32_path = scratch / "fp32.pt"
+        torch.save(model.net.state_dict(), fp32_path)
+        predictions = {"fp32": _predict(model, images)}
+        ptq = PostTrainingQuantization(calibration_batches=8, export_format="none")
+        fit(copy.deepcopy(model), 0, [ptq], seed, datamodule)
+        predictions["ptq_int8"] = _predict(ptq.quantized_model, images)
+        bit_widths = (8, 4, 3) if regime_name in LOW_BIT_REGIMES else (8,)
+        for bits in bit_widths:
+            for learnable_ranges in (False, True):
+                arm = f"{'lsq' if learnable_ranges else 'qat'}_{bits}bit"
+                qat_model, qat = _qat(regime, fp32_path, qat_epochs, bits, learnable_ranges)
+                fit_seconds.setdefault(arm, []).append(fit(qat_model, qat_epochs, [qat], seed, datamodule))
+                # no int8 kernel runs a narrower grid: the 4- and 3-bit arms are judged fake-quantized
+                predictions[arm] = _predict(qat.quantized_model if bits == 8 else qat_model, images)
+        labels = datamodule.test_set.tensors[1]
+        accuracies = {arm: round(float((predicted == labels).float().mean()), 4) for arm, predicted in predictions.items()}
+        print(regime_name, seed, datamodule.fold, accuracies, flush=True)
+        return predictions
+
+    return train_and_predict, fit_seconds
+
+
+def accuracy_kfold(
+    regimes: list[str], fp32_epochs: int, qat_epochs: int, folds: int, seeds: list[int], scratch: Path
+) -> list[dict]:
+    rows = []
+    for regime_name in regimes:
+        train_and_predict, fit_seconds = regime_arms(regime_name, fp32_epochs, qat_epochs, scratch)
+        result = kfold_accuracy(train_and_predict, folds=folds, seeds=seeds)
+        result["regime"] = regime_name
+        result["qat_fit_s"] = {arm: round(statistics.mean(values), 1) for arm, values in fit_seconds.items()}
+        rows.append(result)
+    return rows
 
 
 def training_step_time(steps: int) -> dict:
@@ -218,10 +272,50 @@ def training_step_time(steps: int) -> dict:
     return result
 
 
+ARM_NAMES = {"fp32": "fp32", "ptq_int8": "PTQ int8"} | {
+    f"{kind}_{bits}bit": f"QAT {bits}-bit" + (" LSQ" if kind == "lsq" else " observers") + ("" if bits == 8 else " (fake-quant)")
+    for kind in ("qat", "lsq")
+    for bits in (8, 4, 3)
+}
+
+
+def kfold_table(regimes: list[dict]) -> list[str]:
+    """One row per regime and arm: accuracy over all images (mean of the seeds, and their spread), and the
+    paired differences, seed by seed, against fp32, PTQ and (for LSQ) observer-based QAT at the same bits."""
+    first = regimes[0]
+    lines = [
+        f"Accuracy on digits, {first['folds']}-fold: every one of the {first['images']} images is predicted once per seed by a "
+        f"model that never saw it; seeds {first['seeds']} (each reshuffles the folds); differences in points, paired by "
+        "seed, mean ± standard error over seeds. QAT fine-tunes the fold's fp32 weights with the FX backend.",
+        "",
+        "| regime | method | accuracy | seed std (pts) | vs fp32 (pts) | vs PTQ int8 (pts) | LSQ vs observers (pts) | fit s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for result in regimes:
+        for arm, summary in result["arms"].items():
+            cells = [result["regime"], ARM_NAMES[arm], f"{100 * summary['mean']:.2f}%", f"{100 * summary['std']:.2f}"]
+            for baseline in ("fp32", "ptq_int8"):
+                gain = paired_difference(result, arm, baseline)
+                compared = arm not in (baseline, "fp32")  # fp32 is the reference of both columns
+                cells.append(f"{gain['mean']:+.2f} ± {gain['standard_error']:.2f}" if compared else "-")
+            observers = arm.replace("lsq_", "qat_")
+            if arm.startswith("lsq_"):
+                gain = paired_difference(result, arm, observers)
+                cells.append(f"{gain['mean']:+.2f} ± {gain['standard_error']:.2f}")
+            else:
+                cells.append("-")
+            cells.append(str(result["qat_fit_s"].get(arm, "-")))
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(results: dict) -> str:
+    earlier = " (latency table from an earlier run of this benchmark: this run re-measured accuracy only)"
     lines = [
         f"QAT benchmark ({results['machine']}, torch {results['torch']}, torchao {results['torchao']}); "
-        "latency: batch 1, 1 thread, median ms, models interleaved; speedups against fp32 eager.",
+        "latency: batch 1, 1 thread, median ms, models interleaved; speedups against fp32 eager"
+        + (earlier if results.get("latency_from_earlier_run") else "")
+        + ".",
         "",
         "| model | input | fp32 | fp32 BN-folded | fp32 compiled | FX int8 | hand-written FX | pt2e int8 | hand-written pt2e "
         "| FX speedup | pt2e speedup | hand-written pt2e speedup | pt2e vs FX | pt2e compile s | size int8/fp32 FX, pt2e |",
@@ -235,32 +329,7 @@ def markdown(results: dict) -> str:
             f"| {row['fx_speedup']}x | {row['pt2e_speedup']}x | {row['hand_written_pt2e_speedup']}x | {row['pt2e_vs_fx']}x "
             f"| {row['pt2e_int8_compile_s']} | {row['fx_size_ratio']}, {row['pt2e_size_ratio']} |"
         )
-    keys = ["fp32"] + [f"{backend}_{kind}" for backend in BACKENDS for kind in ("ptq", "qat")]
-    lines += [
-        "",
-        "Accuracy on digits (270 test images): default CNN, fp32; then PTQ and QAT (from the fp32 weights) per backend "
-        "(`x86`: FX, `x86_inductor`: pt2e).",
-        "",
-        "| seed | "
-        + " | ".join(keys)
-        + " | "
-        + " | ".join(f"{b} QAT - fp32 (pts)" for b in BACKENDS)
-        + " | "
-        + " | ".join(f"{b} QAT fit s" for b in BACKENDS)
-        + " |",
-        "|---" * (1 + len(keys) + 2 * len(BACKENDS)) + "|",
-    ]
-    rows = results["accuracy"]
-
-    def table_row(label: object, value: callable) -> str:
-        """One line of the accuracy table; ``value(key)`` gives the figure of each column."""
-        cells = [f"{100 * value(key):.2f}%" for key in keys]
-        cells += [f"{value(f'{b}_qat_minus_fp32_points'):+.2f}" for b in BACKENDS]
-        cells += [f"{value(f'{b}_qat_fit_s'):.1f}" for b in BACKENDS]
-        return f"| {label} | " + " | ".join(cells) + " |"
-
-    lines += [table_row(row["seed"], row.__getitem__) for row in rows]
-    lines.append(table_row("mean", lambda key: statistics.mean(row[key] for row in rows)))
+    lines += ["", *kfold_table(results["accuracy"])]
     step = results["training_step"]
     lines += [
         "",
@@ -271,13 +340,22 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def earlier_latency(path: Path) -> list[dict]:
+    """The latency rows of an earlier run, for a run that re-measures accuracy only (``--skip-latency``)."""
+    return json.loads(path.read_text())["latency"] if path.exists() else []
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=100, help="timed forwards per latency figure")
-    parser.add_argument("--skip-latency", action="store_true", help="accuracy and training step only")
+    parser.add_argument(
+        "--skip-latency", action="store_true", help="keep the latency table of the last run's qat.json (marked as such)"
+    )
+    parser.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--fp32-epochs", type=int, default=10)
     parser.add_argument("--qat-epochs", type=int, default=6)
+    parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     args.output.mkdir(parents=True, exist_ok=True)
@@ -287,8 +365,9 @@ def main(argv: list[str] | None = None) -> None:
         "machine": f"{torch.get_num_threads()} threads available, {torch.backends.cpu.get_cpu_capability()}",
         "torch": torch.__version__,
         "torchao": importlib.metadata.version("torchao"),
-        "latency": [] if args.skip_latency else latency_and_size(args.runs),
-        "accuracy": [accuracy_on_digits(scratch, args.fp32_epochs, args.qat_epochs, seed) for seed in args.seeds],
+        "latency": earlier_latency(args.output / "qat.json") if args.skip_latency else latency_and_size(args.runs),
+        "latency_from_earlier_run": args.skip_latency,
+        "accuracy": accuracy_kfold(args.regimes, args.fp32_epochs, args.qat_epochs, args.folds, args.seeds, scratch),
         "training_step": training_step_time(steps=30),
     }
     (args.output / "qat.json").write_text(json.dumps(results, indent=2))

@@ -212,7 +212,7 @@ def test_the_benchmarks_k_fold_helper_scores_every_image_with_a_model_that_never
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
-        from kfold import kfold_accuracy
+        from kfold import kfold_accuracy, paired_difference
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
 
@@ -227,3 +227,7 @@ def test_the_benchmarks_k_fold_helper_scores_every_image_with_a_model_that_never
     constant = result["arms"]["constant"]["per_seed"]
     assert constant == [pytest.approx(178 / 1797)] * 2  # 178 zeros among the digits: every image counted once
     assert 0.85 <= result["arms"]["nearest mean"]["mean"] <= 0.95
+    gain = paired_difference(result, "nearest mean", "constant")
+    expected = [100 * (a - b) for a, b in zip(result["arms"]["nearest mean"]["per_seed"], constant, strict=True)]
+    assert gain["per_seed"] == pytest.approx(expected) and gain["mean"] == pytest.approx(sum(expected) / 2)
+    assert gain["standard_error"] == pytest.approx(abs(expected[0] - expected[1]) / 2)  # stdev of two / sqrt(2)
