@@ -73,6 +73,19 @@ def test_entropy_range_of_signed_values_is_searched_on_their_magnitudes():
     assert low == pytest.approx(-1.0, abs=0.02) and high == pytest.approx(1.0, abs=0.02)
 
 
+def test_entropy_range_clips_a_sparse_outlier_tail_at_the_end_of_the_bulk():
+    """A known answer: a normal bulk (99.9% of it within 3.29, all of it within ~4.7) and 20 outliers spread
+    over 5 to 30 in magnitude. The threshold must keep the bulk and drop the tail, on both sides for signed
+    values; ``max`` would keep all 30 and the old upper-end-only search kept the negative tail."""
+    torch.manual_seed(0)
+    bulk = torch.randn(200_000)
+    tail = (torch.rand(20) * 25 + 5) * torch.where(torch.rand(20) < 0.5, -1.0, 1.0)
+    low, high = _range_ends(torch.cat([bulk.abs(), tail.abs()]))
+    assert low == 0.0 and 3.29 < high < 7.5
+    low, high = _range_ends(torch.cat([bulk, tail]))
+    assert -7.5 < low < -3.29 and 3.29 < high < 7.5
+
+
 def test_ptq_from_a_checkpoint_without_training(tmp_path: Path, trained_checkpoint: Path):
     model = ImageClassifier(checkpoint=str(trained_checkpoint))
     before = {key: value.clone() for key, value in model.state_dict().items()}
