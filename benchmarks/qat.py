@@ -173,9 +173,11 @@ def _predict(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
         return torch.cat([model(batch).argmax(1) for batch in images.split(256)])
 
 
-def _qat(regime: dict, fp32_path: Path, epochs: int, bits: int, learnable_ranges: bool, backend: str = "x86") -> tuple:
-    """Fine-tune from the fp32 weights with fake-quant; observers freeze for the last epoch, or, with LSQ, after
-    the first, so that the ranges learn for the rest of the run."""
+def _qat(
+    regime: dict, fp32_path: Path, epochs: int, bits: int, learnable_ranges: bool
+) -> tuple[ImageClassifier, QuantizationAwareTraining]:
+    """The model and callback of a QAT fine-tune from the fp32 weights (FX backend): observers freeze for the last
+    epoch, or, with LSQ, after the first, so that the ranges learn for the rest of the run."""
     model = ImageClassifier(**regime, lr=3e-4, checkpoint=str(fp32_path))
     qat = QuantizationAwareTraining(
         start_epoch=0,
@@ -185,7 +187,6 @@ def _qat(regime: dict, fp32_path: Path, epochs: int, bits: int, learnable_ranges
         activation_bits=bits,
         learnable_ranges=learnable_ranges,
         calibration_batches=8,
-        backend=backend,
         export_format="none",
     )
     return model, qat
