@@ -36,7 +36,7 @@ from torchao.utils import TorchAOBaseTensor
 
 from lightning_compress import DistillationModule, DynamicQuantization, PostTrainingQuantization, QuantizationAwareTraining
 from lightning_compress.app.text import ByteTransformer, PythonSourceDataModule
-from lightning_compress.lowbit_quantization import LowBitLinearConfig
+from lightning_compress.lowbit_quantization import LowBitLinearConfig, stored_bytes
 from lightning_compress.report import evaluate, latency_ms
 
 RESULTS = Path(__file__).parent / "results"
@@ -57,16 +57,10 @@ def _model(layers: int = TEACHER_LAYERS, state: dict | None = None) -> ByteTrans
 
 def stored_weight_bytes(model: nn.Module) -> tuple[int, int]:
     """Bytes held by the weights of the Linear layers outside ``SKIP``: (all of them, those in low-bit tensors)."""
-
-    def stored(tensor: torch.Tensor) -> int:
-        if isinstance(tensor, TorchAOBaseTensor):
-            inner, _ = tensor.__tensor_flatten__()
-            return sum(stored(getattr(tensor, name)) for name in inner)
-        return tensor.numel() * tensor.element_size()
-
     layers = [layer for name, layer in model.named_modules() if isinstance(layer, nn.Linear) and name.split(".")[0] not in SKIP]
     weights = [layer.weight.detach() for layer in layers]
-    return sum(stored(weight) for weight in weights), sum(stored(w) for w in weights if isinstance(w, TorchAOBaseTensor))
+    low_bit = [weight for weight in weights if isinstance(weight, TorchAOBaseTensor)]
+    return sum(map(stored_bytes, weights)), sum(map(stored_bytes, low_bit))
 
 
 def run_seed(seed: int) -> tuple[dict[str, float], dict[str, nn.Module]]:

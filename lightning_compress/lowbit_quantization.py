@@ -198,3 +198,13 @@ def _swapped(module: nn.Module, config: QATConfig, chosen: set[str]) -> nn.Modul
     names = {f"0.{name}" if name else "0" for name in chosen} if holder is not None else chosen
     quantize_(target, config, filter_fn=lambda layer, name: name in names)
     return holder[0] if holder is not None else target
+
+
+def stored_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a weight holds as stored: for a torchao low-bit tensor, the tensors inside it (its integers, one
+    int4 value per byte in torchao 0.18's x86 layouts, its scales and zero-points), so that a size ratio counts
+    what the converted model keeps rather than the logical shape."""
+    if isinstance(tensor, TorchAOBaseTensor):
+        inner, _ = tensor.__tensor_flatten__()
+        return sum(stored_bytes(getattr(tensor, name)) for name in inner)
+    return tensor.numel() * tensor.element_size()

@@ -17,7 +17,7 @@ from torchao.utils import TorchAOBaseTensor
 
 from lightning_compress import PostTrainingQuantization, QuantizationAwareTraining
 from lightning_compress.app.text import ByteTransformer, PythonSourceDataModule
-from lightning_compress.lowbit_quantization import SCHEMES, LowBitLinearConfig
+from lightning_compress.lowbit_quantization import SCHEMES, LowBitLinearConfig, stored_bytes
 from lightning_compress.report import evaluate
 
 from conftest import quiet_trainer
@@ -39,14 +39,7 @@ def _fit(
 
 def _weight_bytes(model: nn.Module, names: list[str]) -> int:
     """Bytes the weights of these layers hold: a low-bit tensor's integers, scales and zero-points."""
-
-    def stored(tensor: torch.Tensor) -> int:
-        if isinstance(tensor, TorchAOBaseTensor):
-            inner, _ = tensor.__tensor_flatten__()
-            return sum(stored(getattr(tensor, name)) for name in inner)
-        return tensor.numel() * tensor.element_size()
-
-    return sum(stored(model.get_submodule(name).weight.detach()) for name in names)
+    return sum(stored_bytes(model.get_submodule(name).weight.detach()) for name in names)
 
 
 def _low_bit_layers(model: nn.Module) -> list[str]:
