@@ -57,6 +57,18 @@ def kfold_accuracy(train_and_predict: TrainAndPredict, folds: int = 5, seeds: li
     }
 
 
+def predicted_classes(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The class ``model`` predicts for each of ``images``, in eval mode and without gradients."""
+    model.eval()
+    with torch.no_grad():
+        return torch.cat([model(batch).argmax(1) for batch in images.split(256)])
+
+
+def fold_accuracies(predictions: Mapping[str, torch.Tensor], labels: torch.Tensor) -> dict[str, float]:
+    """Each arm's accuracy on one fold, rounded for a progress line."""
+    return {arm: round(float((predicted.cpu() == labels).float().mean()), 4) for arm, predicted in predictions.items()}
+
+
 def paired_difference(result: dict, arm: str, baseline: str) -> dict:
     """``arm`` minus ``baseline`` in points, seed by seed (both arms saw the same folds of each seed), with the
     mean, the standard deviation over seeds and the standard error of the mean."""

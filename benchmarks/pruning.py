@@ -5,11 +5,13 @@
 
 Everything is measured in this one run, same model (default CNN), data (digits), epochs and seeds:
 
-1. Unstructured pruning to 50%, 80% and 90%: test accuracy, requested vs measured sparsity (zeros counted
-   over the pruned weights), and fit time against dense training. ModelPruning gets the same cubic
-   targets, one per epoch (the finest it supports), global L1 ranking over the same Conv/Linear weights.
-2. Channel pruning (30% and 50% of channels, physically removed): accuracy on digits at 32x32, size, and
-   batch-1 single-thread latency at 32x32 and 224x224, against the dense model (interleaved timing).
+1. Unstructured pruning to 50%, 80%, 90% and 95%: accuracy by 5-fold over all 1,797 digits (``kfold.py``,
+   3 seeds), requested vs measured sparsity (zeros counted over the pruned weights), and fit time against
+   dense training. ModelPruning gets the same cubic targets, one per epoch (the finest it supports), global
+   L1 ranking over the same Conv/Linear weights.
+2. Channel pruning (30%, 50% and 70% of channels, physically removed): accuracy on digits at 32x32, k-fold
+   as above, size, and batch-1 single-thread latency at 32x32 and 224x224, against the dense model
+   (interleaved timing).
 3. Channel coverage (written to pruning_architectures.json/.md): eight torchvision architectures, 50% of the
    channels of every group, ours (MagnitudePruning, a short fit on random 224x224 images) against
    Torch-Pruning's MagnitudePruner (same ratio, final classifier left alone): parameter fraction, and
@@ -29,13 +31,14 @@ from pathlib import Path
 import lightning as L
 import torch
 from common import fit
+from kfold import fold_accuracies, kfold_accuracy, paired_difference, predicted_classes
 from lightning.pytorch.callbacks import ModelPruning
 from torch import nn
 
 from lightning_compress import MagnitudePruning
 from lightning_compress.app.data import DigitsDataModule
 from lightning_compress.app.models import ImageClassifier
-from lightning_compress.report import count_parameters, latency_ms, serialized_size, top1_accuracy
+from lightning_compress.report import count_parameters, latency_ms, serialized_size
 from lightning_compress.schedules import SparsitySchedule
 
 ARCHITECTURES = [
@@ -72,98 +75,100 @@ def _lightning_pruning(model: ImageClassifier, sparsity: float) -> ModelPruning:
     return ModelPruning("l1_unstructured", parameters_to_prune=layers, amount=amount, use_global_unstructured=True, verbose=0)
 
 
-def unstructured(seeds: list[int]) -> list[dict]:
-    digits = DigitsDataModule(batch_size=64)
-    rows = []
-    for seed in seeds:
+SPARSITIES = (0.5, 0.8, 0.9, 0.95)
+CHANNEL_SHARES = (0.3, 0.5, 0.7)
+
+
+def _magnitude_pruning(sparsity: float, mode: str = "unstructured") -> MagnitudePruning:
+    return MagnitudePruning(
+        final_sparsity=sparsity,
+        start_epoch=START,
+        end_epoch=END,
+        mode=mode,
+        update_every=10,
+        export_format="none",
+        plot=False,
+    )
+
+
+def unstructured(folds: int, seeds: list[int]) -> dict:
+    """Dense, MagnitudePruning and ModelPruning at each sparsity, k-fold: every arm of a fold trains from the
+    same seed on the same training images; measured sparsity and fit time are means over the folds."""
+    settings: dict[str, dict] = {"dense": {"method": "dense", "requested": 0.0}}
+    measured: dict[str, list[float]] = {}
+    seconds: dict[str, list[float]] = {}
+
+    def train_and_predict(datamodule: DigitsDataModule, seed: int) -> dict[str, torch.Tensor]:
+        images = datamodule.test_set.tensors[0]
         L.seed_everything(seed)
         dense = ImageClassifier()
-        dense_seconds = fit(dense, EPOCHS, [], seed, digits)
-        dense_accuracy = top1_accuracy(dense, digits.test_dataloader())
-        rows.append(
-            {
-                "seed": seed,
-                "method": "dense",
-                "requested": 0.0,
-                "measured": 0.0,
-                "accuracy": dense_accuracy,
-                "fit_seconds": dense_seconds,
-            }
-        )
-        for sparsity in (0.5, 0.8, 0.9):
+        seconds.setdefault("dense", []).append(fit(dense, EPOCHS, [], seed, datamodule))
+        measured.setdefault("dense", []).append(_measured_sparsity(dense))
+        predictions = {"dense": predicted_classes(dense, images)}
+        for sparsity in SPARSITIES:
             for method in ("MagnitudePruning", "ModelPruning"):
+                arm = f"{method} {sparsity:.0%}"
+                settings[arm] = {"method": method, "requested": sparsity}
                 L.seed_everything(seed)
                 model = ImageClassifier()
-                if method == "MagnitudePruning":
-                    callback = MagnitudePruning(
-                        final_sparsity=sparsity,
-                        start_epoch=START,
-                        end_epoch=END,
-                        update_every=10,
-                        export_format="none",
-                        plot=False,
-                    )
-                else:
-                    callback = _lightning_pruning(model, sparsity)
-                seconds = fit(model, EPOCHS, [callback], seed, digits)
-                row = {
-                    "seed": seed,
-                    "method": method,
-                    "requested": sparsity,
-                    "measured": _measured_sparsity(model),
-                    "accuracy": top1_accuracy(model, digits.test_dataloader()),
-                    "fit_seconds": seconds,
-                    "accuracy_vs_dense_points": 100 * (top1_accuracy(model, digits.test_dataloader()) - dense_accuracy),
-                    "time_overhead": seconds / dense_seconds - 1.0,
-                }
-                print(row, flush=True)
-                rows.append(row)
-    return rows
+                callback = _magnitude_pruning(sparsity) if method == "MagnitudePruning" else _lightning_pruning(model, sparsity)
+                seconds.setdefault(arm, []).append(fit(model, EPOCHS, [callback], seed, datamodule))
+                measured.setdefault(arm, []).append(_measured_sparsity(model))
+                predictions[arm] = predicted_classes(model, images)
+        print(seed, datamodule.fold, fold_accuracies(predictions, datamodule.test_set.tensors[1]), flush=True)
+        return predictions
 
-
-def channels(seed: int, runs: int) -> list[dict]:
-    digits = DigitsDataModule(batch_size=64, image_size=32)
-    test = digits.test_dataloader()
-    L.seed_everything(seed)
-    dense = ImageClassifier()
-    fit(dense, EPOCHS, [], seed, digits)
-    models = {"dense": dense.net.eval()}
-    accuracies = {"dense": top1_accuracy(dense, test)}
-    for sparsity in (0.3, 0.5):
-        L.seed_everything(seed)
-        model = ImageClassifier()
-        pruning = MagnitudePruning(
-            final_sparsity=sparsity,
-            start_epoch=START,
-            end_epoch=END,
-            mode="channels",
-            update_every=10,
-            export_format="none",
-            plot=False,
+    result = kfold_accuracy(train_and_predict, folds=folds, seeds=seeds, batch_size=64)
+    for arm, summary in result["arms"].items():
+        summary.update(
+            settings[arm],
+            measured=statistics.mean(measured[arm]),
+            fit_seconds=statistics.mean(seconds[arm]),
+            time_overhead=statistics.mean(seconds[arm]) / statistics.mean(seconds["dense"]) - 1.0,
         )
-        fit(model, EPOCHS, [pruning], seed, digits)
-        name = f"{int(sparsity * 100)}% channels"
-        models[name] = pruning.pruned_model.net.eval()
-        accuracies[name] = top1_accuracy(pruning.pruned_model, test)
-    rows = []
+    return result
+
+
+def channels(folds: int, seeds: list[int], runs: int) -> dict:
+    """Accuracy at 32x32 of the dense CNN and of 30%, 50% and 70% channel removal, k-fold; size and latency
+    (batch 1, one thread, 32x32 and 224x224, models timed in turns) of the models of the first seed's first fold."""
+    timed: dict[str, nn.Module] = {}
+
+    def train_and_predict(datamodule: DigitsDataModule, seed: int) -> dict[str, torch.Tensor]:
+        images = datamodule.test_set.tensors[0]
+        L.seed_everything(seed)
+        dense = ImageClassifier()
+        fit(dense, EPOCHS, [], seed, datamodule)
+        networks = {"dense": dense.net}
+        for share in CHANNEL_SHARES:
+            L.seed_everything(seed)
+            model = ImageClassifier()
+            pruning = _magnitude_pruning(share, mode="channels")
+            fit(model, EPOCHS, [pruning], seed, datamodule)
+            networks[f"{share:.0%} channels"] = pruning.pruned_model.net
+        if not timed:
+            timed.update({name: network.eval() for name, network in networks.items()})
+        predictions = {name: predicted_classes(network, images) for name, network in networks.items()}
+        print(seed, datamodule.fold, fold_accuracies(predictions, datamodule.test_set.tensors[1]), flush=True)
+        return predictions
+
+    result = kfold_accuracy(train_and_predict, folds=folds, seeds=seeds, batch_size=64, image_size=32)
+    result["latency"] = []
     for size in (32, 224):
-        example = torch.randn(1, 1, size, size)
-        timings = latency_ms(models, example, runs=runs, warmup=5)
-        for name, net in models.items():
-            parameters, _ = count_parameters(net)
-            rows.append(
+        timings = latency_ms(timed, torch.randn(1, 1, size, size), runs=runs, warmup=5)
+        for name, network in timed.items():
+            result["latency"].append(
                 {
                     "model": name,
                     "input": f"{size}x{size}",
-                    "accuracy_32x32": accuracies[name],
-                    "parameters": parameters,
-                    "size_bytes": serialized_size(net),
+                    "parameters": count_parameters(network)[0],
+                    "size_bytes": serialized_size(network),
                     "latency_ms": round(timings[name], 3),
                     "speedup": round(timings["dense"] / timings[name], 2),
                 }
             )
-            print(rows[-1], flush=True)
-    return rows
+            print(result["latency"][-1], flush=True)
+    return result
 
 
 class _Classifier(L.LightningModule):
@@ -262,35 +267,45 @@ def architectures_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _versus_dense(result: dict, arm: str) -> str:
+    if arm == "dense":
+        return "-"
+    gain = paired_difference(result, arm, "dense")
+    return f"{gain['mean']:+.2f} ± {gain['standard_error']:.2f}"
+
+
 def markdown(results: dict) -> str:
+    sparse, shrunk = results["unstructured"], results["channels"]
     lines = [
-        f"Pruning benchmark (torch {results['torch']}); default CNN on digits, {EPOCHS} epochs, pruning "
-        f"from epoch {START} to {END}, seeds {results['seeds']}; mean (std) over seeds.",
+        f"Pruning benchmark (torch {results['torch']}, CPU {results.get('cpu', '?')}); default CNN on digits, {EPOCHS} "
+        f"epochs, pruning from epoch {START} to {END}. Accuracy {sparse['folds']}-fold: each of the {sparse['images']} "
+        f"images is predicted once per seed by a model that never saw it, seeds {sparse['seeds']} (each reshuffles the "
+        "folds); mean over seeds, their spread, and the paired difference to dense (mean ± standard error over seeds).",
         "",
-        "| method | requested | measured | test acc | vs dense (pts) | fit time vs dense |",
-        "|---|---|---|---|---|---|",
-    ]
-    groups: dict[tuple, list[dict]] = {}
-    for row in results["unstructured"]:
-        groups.setdefault((row["method"], row["requested"]), []).append(row)
-    for (method, requested), rows in sorted(groups.items(), key=lambda item: (item[0][1], item[0][0])):
-        accuracies = [100 * row["accuracy"] for row in rows]
-        spread = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
-        delta = statistics.mean(row.get("accuracy_vs_dense_points", 0.0) for row in rows)
-        overhead = statistics.mean(row.get("time_overhead", 0.0) for row in rows)
-        lines.append(
-            f"| {method} | {requested:.0%} | {statistics.mean(row['measured'] for row in rows):.4f} | "
-            f"{statistics.mean(accuracies):.2f}% ({spread:.2f}) | {delta:+.2f} | {overhead:+.1%} |"
-        )
-    lines += [
-        "",
-        "| model | input | test acc (32x32) | params | size KiB | latency ms | speedup |",
+        "| method | requested sparsity | measured | accuracy | seed std (pts) | vs dense (pts) | fit time vs dense |",
         "|---|---|---|---|---|---|---|",
     ]
-    for row in results["channels"]:
+    for arm, summary in sorted(sparse["arms"].items(), key=lambda item: (item[1]["requested"], item[1]["method"])):
         lines.append(
-            f"| {row['model']} | {row['input']} | {100 * row['accuracy_32x32']:.2f}% | {row['parameters']:,} | "
-            f"{row['size_bytes'] / 1024:.1f} | {row['latency_ms']} | {row['speedup']}x |"
+            f"| {summary['method']} | {summary['requested']:.0%} | {summary['measured']:.4f} | {100 * summary['mean']:.2f}% "
+            f"| {100 * summary['std']:.2f} | {_versus_dense(sparse, arm)} | {summary['time_overhead']:+.1%} |"
+        )
+    latency = {(row["model"], row["input"]): row for row in shrunk["latency"]}
+    lines += [
+        "",
+        f"Channels physically removed (MagnitudePruning mode=channels), 32x32 inputs, {shrunk['folds']}-fold over "
+        f"{shrunk['images']} images, seeds {shrunk['seeds']}; parameters, size and latency (batch 1, one thread, models "
+        "timed in turns) of the first fold's models.",
+        "",
+        "| model | accuracy | seed std (pts) | vs dense (pts) | params | size KiB | 32x32 ms | speedup | 224x224 ms | speedup |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for arm, summary in shrunk["arms"].items():
+        small, large = latency[(arm, "32x32")], latency[(arm, "224x224")]
+        lines.append(
+            f"| {arm} | {100 * summary['mean']:.2f}% | {100 * summary['std']:.2f} | {_versus_dense(shrunk, arm)} "
+            f"| {small['parameters']:,} | {small['size_bytes'] / 1024:.1f} | {small['latency_ms']} | {small['speedup']}x "
+            f"| {large['latency_ms']} | {large['speedup']}x |"
         )
     return "\n".join(lines) + "\n"
 
@@ -298,6 +313,7 @@ def markdown(results: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--runs", type=int, default=50, help="timed forwards per latency figure")
     parser.add_argument("--output", type=Path, default=RESULTS)
     sections = ["unstructured", "channels", "architectures"]
@@ -313,12 +329,12 @@ def main(argv: list[str] | None = None) -> None:
     if {"unstructured", "channels"} & set(args.sections):
         # a section not run keeps its latest results
         path = args.output / "pruning.json"
-        results = json.loads(path.read_text()) if path.is_file() else {"unstructured": [], "channels": []}
-        results.update(torch=torch.__version__, seeds=args.seeds)
+        results = json.loads(path.read_text()) if path.is_file() else {}
+        results.update(torch=torch.__version__, cpu=torch.backends.cpu.get_cpu_capability())
         if "unstructured" in args.sections:
-            results["unstructured"] = unstructured(args.seeds)
+            results["unstructured"] = unstructured(args.folds, args.seeds)
         if "channels" in args.sections:
-            results["channels"] = channels(args.seeds[0], args.runs)
+            results["channels"] = channels(args.folds, args.seeds, args.runs)
         (args.output / "pruning.json").write_text(json.dumps(results, indent=2))
         (args.output / "pruning.md").write_text(markdown(results))
         print(markdown(results))

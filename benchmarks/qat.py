@@ -33,7 +33,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from common import fit
-from kfold import kfold_accuracy, paired_difference
+from kfold import fold_accuracies, kfold_accuracy, paired_difference, predicted_classes
 from torch.fx.experimental.optimization import fuse as fold_batch_norm
 
 from lightning_compress import PostTrainingQuantization, QuantizationAwareTraining, compat
@@ -167,12 +167,6 @@ REGIMES = {
 LOW_BIT_REGIMES = ("default CNN",)  # 4- and 3-bit arms (weights and activations), observers against LSQ
 
 
-def _predict(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    model.eval()
-    with torch.no_grad():
-        return torch.cat([model(batch).argmax(1) for batch in images.split(256)])
-
-
 def _qat(
     regime: dict, fp32_path: Path, epochs: int, bits: int, learnable_ranges: bool
 ) -> tuple[ImageClassifier, QuantizationAwareTraining]:
@@ -205,10 +199,10 @@ def regime_arms(regime_name: str, fp32_epochs: int, qat_epochs: int, scratch: Pa
         fit(model, fp32_epochs, [], seed, datamodule)
         fp32_path = scratch / "fp32.pt"
         torch.save(model.net.state_dict(), fp32_path)
-        predictions = {"fp32": _predict(model, images)}
+        predictions = {"fp32": predicted_classes(model, images)}
         ptq = PostTrainingQuantization(calibration_batches=8, export_format="none")
         fit(copy.deepcopy(model), 0, [ptq], seed, datamodule)
-        predictions["ptq_int8"] = _predict(ptq.quantized_model, images)
+        predictions["ptq_int8"] = predicted_classes(ptq.quantized_model, images)
         bit_widths = (8, 4, 3) if regime_name in LOW_BIT_REGIMES else (8,)
         for bits in bit_widths:
             for learnable_ranges in (False, True):
@@ -216,10 +210,8 @@ def regime_arms(regime_name: str, fp32_epochs: int, qat_epochs: int, scratch: Pa
                 qat_model, qat = _qat(regime, fp32_path, qat_epochs, bits, learnable_ranges)
                 fit_seconds.setdefault(arm, []).append(fit(qat_model, qat_epochs, [qat], seed, datamodule))
                 # no int8 kernel runs a narrower grid: the 4- and 3-bit arms are judged fake-quantized
-                predictions[arm] = _predict(qat.quantized_model if bits == 8 else qat_model, images)
-        labels = datamodule.test_set.tensors[1]
-        accuracies = {arm: round(float((predicted == labels).float().mean()), 4) for arm, predicted in predictions.items()}
-        print(regime_name, seed, datamodule.fold, accuracies, flush=True)
+                predictions[arm] = predicted_classes(qat.quantized_model if bits == 8 else qat_model, images)
+        print(regime_name, seed, datamodule.fold, fold_accuracies(predictions, datamodule.test_set.tensors[1]), flush=True)
         return predictions
 
     return train_and_predict, fit_seconds
@@ -346,13 +338,27 @@ def earlier_latency(path: Path) -> list[dict]:
     return json.loads(path.read_text())["latency"] if path.exists() else []
 
 
+def with_earlier_regimes(measured: list[dict], path: Path) -> list[dict]:
+    """``measured`` beside the accuracy rows of the regimes this run did not re-measure, kept from the last
+    run's results (each row carries its own folds, seeds and fit times), in the order of ``REGIMES``."""
+    earlier = json.loads(path.read_text())["accuracy"] if path.exists() else []
+    by_regime = {row["regime"]: row for row in earlier} | {row["regime"]: row for row in measured}
+    return [by_regime[name] for name in REGIMES if name in by_regime]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=100, help="timed forwards per latency figure")
     parser.add_argument(
         "--skip-latency", action="store_true", help="keep the latency table of the last run's qat.json (marked as such)"
     )
-    parser.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
+    parser.add_argument(
+        "--regimes",
+        nargs="+",
+        default=list(REGIMES),
+        choices=list(REGIMES),
+        help="accuracy regimes to measure; the others keep their rows from the last run's qat.json",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--fp32-epochs", type=int, default=10)
     parser.add_argument("--qat-epochs", type=int, default=6)
@@ -368,7 +374,10 @@ def main(argv: list[str] | None = None) -> None:
         "torchao": importlib.metadata.version("torchao"),
         "latency": earlier_latency(args.output / "qat.json") if args.skip_latency else latency_and_size(args.runs),
         "latency_from_earlier_run": args.skip_latency,
-        "accuracy": accuracy_kfold(args.regimes, args.fp32_epochs, args.qat_epochs, args.folds, args.seeds, scratch),
+        "accuracy": with_earlier_regimes(
+            accuracy_kfold(args.regimes, args.fp32_epochs, args.qat_epochs, args.folds, args.seeds, scratch),
+            args.output / "qat.json",
+        ),
         "training_step": training_step_time(steps=30),
     }
     (args.output / "qat.json").write_text(json.dumps(results, indent=2))
