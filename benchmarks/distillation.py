@@ -28,7 +28,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from common import fit
-from kfold import fold_accuracies, kfold_accuracy, paired_difference, predicted_classes
+from kfold import fold_accuracies, kfold_accuracy, over_seeds, paired_difference, predicted_classes
 
 from lightning_compress import DistillationModule
 from lightning_compress.app.data import DigitsDataModule
@@ -64,8 +64,7 @@ def gap_closed(result: dict, arm: str) -> dict:
     accuracies over all images of the seed's folds), with the mean and its standard error over seeds."""
     runs = {name: result["arms"][name]["per_seed"] for name in ("teacher", "alone", arm)}
     shares = [(a - alone) / (teacher - alone) for teacher, alone, a in zip(*runs.values(), strict=True)]
-    spread = statistics.stdev(shares) if len(shares) > 1 else 0.0
-    return {"per_seed": shares, "mean": statistics.mean(shares), "standard_error": spread / len(shares) ** 0.5}
+    return over_seeds(shares)
 
 
 def accuracy(scratch: Path, folds: int, seeds: list[int], epochs: int, teacher_epochs: int, lr: float, augment: bool) -> dict:

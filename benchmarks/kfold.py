@@ -73,11 +73,15 @@ def paired_difference(result: dict, arm: str, baseline: str) -> dict:
     """``arm`` minus ``baseline`` in points, seed by seed (both arms saw the same folds of each seed), with the
     mean, the standard deviation over seeds and the standard error of the mean."""
     pairs = zip(result["arms"][arm]["per_seed"], result["arms"][baseline]["per_seed"], strict=True)
-    differences = [100 * (a - b) for a, b in pairs]
-    spread = statistics.stdev(differences) if len(differences) > 1 else 0.0
+    return over_seeds([100 * (a - b) for a, b in pairs])
+
+
+def over_seeds(values: list[float]) -> dict:
+    """One value per seed, with their mean, standard deviation and the standard error of the mean."""
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
     return {
-        "per_seed": differences,
-        "mean": statistics.mean(differences),
+        "per_seed": values,
+        "mean": statistics.mean(values),
         "std": spread,
-        "standard_error": spread / len(differences) ** 0.5,
+        "standard_error": spread / len(values) ** 0.5,
     }
