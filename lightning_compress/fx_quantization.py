@@ -76,6 +76,16 @@ class EntropyObserver(HistogramObserver):
     Unsigned activations (nothing below zero, as after a ReLU) search the upper end of the range. Signed ones are
     folded onto their magnitudes and a symmetric threshold is searched with half the levels, as TensorRT does:
     searching only the upper end, as this observer did before, never clipped a negative tail, however far out.
+    All-negative ones are mirrored and search their lower end.
+
+    The bin holding zero weighs as its neighbour in the search (TensorRT's ``bins[0] = bins[1]``). Zero lies
+    exactly on the grid at any range, so its mass carries no quantization error; counted as it is, the spike of
+    exact zeros after a ReLU (half the values or more) dominates the divergence, and since every wider range
+    merges the spike with more of its neighbours, the search shrank the range with the size of the spike: on a
+    resnet18 it clipped ReLU outputs at 40% of their maximum and cost 3 points that ``mse`` does not lose.
+    Folded signed values keep their first bin as it is: it holds the small magnitudes of both sides, not a
+    spike made by a clamp, and flattening it (as TensorRT does to every histogram) clipped the digits' input
+    pixels, whose middle grey is exactly zero, to a tenth of their range.
     """
 
     def _non_linear_param_search(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,12 +98,20 @@ class EntropyObserver(HistogramObserver):
             magnitudes = torch.zeros(self.bins, dtype=torch.float64).index_add_(0, folded, histogram)
             threshold = width * kl_threshold(magnitudes, levels // 2)
             return torch.maximum(self.min_val, -threshold), torch.minimum(self.max_val, threshold)
-        return self.min_val, self.min_val + width * kl_threshold(histogram, levels)
+        if self.max_val <= 0 < self.max_val - self.min_val:  # all negative: the far end is the lower one
+            kept = kl_threshold(histogram.flip(0), levels, first_bin_is_zero=bool(self.max_val == 0))
+            return self.max_val - width * kept, self.max_val
+        kept = kl_threshold(histogram, levels, first_bin_is_zero=bool(self.min_val == 0))
+        return self.min_val, self.min_val + width * kept
 
 
-def kl_threshold(histogram: torch.Tensor, levels: int) -> int:
+def kl_threshold(histogram: torch.Tensor, levels: int, first_bin_is_zero: bool = False) -> int:
     """How many bins, from the first, to keep so that quantizing them to ``levels`` levels (what lies beyond
-    clipped onto the last kept bin) loses the least information (KL divergence)."""
+    clipped onto the last kept bin) loses the least information (KL divergence). Where the first bin holds
+    zero, it weighs as its neighbour (see ``EntropyObserver``)."""
+    if first_bin_is_zero and len(histogram) > 1:
+        histogram = histogram.clone()
+        histogram[0] = histogram[1]
     occupied = int(torch.nonzero(histogram).max()) + 1 if bool(histogram.any()) else len(histogram)
     step = max(len(histogram) // 256, 1)
     best_end, best_divergence = occupied, float("inf")

@@ -86,6 +86,21 @@ def test_entropy_range_clips_a_sparse_outlier_tail_at_the_end_of_the_bulk():
     assert -7.5 < low < -3.29 and 3.29 < high < 7.5
 
 
+def test_entropy_range_of_a_relu_output_is_not_shrunk_by_its_spike_of_zeros():
+    """After a ReLU, half the values or more are exactly zero. Zero lies on the grid at any range, so the
+    threshold must be the one the positive half alone gets: counted as it is, the spike shrank it with its
+    size (to 3.0, 2.0 and 1.0 for these three, clipping a third of the bulk at the last)."""
+    torch.manual_seed(0)
+    positive = torch.cat([torch.randn(200_000).abs(), torch.tensor([8.0])])
+    _, alone = _range_ends(positive)
+    assert 3.29 < alone < 7.5
+    for zeros in (50_000, 200_000, 400_000):
+        low, high = _range_ends(torch.cat([torch.zeros(zeros), positive]))
+        assert low == 0.0 and high == pytest.approx(alone, rel=0.15)
+    low, high = _range_ends(-torch.cat([torch.zeros(200_000), positive]))  # all negative: the lower end is searched
+    assert high == 0.0 and low == pytest.approx(-alone, rel=0.15)
+
+
 def test_ptq_from_a_checkpoint_without_training(tmp_path: Path, trained_checkpoint: Path):
     model = ImageClassifier(checkpoint=str(trained_checkpoint))
     before = {key: value.clone() for key, value in model.state_dict().items()}
