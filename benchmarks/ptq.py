@@ -2,7 +2,7 @@
 
     python benchmarks/ptq.py            # writes benchmarks/results/ptq.json and ptq.md
 
-In one run, for the default CNN and resnet18 (small-input stem) trained on digits: fp32; static PTQ with
+In one run, for the default CNN, resnet18 and mobilenet_v2 (small-input stems) trained on digits: fp32; static PTQ with
 min-max per-tensor ranges, with per-channel weights and each histogram range method (max, percentile
 99.99, entropy, mse); QAT int8; and QAT with 4-bit weights and activations (fake-quant: no int8 kernel
 runs a 4-bit grid, so no latency is given for it). Then dynamic quantization of an LSTM over digit rows
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--qat-epochs", type=int, default=3)
-    parser.add_argument("--architectures", nargs="+", default=["cnn", "resnet18"])
+    parser.add_argument("--architectures", nargs="+", default=["cnn", "resnet18", "mobilenet_v2"])
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     scratch = args.output / "scratch"
