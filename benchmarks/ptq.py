@@ -2,11 +2,14 @@
 
     python benchmarks/ptq.py            # writes benchmarks/results/ptq.json and ptq.md
 
-In one run, for the default CNN, resnet18 and mobilenet_v2 (small-input stems) trained on digits: fp32; static PTQ with
+For the default CNN, resnet18 and mobilenet_v2 (small-input stems) trained on digits: fp32; static PTQ with
 min-max per-tensor ranges, with per-channel weights and each histogram range method (max, percentile
 99.99, entropy, mse); QAT int8; and QAT with 4-bit weights and activations (fake-quant: no int8 kernel
-runs a 4-bit grid, so no latency is given for it). Then dynamic quantization of an LSTM over digit rows
-and of a Linear-heavy MLP: size ratio, batch-1 latency ratio and mean absolute output difference.
+runs a 4-bit grid, so no latency is given for it). Accuracy is k-fold (``kfold.py``): every image is a test
+image once per seed, each method calibrated or fine-tuned from the same fp32 weights of the fold, so the
+differences are paired. Size and latency are measured on the models of the first fold of the first seed.
+Then dynamic quantization of an LSTM over digit rows and of a Linear-heavy MLP (fixed test split): size
+ratio, batch-1 latency ratio and mean absolute output difference.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 
 import torch
 from common import fit
+from kfold import fold_accuracies, kfold_accuracy, paired_difference, predicted_classes
 from torch import nn
 
 from lightning_compress import DynamicQuantization, PostTrainingQuantization, QuantizationAwareTraining
@@ -27,73 +31,75 @@ from lightning_compress.report import latency_ms, serialized_size, top1_accuracy
 
 RESULTS = Path(__file__).parent / "results"
 
+PTQ_METHODS = {  # arm: (the row's name, PostTrainingQuantization options)
+    "ptq_minmax_per_tensor": (
+        "PTQ min-max, per-tensor",
+        {"per_channel_weights": False, "observer": "minmax", "range_method": "max"},
+    ),
+    "ptq_max": ("PTQ histogram max, per-channel", {"observer": "histogram", "range_method": "max"}),
+    "ptq_percentile": ("PTQ histogram percentile 99.99, per-channel", {"observer": "histogram", "range_method": "percentile"}),
+    "ptq_entropy": ("PTQ histogram entropy, per-channel", {"observer": "histogram", "range_method": "entropy"}),
+    "ptq_mse": ("PTQ histogram mse, per-channel", {"observer": "histogram", "range_method": "mse"}),
+}
+QAT_BITS = (8, 4)
+ARM_NAMES = {
+    "fp32": "fp32",
+    **{arm: name for arm, (name, _) in PTQ_METHODS.items()},
+    "qat_8bit": "QAT 8-bit",
+    "qat_4bit": "QAT 4-bit (fake-quant)",
+}
 
-def static_methods(architecture: str, epochs: int, qat_epochs: int, scratch: Path) -> list[dict]:
-    test = DigitsDataModule().test_dataloader()
-    example = next(iter(test))[0][:1]
-    model = ImageClassifier(architecture)
-    fit(model, epochs, [])
-    checkpoint = scratch / f"{architecture}.pt"
-    torch.save(model.net.state_dict(), checkpoint)
-    fp32_accuracy = top1_accuracy(model, test)
-    rows = [
-        {
-            "model": architecture,
-            "method": "fp32",
-            "accuracy": fp32_accuracy,
-            "size_bytes": serialized_size(model),
-            "quantized": model,
-        }
-    ]
-    variants = {
-        "PTQ min-max, per-tensor": {"per_channel_weights": False, "observer": "minmax", "range_method": "max"},
-        "PTQ histogram max, per-channel": {"observer": "histogram", "range_method": "max"},
-        "PTQ histogram percentile 99.99, per-channel": {"observer": "histogram", "range_method": "percentile"},
-        "PTQ histogram entropy, per-channel": {"observer": "histogram", "range_method": "entropy"},
-        "PTQ histogram mse, per-channel": {"observer": "histogram", "range_method": "mse"},
-    }
-    for method, options in variants.items():
-        ptq = PostTrainingQuantization(calibration_batches=8, export_format="none", **options)
-        fit(ImageClassifier(architecture, checkpoint=str(checkpoint)), 0, [ptq])
-        rows.append(
-            {
-                "model": architecture,
-                "method": method,
-                "accuracy": top1_accuracy(ptq.quantized_model, test),
-                "size_bytes": serialized_size(ptq.quantized_model),
-                "quantized": ptq.quantized_model,
-            }
-        )
-    for bits in (8, 4):
-        qat = QuantizationAwareTraining(
-            start_epoch=0,
-            freeze_bn_epoch=max(qat_epochs - 1, 0),
-            weight_bits=bits,
-            activation_bits=bits,
-            calibration_batches=8,
-            export_format="none",
-        )
-        trained = ImageClassifier(architecture, lr=3e-4, checkpoint=str(checkpoint))
-        fit(trained, qat_epochs, [qat])
-        result = qat.quantized_model if bits == 8 else trained
-        rows.append(
-            {
-                "model": architecture,
-                "method": f"QAT {bits}-bit" + (" (fake-quant)" if bits < 8 else ""),
-                "accuracy": top1_accuracy(result, test),
-                "size_bytes": serialized_size(result),
-                "quantized": result if bits == 8 else None,
-            }
-        )
-    timed = {row["method"]: row["quantized"] for row in rows if row["quantized"] is not None}
-    timings = latency_ms(timed, example, runs=50, warmup=10)
-    for row in rows:
-        row.pop("quantized")
-        row["latency_ms"] = round(timings[row["method"]], 3) if row["method"] in timings else None
-        row["accuracy_vs_fp32_points"] = round(100 * (row["accuracy"] - fp32_accuracy), 2)
-        row["size_ratio"] = round(row["size_bytes"] / rows[0]["size_bytes"], 3)
-        print(row, flush=True)
-    return rows
+
+def architecture_arms(architecture: str, epochs: int, qat_epochs: int, scratch: Path):
+    """``train_and_predict`` for ``kfold_accuracy``: every method of one architecture from the fold's fp32
+    weights; and the dict it fills, on its first call, with each arm's serialized size and batch-1 latency."""
+    measured: dict[str, dict] = {}
+
+    def train_and_predict(datamodule: DigitsDataModule, seed: int) -> dict[str, torch.Tensor]:
+        model = ImageClassifier(architecture)
+        fit(model, epochs, [], seed, datamodule)
+        checkpoint = scratch / f"{architecture}.pt"
+        torch.save(model.net.state_dict(), checkpoint)
+        models = {"fp32": model}
+        for arm, (_, options) in PTQ_METHODS.items():
+            ptq = PostTrainingQuantization(calibration_batches=8, export_format="none", **options)
+            fit(ImageClassifier(architecture, checkpoint=str(checkpoint)), 0, [ptq], seed, datamodule)
+            models[arm] = ptq.quantized_model
+        for bits in QAT_BITS:
+            qat = QuantizationAwareTraining(
+                start_epoch=0,
+                freeze_bn_epoch=max(qat_epochs - 1, 0),
+                weight_bits=bits,
+                activation_bits=bits,
+                calibration_batches=8,
+                export_format="none",
+            )
+            trained = ImageClassifier(architecture, lr=3e-4, checkpoint=str(checkpoint))
+            fit(trained, qat_epochs, [qat], seed, datamodule)
+            models[f"qat_{bits}bit"] = qat.quantized_model if bits == 8 else trained
+        images, labels = datamodule.test_set.tensors
+        predictions = {arm: predicted_classes(net, images) for arm, net in models.items()}
+        print(architecture, seed, datamodule.fold, fold_accuracies(predictions, labels), flush=True)
+        if not measured:
+            # no int8 kernel runs the 4-bit grid: that arm is fake-quantized fp32 and gets no latency
+            timed = {arm: net for arm, net in models.items() if arm != "qat_4bit"}
+            timings = latency_ms(timed, images[:1], runs=50, warmup=10)
+            for arm, net in models.items():
+                measured[arm] = {
+                    "size_ratio": round(serialized_size(net) / serialized_size(model), 3),
+                    "latency_ms": round(timings[arm], 3) if arm in timings else None,
+                }
+        return predictions
+
+    return train_and_predict, measured
+
+
+def static_methods(architecture: str, epochs: int, qat_epochs: int, folds: int, seeds: list[int], scratch: Path) -> dict:
+    train_and_predict, measured = architecture_arms(architecture, epochs, qat_epochs, scratch)
+    result = kfold_accuracy(train_and_predict, folds=folds, seeds=seeds)
+    result["model"] = architecture
+    result["size_and_latency"] = measured
+    return result
 
 
 class _LinearHeavy(nn.Module):
@@ -139,19 +145,28 @@ def dynamic(epochs: int) -> list[dict]:
 
 
 def markdown(results: dict) -> str:
+    first = results["static"][0]
     lines = [
-        f"Quantization methods on digits (torch {results['torch']}); latency batch 1, 1 thread, 8x8 input, models interleaved.",
+        f"Quantization methods on digits ({results['machine']}, torch {results['torch']}). Accuracy {first['folds']}-fold: "
+        f"every one of the {first['images']} images predicted once per seed by a model that never saw it, seeds "
+        f"{first['seeds']}; differences in points, paired by seed, mean ± standard error. Size and latency (batch 1, "
+        "1 thread, 8x8 input, models interleaved) from the first fold's models.",
         "",
-        "| model | method | test acc | vs fp32 (pts) | size ratio | latency ms |",
-        "|---|---|---|---|---|---|",
+        "| model | method | accuracy | seed std (pts) | vs fp32 (pts) | vs PTQ mse (pts) | size ratio | latency ms |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for row in results["static"]:
-        latency = "-" if row["latency_ms"] is None else row["latency_ms"]
-        lines.append(
-            f"| {row['model']} | {row['method']} | {100 * row['accuracy']:.2f}% | {row['accuracy_vs_fp32_points']:+.2f} "
-            f"| {row['size_ratio']} | {latency} |"
-        )
+    for result in results["static"]:
+        for arm, summary in result["arms"].items():
+            cells = [result["model"], ARM_NAMES[arm], f"{100 * summary['mean']:.2f}%", f"{100 * summary['std']:.2f}"]
+            for baseline in ("fp32", "ptq_mse"):
+                gain = paired_difference(result, arm, baseline)
+                cells.append("-" if arm in (baseline, "fp32") else f"{gain['mean']:+.2f} ± {gain['standard_error']:.2f}")
+            measured = result["size_and_latency"][arm]
+            cells += [str(measured["size_ratio"]), "-" if measured["latency_ms"] is None else str(measured["latency_ms"])]
+            lines.append("| " + " | ".join(cells) + " |")
     lines += [
+        "",
+        "Dynamic quantization (fixed 270-image test split, one seed):",
         "",
         "| dynamic quantization | fp32 acc | int8 acc | size ratio | latency ratio | mean abs output diff |",
         "|---|---|---|---|---|---|",
@@ -169,13 +184,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--qat-epochs", type=int, default=3)
     parser.add_argument("--architectures", nargs="+", default=["cnn", "resnet18", "mobilenet_v2"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     scratch = args.output / "scratch"
     scratch.mkdir(parents=True, exist_ok=True)
     results = {
+        "machine": f"{torch.get_num_threads()} threads available, {torch.backends.cpu.get_cpu_capability()}",
         "torch": torch.__version__,
-        "static": [row for arch in args.architectures for row in static_methods(arch, args.epochs, args.qat_epochs, scratch)],
+        "static": [
+            static_methods(arch, args.epochs, args.qat_epochs, args.folds, args.seeds, scratch) for arch in args.architectures
+        ],
         "dynamic": dynamic(args.epochs),
     }
     (args.output / "ptq.json").write_text(json.dumps(results, indent=2))
