@@ -42,6 +42,8 @@ PTQ_METHODS = {  # arm: (the row's name, PostTrainingQuantization options)
     "ptq_mse": ("PTQ histogram mse, per-channel", {"observer": "histogram", "range_method": "mse"}),
 }
 QAT_BITS = (8, 4)
+ARCHITECTURES = ("cnn", "resnet18", "mobilenet_v2")
+MACHINE = f"{torch.get_num_threads()} threads available, {torch.backends.cpu.get_cpu_capability()}"
 ARM_NAMES = {
     "fp32": "fp32",
     **{arm: name for arm, (name, _) in PTQ_METHODS.items()},
@@ -98,6 +100,7 @@ def static_methods(architecture: str, epochs: int, qat_epochs: int, folds: int, 
     train_and_predict, measured = architecture_arms(architecture, epochs, qat_epochs, scratch)
     result = kfold_accuracy(train_and_predict, folds=folds, seeds=seeds)
     result["model"] = architecture
+    result["machine"] = MACHINE
     result["size_and_latency"] = measured
     return result
 
@@ -144,13 +147,24 @@ def dynamic(epochs: int) -> list[dict]:
     return rows
 
 
+def with_earlier_architectures(measured: list[dict], path: Path) -> list[dict]:
+    """``measured`` beside the rows of the architectures this run did not re-measure, kept from the last run's
+    results (each carries its folds and seeds), in the order of ``ARCHITECTURES``."""
+    earlier = json.loads(path.read_text())["static"] if path.exists() else []
+    by_model = {row["model"]: row for row in earlier if "arms" in row} | {row["model"]: row for row in measured}
+    return [by_model[name] for name in ARCHITECTURES if name in by_model]
+
+
 def markdown(results: dict) -> str:
     first = results["static"][0]
     lines = [
         f"Quantization methods on digits ({results['machine']}, torch {results['torch']}). Accuracy {first['folds']}-fold: "
         f"every one of the {first['images']} images predicted once per seed by a model that never saw it, seeds "
         f"{first['seeds']}; differences in points, paired by seed, mean ± standard error. Size and latency (batch 1, "
-        "1 thread, 8x8 input, models interleaved) from the first fold's models.",
+        "1 thread, 8x8 input, models interleaved) from the first fold's models."
+        + "".join(
+            f" {row['model']} measured on {row['machine']}." for row in results["static"] if row["machine"] != results["machine"]
+        ),
         "",
         "| model | method | accuracy | seed std (pts) | vs fp32 (pts) | vs PTQ mse (pts) | size ratio | latency ms |",
         "|---|---|---|---|---|---|---|---|",
@@ -183,7 +197,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--qat-epochs", type=int, default=3)
-    parser.add_argument("--architectures", nargs="+", default=["cnn", "resnet18", "mobilenet_v2"])
+    parser.add_argument(
+        "--architectures",
+        nargs="+",
+        default=list(ARCHITECTURES),
+        choices=list(ARCHITECTURES),
+        help="architectures to measure; the others keep their rows from the last run's ptq.json",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--output", type=Path, default=RESULTS)
@@ -191,11 +211,12 @@ def main(argv: list[str] | None = None) -> None:
     scratch = args.output / "scratch"
     scratch.mkdir(parents=True, exist_ok=True)
     results = {
-        "machine": f"{torch.get_num_threads()} threads available, {torch.backends.cpu.get_cpu_capability()}",
+        "machine": MACHINE,
         "torch": torch.__version__,
-        "static": [
-            static_methods(arch, args.epochs, args.qat_epochs, args.folds, args.seeds, scratch) for arch in args.architectures
-        ],
+        "static": with_earlier_architectures(
+            [static_methods(arch, args.epochs, args.qat_epochs, args.folds, args.seeds, scratch) for arch in args.architectures],
+            args.output / "ptq.json",
+        ),
         "dynamic": dynamic(args.epochs),
     }
     (args.output / "ptq.json").write_text(json.dumps(results, indent=2))
