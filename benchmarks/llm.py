@@ -79,7 +79,9 @@ def run_seed(seed: int) -> tuple[dict[str, float], dict[str, nn.Module]]:
     fit(fp32, FINETUNE_EPOCHS, [], seed, datamodule=data)
     models: dict[str, nn.Module] = {"fp32": fp32.eval()}
     for scheme in SCHEMES:
-        ptq = PostTrainingQuantization(calibration_batches=1, config=LowBitLinearConfig(scheme=scheme), skip=SKIP)
+        ptq = PostTrainingQuantization(
+            calibration_batches=1, config=LowBitLinearConfig(scheme=scheme), skip=SKIP, export_format="none"
+        )
         fit(_model(state=fp32.state_dict()), 0, [ptq], seed, datamodule=data)
         models[f"PTQ {scheme}"] = ptq.quantized_model
         qat = QuantizationAwareTraining(start_epoch=0, config=LowBitLinearConfig(scheme=scheme), skip=SKIP, export_format="none")
