@@ -1,8 +1,12 @@
-"""What every benchmark here does the same way: train quietly on digits, timing the fit."""
+"""What every benchmark here does the same way: train quietly on digits, timing the fit; keep the rows a
+run did not re-measure."""
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Iterable
+from pathlib import Path
 
 import lightning as L
 from torch import nn
@@ -37,3 +41,11 @@ def fit(
     else:
         trainer.fit(model, datamodule=datamodule or DigitsDataModule(batch_size=64))
     return time.perf_counter() - start
+
+
+def with_earlier_rows(measured: list[dict], path: Path, section: str, key: str, order: Iterable[str]) -> list[dict]:
+    """``measured`` beside the rows of ``section`` that this run did not re-measure, kept from the last run's
+    results at ``path`` (each row carries its own folds, seeds and machine), matched by ``key``, in ``order``."""
+    earlier = json.loads(path.read_text()).get(section, []) if path.exists() else []
+    by_name = {row[key]: row for row in earlier if "arms" in row} | {row[key]: row for row in measured}
+    return [by_name[name] for name in order if name in by_name]

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 import torch
-from common import fit
+from common import fit, with_earlier_rows
 from kfold import fold_accuracies, kfold_accuracy, paired_difference, predicted_classes
 from torch import nn
 
@@ -147,14 +147,6 @@ def dynamic(epochs: int) -> list[dict]:
     return rows
 
 
-def with_earlier_architectures(measured: list[dict], path: Path) -> list[dict]:
-    """``measured`` beside the rows of the architectures this run did not re-measure, kept from the last run's
-    results (each carries its folds and seeds), in the order of ``ARCHITECTURES``."""
-    earlier = json.loads(path.read_text())["static"] if path.exists() else []
-    by_model = {row["model"]: row for row in earlier if "arms" in row} | {row["model"]: row for row in measured}
-    return [by_model[name] for name in ARCHITECTURES if name in by_model]
-
-
 def markdown(results: dict) -> str:
     first = results["static"][0]
     lines = [
@@ -213,9 +205,12 @@ def main(argv: list[str] | None = None) -> None:
     results = {
         "machine": MACHINE,
         "torch": torch.__version__,
-        "static": with_earlier_architectures(
+        "static": with_earlier_rows(
             [static_methods(arch, args.epochs, args.qat_epochs, args.folds, args.seeds, scratch) for arch in args.architectures],
             args.output / "ptq.json",
+            "static",
+            "model",
+            ARCHITECTURES,
         ),
         "dynamic": dynamic(args.epochs),
     }

@@ -32,7 +32,7 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
-from common import fit
+from common import fit, with_earlier_rows
 from kfold import fold_accuracies, kfold_accuracy, paired_difference, predicted_classes
 from torch.fx.experimental.optimization import fuse as fold_batch_norm
 
@@ -342,14 +342,6 @@ def earlier_latency(path: Path) -> list[dict]:
     return json.loads(path.read_text())["latency"] if path.exists() else []
 
 
-def with_earlier_regimes(measured: list[dict], path: Path) -> list[dict]:
-    """``measured`` beside the accuracy rows of the regimes this run did not re-measure, kept from the last
-    run's results (each row carries its own folds, seeds and fit times), in the order of ``REGIMES``."""
-    earlier = json.loads(path.read_text())["accuracy"] if path.exists() else []
-    by_regime = {row["regime"]: row for row in earlier} | {row["regime"]: row for row in measured}
-    return [by_regime[name] for name in REGIMES if name in by_regime]
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=100, help="timed forwards per latency figure")
@@ -378,9 +370,12 @@ def main(argv: list[str] | None = None) -> None:
         "torchao": importlib.metadata.version("torchao"),
         "latency": earlier_latency(args.output / "qat.json") if args.skip_latency else latency_and_size(args.runs),
         "latency_from_earlier_run": args.skip_latency,
-        "accuracy": with_earlier_regimes(
+        "accuracy": with_earlier_rows(
             accuracy_kfold(args.regimes, args.fp32_epochs, args.qat_epochs, args.folds, args.seeds, scratch),
             args.output / "qat.json",
+            "accuracy",
+            "regime",
+            REGIMES,
         ),
         "training_step": training_step_time(steps=30),
     }
