@@ -115,9 +115,9 @@ def test_entropy_range_of_signed_values_is_not_shrunk_by_a_spike_of_zeros():
 
 
 def test_entropy_range_of_discrete_values_keeps_the_whole_range():
-    """The 17 grey levels of the digits images, normalised to [-1, 1] with the middle grey exactly zero: fewer
-    occupied bins than levels, so each value can have a level and nothing is clipped (the divergence, zero at
-    any range for such a histogram, had clipped them to a tenth of their range)."""
+    """The 17 grey levels of the digits images, normalised to [-1, 1] with the middle grey exactly zero: the
+    whole range already puts each occupied bin on a level of its own, so nothing is clipped (the divergence,
+    zero at any range for such a histogram, had clipped them to a tenth of their range)."""
     torch.manual_seed(0)
     greys = (torch.randint(0, 17, (100_000,)).float() - 8) / 8
     greys[:50_000] = torch.where(torch.rand(50_000) < 0.5, -1.0, 0.0)  # background and middle grey: spikes
