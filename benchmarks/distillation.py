@@ -10,6 +10,10 @@ On digits, in one run:
    trained on, the teacher's soft targets are nearly one-hot and teach little beyond the label (earlier runs
    of this benchmark without jitter: distillation 8.8 points *worse* after 10 epochs, under-trained; about +1
    point after 60). On jittered views it has more to say.
+   Each training schedule (``--schedules``, student epochs; default 30, 60 and 120) is a regime of its own,
+   all three arms trained from the start, the fold's teacher shared: distillation is known to need a patient
+   student (Beyer et al. 2022, "Knowledge distillation: a good teacher is patient and consistent"), so a short
+   schedule is where it can lose and a long one where it should win.
 2. Training step time of the student alone, one teacher forward, and a distillation step; and the bytes
    autograd keeps for backward in each (the teacher must add none: it runs without gradients).
 """
@@ -27,7 +31,7 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
-from common import fit
+from common import fit, with_earlier_rows
 from kfold import fold_accuracies, kfold_accuracy, over_seeds, paired_difference, predicted_classes
 
 from lightning_compress import DistillationModule
@@ -38,6 +42,8 @@ RESULTS = Path(__file__).parent / "results"
 STUDENT = {"widths": [8, 16]}
 DISTILLATION = {"temperature": 4.0, "alpha": 0.9}
 HINTS = {"features.4": "features.4"}  # second conv of student (16 channels) and teacher (64), both 4x4 maps
+SCHEDULES = [30, 60, 120]  # student epochs: a short schedule, the one of earlier runs, a patient one
+MACHINE = f"{torch.get_num_threads()} threads available, {torch.backends.cpu.get_cpu_capability()}"
 
 
 def _student() -> torch.nn.Module:
@@ -67,9 +73,12 @@ def gap_closed(result: dict, arm: str) -> dict:
     return over_seeds(shares)
 
 
-def accuracy(scratch: Path, folds: int, seeds: list[int], epochs: int, teacher_epochs: int, lr: float, augment: bool) -> dict:
+def accuracy(
+    scratch: Path, folds: int, seeds: list[int], schedules: list[int], teacher_epochs: int, lr: float, augment: bool
+) -> list[dict]:
     """k-fold over all digits: in each fold a teacher (default CNN, un-jittered batches) trains on the fold's
-    training images, then the student alone and distilled from that teacher, all from the same seed."""
+    training images, then, for each schedule of ``schedules`` epochs, the student alone and distilled from that
+    teacher, all from the same seed. One result per schedule, the teacher's row in each."""
     teacher_path = scratch / "teacher.pt"
 
     def train_and_predict(datamodule: DigitsDataModule, seed: int) -> dict[str, torch.Tensor]:
@@ -80,20 +89,33 @@ def accuracy(scratch: Path, folds: int, seeds: list[int], epochs: int, teacher_e
         fit(teacher, teacher_epochs, seed=seed, datamodule=plain)
         torch.save(teacher.net.state_dict(), teacher_path)
         predictions = {"teacher": predicted_classes(teacher, images)}
-        for name, build in _students(teacher_path, lr).items():
-            L.seed_everything(seed)
-            module = build()
-            fit(module, epochs, seed=seed, datamodule=datamodule)
-            predictions[name] = predicted_classes(module, images)
+        for epochs in schedules:
+            for name, build in _students(teacher_path, lr).items():
+                L.seed_everything(seed)
+                module = build()
+                fit(module, epochs, seed=seed, datamodule=datamodule)
+                predictions[f"{name}@{epochs}"] = predicted_classes(module, images)
         print(seed, datamodule.fold, fold_accuracies(predictions, datamodule.test_set.tensors[1]), flush=True)
         return predictions
 
-    result = kfold_accuracy(train_and_predict, folds=folds, seeds=seeds, batch_size=64, augment=augment)
-    result.update(epochs=epochs, teacher_epochs=teacher_epochs, lr=lr, augment=augment)
-    for name in ("distilled", "distilled + hint"):
-        result["arms"][name]["gain_over_alone"] = paired_difference(result, name, "alone")
-        result["arms"][name]["gap_closed"] = gap_closed(result, name)
-    return result
+    measured = kfold_accuracy(train_and_predict, folds=folds, seeds=seeds, batch_size=64, augment=augment)
+    results = []
+    for epochs in schedules:
+        arms = {"teacher": measured["arms"]["teacher"]}
+        arms |= {name: measured["arms"][f"{name}@{epochs}"] for name in _students(teacher_path, lr)}
+        result = {key: measured[key] for key in ("folds", "seeds", "images")} | {"arms": arms}
+        result.update(
+            regime=schedule_name(epochs), epochs=epochs, teacher_epochs=teacher_epochs, lr=lr, augment=augment, machine=MACHINE
+        )
+        for name in ("distilled", "distilled + hint"):
+            arms[name]["gain_over_alone"] = paired_difference(result, name, "alone")
+            arms[name]["gap_closed"] = gap_closed(result, name)
+        results.append(result)
+    return results
+
+
+def schedule_name(epochs: int) -> str:
+    return f"{epochs} epochs"
 
 
 def _saved_bytes(step) -> int:
@@ -158,39 +180,42 @@ def step_cost(teacher_path: Path, steps: int) -> dict:
 
 
 def markdown(results: dict) -> str:
-    a, s = results["accuracy"], results["step"]
+    s = results["step"]
     rows = []
-    for name, arm in a["arms"].items():
-        cells = [name, f"{100 * arm['mean']:.2f}%", f"{100 * arm['std']:.2f}"]
-        if "gain_over_alone" in arm:
-            gain, closed = arm["gain_over_alone"], arm["gap_closed"]
-            cells += [
-                f"{gain['mean']:+.2f} ± {gain['standard_error']:.2f}",
-                f"{gain['mean'] / gain['standard_error']:.1f}" if gain["standard_error"] else "-",
-                f"{100 * closed['mean']:.0f}% ± {100 * closed['standard_error']:.0f}",
-            ]
-        else:
-            cells += ["-", "-", "-"]
-        cells.append(" ".join(f"{100 * value:.2f}" for value in arm["per_seed"]))
-        rows.append("| " + " | ".join(cells) + " |")
+    for result in results["schedules"]:
+        for name, arm in result["arms"].items():
+            cells = [result["regime"], name, f"{100 * arm['mean']:.2f}%", f"{100 * arm['std']:.2f}"]
+            if "gain_over_alone" in arm:
+                gain, closed = arm["gain_over_alone"], arm["gap_closed"]
+                cells += [
+                    f"{gain['mean']:+.2f} ± {gain['standard_error']:.2f}",
+                    f"{gain['mean'] / gain['standard_error']:.1f}" if gain["standard_error"] else "-",
+                    f"{100 * closed['mean']:.0f}% ± {100 * closed['standard_error']:.0f}",
+                ]
+            else:
+                cells += ["-", "-", "-"]
+            cells += [" ".join(f"{100 * value:.2f}" for value in arm["per_seed"]), result["machine"]]
+            rows.append("| " + " | ".join(cells) + " |")
+    first = results["schedules"][0]
     return (
         "\n".join(
             [
-                f"Distillation benchmark (torch {results['torch']}, CPU {results['cpu']}), starved regime: teacher = "
-                f"default CNN ({a['teacher_epochs']} epochs), student = CNN widths {STUDENT['widths']}, {a['epochs']} "
-                f"epochs at lr {a['lr']}, training batches jittered: {a['augment']}, T={DISTILLATION['temperature']}, "
-                f"alpha={DISTILLATION['alpha']}, hint {HINTS}. Accuracy {a['folds']}-fold: each of the {a['images']} "
-                f"images is predicted once per seed by models (teacher too) that never saw it; seeds {a['seeds']}.",
+                f"Distillation benchmark (torch {results['torch']}), starved regime: teacher = default CNN "
+                f"({first['teacher_epochs']} epochs), student = CNN widths {STUDENT['widths']} at lr {first['lr']}, "
+                f"training batches jittered: {first['augment']}, T={DISTILLATION['temperature']}, "
+                f"alpha={DISTILLATION['alpha']}, hint {HINTS}; each schedule (student epochs, every arm) a regime. "
+                f"Accuracy {first['folds']}-fold: each of the {first['images']} images is predicted once per seed by "
+                f"models (teacher too) that never saw it; seeds {first['seeds']}.",
                 "",
-                "| model | accuracy | seed std (pts) | gain over alone (pts, ± s.e.) | gain / s.e. "
-                "| teacher gap closed (± s.e.) | per seed (%) |",
-                "|---|---|---|---|---|---|---|",
+                "| regime | model | accuracy | seed std (pts) | gain over alone (pts, ± s.e.) | gain / s.e. "
+                "| teacher gap closed (± s.e.) | per seed (%) | machine |",
+                "|---|---|---|---|---|---|---|---|---|",
                 *rows,
                 "",
                 "Goal: close at least half of the gap between the student alone and the teacher, with a gain over "
                 "the student alone above 2 standard errors (paired by seed).",
                 "",
-                f"Step time (batch {s['batch']}, {s['threads']} threads, median, interleaved): "
+                f"Step time ({results['cpu']}, batch {s['batch']}, {s['threads']} threads, median, interleaved): "
                 f"student alone {s['student_step_ms']} ms, "
                 f"teacher forward {s['teacher_forward_ms']} ms, distillation step {s['distillation_step_ms']} ms "
                 f"(budget 1.2 x (student + teacher forward) = {s['budget_ms']} ms: "
@@ -207,7 +232,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--epochs", type=int, default=60)
+    parser.add_argument(
+        "--schedules",
+        type=int,
+        nargs="+",
+        default=SCHEDULES,
+        help="student epochs, one regime each; the other schedules keep their rows from the last run's distillation.json",
+    )
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--no-augment", dest="augment", action="store_false", help="train on the images as they are")
     parser.add_argument("--teacher-epochs", type=int, default=10)
@@ -217,10 +248,14 @@ def main(argv: list[str] | None = None) -> None:
     args.output.mkdir(parents=True, exist_ok=True)
     scratch = args.output / "scratch"
     scratch.mkdir(exist_ok=True)
+    measured = accuracy(scratch, args.folds, args.seeds, args.schedules, args.teacher_epochs, args.lr, args.augment)
+    order = sorted({*SCHEDULES, *args.schedules})
     results = {
         "torch": torch.__version__,
         "cpu": torch.backends.cpu.get_cpu_capability(),
-        "accuracy": accuracy(scratch, args.folds, args.seeds, args.epochs, args.teacher_epochs, args.lr, args.augment),
+        "schedules": with_earlier_rows(
+            measured, args.output / "distillation.json", "schedules", "regime", map(schedule_name, order)
+        ),
     }
     teacher = ImageClassifier("cnn")  # the step cost needs a teacher's weights, not a good one
     torch.save(teacher.net.state_dict(), scratch / "teacher.pt")
