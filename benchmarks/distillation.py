@@ -13,7 +13,10 @@ On digits, in one run:
    Each training schedule (``--schedules``, student epochs; default 30, 60 and 120) is a regime of its own,
    all three arms trained from the start, the fold's teacher shared: distillation is known to need a patient
    student (Beyer et al. 2022, "Knowledge distillation: a good teacher is patient and consistent"), so a short
-   schedule is where it can lose and a long one where it should win.
+   schedule is where it can lose and a long one where it should win. The temperature is 2, not the module's
+   default 4: at 120 epochs, on seed 0's five folds, the student closed 50% of the gap to the teacher at T=4,
+   63% at T=2, 61% at T=8, 52% at T=4 with alpha 1 and 50% at T=1 with alpha 1 (alpha 0.9 elsewhere); seeds
+   1 and 2 played no part in that choice.
 2. Training step time of the student alone, one teacher forward, and a distillation step; and the bytes
    autograd keeps for backward in each (the teacher must add none: it runs without gradients).
 """
@@ -40,7 +43,7 @@ from lightning_compress.app.models import ImageClassifier, build_network
 
 RESULTS = Path(__file__).parent / "results"
 STUDENT = {"widths": [8, 16]}
-DISTILLATION = {"temperature": 4.0, "alpha": 0.9}
+DISTILLATION = {"temperature": 2.0, "alpha": 0.9}  # T=2 rather than 4 or 8: see the module docstring
 HINTS = {"features.4": "features.4"}  # second conv of student (16 channels) and teacher (64), both 4x4 maps
 SCHEDULES = [30, 60, 120]  # student epochs: a short schedule, the one of earlier runs, a patient one
 MACHINE = f"{torch.get_num_threads()} threads available, {torch.backends.cpu.get_cpu_capability()}"
