@@ -152,6 +152,26 @@ def test_pt2e_post_training_quantization_exports_a_program(tmp_path: Path, digit
     assert _predictions_of_export(ptq.export_paths["torch_export"], images, tmp_path) == expected
 
 
+@pytest.mark.slow  # compiles mobilenet_v2 in int8
+def test_pt2e_depthwise_convolutions_compute_in_int8_what_the_reference_graph_does(tmp_path: Path, digits):
+    """FBGEMM's depthwise kernels saturate 16-bit sums even with VNNI (the FX backend gives them 7-bit weights);
+    oneDNN's, which the pt2e backend runs under Inductor, must compute what the converted graph does with the
+    grid the backend chose on this CPU: mobilenet_v2's depthwise convolutions have up to 960 channels, each with
+    its weights on the full grid and activations from real images."""
+    L.seed_everything(0)
+    model = ImageClassifier(architecture="mobilenet_v2", in_channels=digits.num_channels)
+    quiet_trainer(tmp_path, [], 1, limit_val_batches=0, limit_train_batches=10).fit(model, datamodule=digits)
+    ptq = PostTrainingQuantization(calibration_batches=4, backend="x86_inductor", export_format="none")
+    quiet_trainer(tmp_path, [ptq], 0).fit(model, datamodule=digits)
+    depthwise = [node for node in ptq.quantized_model.net.program.graph.nodes if node.target is torch.ops.aten.conv2d.default]
+    assert sum(1 for node in depthwise if len(node.args) > 6 and node.args[6] > 1) >= 17  # groups > 1: every block's
+    images = digits.test_set.tensors[0][:128]
+    with torch.no_grad():
+        reference, int8 = ptq.quantized_model.net.program(images), ptq.quantized_model(images)
+    assert (int8.argmax(1) == reference.argmax(1)).float().mean() >= 0.99
+    assert (int8 - reference).abs().mean() <= 0.01 * (reference.max() - reference.min())
+
+
 class _Branchy(torch.nn.Module):
     """Python control flow on a tensor's value: strict ``torch.export`` refuses it, its children export."""
 
