@@ -9,10 +9,14 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import lightning as L
+import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_compress.app.data import DigitsDataModule
+
+# Every result row names the machine it was measured on: int8 speed and numerics differ between CPU kinds.
+MACHINE = f"{torch.get_num_threads()} threads available, {torch.backends.cpu.get_cpu_capability()}"
 
 
 def fit(

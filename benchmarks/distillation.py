@@ -34,7 +34,7 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
-from common import fit, with_earlier_rows
+from common import MACHINE, fit, with_earlier_rows
 from kfold import fold_accuracies, kfold_accuracy, over_seeds, paired_difference, predicted_classes
 
 from lightning_compress import DistillationModule
@@ -46,7 +46,6 @@ STUDENT = {"widths": [8, 16]}
 DISTILLATION = {"temperature": 2.0, "alpha": 0.9}  # T=2 rather than 4 or 8: see the module docstring
 HINTS = {"features.4": "features.4"}  # second conv of student (16 channels) and teacher (64), both 4x4 maps
 SCHEDULES = [30, 60, 120]  # student epochs: a short schedule, the one of earlier runs, a patient one
-MACHINE = f"{torch.get_num_threads()} threads available, {torch.backends.cpu.get_cpu_capability()}"
 
 
 def _student() -> torch.nn.Module:

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 import torch
-from common import fit, with_earlier_rows
+from common import MACHINE, fit, with_earlier_rows
 from kfold import fold_accuracies, kfold_accuracy, paired_difference, predicted_classes
 from torch import nn
 
@@ -43,7 +43,6 @@ PTQ_METHODS = {  # arm: (the row's name, PostTrainingQuantization options)
 }
 QAT_BITS = (8, 4)
 ARCHITECTURES = ("cnn", "resnet18", "mobilenet_v2")
-MACHINE = f"{torch.get_num_threads()} threads available, {torch.backends.cpu.get_cpu_capability()}"
 ARM_NAMES = {
     "fp32": "fp32",
     **{arm: name for arm, (name, _) in PTQ_METHODS.items()},

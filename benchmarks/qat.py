@@ -32,7 +32,7 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
-from common import fit, with_earlier_rows
+from common import MACHINE, fit, with_earlier_rows
 from kfold import fold_accuracies, kfold_accuracy, paired_difference, predicted_classes
 from torch.fx.experimental.optimization import fuse as fold_batch_norm
 
@@ -167,7 +167,6 @@ REGIMES = {
 # Bit widths of each regime's QAT arms, observers against LSQ; mobilenet_v2 takes no 3-bit arm: at 4 bits it
 # already loses 13 points (an hour of CPU for a row that says only "broken").
 REGIME_BITS = {"default CNN": (8, 4, 3), "starved CNN (widths 4, 8, 16)": (8, 4, 3), "mobilenet_v2": (8, 4)}
-MACHINE = f"{torch.get_num_threads()} threads available, {torch.backends.cpu.get_cpu_capability()}"
 
 
 def _qat(
