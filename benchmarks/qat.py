@@ -13,8 +13,9 @@ turns): shared machines are noisy, so compare ratios, not absolute milliseconds 
 2. Accuracy on digits, k-fold (every image a test image once per seed, ``benchmarks/kfold.py``), in three
    regimes: the default CNN, a capacity-starved CNN and mobilenet_v2: fp32, post-training int8 of the same
    weights, and QAT fine-tuning of them with observer ranges and with learned ranges (LSQ), at 8 bits, and at
-   4 and 3 bits on the default and the starved CNN. The FX backend only: the pt2e backend's QAT fit is ten times slower here
-   and its accuracy tied FX's on the single split this benchmark used before (its tests compare the two).
+   4 and 3 bits on the default and the starved CNN (4 on mobilenet_v2, ``REGIME_BITS``). The FX backend only:
+   the pt2e backend's QAT fit is ten times slower here and its accuracy tied FX's on the single split this
+   benchmark used before (its tests compare the two).
 3. Training step time with fake-quant relative to fp32.
 """
 
@@ -165,7 +166,7 @@ REGIMES = {
     "mobilenet_v2": {"architecture": "mobilenet_v2"},
 }
 # Bit widths of each regime's QAT arms, observers against LSQ; mobilenet_v2 takes no 3-bit arm: at 4 bits it
-# already loses 13 points (an hour of CPU for a row that says only "broken").
+# already loses 12 points (more CPU for a row that would say only "broken").
 REGIME_BITS = {"default CNN": (8, 4, 3), "starved CNN (widths 4, 8, 16)": (8, 4, 3), "mobilenet_v2": (8, 4)}
 
 

@@ -163,8 +163,8 @@ def test_pt2e_depthwise_convolutions_compute_in_int8_what_the_reference_graph_do
     quiet_trainer(tmp_path, [], 1, limit_val_batches=0, limit_train_batches=10).fit(model, datamodule=digits)
     ptq = PostTrainingQuantization(calibration_batches=4, backend="x86_inductor", export_format="none")
     quiet_trainer(tmp_path, [ptq], 0).fit(model, datamodule=digits)
-    depthwise = [node for node in ptq.quantized_model.net.program.graph.nodes if node.target is torch.ops.aten.conv2d.default]
-    assert sum(1 for node in depthwise if len(node.args) > 6 and node.args[6] > 1) >= 17  # groups > 1: every block's
+    convolutions = [node for node in ptq.quantized_model.net.program.graph.nodes if node.target is torch.ops.aten.conv2d.default]
+    assert sum(1 for node in convolutions if len(node.args) > 6 and node.args[6] > 1) >= 17  # groups > 1: every block's
     images = digits.test_set.tensors[0][:128]
     with torch.no_grad():
         reference, int8 = ptq.quantized_model.net.program(images), ptq.quantized_model(images)
