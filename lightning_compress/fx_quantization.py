@@ -144,8 +144,10 @@ def kl_threshold(histogram: torch.Tensor, levels: int, first_bin_is_zero: bool =
 
 class LearnedRangeFakeQuantize(_LearnableFakeQuantize):
     """Learned step size quantization (LSQ, Esser et al. 2019): the scale (and, for an asymmetric grid, the
-    zero-point) is a parameter trained with the straight-through gradient of the quantizer, scaled by LSQ's
-    ``1 / sqrt(N * Qp)`` so that the step size learns at the pace of the weights.
+    zero-point) is a parameter trained with the straight-through gradient of the quantizer. LSQ's gradient
+    scale ``1 / sqrt(N * Qp)`` paces SGD; the ranges here are stepped by ``range_learning.RangeOptimizer``, an
+    Adam that sets its own pace and is blind to a constant factor, so the gradient is left unscaled (the
+    factor, as small as 1e-4, would only bring it nearer Adam's epsilon).
 
     It starts from the observer: while observers are on (``enable_observer``), the observer sets the
     parameters as ``FakeQuantize`` sets its ranges; once they are frozen, the parameters learn instead of
@@ -153,7 +155,7 @@ class LearnedRangeFakeQuantize(_LearnableFakeQuantize):
     """
 
     def __init__(self, observer: Any = MovingAverageMinMaxObserver, quant_min: int = 0, quant_max: int = 255, **kwargs: Any):
-        super().__init__(observer, quant_min, quant_max, use_grad_scaling=True, **kwargs)
+        super().__init__(observer, quant_min, quant_max, use_grad_scaling=False, **kwargs)
         self.is_per_channel = self.qscheme in (torch.per_channel_symmetric, torch.per_channel_affine)
         self.symmetric = self.qscheme in (torch.per_channel_symmetric, torch.per_tensor_symmetric)
         self.enable_observer(True)

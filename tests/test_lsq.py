@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import lightning as L
@@ -15,6 +16,7 @@ from lightning_compress.app.data import DigitsDataModule
 from lightning_compress.app.models import ImageClassifier
 from lightning_compress.fx_quantization import LearnedRangeFakeQuantize
 from lightning_compress.lowbit_quantization import LowBitLinearConfig
+from lightning_compress.range_learning import RangeOptimizer, learned_ranges
 
 from conftest import quiet_trainer
 
@@ -33,16 +35,16 @@ class RangeRecord(L.Callback):
             name: parameter.detach().clone() for name, parameter in pl_module.named_parameters() if name.endswith(".scale")
         }
 
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+    def on_after_backward(self, trainer, pl_module):
         grads = [p.grad for name, p in pl_module.named_parameters() if name.endswith(".scale")]
         has = any(grad is not None and bool(grad.abs().sum() > 0) for grad in grads)
         self.had_gradients[trainer.current_epoch] = self.had_gradients.get(trainer.current_epoch, False) or has
 
 
-def _fit(tmp_path: Path, max_epochs: int = 4, extra=(), **kwargs):
+def _fit(tmp_path: Path, max_epochs: int = 4, extra=(), model_options: dict | None = None, **kwargs):
     L.seed_everything(0)
     qat = QuantizationAwareTraining(export_format="none", **SCHEDULE)
-    model = ImageClassifier()
+    model = ImageClassifier(**(model_options or {}))
     trainer = quiet_trainer(tmp_path, [qat, *extra], max_epochs, **kwargs)
     trainer.fit(model, datamodule=DigitsDataModule(batch_size=64))
     return model, qat
@@ -68,6 +70,48 @@ def test_learned_ranges_start_from_the_observers_then_train_and_convert(tmp_path
     assert any(abs(float(qat.quantized_model.net.classifier.scale) - scale) < 1e-7 for scale in activation_scales)
 
 
+def test_ranges_take_relative_steps_whatever_their_size():
+    """Adam on the logarithm: a scale of 0.002 (8-bit weights) and one of 0.5 (3-bit activations) move by the
+    same share of themselves per step; a zero-point moves in grid steps. The model's Adam would move both by
+    about its learning rate in absolute terms: 50% of the small one per step at 1e-3, 0.2% of the large one."""
+    small, large = torch.nn.Parameter(torch.tensor([0.002])), torch.nn.Parameter(torch.tensor([0.5]))
+    zero_point = torch.nn.Parameter(torch.tensor([3.0]))
+    ranges = {"a.scale": small, "b.scale": large, "b.zero_point": zero_point}
+    optimizer = RangeOptimizer(learning_rate=0.01)
+    for _ in range(5):  # a constant gradient of each log-scale: Adam's normalized step is exactly the learning rate
+        small.grad, large.grad = -0.08 / small.detach(), 0.15 / large.detach()
+        zero_point.grad = torch.tensor([-2.0])
+        optimizer.step(ranges, pace=0.5)  # halfway down the model's schedule
+    assert small.item() == pytest.approx(0.002 * math.exp(5 * 0.005), rel=1e-5)
+    assert large.item() == pytest.approx(0.5 * math.exp(-5 * 0.005), rel=1e-5)
+    assert zero_point.item() == pytest.approx(3.0 + 5 * 0.005, rel=1e-5)
+    assert small.grad is None and large.grad is None  # consumed: no other optimizer clears them
+    large.grad = torch.tensor([float("inf")])  # an overflowing step is dropped, as the model's optimizer drops it
+    optimizer.step(ranges)
+    assert large.item() == pytest.approx(0.5 * math.exp(-5 * 0.005), rel=1e-5)
+
+
+def test_learned_ranges_move_at_their_own_pace_whatever_the_models_learning_rate(tmp_path: Path, digits):
+    """A model trained at a vanishing learning rate: its optimizer holds none of the ranges, which still learn."""
+    record = RangeRecord()
+    model, qat = _fit(tmp_path, extra=[record], model_options={"lr": 1e-9})
+    groups = [group for optimizer in model.trainer.optimizers for group in optimizer.param_groups]
+    held = {id(parameter) for group in groups for parameter in group["params"]}
+    ranges = learned_ranges(model.net, prefix="net")
+    assert ranges and not any(id(parameter) in held for parameter in ranges.values())
+    assert held  # the weights are still the model's optimizer's
+    moved = [
+        (record.scales[3][name] / record.scales[2][name]).log().abs().mean().item()
+        for name in record.scales[2]
+        if name.startswith("net.") and f"{name}" in ranges
+    ]
+    # 20 steps of up to 1% each, cosine-paced (ranges with hardly any gradient move less). In the model's AdamW at
+    # 1e-9, steps of about 1e-9 would move even the smallest scale here by about 20 * 1e-9 / smallest: 5e-5 of it.
+    smallest = min(scale.min().item() for name, scale in record.scales[2].items() if name in ranges)
+    assert len(moved) == 9 and all(value > 0 for value in moved), moved
+    assert sorted(moved)[4] > 100 * 20 * 1e-9 / smallest, moved
+
+
 @pytest.mark.slow
 def test_learned_ranges_resume_like_the_uninterrupted_run(tmp_path: Path, digits):
     every_epoch = ModelCheckpoint(dirpath=tmp_path / "full", filename="{epoch}", save_top_k=-1)
@@ -89,6 +133,11 @@ def test_learned_ranges_resume_like_the_uninterrupted_run(tmp_path: Path, digits
         (
             {"learnable_ranges": True, "freeze_observer_epoch": 2, "backend": "x86_inductor"},
             r"learnable_ranges=True is not supported by backend='x86_inductor'",
+        ),
+        ({"range_learning_rate": 0.01}, r"range_learning_rate=0.01 has nothing to act on: it paces learned ranges"),
+        (
+            {"learnable_ranges": True, "freeze_observer_epoch": 2, "range_learning_rate": 0.0},
+            r"range_learning_rate=0.0 is invalid: it must lie in \(0, 1\]",
         ),
         (
             {"learnable_ranges": True, "config": LowBitLinearConfig()},
