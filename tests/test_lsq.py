@@ -126,6 +126,31 @@ def test_learned_ranges_resume_like_the_uninterrupted_run(tmp_path: Path, digits
     assert torch.allclose(actual, expected, atol=1e-5) and torch.equal(actual.argmax(1), expected.argmax(1))
 
 
+def test_a_checkpoint_whose_model_optimizer_held_the_ranges_resumes_as_it_was_written(tmp_path: Path, monkeypatch):
+    """Earlier versions left the ranges in the model's optimizer: its saved state holds them and must still load."""
+    from lightning_compress import range_learning
+
+    with monkeypatch.context() as earlier:  # the earlier version: ranges in the model's optimizer, no range state
+        earlier.setattr(range_learning, "take_from_optimizers", lambda optimizers, ranges: None)
+        earlier.setattr(range_learning.RangeOptimizer, "step", lambda self, ranges, pace=1.0: None)
+        every_epoch = ModelCheckpoint(dirpath=tmp_path / "earlier", filename="{epoch}", save_top_k=-1)
+        _fit(tmp_path / "earlier", max_epochs=3, extra=[every_epoch], enable_checkpointing=True)
+    path = tmp_path / "earlier" / "epoch=2.ckpt"
+    checkpoint = torch.load(path, weights_only=True)
+    for state in checkpoint["callbacks"].values():
+        state.pop("range_optimizer", None)
+    torch.save(checkpoint, path)
+
+    L.seed_everything(0)
+    resumed = QuantizationAwareTraining(export_format="none", **SCHEDULE)
+    model = ImageClassifier()
+    with pytest.warns(UserWarning, match="whose model optimizer stepped the learned ranges"):
+        quiet_trainer(tmp_path / "resumed", [resumed], 4).fit(model, datamodule=DigitsDataModule(batch_size=64), ckpt_path=path)
+    held = {id(parameter) for group in model.trainer.optimizers[0].param_groups for parameter in group["params"]}
+    assert all(id(parameter) in held for parameter in learned_ranges(model.net).values())
+    assert resumed.quantized_model is not None
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [
