@@ -308,12 +308,12 @@ def kfold_table(regimes: list[dict]) -> list[str]:
 
 
 def markdown(results: dict) -> str:
-    earlier = " (latency table from an earlier run of this benchmark: this run re-measured accuracy only)"
+    earlier = "; from an earlier run of this benchmark: this run re-measured accuracy only"
     lines = [
         f"QAT benchmark ({results['machine']}, torch {results['torch']}, torchao {results['torchao']}); "
-        "latency: batch 1, 1 thread, median ms, models interleaved; speedups against fp32 eager"
+        f"latency ({results.get('latency_machine', results['machine'])}"
         + (earlier if results.get("latency_from_earlier_run") else "")
-        + ".",
+        + "): batch 1, 1 thread, median ms, models interleaved; speedups against fp32 eager.",
         "",
         "| model | input | fp32 | fp32 BN-folded | fp32 compiled | FX int8 | hand-written FX | pt2e int8 | hand-written pt2e "
         "| FX speedup | pt2e speedup | hand-written pt2e speedup | pt2e vs FX | pt2e compile s | size int8/fp32 FX, pt2e |",
@@ -338,9 +338,13 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def earlier_latency(path: Path) -> list[dict]:
-    """The latency rows of an earlier run, for a run that re-measures accuracy only (``--skip-latency``)."""
-    return json.loads(path.read_text())["latency"] if path.exists() else []
+def earlier_latency(path: Path) -> tuple[list[dict], str]:
+    """The latency rows of an earlier run and the machine they were measured on, for a run that re-measures
+    accuracy only (``--skip-latency``)."""
+    if not path.exists():
+        return [], MACHINE
+    earlier = json.loads(path.read_text())
+    return earlier["latency"], earlier.get("latency_machine", earlier["machine"])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -365,11 +369,16 @@ def main(argv: list[str] | None = None) -> None:
     args.output.mkdir(parents=True, exist_ok=True)
     scratch = args.output / "scratch"
     scratch.mkdir(exist_ok=True)
+    if args.skip_latency:
+        latency, latency_machine = earlier_latency(args.output / "qat.json")
+    else:
+        latency, latency_machine = latency_and_size(args.runs), MACHINE
     results = {
         "machine": MACHINE,
         "torch": torch.__version__,
         "torchao": importlib.metadata.version("torchao"),
-        "latency": earlier_latency(args.output / "qat.json") if args.skip_latency else latency_and_size(args.runs),
+        "latency": latency,
+        "latency_machine": latency_machine,
         "latency_from_earlier_run": args.skip_latency,
         "accuracy": with_earlier_rows(
             accuracy_kfold(args.regimes, args.fp32_epochs, args.qat_epochs, args.folds, args.seeds, scratch),
