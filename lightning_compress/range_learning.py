@@ -11,8 +11,9 @@ ranges tied or trailed the observers' in every regime (mobilenet_v2 at 4 bits: -
 
 Here each scale takes Adam steps on its logarithm instead: it changes by about ``learning_rate`` *of itself*
 per step, at 2 bits as at 8. Zero-points, which count grid steps, take ordinary Adam steps of about
-``learning_rate`` steps. The learning rate follows the model's schedule (the ratio of its current learning
-rate to its initial one), and the ranges carry no weight decay, which would pull every range towards zero.
+``learning_rate`` steps. The learning rate follows the model's schedule down (the ratio of its current
+learning rate to its initial one, at most 1), and the ranges carry no weight decay, which would pull every
+range towards zero.
 """
 
 from __future__ import annotations
@@ -113,10 +114,13 @@ def take_from_optimizers(optimizers: list[torch.optim.Optimizer], ranges: Mappin
 
 def schedule_pace(optimizers: list[torch.optim.Optimizer], held_by: tuple[int, int] | None) -> float:
     """Where the schedule of the group that held the ranges stands: its learning rate over its initial one
-    (which a learning-rate scheduler records); 1 without a scheduler."""
+    (which a learning-rate scheduler records), at most 1; 1 without a scheduler.
+
+    At most 1, so that ``range_learning_rate`` is the largest relative step: a one-cycle schedule starts at a
+    25th of its peak, and following it up would step the ranges by a quarter of themselves at the peak."""
     if held_by is None or held_by[0] >= len(optimizers) or held_by[1] >= len(optimizers[held_by[0]].param_groups):
         return 1.0
     group = optimizers[held_by[0]].param_groups[held_by[1]]
     initial = group.get("initial_lr")
     pace = group["lr"] / initial if initial else 1.0
-    return pace if math.isfinite(pace) else 1.0
+    return min(pace, 1.0) if math.isfinite(pace) else 1.0

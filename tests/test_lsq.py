@@ -16,7 +16,7 @@ from lightning_compress.app.data import DigitsDataModule
 from lightning_compress.app.models import ImageClassifier
 from lightning_compress.fx_quantization import LearnedRangeFakeQuantize
 from lightning_compress.lowbit_quantization import LowBitLinearConfig
-from lightning_compress.range_learning import RangeOptimizer, learned_ranges
+from lightning_compress.range_learning import RangeOptimizer, learned_ranges, schedule_pace
 
 from conftest import quiet_trainer
 
@@ -89,6 +89,24 @@ def test_ranges_take_relative_steps_whatever_their_size():
     large.grad = torch.tensor([float("inf")])  # an overflowing step is dropped, as the model's optimizer drops it
     optimizer.step(ranges)
     assert large.item() == pytest.approx(0.5 * math.exp(-5 * 0.005), rel=1e-5)
+
+
+def test_ranges_follow_the_models_schedule_down_never_above_their_own_rate():
+    weights = torch.nn.Parameter(torch.zeros(2))
+    cosine_optimizer = torch.optim.AdamW([weights], lr=3e-3)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(cosine_optimizer, T_max=4)
+    one_cycle_optimizer = torch.optim.AdamW([weights], lr=3e-3)
+    one_cycle = torch.optim.lr_scheduler.OneCycleLR(one_cycle_optimizer, max_lr=3e-3, total_steps=10)
+    assert schedule_pace([cosine_optimizer], (0, 0)) == 1.0
+    for _ in range(2):
+        cosine_optimizer.step(), cosine.step()
+    assert schedule_pace([cosine_optimizer], (0, 0)) == pytest.approx(0.5)  # halfway down the cosine
+    for _ in range(3):  # one-cycle warms up from a 25th of its peak: the ranges stay at their own rate
+        one_cycle_optimizer.step(), one_cycle.step()
+    assert one_cycle_optimizer.param_groups[0]["lr"] > 10 * one_cycle_optimizer.param_groups[0]["initial_lr"]
+    assert schedule_pace([one_cycle_optimizer], (0, 0)) == 1.0
+    assert schedule_pace([torch.optim.SGD([weights], lr=0.1)], (0, 0)) == 1.0  # no scheduler, no schedule
+    assert schedule_pace([cosine_optimizer], None) == 1.0
 
 
 def test_learned_ranges_move_at_their_own_pace_whatever_the_models_learning_rate(tmp_path: Path, digits):
