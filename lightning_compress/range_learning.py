@@ -80,6 +80,8 @@ class RangeOptimizer:
             if state is None or state["mean"].shape != parameter.shape:
                 zeros = torch.zeros_like(parameter)
                 state = self.state[name] = {"steps": 0, "mean": zeros, "square": zeros.clone()}
+            elif state["mean"].device != parameter.device:  # restored from a checkpoint loaded onto the CPU
+                state["mean"], state["square"] = state["mean"].to(parameter.device), state["square"].to(parameter.device)
             state["steps"] += 1
             state["mean"].mul_(beta1).add_(gradient, alpha=1 - beta1)
             state["square"].mul_(beta2).addcmul_(gradient, gradient, value=1 - beta2)
