@@ -166,7 +166,8 @@ class QuantizationAwareTraining(Callback, ReportsModels):
                 f"range_learning_rate={range_learning_rate!r} has nothing to act on: it paces learned ranges; "
                 "set learnable_ranges=True, or leave range_learning_rate unset."
             )
-        check_number("range_learning_rate", range_learning_rate, low=0.0, high=1.0, low_open=True, none="the default, 0.01")
+        default_rate = range_learning.DEFAULT_LEARNING_RATE
+        check_number("range_learning_rate", range_learning_rate, 0.0, 1.0, low_open=True, none=f"the default, {default_rate}")
         for name, epoch in (("freeze_bn_epoch", freeze_bn_epoch), ("freeze_observer_epoch", freeze_observer_epoch)):
             if epoch is not None and (not is_integer(epoch) or epoch < start_epoch):
                 raise ValueError(f"{name}={epoch!r} is invalid: it must be an integer >= start_epoch ({start_epoch}), or None.")
@@ -235,7 +236,8 @@ class QuantizationAwareTraining(Callback, ReportsModels):
         self._example_inputs: dict[str, tuple[tuple, dict]] = {}
         self._shrinks: list[MagnitudePruning] = []  # channel pruning that shrinks the network before QAT prepares it
         self._ranges_synchronized = False  # learned ranges wrapped by DDP since they began to learn, in this fit
-        self._range_optimizer = range_learning.RangeOptimizer(1e-2 if range_learning_rate is None else range_learning_rate)
+        self._range_optimizer = range_learning.RangeOptimizer(range_learning_rate or default_rate)
+        self._learned_ranges: dict[str, nn.Parameter] = {}  # the ranges it steps, found once the structure is settled
         self._ranges_held_by: tuple[int, int] | None = None  # the optimizer group whose schedule the ranges follow
         self._ranges_in_model_optimizer = False  # resumed from a checkpoint of a version whose model optimizer stepped them
 
@@ -395,20 +397,19 @@ class QuantizationAwareTraining(Callback, ReportsModels):
     @override
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
         """Step the learned ranges with the gradients of the step the model's optimizer is about to take."""
-        if self.config.learnable_ranges and self.prepared_names and not self._ranges_in_model_optimizer:
+        if self._learned_ranges:
             pace = range_learning.schedule_pace(trainer.optimizers, self._ranges_held_by)
-            self._range_optimizer.step(self._learned_ranges(pl_module), pace)
-
-    def _learned_ranges(self, pl_module: nn.Module) -> dict[str, nn.Parameter]:
-        ranges: dict[str, nn.Parameter] = {}
-        for name in self.prepared_names:
-            ranges.update(range_learning.learned_ranges(_get(pl_module, name), prefix=name))
-        return ranges
+            self._range_optimizer.step(self._learned_ranges, pace)
 
     def _take_ranges_from_optimizers(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Learned ranges are this callback's to step: out of the optimizers the module built over all its parameters."""
-        if self.config.learnable_ranges and self.prepared_names and not self._ranges_in_model_optimizer:
-            self._ranges_held_by = range_learning.take_from_optimizers(trainer.optimizers, self._learned_ranges(pl_module))
+        """Learned ranges are this callback's to step: out of the optimizers the module built over all its parameters.
+        Called once the module's structure is settled for the fit (at its start, after a shrink's prepare)."""
+        if not self.config.learnable_ranges or self._ranges_in_model_optimizer:
+            return
+        self._learned_ranges = {}
+        for name in self.prepared_names:
+            self._learned_ranges.update(range_learning.learned_ranges(_get(pl_module, name), prefix=name))
+        self._ranges_held_by = range_learning.take_from_optimizers(trainer.optimizers, self._learned_ranges)
 
     @override
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -524,9 +525,9 @@ class QuantizationAwareTraining(Callback, ReportsModels):
         if changed:
             rank_zero_warn(f"QuantizationAwareTraining: the checkpoint was made with other settings for {changed}.")
         self._calibrated = state_dict.get("calibrated", False)
-        if "range_optimizer" in state_dict or not state_dict.get("config", {}).get("learnable_ranges"):
-            self._range_optimizer.load_state_dict(state_dict.get("range_optimizer", {}))
-        elif self.config.learnable_ranges:
+        if "range_optimizer" in state_dict:
+            self._range_optimizer.load_state_dict(state_dict["range_optimizer"])
+        elif self.config.learnable_ranges and state_dict.get("config", {}).get("learnable_ranges"):
             # Written before this callback stepped the ranges: the checkpoint's optimizer state holds them, and
             # must load as it was saved; the run goes on as it began.
             self._ranges_in_model_optimizer = True
