@@ -18,10 +18,12 @@ For each seed, with ``ByteTransformer`` (randomly initialized) on ``PythonSource
    the student 1.3 worse in perplexity than alone, flattening 256-way byte distributions toward uniform; on
    seed 0, T=2 gained 0.09 and T=1 0.30 (alpha 0.5 both).
 
-Perplexity is on the held-out test files (``exp`` of the mean cross-entropy per byte). Size: the bytes the
-quantized Linear layers' weights hold (integers, scales and zero-points) against their fp32 bytes. Latency: batch 1,
-one thread, one forward over a ``BLOCK``-byte context (what generating one byte costs without a KV cache), the first
-seed's models timed in turns, with torch.ao's dynamic int8 Linear (``DynamicQuantization``, real x86 kernels) beside.
+A seed sets the initial weights (of the pretrained model, and of the one initial student both student arms start
+from) and the order of the batches, so a run repeats to the digit. Perplexity is on the held-out test files (``exp``
+of the mean cross-entropy per byte). Size: the bytes the quantized Linear layers' weights hold (integers, scales and
+zero-points) against their fp32 bytes. Latency: batch 1, one thread, one forward over a ``BLOCK``-byte context (what
+generating one byte costs without a KV cache), the first seed's models timed in turns, with torch.ao's dynamic int8
+Linear (``DynamicQuantization``, real x86 kernels) beside.
 The output head stays in float throughout.
 """
 
@@ -32,6 +34,7 @@ import json
 import statistics
 from pathlib import Path
 
+import lightning as L
 import torch
 from common import fit
 from torch import nn
@@ -70,6 +73,7 @@ def stored_weight_bytes(model: nn.Module) -> tuple[int, int]:
 def run_seed(seed: int) -> tuple[dict[str, float], dict[str, nn.Module]]:
     """Every arm of one seed: test perplexities, and the models to time."""
     data = PythonSourceDataModule(**DATA)
+    L.seed_everything(seed)  # the initial weights too: torch's default seed differs from process to process
     pretrained = _model()
     fit(pretrained, PRETRAIN_EPOCHS, [], seed, datamodule=data)
     start = {name: tensor.detach().clone() for name, tensor in pretrained.state_dict().items()}
@@ -91,9 +95,13 @@ def run_seed(seed: int) -> tuple[dict[str, float], dict[str, nn.Module]]:
     fit(_model(state=fp32.state_dict()), 0, [dynamic], seed, datamodule=data)
     models["torch.ao dynamic int8"] = dynamic.quantized_model
 
+    L.seed_everything(seed)
     student_alone = _model(STUDENT_LAYERS)
+    student_start = {name: tensor.detach().clone() for name, tensor in student_alone.state_dict().items()}
     fit(student_alone, STUDENT_EPOCHS, [], seed, datamodule=data)
-    distilled = DistillationModule(student=_model(STUDENT_LAYERS), teacher=fp32, class_dim=-1, **DISTILLATION)
+    distilled = DistillationModule(
+        student=_model(STUDENT_LAYERS, student_start), teacher=fp32, class_dim=-1, **DISTILLATION
+    )  # the same initial student: the two arms differ by the teacher alone
     fit(distilled, STUDENT_EPOCHS, [], seed, datamodule=data)
     perplexities = {name: evaluate(model, test)[1] for name, model in models.items()}
     perplexities["student alone"] = evaluate(student_alone, test)[1]
