@@ -404,9 +404,9 @@ class QuantizationAwareTraining(Callback, ReportsModels):
     def _take_ranges_from_optimizers(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Learned ranges are this callback's to step: out of the optimizers the module built over all its parameters.
         Called once the module's structure is settled for the fit (at its start, after a shrink's prepare)."""
+        self._learned_ranges = {}  # none left from an earlier fit: a legacy resume's model optimizer steps them
         if not self.config.learnable_ranges or self._ranges_in_model_optimizer:
             return
-        self._learned_ranges = {}
         for name in self.prepared_names:
             self._learned_ranges.update(range_learning.learned_ranges(_get(pl_module, name), prefix=name))
         self._ranges_held_by = range_learning.take_from_optimizers(trainer.optimizers, self._learned_ranges)
