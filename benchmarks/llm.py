@@ -97,11 +97,11 @@ def run_seed(seed: int) -> tuple[dict[str, float], dict[str, nn.Module]]:
 
     L.seed_everything(seed)
     student_alone = _model(STUDENT_LAYERS)
-    student_start = {name: tensor.detach().clone() for name, tensor in student_alone.state_dict().items()}
-    fit(student_alone, STUDENT_EPOCHS, [], seed, datamodule=data)
+    # the same initial student: the two arms differ by the teacher alone
     distilled = DistillationModule(
-        student=_model(STUDENT_LAYERS, student_start), teacher=fp32, class_dim=-1, **DISTILLATION
-    )  # the same initial student: the two arms differ by the teacher alone
+        student=_model(STUDENT_LAYERS, student_alone.state_dict()), teacher=fp32, class_dim=-1, **DISTILLATION
+    )
+    fit(student_alone, STUDENT_EPOCHS, [], seed, datamodule=data)
     fit(distilled, STUDENT_EPOCHS, [], seed, datamodule=data)
     perplexities = {name: evaluate(model, test)[1] for name, model in models.items()}
     perplexities["student alone"] = evaluate(student_alone, test)[1]
