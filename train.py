@@ -30,6 +30,7 @@ from omegaconf.errors import InterpolationResolutionError
 
 from lightning_compress.app.models import LIGHTNING_CHECKPOINT_KEYS, read_checkpoint
 from lightning_compress.export import recording_export_failures
+from lightning_compress.network_call import NetworkCall, test_calls
 from lightning_compress.report import CompressionReport, models_to_report
 from lightning_compress.validation import check_integer, is_integer
 
@@ -62,6 +63,11 @@ OmegaConf.register_new_resolver("epoch_at", epoch_at, replace=True)
 
 class BeforeTraining(Exception):
     """A problem found before any training step: reported in one line, with exit code 2."""
+
+
+class ReportError(Exception):
+    """The trained models cannot be measured (no one network to call): one line, exit code 1; the checkpoints and
+    exports stay."""
 
 
 def _one_line(error: BaseException) -> str:
@@ -120,7 +126,31 @@ def teacher_settings(cfg: DictConfig) -> DictConfig:
 
 
 def data_sizes(datamodule) -> dict[str, int]:
-    return {"num_classes": datamodule.num_classes, "in_channels": datamodule.num_channels}
+    """The sizes a model is built for, those the data module has (``num_classes``, ``num_channels``)."""
+    sizes = {"num_classes": getattr(datamodule, "num_classes", None), "in_channels": getattr(datamodule, "num_channels", None)}
+    return {name: value for name, value in sizes.items() if value is not None}
+
+
+def for_the_given_target(node: DictConfig, key: str) -> None:
+    """With ``<key>._target_=...`` on the command line (a user's own class), drop the group's other keys that its
+    constructor does not take, in one info line: they were written for the group's own class (``architecture`` for
+    the app's ``ImageClassifier``). Keys also given on the command line stay, and fail naming themselves if not taken."""
+    overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
+    given = {override.split("=", 1)[0].lstrip("+~") for override in overrides}
+    if f"{key}._target_" not in given:
+        return
+    try:
+        parameters = inspect.signature(hydra.utils.get_object(node._target_)).parameters
+    except Exception:  # noqa: BLE001 - a target that does not import: instantiate says so, in one line
+        return
+    if any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters.values()):
+        return
+    dropped = [name for name in node if not name.startswith("_") and name not in parameters and f"{key}.{name}" not in given]
+    if dropped:
+        with open_dict(node):
+            for name in dropped:
+                del node[name]
+        log.info("%s._target_=%s does not take %s: left out.", key, node._target_, ", ".join(f"{key}.{name}" for name in dropped))
 
 
 def train_teacher(cfg: DictConfig, datamodule, output_dir: Path) -> str:
@@ -175,15 +205,17 @@ def _fill_sizes(node: DictConfig, sizes: dict[str, int]) -> None:
             _fill_sizes(child, sizes)
 
 
-def deployment_input(example_input, size: int | None):
-    """The example image resized to ``size`` x ``size`` (bilinear), or ``None``: models trained on small images
-    are also timed at the resolution they would serve."""
+def deployment_input(example_input: NetworkCall, size: int | None) -> NetworkCall | None:
+    """The example call with its image resized to ``size`` x ``size`` (bilinear), or ``None``: models trained on
+    small images are also timed at the resolution they would serve."""
     if size is None:
         return None
-    if not (isinstance(example_input, torch.Tensor) and example_input.dim() == 4 and example_input.is_floating_point()):
+    tensors = example_input.tensors()
+    if not (len(tensors) == 1 and tensors[0].dim() == 4 and tensors[0].is_floating_point()):
         log.warning("report.latency_input_size=%s applies to image inputs; these are not: not timed at it.", size)
         return None
-    return torch.nn.functional.interpolate(example_input, size=(size, size), mode="bilinear", align_corners=False)
+    resized = torch.nn.functional.interpolate(tensors[0], size=(size, size), mode="bilinear", align_corners=False)
+    return example_input.with_tensors([resized])
 
 
 def check_tasks(cfg: DictConfig) -> None:
@@ -224,6 +256,8 @@ def build(cfg: DictConfig):
         check_integer("report.latency_input_size", cfg.report.get("latency_input_size"), minimum=1, none="the data's size only")
     except ValueError as error:
         raise BeforeTraining(str(error)) from error
+    for key in ("data", "model"):
+        for_the_given_target(cfg[key], key)
     datamodule = _instantiate(cfg.data, "data")
     try:
         datamodule.prepare_data()  # a missing dataset fails now, not after the trainer is set up
@@ -323,6 +357,9 @@ def main(cfg: DictConfig) -> float:
             if new_folder and not any(output_dir.rglob("*.ckpt")):
                 shutil.rmtree(output_dir, ignore_errors=True)
         sys.exit(2)
+    except ReportError as error:
+        print(f"error: no compression report: {error}", file=sys.stderr)
+        sys.exit(1)
     for failure in failed_exports:
         print(
             f"error: the {failure.export_format} export {failure.path} failed ({failure.reason}); checkpoints, "
@@ -360,11 +397,14 @@ def run(cfg: DictConfig, output_dir: Path) -> float:
         if not trainer.is_global_zero:  # one report per run, written by rank 0
             return float(trainer.callback_metrics[cfg.optimized_metric])
 
-        test_loader = datamodule.test_dataloader()
-        example_input = next(iter(test_loader))[0][:1]
+        try:  # each test batch as training_step calls the network with it, whatever its forward takes
+            calls = test_calls(trainer, model, datamodule.test_dataloader())
+        except ValueError as error:
+            raise ReportError(str(error)) from error
+        example_input = calls[0].sample(1)
         report = CompressionReport.from_models(
             models_to_report(trainer, model),
-            test_loader,
+            calls,
             example_input,
             runs=cfg.report.latency_runs,
             warmup=cfg.report.warmup_runs,

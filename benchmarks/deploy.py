@@ -27,7 +27,8 @@ from torch import nn
 from lightning_compress import QuantizationAwareTraining
 from lightning_compress.app.data import DigitsDataModule
 from lightning_compress.app.models import ImageClassifier
-from lightning_compress.export import write_exports
+from lightning_compress.export import INT8_TOLERANCE, write_exports
+from lightning_compress.network_call import NetworkCall
 from lightning_compress.report import count_parameters, latency_ms
 from lightning_compress.runtimes import OnnxRuntimeModel, OpenVinoModel
 
@@ -83,7 +84,8 @@ def run(name: str, runs: int) -> dict:
             folder = Path(temporary) / str(size)
             folder.mkdir()
             example = torch.randn(1, images.shape[1], size, size)
-            exports = write_exports(fake_quant, (example,), {}, folder, "qat_int8", ["onnx", "openvino"])
+            call = NetworkCall.of(fake_quant, "", (example,), {})
+            exports = write_exports(fake_quant, call, folder, "qat_int8", ["onnx", "openvino"], INT8_TOLERANCE)
             fp32_openvino = _openvino_fp32(float_model, example, folder)
             resized_calibration = F.interpolate(calibration, size=size, mode="bilinear", align_corners=False)
             models = {

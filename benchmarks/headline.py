@@ -40,7 +40,8 @@ from torch import nn
 from lightning_compress import DistillationModule, MagnitudePruning, QuantizationAwareTraining
 from lightning_compress.app.data import DigitsDataModule
 from lightning_compress.app.models import ImageClassifier
-from lightning_compress.export import write_exports
+from lightning_compress.export import INT8_TOLERANCE, write_exports
+from lightning_compress.network_call import NetworkCall
 from lightning_compress.report import count_parameters, latency_ms, top1_accuracy
 from lightning_compress.runtimes import OnnxRuntimeModel, OpenVinoModel
 
@@ -116,7 +117,8 @@ def time_networks(networks: dict[str, nn.Module], runs: int) -> dict[str, dict[s
             example = torch.randn(1, 1, size, size)
             folder = Path(temporary) / str(size)
             folder.mkdir()
-            exports = write_exports(deployable, (example,), {}, folder, "one_run_int8", ["onnx", "openvino"])
+            call = NetworkCall.of(deployable, "", (example,), {})
+            exports = write_exports(deployable, call, folder, "one_run_int8", ["onnx", "openvino"], INT8_TOLERANCE)
             timed = {
                 **networks,
                 "one run, ONNX Runtime int8": OnnxRuntimeModel(exports["onnx"], counts),

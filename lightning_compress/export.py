@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
+import io
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -17,7 +19,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_compress import compat
-from lightning_compress.inputs import first_line, on_cpu
+from lightning_compress.inputs import first_line
+from lightning_compress.network_call import FlatNetwork, NetworkCall, flat_network, named_outputs
+from lightning_compress.runtimes import RUNTIMES
 from lightning_compress.selection import without_training_aids
 
 EXPORT_FORMATS = ("torchscript", "torch_export", "onnx", "openvino")
@@ -48,25 +52,119 @@ def check_export_format(export_format: str | Sequence[str]) -> tuple[str, ...]:
     return formats
 
 
+FLOAT_TOLERANCE = 1e-3
+"""How far an export's outputs may lie from the torch model's, as a fraction of their mean magnitude (mean over
+every value): a float model in another runtime differs by the order of its float rounding."""
+
+INT8_TOLERANCE = 0.05
+"""The same for int8 models: each runtime's int8 kernels round each layer's requantization their own way (one
+grid step here and there), and the steps add up over the layers."""
+
+
 def write_exports(
-    model: nn.Module, args: tuple | None, kwargs: dict[str, Any], folder: Path, stem: str, formats: Sequence[str]
+    model: nn.Module,
+    call: NetworkCall | str | None,
+    folder: Path,
+    stem: str,
+    formats: Sequence[str],
+    tolerance: float = FLOAT_TOLERANCE,
 ) -> dict[str, Path]:
-    """Export ``model`` in each of ``formats`` as ``folder/stem`` plus the format's suffix; returns the files
-    written. A failed export is a one-line warning (see ``export_torchscript``): the others still happen."""
-    writers = {
-        "torchscript": (export_torchscript, ".pt"),
-        "torch_export": (export_program, ".pt2"),
-        "onnx": (export_onnx, ".onnx"),
-        "openvino": (export_openvino, "_openvino.xml"),
-    }
-    args, kwargs = on_cpu((args, kwargs))  # exports are made on the CPU, whatever device trained the model
+    """Export the network of ``model`` that ``call`` goes to (see ``network_call``), called as training called it,
+    in each of ``formats`` as ``folder/stem`` plus the format's suffix; returns the files written.
+
+    Every file is loaded back into its runtime and run on the observed call and on its first sample (batch 1),
+    and counts only if its outputs agree with the torch model's within ``tolerance``. A failed or disagreeing
+    export is a one-line warning naming the file, the format and why (``call`` given as a string is why there
+    is no call to export), and the file is not left behind: the others still happen, and the run goes on,
+    because the trained model and its checkpoints are worth more than one of their exports.
+    """
+    if not formats:
+        return {}
     written = {}
+    flat, why_not = None, call if isinstance(call, str) else "training_step calls no network"
+    if isinstance(call, NetworkCall):
+        call = call.on_cpu()  # exports are made on the CPU, whatever device trained the model
+        try:
+            flat = flat_network(without_training_aids(call.network(model)).eval(), call)
+        except Exception as error:  # noqa: BLE001 - a compressed network that fails on the call: no format can hold it
+            why_not = f"the network fails on the call training made ({first_line(error, 120)})"
     for name in formats:
-        writer, suffix = writers[name]
-        path = writer(model, args, kwargs, folder / f"{stem}{suffix}")
-        if path is not None:
+        writer, suffix = _WRITERS[name]
+        path = folder / f"{stem}{suffix}"
+        with _recording_failure(path, _FORMAT_NAMES[name]):
+            if flat is None:
+                raise ValueError(f"there is nothing to export: {why_not}")
+            try:
+                writer(flat, call, path)
+                runner = load_export(name, path)
+                disagreement = _disagreement(flat, runner, call, tolerance)
+                if disagreement:
+                    raise ValueError(f"it does not compute what the torch model does ({disagreement})")
+            except Exception:
+                _remove(path)  # nothing half-written, nothing wrong left behind
+                raise
+            fixed = _fixed_sequence_length(runner, call)
+            if fixed:
+                rank_zero_warn(f"{path.name} ({_FORMAT_NAMES[name]}) runs at the observed sequence length only ({fixed}).")
+            rank_zero_info(f"Saved {path.name} ({_FORMAT_NAMES[name]}; inputs {', '.join(call.input_names)}) to {path.parent}")
             written[name] = path
     return written
+
+
+def load_export(export_format: str, path: Path) -> Callable[..., Any]:
+    """The exported file at ``path`` loaded into its runtime: called with the tensors of a call in input order,
+    it returns one tensor or a tuple (TorchScript, torch.export) or, from ONNX Runtime and OpenVINO, one tensor or
+    a dict by output name."""
+    if export_format == "torchscript":
+        return torch.jit.load(str(path))
+    if export_format == "torch_export":
+        return torch.export.load(str(path)).module()
+    runner = RUNTIMES[export_format][1]
+    return runner(path, parameter_counts=(0, 0))
+
+
+def _disagreement(flat: FlatNetwork, runner: Callable[..., Any], call: NetworkCall, tolerance: float) -> str | None:
+    """Why the export ``runner`` does not compute what ``flat`` does on the observed call and on its first
+    sample (batch 1, what the report times and a server often gets), or ``None``."""
+    checks = [("the observed batch", call), ("one sample", call.sample(1))]
+    for label, checked in checks:
+        tensors = checked.tensors()
+        with torch.no_grad():
+            expected = [tensor for _, tensor in named_outputs(flat(*tensors))]
+            try:
+                actual = [tensor for _, tensor in named_outputs(runner(*tensors))]
+            except Exception as error:  # noqa: BLE001 - a runtime that cannot run the file: say so
+                return f"on {label} it fails: {first_line(error, 120)}"
+        if len(actual) != len(expected):
+            return f"on {label} it returns {len(actual)} outputs, the torch model {len(expected)}"
+        for name, want, have in zip(flat.output_names, expected, actual, strict=True):
+            have = torch.as_tensor(have)
+            if tuple(have.shape) != tuple(want.shape):
+                return f"on {label}, output {name} has shape {tuple(have.shape)}, not {tuple(want.shape)}"
+            error = (have.float() - want.float()).abs().mean() / want.float().abs().mean().clamp_min(1e-6)
+            if error > tolerance:
+                return f"on {label}, output {name} is {float(error):.2%} off on average (allowed {tolerance:.1%})"
+    return None
+
+
+def _fixed_sequence_length(runner: Callable[..., Any], call: NetworkCall) -> str | None:
+    """Why an export of a sequence model does not run on shorter sequences (its length was fixed when it was
+    traced), or ``None``: said in a warning, as the export still serves inputs of the observed length."""
+    shorter = call.shorter()
+    if shorter is None:
+        return None
+    try:
+        with torch.no_grad():
+            runner(*shorter.sample(1).tensors())
+    except Exception as error:  # noqa: BLE001 - any failure: the sequence length is fixed in this file
+        return first_line(error, 120)
+    return None
+
+
+def _remove(path: Path) -> None:
+    for file in (path, path.with_suffix(".bin") if path.suffix == ".xml" else None):
+        if file is not None and file.exists():
+            file.unlink()
 
 
 def output_folder(trainer: L.Trainer, export_dir: str | None = None) -> Path:
@@ -104,8 +202,7 @@ def recording_export_failures() -> Iterator[list[ExportFailure]]:
 def write_int8_exports(
     int8_model: nn.Module,
     runtime_model: Callable[[], nn.Module],
-    args: tuple | None,
-    kwargs: dict[str, Any],
+    call: NetworkCall | str | None,
     folder: Path,
     formats: Sequence[str],
 ) -> dict[str, Path]:
@@ -113,31 +210,23 @@ def write_int8_exports(
     OpenVINO hold the quantize-dequantize model that ``runtime_model()`` builds (only when one of them is asked
     for), which their own int8 kernels run."""
     own = ("torchscript", "torch_export")
-    written = write_exports(int8_model, args, kwargs, folder, "model_int8", [name for name in formats if name in own])
+    written = write_exports(int8_model, call, folder, "model_int8", [name for name in formats if name in own], INT8_TOLERANCE)
     runtimes = [name for name in formats if name not in own]
     if runtimes:
-        written |= write_exports(runtime_model(), args, kwargs, folder, "model_int8", runtimes)
+        written |= write_exports(runtime_model(), call, folder, "model_int8", runtimes, INT8_TOLERANCE)
     return written
 
 
-def export_torchscript(model: nn.Module, args: tuple | None, kwargs: dict[str, Any], path: Path) -> Path | None:
-    """Trace ``model`` (without its training aids) on an example input and save it; ``torch.jit.load`` runs
-    it with torch alone. Returns the path, or ``None`` when the export fails: that is a one-line warning
-    naming the file, the format and why, never an error, because the trained model and its checkpoints
-    are worth more than one of their exports.
+def export_torchscript(flat: FlatNetwork, call: NetworkCall, path: Path) -> None:
+    """Trace the network on the observed call and save it; ``torch.jit.load`` runs it with torch alone, taking
+    the call's tensors in input order (the traced graph's inputs bear their names).
 
-    TorchScript, not ``torch.export``: torch.export cannot serialize the packed int8 weights of
-    the FX backend's quantized modules (their script objects have no ``__obj_flatten__``).
+    TorchScript, not only ``torch.export``: torch.export cannot serialize the packed int8 weights of the FX
+    backend's quantized modules (their script objects have no ``__obj_flatten__``).
     """
-    with _recording_failure(path, "TorchScript"):
-        with compat.detached_tracing(), torch.no_grad():  # tracing probes `trainer`, which raises when detached
-            traced = torch.jit.trace(
-                without_training_aids(model).eval(), _call(args), example_kwarg_inputs=kwargs or None, check_trace=False
-            )
-        torch.jit.save(traced, str(path))
-        rank_zero_info(f"Saved {path.name} (TorchScript) to {path.parent}")
-        return path
-    return None
+    with compat.detached_tracing(), torch.no_grad():  # tracing probes `trainer`, which raises when detached
+        traced = torch.jit.trace(flat, tuple(call.tensors()), check_trace=False)
+    torch.jit.save(traced, str(path))
 
 
 def batch_dynamic_shapes(value: Any) -> Any:
@@ -159,20 +248,19 @@ def dynamic_batch(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dic
     return {name: batch_dynamic_shapes(value) for name, value in bound.arguments.items()}
 
 
-def export_program(model: nn.Module, args: tuple | None, kwargs: dict[str, Any], path: Path) -> Path | None:
-    """``torch.export`` ``model`` (without its training aids, batch dimension dynamic) and save the program as
-    ``.pt2``; ``torch.export.load(path).module()`` runs it (an int8 program of the pt2e backend needs
-    the import ``pt2e_quantization`` documents first, which defines its quantize ops). ``None`` when it fails: a
-    one-line warning, as for ``export_torchscript``."""
-    with _recording_failure(path, "torch.export"):
-        with torch.no_grad():
-            module = without_training_aids(model).eval()
-            args, kwargs = tuple(_call(args)), kwargs or {}
-            program = torch.export.export(module, args, kwargs or None, dynamic_shapes=dynamic_batch(module, args, kwargs))
-        torch.export.save(program, str(path))
-        rank_zero_info(f"Saved {path.name} (torch.export) to {path.parent}")
-        return path
-    return None
+def exported_program(flat: FlatNetwork, call: NetworkCall) -> torch.export.ExportedProgram:
+    """``torch.export`` of the network called as training called it, its batch and sequence dimensions free
+    (``Dim.AUTO``: where the network fixes one, the program keeps it fixed, and the check on one sample says so)."""
+    dynamic = {name: {dim: torch.export.Dim.AUTO for dim in dims} or None for name, dims in call.dynamic_dimensions().items()}
+    with torch.no_grad():
+        return torch.export.export(flat, tuple(call.tensors()), dynamic_shapes=dynamic)
+
+
+def export_program(flat: FlatNetwork, call: NetworkCall, path: Path) -> None:
+    """Save the ``torch.export`` program as ``.pt2``; ``torch.export.load(path).module()`` runs it (an int8 program
+    of the pt2e backend needs the import ``pt2e_quantization`` documents first, which defines its quantize ops).
+    The output names go with it, as the file's ``outputs.txt``."""
+    torch.export.save(exported_program(flat, call), str(path), extra_files={"outputs.txt": "\n".join(flat.output_names)})
 
 
 ONNX_OPSET = 17
@@ -180,55 +268,92 @@ ONNX_OPSET = 17
 8.6+ and OpenVINO alike."""
 
 
-def export_onnx(model: nn.Module, args: tuple | None, kwargs: dict[str, Any], path: Path) -> Path | None:
-    """``model`` as ONNX (opset ``ONNX_OPSET``, the batch dimension of every input and output dynamic);
-    fake-quant models (see ``fx_quantization.fake_quant_for_export``) become QuantizeLinear/DequantizeLinear
-    pairs that ONNX Runtime and TensorRT run in int8. Uses torch's TorchScript-based exporter, which maps
-    torch's fake-quantize ops to QDQ pairs. ``None`` (and a warning) if it fails."""
-    with _recording_failure(path, "ONNX"):
-        args = _call(args)
-        names = [f"input_{index}" for index in range(len(args))] + list(kwargs)
-        with compat.detached_tracing(), torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the exporter's deprecation notices, once per op
+def export_onnx(flat: FlatNetwork, call: NetworkCall, path: Path) -> None:
+    """The network as ONNX (opset ``ONNX_OPSET``), inputs and outputs named, batch and sequence dimensions
+    dynamic; fake-quant models (see ``fx_quantization.fake_quant_for_export``) become QuantizeLinear/
+    DequantizeLinear pairs that ONNX Runtime and TensorRT run in int8.
+
+    First with torch's TorchScript-based exporter, which maps torch's fake-quantize ops to QDQ pairs; where that
+    cannot trace the network (an op it has no mapping for, as transformers' Llama masks), from the
+    ``torch.export`` program with torch's dynamo exporter (needs ``onnxscript``, in the ``onnx`` extra).
+    """
+    names, outputs = list(call.input_names), flat.output_names
+    dynamic = call.dynamic_dimensions()
+    with compat.detached_tracing(), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's deprecation notices, once per op
+        try:
             torch.onnx.export(
-                without_training_aids(model).eval(),
-                args,
+                flat,
+                tuple(call.tensors()),
                 str(path),
-                kwargs=kwargs or None,
                 input_names=names,
-                output_names=["output"],
-                dynamic_axes={name: {0: "batch"} for name in [*names, "output"]},
+                output_names=outputs,
+                dynamic_axes={**{name: dims for name, dims in dynamic.items() if dims}, **_output_dimensions(flat, call)},
                 opset_version=ONNX_OPSET,
                 dynamo=False,
             )
-        rank_zero_info(f"Saved {path.name} (ONNX, opset {ONNX_OPSET}) to {path.parent}")
-        return path
-    return None
+        except Exception:  # noqa: BLE001 - any failure of the tracing exporter: the exported program's turn
+            _remove(path)
+            with contextlib.redirect_stdout(io.StringIO()):  # the dynamo exporter narrates its steps
+                torch.onnx.export(
+                    exported_program(flat, call), (), str(path), input_names=names, output_names=outputs, dynamo=True
+                )
 
 
-def export_openvino(model: nn.Module, args: tuple | None, kwargs: dict[str, Any], path: Path) -> Path | None:
-    """``model`` as OpenVINO IR (``path`` is the ``.xml``, the weights go beside it in a ``.bin``), weights
-    kept in float32 (OpenVINO's default halves them, which would move fake-quantized weights off their
-    grid); its FakeQuantize nodes run as int8 on x86 CPUs. ``None`` (and a warning) if it fails."""
-    with _recording_failure(path, "OpenVINO"):
-        import openvino
+def _output_dimensions(flat: FlatNetwork, call: NetworkCall) -> dict[str, dict[int, str]]:
+    """The batch and sequence dimensions of each output, for the ONNX file to declare them dynamic."""
+    with torch.no_grad():
+        outputs = [tensor for _, tensor in named_outputs(flat(*call.tensors()))]
+    batch = call.batch_size
+    sequences = {
+        tensor.shape[1]
+        for name, tensor in zip(call.input_names, call.tensors(), strict=True)
+        if 1 in call.dynamic_dimensions()[name]
+    }
+    dimensions = {}
+    for name, tensor in zip(flat.output_names, outputs, strict=True):
+        dims = {0: "batch"} if tensor.dim() > 0 and tensor.shape[0] == batch else {}
+        if tensor.dim() >= 2 and tensor.shape[1] in sequences:
+            dims[1] = "sequence"
+        if dims:
+            dimensions[name] = dims
+    return dimensions
 
-        args = _call(args)
-        with compat.detached_tracing(), torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            converted = openvino.convert_model(
-                without_training_aids(model).eval(), example_input={**dict(enumerate(args)), **kwargs} if kwargs else args
-            )
-            openvino.save_model(converted, str(path), compress_to_fp16=False)
-        rank_zero_info(f"Saved {path.name} + .bin (OpenVINO IR) to {path.parent}")
-        return path
-    return None
+
+def export_openvino(flat: FlatNetwork, call: NetworkCall, path: Path) -> None:
+    """The network as OpenVINO IR (``path`` is the ``.xml``, the weights go beside it in a ``.bin``), inputs and
+    outputs named, weights kept in float32 (OpenVINO's default halves them, which would move fake-quantized
+    weights off their grid); its FakeQuantize nodes run as int8 on x86 CPUs. Converted from the network traced
+    as TorchScript; where that fails, from its ``torch.export`` program."""
+    import openvino
+
+    with compat.detached_tracing(), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            converted = openvino.convert_model(flat, example_input=tuple(call.tensors()))
+        except Exception:  # noqa: BLE001 - any failure of the traced conversion: the exported program's turn
+            try:
+                converted = openvino.convert_model(exported_program(flat, call))
+            except Exception as error:  # noqa: BLE001 - OpenVINO's message opens with an internal check: name the ops
+                refused = [line for line in str(error).splitlines() if "Conversion is failed for" in line]
+                if refused:
+                    raise ValueError(f"OpenVINO cannot convert {refused[-1].split(':', 1)[1].strip()}") from error
+                raise
+        for port, name in [
+            *zip(converted.inputs, call.input_names, strict=True),
+            *zip(converted.outputs, flat.output_names, strict=True),
+        ]:
+            port.get_tensor().set_names({name})
+        openvino.save_model(converted, str(path), compress_to_fp16=False)
 
 
-def _call(args: tuple | None) -> tuple:
-    if args is None:
-        raise ValueError("training_step never calls the LightningModule's forward: there is no call to export")
-    return args
+_WRITERS = {
+    "torchscript": (export_torchscript, ".pt"),
+    "torch_export": (export_program, ".pt2"),
+    "onnx": (export_onnx, ".onnx"),
+    "openvino": (export_openvino, "_openvino.xml"),
+}
+_FORMAT_NAMES = {"torchscript": "TorchScript", "torch_export": "torch.export", "onnx": "ONNX", "openvino": "OpenVINO"}
 
 
 @contextmanager

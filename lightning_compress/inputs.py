@@ -39,8 +39,22 @@ def training_batches(trainer: L.Trainer, pl_module: L.LightningModule, count: in
     hooks that Lightning would apply and moved to the module's device."""
     batches = []
     for batch in islice(compat.training_dataloader(trainer), count):
-        batches.append(_transfer(trainer, pl_module, batch))
+        batches.append(transfer_batch(trainer, pl_module, batch))
     return batches
+
+
+def transfer_batch(trainer: L.Trainer, pl_module: L.LightningModule, batch: Any) -> Any:
+    """``batch`` through Lightning's batch hooks in its order, each taken from the datamodule when it overrides it,
+    onto the module's device."""
+    datamodule = trainer.datamodule
+
+    def hook(name: str):
+        overridden = datamodule is not None and getattr(type(datamodule), name) is not getattr(DataHooks, name)
+        return getattr(datamodule if overridden else pl_module, name)
+
+    batch = hook("on_before_batch_transfer")(batch, 0)
+    batch = hook("transfer_batch_to_device")(batch, pl_module.device, 0)
+    return hook("on_after_batch_transfer")(batch, 0)
 
 
 def watch_training_step(
@@ -99,6 +113,46 @@ def watch_training_step(
         for handle in handles:
             handle.remove()
     return calls
+
+
+def outermost_calls(module: L.LightningModule, batches: Sequence[Any]) -> list[list[tuple[str, Call]]]:
+    """For each batch, the calls ``training_step`` made itself, in order: of ``module`` (name ``""``) or of its
+    submodules, not the calls those made inside (watched without a trace, as ``watch_training_step``).
+    Raises ``TrainingStepError`` if the step fails."""
+    per_batch: list[list[tuple[str, Call]]] = []
+    depth = 0
+    handles = []
+
+    def enter(name: str, args: tuple, kwargs: dict) -> None:
+        nonlocal depth
+        if depth == 0:
+            per_batch[-1].append((name, (_detached(args), _detached(kwargs))))
+        depth += 1
+
+    def leave(*_: Any) -> None:
+        nonlocal depth
+        depth -= 1
+
+    for name, submodule in module.named_modules():
+        handles.append(
+            submodule.register_forward_pre_hook(lambda _, args, kwargs, name=name: enter(name, args, kwargs), with_kwargs=True)
+        )
+        handles.append(submodule.register_forward_hook(leave, always_call=True))
+    try:
+        with _without_a_trace(module):
+            for batch_index, batch in enumerate(batches):
+                per_batch.append([])
+                depth = 0
+                try:
+                    module.training_step(_fresh(batch), batch_index)
+                except Exception as error:  # noqa: BLE001 - a user's step can fail in any way; say which, once
+                    raise TrainingStepError(
+                        f"{type(module).__name__}.training_step failed on a batch ({type(error).__name__}: {first_line(error)})"
+                    ) from error
+    finally:
+        for handle in handles:
+            handle.remove()
+    return per_batch
 
 
 def first_calls(module: L.LightningModule, batches: Sequence[Any], names: Iterable[str] = ()) -> dict[str, Call]:
@@ -195,19 +249,6 @@ def example_input(trainer: L.Trainer, pl_module: L.LightningModule, size: int = 
 
 
 # ---------------------------------------------------------------------- helpers of this module
-
-
-def _transfer(trainer: L.Trainer, pl_module: L.LightningModule, batch: Any) -> Any:
-    """Lightning's batch hooks in its order, each taken from the datamodule when it overrides it."""
-    datamodule = trainer.datamodule
-
-    def hook(name: str):
-        overridden = datamodule is not None and getattr(type(datamodule), name) is not getattr(DataHooks, name)
-        return getattr(datamodule if overridden else pl_module, name)
-
-    batch = hook("on_before_batch_transfer")(batch, 0)
-    batch = hook("transfer_batch_to_device")(batch, pl_module.device, 0)
-    return hook("on_after_batch_transfer")(batch, 0)
 
 
 @contextmanager

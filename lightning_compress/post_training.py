@@ -23,9 +23,10 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_compress import sensitivity
-from lightning_compress.export import check_export_format, output_folder, write_exports, write_int8_exports
+from lightning_compress.export import INT8_TOLERANCE, check_export_format, output_folder, write_exports, write_int8_exports
 from lightning_compress.fx_quantization import DYNAMIC_LAYERS, quantize_dynamic
 from lightning_compress.inputs import first_calls, first_tensor, keep_what_runs, training_batches, watch_training_step
+from lightning_compress.network_call import observe_network_call
 from lightning_compress.quantization_backend import QuantizationBackend, backend_for, check_backend_exports, chosen_config
 from lightning_compress.report import ReportsModels, count_parameters, plot_sensitivity, print_sensitivity
 from lightning_compress.runtimes import runtime_models
@@ -178,7 +179,7 @@ class PostTrainingQuantization(Callback, ReportsModels):
                         model.set_submodule(name, self.backend.fake_quant_for_export(calibrated.get_submodule(name)))
                 return model
 
-            self.export_paths = self._export(trainer, runtime_model) or {}
+            self.export_paths = self._export(trainer, pl_module, runtime_model) or {}
             self.export_path = self.export_paths.get("torchscript")
 
     def _prepare(self, model: nn.Module, name: str, float_layers: list[str]) -> list[str]:
@@ -190,7 +191,9 @@ class PostTrainingQuantization(Callback, ReportsModels):
         if name in self._calls:
             try:
                 args, kwargs = self._calls[name]
-                model.set_submodule(name, self.backend.prepare_ptq(module, args, kwargs, float_layers))
+                prepared = self.backend.prepare_ptq(module, args, kwargs, float_layers)
+                self.backend.check_same_output(module, prepared, args, kwargs)
+                model.set_submodule(name, prepared)
                 return [name]
             except Exception as error:  # noqa: BLE001 - any tracing failure means: try the children instead
                 rank_zero_info(
@@ -238,10 +241,12 @@ class PostTrainingQuantization(Callback, ReportsModels):
         return {"int8": self.quantized_model, **runtime_models("int8", self.export_paths, count_parameters(self.quantized_model))}
 
     @rank_zero_only
-    def _export(self, trainer: L.Trainer, runtime_model: Callable[[], nn.Module]) -> dict[str, Path]:
-        args, kwargs = self._calls.get("", (None, {}))
+    def _export(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, runtime_model: Callable[[], nn.Module]
+    ) -> dict[str, Path]:
+        call = observe_network_call(trainer, pl_module)
         folder = output_folder(trainer, self.export_dir)
-        return write_int8_exports(self.quantized_model, runtime_model, args, kwargs, folder, self.export_formats)
+        return write_int8_exports(self.quantized_model, runtime_model, call, folder, self.export_formats)
 
 
 class DynamicQuantization(Callback, ReportsModels):
@@ -333,14 +338,14 @@ class DynamicQuantization(Callback, ReportsModels):
                 )
         self.quantized_model = quantized
         if self.export_formats:
-            self.export_paths = self._export(trainer) or {}
+            self.export_paths = self._export(trainer, pl_module) or {}
             self.export_path = self.export_paths.get("torchscript")
 
     def report_models(self) -> dict[str, nn.Module]:
         return {} if self.quantized_model is None else {"int8 dynamic": self.quantized_model}
 
     @rank_zero_only
-    def _export(self, trainer: L.Trainer) -> dict[str, Path]:
-        args, kwargs = self._calls.get("", (None, {}))
+    def _export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Path]:
+        call = observe_network_call(trainer, pl_module)
         folder = output_folder(trainer, self.export_dir)
-        return write_exports(self.quantized_model, args, kwargs, folder, "model_dynamic_int8", self.export_formats)
+        return write_exports(self.quantized_model, call, folder, "model_dynamic_int8", self.export_formats, INT8_TOLERANCE)

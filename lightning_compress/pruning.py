@@ -34,6 +34,7 @@ from lightning_compress.inputs import (
     same_outputs,
     training_batches,
 )
+from lightning_compress.network_call import observe_network_call
 from lightning_compress.quantization_backend import HoldsFakeQuant
 from lightning_compress.report import ReportsModels, count_parameters, plot_pruning
 from lightning_compress.runtimes import runtime_models
@@ -656,9 +657,10 @@ class MagnitudePruning(Callback, ReportsModels):
 
     @rank_zero_only
     def _export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Path]:
-        args, kwargs = self._calls.get("", (None, {}))
         folder = output_folder(trainer, self.export_dir)
-        return write_exports(self.pruned_model, args, kwargs, folder, "model_pruned", self.export_formats)
+        return write_exports(
+            self.pruned_model, observe_network_call(trainer, pl_module), folder, "model_pruned", self.export_formats
+        )
 
     def _shrunken_differs(self, pl_module: L.LightningModule) -> str | None:
         """Why the network with channels removed does not compute what the masked one does, or ``None``.

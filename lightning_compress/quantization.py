@@ -29,7 +29,8 @@ from typing_extensions import override
 from lightning_compress import compat, module_swap, optimizers, range_learning
 from lightning_compress.export import output_folder, write_int8_exports
 from lightning_compress.forward_graph import forward_holder, install_forward, installed_forward
-from lightning_compress.inputs import first_calls, first_line, on_cpu, runs, same_outputs, training_batches, watch_training_step
+from lightning_compress.inputs import first_calls, first_line, on_cpu, runs, training_batches, watch_training_step
+from lightning_compress.network_call import observe_network_call
 from lightning_compress.pruning import MagnitudePruning
 from lightning_compress.quantization_backend import (
     RECURRENT_LAYERS,
@@ -631,7 +632,7 @@ class QuantizationAwareTraining(Callback, ReportsModels):
         template = copy.deepcopy(holder)
         try:
             prepared = self.backend.prepare_qat(holder, args, kwargs, self.skip_names, self.skip_types)
-            _check_same_output(self.backend, holder, prepared, args, kwargs)
+            self.backend.check_same_output(holder, prepared, args, kwargs)
         except Exception as error:  # noqa: BLE001 - any tracing failure means: quantize each network instead
             # FX swaps layers in place inside modules the trace kept whole (a torch.nn container)
             install_forward(pl_module, template)
@@ -668,7 +669,7 @@ class QuantizationAwareTraining(Callback, ReportsModels):
         template = copy.deepcopy(module)
         try:
             prepared = self.backend.prepare_qat(module, args, kwargs, skip_names, self.skip_types)
-            _check_same_output(self.backend, module, prepared, args, kwargs)
+            self.backend.check_same_output(module, prepared, args, kwargs)
         except Exception as error:  # noqa: BLE001 - any tracing failure means: try the children instead
             if self.backend.swaps_modules:  # no tracing to fail: the children would fail alike
                 raise
@@ -681,7 +682,7 @@ class QuantizationAwareTraining(Callback, ReportsModels):
                 for child in children:
                     self._quantize(pl_module, f"{name}.{child}")
                 try:
-                    _check_same_output(self.backend, template, module, args, kwargs)
+                    self.backend.check_same_output(template, module, args, kwargs)
                     self.parts.insert(parts_before, QuantizedPart(name, False, f"split into its children: {reason}"))
                     return
                 except Exception as split_error:  # noqa: BLE001 - the parent reads its children's weights, say
@@ -719,7 +720,7 @@ class QuantizationAwareTraining(Callback, ReportsModels):
         module_swap.swap_in_fake_quant(pl_module, swapped, self.config)
         module = _get(pl_module, name)  # a new object where the part is itself a layer
         try:
-            _check_same_output(self.backend, template, module, args, kwargs)
+            self.backend.check_same_output(template, module, args, kwargs)
             trial = copy.deepcopy(module).eval()
             with torch.no_grad():
                 trial(*args, **kwargs)  # observers see the weights: conversion needs their scales
@@ -788,12 +789,10 @@ class QuantizationAwareTraining(Callback, ReportsModels):
 
     @rank_zero_only
     def _export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Path]:
-        args, kwargs = self._example_inputs.get("", (None, {}))
         return write_int8_exports(
             self.quantized_model,
             lambda: self.fake_quant_for_export(pl_module),
-            args,
-            kwargs,
+            observe_network_call(trainer, pl_module),
             output_folder(trainer, self.export_dir),
             self.export_formats,
         )
@@ -870,23 +869,3 @@ def _put(root: nn.Module, name: str, part: nn.Module) -> None:
 
 def _some(names: dict[str, nn.Module]) -> list[str]:
     return [name for name in names if name][:8]
-
-
-def _check_same_output(backend: QuantizationBackend, module: nn.Module, prepared: nn.Module, args: tuple, kwargs: dict) -> None:
-    """A traced graph that silently took one branch of Python control flow would compute something else:
-    with fake-quant off, the prepared module must reproduce the float module's output."""
-    backend.set_fake_quant(prepared, enabled=False)
-    backend.set_observers(prepared, enabled=False)
-    was_training = module.training
-    module.eval()
-    prepared.eval()
-    try:
-        with torch.no_grad():
-            expected, actual = module(*args, **kwargs), prepared(*args, **kwargs)
-        if not same_outputs(expected, actual):
-            raise RuntimeError("the traced graph computes a different output (data-dependent control flow?)")
-    finally:
-        module.train(was_training)
-        prepared.train(was_training)
-        backend.set_fake_quant(prepared, enabled=True)
-        backend.set_observers(prepared, enabled=True)

@@ -22,6 +22,8 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from lightning_compress.inputs import same_outputs
+
 QUANTIZABLE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 """Layers with int8 weights and activations."""
 
@@ -287,6 +289,28 @@ class QuantizationBackend(ABC):
                 raise RuntimeError(f"tensor {name!r} was not carried into the prepared module")
             names[name] = prepared_name
         return names
+
+    def check_same_output(self, module: nn.Module, prepared: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        """Raise unless ``prepared``, with fake-quant and observers off, computes what ``module`` does on a call.
+
+        A trace that silently took one branch of Python control flow, or made a placeholder of an argument given as
+        ``None`` (transformers' ``inputs_embeds``), would compute something else, or fail, on the calls training makes.
+        """
+        self.set_fake_quant(prepared, enabled=False)
+        self.set_observers(prepared, enabled=False)
+        was_training = module.training
+        module.eval()
+        prepared.eval()
+        try:
+            with torch.no_grad():
+                expected, actual = module(*args, **kwargs), prepared(*args, **kwargs)
+            if not same_outputs(expected, actual):
+                raise RuntimeError("the traced graph computes a different output (data-dependent control flow?)")
+        finally:
+            module.train(was_training)
+            prepared.train(was_training)
+            self.set_fake_quant(prepared, enabled=True)
+            self.set_observers(prepared, enabled=True)
 
     @staticmethod
     def float_copy(template: nn.Module, prepared: nn.Module, names: dict[str, str]) -> nn.Module:

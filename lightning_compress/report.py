@@ -30,9 +30,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 from torch import nn
-from torch.utils.data import DataLoader
 
 from lightning_compress import compat
+from lightning_compress.network_call import NetworkCall, logits_of
 from lightning_compress.runtimes import RuntimeModel
 from lightning_compress.selection import without_training_aids
 
@@ -66,24 +66,43 @@ def _measuring(model: nn.Module, threads: int | None = None) -> Iterator[None]:
         model.train(was_training)
 
 
-def _by_position(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits as (positions, classes) and labels as (positions,). A language model's (N, T, V) logits against
-    (N, T) labels have their classes last; a classifier's (N, C) or (N, C, ...) have them on dim 1."""
+def _by_position(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Logits as (positions, classes) and labels as (positions,), or ``None`` where the output is no prediction
+    of these labels (a loss). A language model's (N, T, V) logits against (N, T) labels have their classes last; a
+    classifier's (N, C) or (N, C, ...) have them on dim 1."""
     if logits.dim() == labels.dim() + 1 and logits.shape[:-1] == labels.shape:
         return logits.flatten(0, -2), labels.flatten()
-    return logits.movedim(1, -1).flatten(0, -2), labels.flatten()
+    if logits.dim() == labels.dim() + 1 and logits.shape[:1] + logits.shape[2:] == labels.shape:
+        return logits.movedim(1, -1).flatten(0, -2), labels.flatten()
+    return None
 
 
-def evaluate(model: nn.Module, dataloader: Iterable) -> tuple[float, float | None]:
-    """Top-1 accuracy (fraction of positions: samples, or tokens) of ``model`` over ``(inputs, labels)``
-    batches, and for outputs with a position dimension (a language model's) the perplexity, ``exp`` of the
-    mean cross-entropy per token; ``None`` for one label per sample."""
+def _output(model: nn.Module, example: torch.Tensor | NetworkCall) -> object:
+    """``model`` called on ``example``: a tensor, or a call of the network as training made it (``network_call``)."""
+    return example.run(model) if isinstance(example, NetworkCall) else model(example)
+
+
+def evaluate(model: nn.Module, dataloader: Iterable) -> tuple[float | None, float | None]:
+    """Top-1 accuracy (fraction of positions: samples, or tokens) of ``model`` over ``(inputs, labels)`` batches or
+    over calls of its network with their targets (``network_call.NetworkCall``), and for outputs with a position
+    dimension (a language model's) the perplexity, ``exp`` of the mean cross-entropy per token; ``None`` for one
+    label per sample. The prediction is the output itself or its ``logits``; where there is none for the labels
+    (a network that returns its loss) or no labels, both are ``None``."""
     correct = total = 0
     cross_entropy = 0.0
     sequences = False
     with _measuring(model):
-        for inputs, labels in dataloader:
-            logits, flat_labels = _by_position(model(inputs), labels)
+        for batch in dataloader:
+            if isinstance(batch, NetworkCall):
+                output, labels = batch.run(model), batch.targets
+            else:
+                inputs, labels = batch
+                output = model(inputs)
+            logits = logits_of(output)
+            by_position = None if logits is None or labels is None else _by_position(logits, labels)
+            if by_position is None:
+                return None, None
+            logits, flat_labels = by_position
             sequences = labels.dim() > 1
             correct += int((logits.argmax(dim=-1) == flat_labels).sum())
             cross_entropy += float(torch.nn.functional.cross_entropy(logits.float(), flat_labels, reduction="sum"))
@@ -91,7 +110,7 @@ def evaluate(model: nn.Module, dataloader: Iterable) -> tuple[float, float | Non
     return correct / total, (math.exp(cross_entropy / total) if sequences else None)
 
 
-def top1_accuracy(model: nn.Module, dataloader: Iterable) -> float:
+def top1_accuracy(model: nn.Module, dataloader: Iterable) -> float | None:
     """Top-1 accuracy (fraction) of ``model`` over ``(inputs, labels)`` batches, per sample or per token."""
     return evaluate(model, dataloader)[0]
 
@@ -143,8 +162,11 @@ def serialized_size(model: nn.Module) -> int:
     return buffer.getbuffer().nbytes
 
 
-def latency_ms(models: dict[str, nn.Module], example_input: torch.Tensor, runs: int = 50, warmup: int = 10) -> dict[str, float]:
-    """Median milliseconds of one single-threaded forward on ``example_input``, per model.
+def latency_ms(
+    models: dict[str, nn.Module], example_input: torch.Tensor | NetworkCall, runs: int = 50, warmup: int = 10
+) -> dict[str, float]:
+    """Median milliseconds of one single-threaded forward on ``example_input`` (a tensor, or a call of the network
+    as training made it), per model.
 
     The models take turns, one forward each per round, in a new random order each round, so that a burst
     of load on a shared machine, or the caches a large model evicts, slows all of them alike and their
@@ -156,7 +178,7 @@ def latency_ms(models: dict[str, nn.Module], example_input: torch.Tensor, runs: 
             stack.enter_context(_measuring(model, threads=1))
         for _ in range(warmup):
             for model in models.values():
-                model(example_input)
+                _output(model, example_input)
         order = list(models.items())
         shuffler = random.Random(0)
         for _ in range(runs):
@@ -164,7 +186,7 @@ def latency_ms(models: dict[str, nn.Module], example_input: torch.Tensor, runs: 
             shuffler.shuffle(order)
             for name, model in order:
                 start = time.perf_counter()
-                model(example_input)
+                _output(model, example_input)
                 timings[name].append((time.perf_counter() - start) * 1000.0)
     return {name: statistics.median(values) for name, values in timings.items()}
 
@@ -183,12 +205,12 @@ class Measurement:
     perplexity: float | None = None
 
 
-def runs_on(model: nn.Module, example_input: torch.Tensor) -> bool:
+def runs_on(model: nn.Module, example_input: torch.Tensor | NetworkCall) -> bool:
     """Whether ``model`` runs on ``example_input``: an exported graph or runtime file with a fixed input size,
     or a network whose shape is tied to its training images, does not run at another resolution."""
     try:
         with _measuring(model):
-            model(example_input)
+            _output(model, example_input)
     except Exception:  # noqa: BLE001 - any failure means: no figure at this size
         return False
     return True
@@ -221,6 +243,18 @@ def measure(
     )
 
 
+def _batch_size(example: torch.Tensor | NetworkCall) -> int | None:
+    return example.batch_size if isinstance(example, NetworkCall) else example.shape[0]
+
+
+def _input_shape(example: torch.Tensor | NetworkCall) -> list[int] | dict[str, list[int]]:
+    """The shape of what latency is timed on; of each input by name where a call holds several."""
+    if isinstance(example, torch.Tensor):
+        return list(example.shape)
+    shapes = {name: list(tensor.shape) for name, tensor in zip(example.input_names, example.tensors(), strict=True)}
+    return next(iter(shapes.values())) if len(shapes) == 1 else shapes
+
+
 @dataclass
 class CompressionReport:
     """Measurements side by side, with ratios against the ``fp32`` row."""
@@ -232,14 +266,18 @@ class CompressionReport:
     def from_models(
         cls,
         models: dict[str, nn.Module],
-        dataloader: DataLoader,
-        example_input: torch.Tensor,
+        dataloader: Iterable,
+        example_input: torch.Tensor | NetworkCall,
         runs: int = 50,
         warmup: int = 10,
         accuracies: dict[str, float] | None = None,
-        deployment_input: torch.Tensor | None = None,
+        deployment_input: torch.Tensor | NetworkCall | None = None,
     ) -> CompressionReport:
         """Measure every model; ``accuracies`` gives figures already computed (the teacher's, say).
+
+        ``dataloader`` yields ``(inputs, labels)`` batches, or calls of the network as training made them, each with
+        its targets (``network_call.test_calls``): how a model whose forward takes keywords or dict batches is fed.
+        ``example_input`` is what latency is timed on, a tensor or such a call.
 
         ``deployment_input`` (one input at the resolution the models will serve, say 224x224 for models trained
         on 32x32 images) adds a second latency, timed the same way among the models that run at that size:
@@ -256,8 +294,9 @@ class CompressionReport:
             for name, model in models.items()
         ]
         settings = {
-            "input_shape": list(example_input.shape),
-            **({"deployment_input_shape": list(deployment_input.shape)} if deployment_input is not None else {}),
+            "batch_size": _batch_size(example_input),
+            "input_shape": _input_shape(example_input),
+            **({"deployment_input_shape": _input_shape(deployment_input)} if deployment_input is not None else {}),
             "threads": 1,
             "latency_runs": runs,
             "warmup_runs": warmup,
@@ -286,7 +325,7 @@ class CompressionReport:
         return rows
 
     def table(self) -> Table:
-        table = Table(title=f"Compression report (batch {self.settings['input_shape'][0]}, 1 thread)")
+        table = Table(title=f"Compression report (batch {self.settings['batch_size']}, 1 thread)")
         with_perplexity = any(row.perplexity is not None for row in self.measurements)
         sides = self.settings.get("deployment_input_shape", [])[2:]
         size = str(sides[0]) if len(set(sides)) == 1 else "x".join(str(side) for side in sides)

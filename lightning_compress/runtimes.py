@@ -12,11 +12,14 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
 
 class RuntimeModel(nn.Module):
-    """An exported model behind ``forward``: tensors in, a tensor (the first output) out.
+    """An exported model behind ``forward``: called as the torch network was (the same arguments, see
+    ``network_call``), it feeds the call's tensors to the file's inputs in order and returns its one output as a
+    tensor, or its outputs as a dict by name (``logits``...).
 
     ``parameter_counts`` (total, non-zero) are those of the torch model it was exported from, which the
     report cannot count inside a runtime; ``files`` are what a user ships.
@@ -26,11 +29,16 @@ class RuntimeModel(nn.Module):
         super().__init__()
         self.files = [Path(file) for file in files]
         self.parameter_counts = parameter_counts
+        self.output_names: list[str] = []
 
-    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(self.run([tensor.detach().cpu().numpy() for tensor in inputs])))
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor | dict[str, torch.Tensor]:
+        tensors = [leaf for leaf in pytree.tree_leaves((args, kwargs)) if isinstance(leaf, torch.Tensor)]
+        outputs = [
+            torch.from_numpy(np.asarray(output)) for output in self.run([tensor.detach().cpu().numpy() for tensor in tensors])
+        ]
+        return outputs[0] if len(outputs) == 1 else dict(zip(self.output_names, outputs, strict=True))
 
-    def run(self, inputs: list[np.ndarray]) -> Any:
+    def run(self, inputs: list[np.ndarray]) -> list[Any]:
         raise NotImplementedError
 
 
@@ -46,9 +54,10 @@ class OnnxRuntimeModel(RuntimeModel):
         options.inter_op_num_threads = 1
         self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input_names = [node.name for node in self.session.get_inputs()]
+        self.output_names = [node.name for node in self.session.get_outputs()]
 
-    def run(self, inputs: list[np.ndarray]) -> Any:
-        return self.session.run(None, dict(zip(self.input_names, inputs, strict=True)))[0]
+    def run(self, inputs: list[np.ndarray]) -> list[Any]:
+        return self.session.run(None, dict(zip(self.input_names, inputs, strict=True)))
 
 
 class OpenVinoModel(RuntimeModel):
@@ -67,9 +76,11 @@ class OpenVinoModel(RuntimeModel):
         super().__init__([path, Path(path).with_suffix(".bin")], parameter_counts)
         settings = {"INFERENCE_NUM_THREADS": 1, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
         self.compiled = openvino.Core().compile_model(str(path), "CPU", settings)
+        self.output_names = [port.get_any_name() for port in self.compiled.outputs]
 
-    def run(self, inputs: list[np.ndarray]) -> Any:
-        return self.compiled(inputs)[0]
+    def run(self, inputs: list[np.ndarray]) -> list[Any]:
+        results = self.compiled(inputs)
+        return [results[port] for port in self.compiled.outputs]
 
     def int8_layers(self) -> list[str]:
         """Convolutions and matrix products the compiled model runs in 8-bit integers (read from its

@@ -162,3 +162,42 @@ def test_qat_resnet18_exports_agree_with_fake_quant(tmp_path: Path):
         fake_quant = model.eval()(images)
     for name in ("int8 onnxruntime", "int8 openvino"):
         assert (models[name](images).argmax(1) == fake_quant.argmax(1)).float().mean() >= 0.99, name
+
+
+class _BatchSizeBranch(ImageClassifier):
+    """A forward whose Python branches on the batch size: a trace at the training batch holds one branch only."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images) * (2.0 if images.shape[0] > 1 else 3.0)
+
+
+class _TwoNetworks(L.LightningModule):
+    """A training_step that calls two networks one after another, and no forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.ReLU())
+        self.head = torch.nn.Linear(32, 10)
+
+    def training_step(self, batch, batch_idx):
+        images, labels = batch
+        return torch.nn.functional.cross_entropy(self.head(self.encoder(images)), labels)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+def test_an_export_that_computes_something_else_is_not_kept(tmp_path: Path, digits):
+    pruning = MagnitudePruning(
+        final_sparsity=0.5, start_epoch=0, end_epoch=1, export_format=["torchscript", "onnx"], export_dir=str(tmp_path)
+    )
+    with pytest.warns(UserWarning, match=r"model_pruned\.pt \(TorchScript\) failed.*on one sample, output output is"):
+        quiet_trainer(tmp_path, [pruning], 1, limit_val_batches=0).fit(_BatchSizeBranch(), datamodule=digits)
+    assert pruning.export_paths == {} and not list(tmp_path.glob("model_pruned*"))
+
+
+def test_a_step_that_calls_two_networks_has_no_export_and_says_why(tmp_path: Path, digits):
+    pruning = MagnitudePruning(final_sparsity=0.5, start_epoch=0, end_epoch=1, export_dir=str(tmp_path))
+    with pytest.warns(UserWarning, match=r"training_step calls encoder, head one after another, not one network"):
+        quiet_trainer(tmp_path, [pruning], 1, limit_val_batches=0).fit(_TwoNetworks(), datamodule=digits)
+    assert pruning.export_paths == {} and pruning.pruned_model is not None

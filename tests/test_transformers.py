@@ -1,0 +1,204 @@
+"""Hugging Face transformers models (built from configs, nothing downloaded) in a user's own LightningModule, the
+way people fine-tune them: dict batches, ``self.model(**batch).loss``. The compressed models export to every
+format from the call training made (named inputs ``input_ids``, ``attention_mask``; the ``logits`` output), and each
+file is run in its own runtime here, as a user would, and compared with the torch model."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import onnxruntime
+import openvino
+import pytest
+import torch
+from torch.ao.nn.quantized import Linear as LinearInt8
+from torch.ao.nn.quantized.dynamic import Linear as DynamicLinearInt8
+from torch.utils.data import DataLoader
+
+from lightning_compress import DynamicQuantization, MagnitudePruning, PostTrainingQuantization, QuantizationAwareTraining
+from lightning_compress.app.text import PythonSourceDataModule
+from lightning_compress.report import top1_accuracy
+
+from conftest import quiet_trainer, run_train
+from user_transformers import BertDigits, DigitSequences, DigitTokens, KeywordOnlyNet, LlamaBytes, ViTDigits
+
+ALL_FORMATS = ["torchscript", "onnx", "openvino"]
+
+
+@pytest.fixture(scope="module")
+def tokens() -> DigitTokens:
+    return DigitTokens(batch_size=32, train_size=640)
+
+
+def _fit(tmp_path: Path, module: L.LightningModule, callback: L.Callback, datamodule, epochs: int = 2, **kwargs) -> L.Trainer:
+    trainer = quiet_trainer(tmp_path, [callback], epochs, limit_val_batches=0, **kwargs)
+    trainer.fit(module, datamodule=datamodule)
+    return trainer
+
+
+def _test_batch(count: int = 16) -> dict[str, torch.Tensor]:
+    dataset = DigitSequences(torch.arange(1500, 1500 + count))
+    return next(iter(DataLoader(dataset, batch_size=count)))
+
+
+def _run_files(paths: dict[str, Path], inputs: dict[str, torch.Tensor], output: str = "logits") -> dict[str, np.ndarray]:
+    """Each exported file run in its own runtime on named inputs, as a user would run it: its first output, which
+    ONNX and OpenVINO name ``output``."""
+    outputs = {}
+    with torch.no_grad():
+        if "torchscript" in paths:
+            outputs["torchscript"] = torch.jit.load(str(paths["torchscript"]))(*inputs.values()).numpy()
+        if "torch_export" in paths:
+            outputs["torch_export"] = torch.export.load(str(paths["torch_export"])).module()(*inputs.values()).numpy()
+    if "onnx" in paths:
+        session = onnxruntime.InferenceSession(str(paths["onnx"]), providers=["CPUExecutionProvider"])
+        assert [node.name for node in session.get_inputs()] == list(inputs)
+        assert session.get_outputs()[0].name == output
+        outputs["onnx"] = session.run(None, {name: tensor.numpy() for name, tensor in inputs.items()})[0]
+    if "openvino" in paths:
+        compiled = openvino.Core().compile_model(str(paths["openvino"]), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        assert [port.get_any_name() for port in compiled.inputs] == list(inputs)
+        assert compiled.outputs[0].get_any_name() == output
+        outputs["openvino"] = compiled({name: tensor.numpy() for name, tensor in inputs.items()})[compiled.outputs[0]]
+    return outputs
+
+
+def _relative_error(actual: np.ndarray, expected: torch.Tensor) -> float:
+    return float(np.abs(actual - expected.numpy()).mean() / expected.abs().mean())
+
+
+def test_qat_of_bert_exports_every_format_with_named_inputs(tmp_path: Path, tokens: DigitTokens):
+    L.seed_everything(0)
+    model = BertDigits()
+    qat = QuantizationAwareTraining(start_epoch=1, export_format=ALL_FORMATS, export_dir=str(tmp_path))
+    _fit(tmp_path, model, qat, tokens)
+    assert set(qat.export_paths) == set(ALL_FORMATS)
+    assert any(isinstance(layer, LinearInt8) for layer in qat.quantized_model.modules())
+    batch = _test_batch()
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        int8 = qat.quantized_model.model(**inputs).logits
+        fake_quant = model.eval().model(**inputs).logits
+    for name, output in _run_files(qat.export_paths, inputs).items():
+        # the TorchScript file holds the int8 model; ONNX and OpenVINO run the fake-quant model in their int8 kernels
+        expected = int8 if name == "torchscript" else fake_quant
+        assert _relative_error(output, expected) <= 0.05, name
+        assert (output.argmax(-1) == expected.argmax(-1).numpy()).mean() >= 0.9, name
+    # dynamic batch and sequence: one shorter sequence, alone
+    short = {name: tensor[:1, :40] for name, tensor in inputs.items()}
+    with torch.no_grad():
+        expected = model.model(**short).logits
+    for name, output in _run_files({name: qat.export_paths[name] for name in ("onnx", "openvino")}, short).items():
+        assert output.shape == (1, 10) and _relative_error(output, expected) <= 0.05, name
+
+
+def test_ptq_of_bert_calibrates_the_model_training_step_calls(tmp_path: Path, tokens: DigitTokens):
+    # the FX trace of transformers' embeddings made a placeholder of `inputs_embeds=None`, and the calibration
+    # step then failed with "'NoneType' object has no attribute 'detach'"
+    L.seed_everything(0)
+    model = BertDigits()
+    ptq = PostTrainingQuantization(calibration_batches=4, export_format=["torchscript", "onnx"], export_dir=str(tmp_path))
+    _fit(tmp_path, model, ptq, tokens, epochs=3)
+    assert ptq.calibrated_batches == 4 and set(ptq.export_paths) == {"torchscript", "onnx"}
+    assert any(isinstance(layer, LinearInt8) for layer in ptq.quantized_model.modules())
+    batch = _test_batch(64)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        float_logits, int8_logits = model.eval().model(**inputs).logits, ptq.quantized_model.model(**inputs).logits
+    assert (float_logits.argmax(-1) == int8_logits.argmax(-1)).float().mean() >= 0.9
+
+
+def test_dynamic_quantization_of_vit_exports_torchscript(tmp_path: Path, tokens: DigitTokens):
+    L.seed_everything(0)
+    model = ViTDigits()
+    dynamic = DynamicQuantization(export_dir=str(tmp_path))
+    _fit(tmp_path, model, dynamic, tokens, epochs=1)
+    assert any(isinstance(layer, DynamicLinearInt8) for layer in dynamic.quantized_model.modules())
+    pixels = _test_batch()["pixel_values"]
+    with torch.no_grad():
+        expected = dynamic.quantized_model.model(pixel_values=pixels).logits
+    [output] = _run_files({"torchscript": dynamic.export_paths["torchscript"]}, {"pixel_values": pixels}).values()
+    assert _relative_error(output, expected) <= 1e-3
+
+
+def test_a_keyword_only_forward_exports_every_format(tmp_path: Path, tokens: DigitTokens):
+    L.seed_everything(0)
+    pruning = MagnitudePruning(
+        final_sparsity=0.5, start_epoch=0, end_epoch=1, export_format=[*ALL_FORMATS, "torch_export"], export_dir=str(tmp_path)
+    )
+    module = KeywordOnlyNet()
+    _fit(tmp_path, module, pruning, tokens)
+    assert set(pruning.export_paths) == {*ALL_FORMATS, "torch_export"}
+    inputs = {"pixels": _test_batch()["pixel_values"], "scale": torch.full((16, 1, 1, 1), 0.5)}
+    with torch.no_grad():
+        expected = pruning.pruned_model(**inputs)
+    for name, output in _run_files(pruning.export_paths, inputs, output="output").items():
+        assert _relative_error(output, expected) <= 1e-4, name
+
+
+@pytest.fixture(scope="module")
+def source_bytes() -> PythonSourceDataModule:
+    datamodule = PythonSourceDataModule(block_size=32, batch_size=16, train_bytes=20_000, eval_bytes=4_000)
+    datamodule.setup()
+    return datamodule
+
+
+def test_a_pruned_llama_exports_through_its_exported_program(tmp_path: Path, source_bytes: PythonSourceDataModule):
+    """Llama's masks use ``aten::diff``, which the TorchScript-based ONNX exporter and OpenVINO's TorchScript
+    frontend cannot convert: both are written from the ``torch.export`` program instead."""
+    L.seed_everything(0)
+    pruning = MagnitudePruning(
+        final_sparsity=0.5, start_epoch=0, end_epoch=1, export_format=[*ALL_FORMATS, "torch_export"], export_dir=str(tmp_path)
+    )
+    module = LlamaBytes()
+    _fit(tmp_path, module, pruning, source_bytes, limit_train_batches=4)
+    assert set(pruning.export_paths) == {*ALL_FORMATS, "torch_export"}
+    tokens = next(iter(source_bytes.test_dataloader()))[0][:2]
+    for length in (32, 20):  # the sequence dimension is free in every file
+        with torch.no_grad():
+            expected = pruning.pruned_model.model(input_ids=tokens[:, :length]).logits
+        outputs = _run_files(pruning.export_paths, {"input_ids": tokens[:, :length]})
+        assert set(outputs) == {*ALL_FORMATS, "torch_export"}
+        for name, output in outputs.items():
+            assert output.shape == (2, length, 256) and _relative_error(output, expected) <= 1e-4, (name, length)
+
+
+def test_accuracy_of_a_dict_batch_model_is_measured_as_training_calls_it(tmp_path: Path, tokens: DigitTokens):
+    from lightning_compress.network_call import test_calls
+
+    L.seed_everything(0)
+    model = BertDigits()
+    pruning = MagnitudePruning(final_sparsity=0.3, start_epoch=0, end_epoch=1, export_format="none")
+    trainer = _fit(tmp_path, model, pruning, tokens)
+    calls = test_calls(trainer, model, tokens.test_dataloader())
+    assert calls[0].input_names == ("input_ids", "attention_mask") and calls[0].targets is not None
+    correct = total = 0
+    with torch.no_grad():
+        for batch in tokens.test_dataloader():
+            logits = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            correct += int((logits.argmax(-1) == batch["labels"]).sum())
+            total += len(batch["labels"])
+    assert top1_accuracy(model, calls) == pytest.approx(correct / total)
+
+
+@pytest.mark.slow
+def test_the_app_trains_compresses_and_reports_a_users_transformers_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")])))
+    result = run_train(
+        "model._target_=user_transformers.BertDigits",
+        "data._target_=user_transformers.DigitTokens",
+        "+compress=ptq",
+        "compress.callbacks.post_training_quantization.export_format=[torchscript,onnx,openvino]",
+        "trainer.max_epochs=2",
+        "report.latency_runs=3",
+        f"hydra.run.dir={tmp_path}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {row["name"]: row for row in json.loads((tmp_path / "report.json").read_text())["rows"]}
+    assert set(rows) == {"fp32", "int8", "int8 onnxruntime", "int8 openvino"}
+    for name, row in rows.items():
+        assert row["accuracy"] is not None and abs(row["accuracy"] - rows["fp32"]["accuracy"]) <= 0.05, name
