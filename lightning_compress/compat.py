@@ -62,6 +62,15 @@ def inductor_freezing():
     return inductor_config.patch(freezing=True)
 
 
+def decomposed_quantize_ops() -> Any:
+    """``torch.ops.quantized_decomposed``: quantize and dequantize ops that ``torch.export`` keeps whole and that
+    ONNX's dynamo exporter (QuantizeLinear/DequantizeLinear) and OpenVINO's FX frontend (FakeQuantize) read;
+    ``torch.fake_quantize_*`` has no meta kernel there. torch defines them in a private module of ``torch.ao``."""
+    import torch.ao.quantization.fx._decomposed  # noqa: F401 - registers the ops
+
+    return torch.ops.quantized_decomposed
+
+
 def training_batch_index(trainer: L.Trainer) -> int:
     """The index, within its epoch, of the training batch being prepared (in ``on_after_batch_transfer``).
 

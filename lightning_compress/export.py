@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import inspect
 import io
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -20,7 +19,7 @@ from torch import nn
 
 from lightning_compress import compat
 from lightning_compress.inputs import first_line
-from lightning_compress.network_call import FlatNetwork, NetworkCall, flat_network, named_outputs
+from lightning_compress.network_call import FlatNetwork, NetworkCall, export_dynamic_shapes, flat_network, named_outputs
 from lightning_compress.runtimes import RUNTIMES
 from lightning_compress.selection import without_training_aids
 
@@ -89,26 +88,43 @@ def write_exports(
         except Exception as error:  # noqa: BLE001 - a compressed network that fails on the call: no format can hold it
             why_not = f"the network fails on the call training made ({first_line(error, 120)})"
     for name in formats:
-        writer, suffix = _WRITERS[name]
+        writers, suffix = _WRITERS[name]
         path = folder / f"{stem}{suffix}"
         with _recording_failure(path, _FORMAT_NAMES[name]):
             if flat is None:
-                raise ValueError(f"there is nothing to export: {why_not}")
-            try:
-                writer(flat, call, path)
-                runner = load_export(name, path)
-                disagreement = _disagreement(flat, runner, call, tolerance)
-                if disagreement:
-                    raise ValueError(f"it does not compute what the torch model does ({disagreement})")
-            except Exception:
-                _remove(path)  # nothing half-written, nothing wrong left behind
-                raise
+                raise ExportError(f"there is nothing to export: {why_not}")
+            runner = _write_one_that_agrees(writers, name, flat, call, path, tolerance)
             fixed = _fixed_sequence_length(runner, call)
             if fixed:
                 rank_zero_warn(f"{path.name} ({_FORMAT_NAMES[name]}) runs at the observed sequence length only ({fixed}).")
             rank_zero_info(f"Saved {path.name} ({_FORMAT_NAMES[name]}; inputs {', '.join(call.input_names)}) to {path.parent}")
             written[name] = path
     return written
+
+
+def _write_one_that_agrees(
+    writers: Sequence[Callable[[FlatNetwork, NetworkCall, Path], None]],
+    export_format: str,
+    flat: FlatNetwork,
+    call: NetworkCall,
+    path: Path,
+    tolerance: float,
+) -> Callable[..., Any]:
+    """Write ``path`` with each of ``writers`` in turn until one writes a file that computes what ``flat`` does;
+    returns that file, loaded. Raises with every writer's failure when none does, leaving no file behind."""
+    failures = []
+    for writer in writers:
+        try:
+            writer(flat, call, path)
+            runner = load_export(export_format, path)
+            disagreement = _disagreement(flat, runner, call, tolerance)
+            if disagreement is None:
+                return runner
+            failures.append(f"it does not compute what the torch model does ({disagreement})")
+        except Exception as error:  # noqa: BLE001 - any failure of this way to write it: the next way's turn
+            failures.append(f"{type(error).__name__}: {first_line(error, 160)}")
+        _remove(path)  # nothing half-written, nothing wrong left behind
+    raise ExportError("; from the exported program: ".join(failures))
 
 
 def load_export(export_format: str, path: Path) -> Callable[..., Any]:
@@ -162,8 +178,9 @@ def _fixed_sequence_length(runner: Callable[..., Any], call: NetworkCall) -> str
 
 
 def _remove(path: Path) -> None:
-    for file in (path, path.with_suffix(".bin") if path.suffix == ".xml" else None):
-        if file is not None and file.exists():
+    """``path`` and the files written beside it: OpenVINO's weights (``.bin``), ONNX's external data (``.data``)."""
+    for file in (path, path.with_suffix(".bin"), Path(f"{path}.data")):
+        if file.is_file() and (file == path or path.suffix in (".xml", ".onnx")):
             file.unlink()
 
 
@@ -174,6 +191,10 @@ def output_folder(trainer: L.Trainer, export_dir: str | None = None) -> Path:
     )
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+class ExportError(Exception):
+    """An export that could not be written, or computed something else, its message saying why (every way tried)."""
 
 
 @dataclass(frozen=True)
@@ -229,31 +250,12 @@ def export_torchscript(flat: FlatNetwork, call: NetworkCall, path: Path) -> None
     torch.jit.save(traced, str(path))
 
 
-def batch_dynamic_shapes(value: Any) -> Any:
-    """``torch.export``'s ``dynamic_shapes`` for ``value``: the first dimension of each tensor free (batches of any
-    size), everything else as traced."""
-    if isinstance(value, torch.Tensor):
-        return {0: torch.export.Dim.AUTO} if value.dim() > 0 else None
-    if isinstance(value, list | tuple):
-        return type(value)(batch_dynamic_shapes(item) for item in value)
-    if isinstance(value, dict):
-        return {key: batch_dynamic_shapes(item) for key, item in value.items()}
-    return None
-
-
-def dynamic_batch(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """``dynamic_shapes`` for ``torch.export.export(module, args, kwargs)``: the batch dimension of every tensor
-    argument free, by the name of the argument it is passed as."""
-    bound = inspect.signature(module.forward).bind(*args, **kwargs)
-    return {name: batch_dynamic_shapes(value) for name, value in bound.arguments.items()}
-
-
 def exported_program(flat: FlatNetwork, call: NetworkCall) -> torch.export.ExportedProgram:
     """``torch.export`` of the network called as training called it, its batch and sequence dimensions free
     (``Dim.AUTO``: where the network fixes one, the program keeps it fixed, and the check on one sample says so)."""
-    dynamic = {name: {dim: torch.export.Dim.AUTO for dim in dims} or None for name, dims in call.dynamic_dimensions().items()}
+    tensors = tuple(call.tensors())
     with torch.no_grad():
-        return torch.export.export(flat, tuple(call.tensors()), dynamic_shapes=dynamic)
+        return torch.export.export(flat, tensors, dynamic_shapes=export_dynamic_shapes(flat, tensors, {}))
 
 
 def export_program(flat: FlatNetwork, call: NetworkCall, path: Path) -> None:
@@ -268,36 +270,42 @@ ONNX_OPSET = 17
 8.6+ and OpenVINO alike."""
 
 
-def export_onnx(flat: FlatNetwork, call: NetworkCall, path: Path) -> None:
-    """The network as ONNX (opset ``ONNX_OPSET``), inputs and outputs named, batch and sequence dimensions
-    dynamic; fake-quant models (see ``fx_quantization.fake_quant_for_export``) become QuantizeLinear/
-    DequantizeLinear pairs that ONNX Runtime and TensorRT run in int8.
-
-    First with torch's TorchScript-based exporter, which maps torch's fake-quantize ops to QDQ pairs; where that
-    cannot trace the network (an op it has no mapping for, as transformers' Llama masks), from the
-    ``torch.export`` program with torch's dynamo exporter (needs ``onnxscript``, in the ``onnx`` extra).
-    """
-    names, outputs = list(call.input_names), flat.output_names
-    dynamic = call.dynamic_dimensions()
+def onnx_from_trace(flat: FlatNetwork, call: NetworkCall, path: Path) -> None:
+    """The network as ONNX (opset ``ONNX_OPSET``) by torch's TorchScript-based exporter, inputs and outputs named,
+    batch and sequence dimensions dynamic; fake-quant (see ``quantize_dequantize``) becomes QuantizeLinear/
+    DequantizeLinear pairs that ONNX Runtime and TensorRT run in int8."""
     with compat.detached_tracing(), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's deprecation notices, once per op
-        try:
-            torch.onnx.export(
-                flat,
-                tuple(call.tensors()),
-                str(path),
-                input_names=names,
-                output_names=outputs,
-                dynamic_axes={**{name: dims for name, dims in dynamic.items() if dims}, **_output_dimensions(flat, call)},
-                opset_version=ONNX_OPSET,
-                dynamo=False,
-            )
-        except Exception:  # noqa: BLE001 - any failure of the tracing exporter: the exported program's turn
-            _remove(path)
-            with contextlib.redirect_stdout(io.StringIO()):  # the dynamo exporter narrates its steps
-                torch.onnx.export(
-                    exported_program(flat, call), (), str(path), input_names=names, output_names=outputs, dynamo=True
-                )
+        torch.onnx.export(
+            flat,
+            tuple(call.tensors()),
+            str(path),
+            input_names=list(call.input_names),
+            output_names=flat.output_names,
+            dynamic_axes={
+                **{name: dims for name, dims in call.dynamic_dimensions().items() if dims},
+                **_output_dimensions(flat, call),
+            },
+            opset_version=ONNX_OPSET,
+            dynamo=False,
+        )
+
+
+def onnx_from_program(flat: FlatNetwork, call: NetworkCall, path: Path) -> None:
+    """The network as ONNX from its ``torch.export`` program, by torch's dynamo exporter (``onnxscript``, in the
+    ``onnx`` extra): for networks the tracing exporter cannot write (transformers' Llama masks use ``aten::diff``)
+    or writes for one shape only (a graph that was itself exported)."""
+    with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # it narrates its steps
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            exported_program(flat, call),
+            (),
+            str(path),
+            input_names=list(call.input_names),
+            output_names=flat.output_names,
+            dynamo=True,
+            external_data=False,  # one file, as the tracing exporter writes (up to ONNX's 2 GB)
+        )
 
 
 def _output_dimensions(flat: FlatNetwork, call: NetworkCall) -> dict[str, dict[int, str]]:
@@ -305,11 +313,8 @@ def _output_dimensions(flat: FlatNetwork, call: NetworkCall) -> dict[str, dict[i
     with torch.no_grad():
         outputs = [tensor for _, tensor in named_outputs(flat(*call.tensors()))]
     batch = call.batch_size
-    sequences = {
-        tensor.shape[1]
-        for name, tensor in zip(call.input_names, call.tensors(), strict=True)
-        if 1 in call.dynamic_dimensions()[name]
-    }
+    dynamic = call.dynamic_dimensions()
+    sequences = {tensor.shape[1] for name, tensor in zip(call.input_names, call.tensors(), strict=True) if 1 in dynamic[name]}
     dimensions = {}
     for name, tensor in zip(flat.output_names, outputs, strict=True):
         dims = {0: "batch"} if tensor.dim() > 0 and tensor.shape[0] == batch else {}
@@ -320,38 +325,49 @@ def _output_dimensions(flat: FlatNetwork, call: NetworkCall) -> dict[str, dict[i
     return dimensions
 
 
-def export_openvino(flat: FlatNetwork, call: NetworkCall, path: Path) -> None:
-    """The network as OpenVINO IR (``path`` is the ``.xml``, the weights go beside it in a ``.bin``), inputs and
-    outputs named, weights kept in float32 (OpenVINO's default halves them, which would move fake-quantized
-    weights off their grid); its FakeQuantize nodes run as int8 on x86 CPUs. Converted from the network traced
-    as TorchScript; where that fails, from its ``torch.export`` program."""
+def openvino_from_trace(flat: FlatNetwork, call: NetworkCall, path: Path) -> None:
+    """The network as OpenVINO IR (``path`` is the ``.xml``, the weights go beside it in a ``.bin``), converted from
+    the network traced as TorchScript, inputs and outputs named, weights kept in float32 (OpenVINO's default halves
+    them, which would move fake-quantized weights off their grid); its FakeQuantize nodes run as int8 on x86 CPUs."""
     import openvino
 
     with compat.detached_tracing(), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        _save_openvino(openvino.convert_model(flat, example_input=tuple(call.tensors())), flat, call, path)
+
+
+def openvino_from_program(flat: FlatNetwork, call: NetworkCall, path: Path) -> None:
+    """The same, converted from the network's ``torch.export`` program: where OpenVINO's TorchScript frontend
+    fails, or a graph that was itself exported would hold one shape only."""
+    import openvino
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         try:
-            converted = openvino.convert_model(flat, example_input=tuple(call.tensors()))
-        except Exception:  # noqa: BLE001 - any failure of the traced conversion: the exported program's turn
-            try:
-                converted = openvino.convert_model(exported_program(flat, call))
-            except Exception as error:  # noqa: BLE001 - OpenVINO's message opens with an internal check: name the ops
-                refused = [line for line in str(error).splitlines() if "Conversion is failed for" in line]
-                if refused:
-                    raise ValueError(f"OpenVINO cannot convert {refused[-1].split(':', 1)[1].strip()}") from error
-                raise
-        for port, name in [
-            *zip(converted.inputs, call.input_names, strict=True),
-            *zip(converted.outputs, flat.output_names, strict=True),
-        ]:
-            port.get_tensor().set_names({name})
-        openvino.save_model(converted, str(path), compress_to_fp16=False)
+            converted = openvino.convert_model(exported_program(flat, call))
+        except Exception as error:  # noqa: BLE001 - OpenVINO's message opens with an internal check: name the ops
+            refused = [line for line in str(error).splitlines() if "Conversion is failed for" in line]
+            if refused:
+                raise ValueError(f"OpenVINO cannot convert {refused[-1].split(':', 1)[1].strip()}") from error
+            raise
+        _save_openvino(converted, flat, call, path)
+
+
+def _save_openvino(converted: Any, flat: FlatNetwork, call: NetworkCall, path: Path) -> None:
+    import openvino
+
+    ports = [*zip(converted.inputs, call.input_names, strict=True), *zip(converted.outputs, flat.output_names, strict=True)]
+    for port, name in ports:
+        port.get_tensor().set_names({name})
+    openvino.save_model(converted, str(path), compress_to_fp16=False)
 
 
 _WRITERS = {
-    "torchscript": (export_torchscript, ".pt"),
-    "torch_export": (export_program, ".pt2"),
-    "onnx": (export_onnx, ".onnx"),
-    "openvino": (export_openvino, "_openvino.xml"),
+    # format -> (the ways to write it, each tried in turn until one writes a file that agrees; the file's suffix)
+    "torchscript": ((export_torchscript,), ".pt"),
+    "torch_export": ((export_program,), ".pt2"),
+    "onnx": ((onnx_from_trace, onnx_from_program), ".onnx"),
+    "openvino": ((openvino_from_trace, openvino_from_program), "_openvino.xml"),
 }
 _FORMAT_NAMES = {"torchscript": "TorchScript", "torch_export": "torch.export", "onnx": "ONNX", "openvino": "OpenVINO"}
 
@@ -363,8 +379,8 @@ def _recording_failure(path: Path, export_format: str) -> Iterator[None]:
     try:
         yield
     except Exception as error:  # noqa: BLE001 - any failure of export or saving: the run goes on without this file
-        reason = first_line(error)
-        failure = ExportFailure(Path(path), export_format, f"{type(error).__name__}: {reason}")
+        reason = first_line(error) if isinstance(error, ExportError) else f"{type(error).__name__}: {first_line(error)}"
+        failure = ExportFailure(Path(path), export_format, reason)
         for failures in _recorders:
             failures.append(failure)
         rank_zero_warn(f"Export of {failure.path.name} ({failure.export_format}) failed, the run goes on: {failure.reason}")

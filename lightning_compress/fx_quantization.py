@@ -46,6 +46,7 @@ from lightning_compress.quantization_backend import (
     QuantizationBackend,
     register_backend,
 )
+from lightning_compress.quantize_dequantize import QuantizeDequantize
 
 BACKENDS = ("x86", "fbgemm", "qnnpack")
 OBSERVERS = ("minmax", "moving_average_minmax", "histogram")
@@ -487,36 +488,12 @@ def fake_quant_for_export(prepared: nn.Module) -> nn.Module:
             elif _observed_layer(module) is not None:  # post-training: weights get their grid at conversion
                 replaced[id(module)] = _QuantizedWeightLayer.from_observed(module)
             elif isinstance(module, FakeQuantizeBase):
-                replaced[id(module)] = _QuantizeDequantize(module)
+                replaced[id(module)] = QuantizeDequantize(module)
             else:
                 continue
         model.set_submodule(name, replaced[id(module)])  # again for a fake-quant serving several places
         done.append(name)
     return model
-
-
-class _QuantizeDequantize(nn.Module):
-    """Quantize then dequantize with the constant parameters an activation fake-quant ended training with."""
-
-    def __init__(self, fake_quant: FakeQuantizeBase) -> None:
-        super().__init__()
-        scale, zero_point = fake_quant.calculate_qparams()
-        self.per_channel = bool(fake_quant.is_per_channel)
-        self.axis = int(getattr(fake_quant, "ch_axis", 0))
-        self.quant_min, self.quant_max = int(fake_quant.quant_min), int(fake_quant.quant_max)
-        self.register_buffer("scale", scale.detach().float().flatten())
-        self.register_buffer("zero_point", zero_point.detach().int().flatten())
-        # per-tensor parameters as Python numbers: exported as scalars, which ONNX Runtime's fusions require
-        self.scalar_scale, self.scalar_zero_point = float(self.scale[0]), int(self.zero_point[0])
-
-    def forward(self, values: torch.Tensor) -> torch.Tensor:
-        if self.per_channel:
-            return torch.fake_quantize_per_channel_affine(
-                values, self.scale, self.zero_point, self.axis, self.quant_min, self.quant_max
-            )
-        return torch.fake_quantize_per_tensor_affine(
-            values, self.scalar_scale, self.scalar_zero_point, self.quant_min, self.quant_max
-        )
 
 
 class _QuantizedWeightLayer(nn.Module):

@@ -90,11 +90,8 @@ class NetworkCall:
             # transformers' decoders build a key-value cache for generating token by token; a call over the whole
             # sequence (an export's, the report's) computes the same logits without one, and exports cannot hold it
             kwargs["use_cache"] = False
-        targets = None
-        for name in TARGET_NAMES:
-            if isinstance(kwargs.get(name), torch.Tensor) and _optional_argument(network, name):
-                targets = kwargs.pop(name)
-                break
+        target_name = target_argument(network, kwargs)
+        targets = kwargs.pop(target_name) if target_name else None
         args = tuple(args)
         paths_and_leaves, spec = pytree.tree_flatten_with_path((args, kwargs))
         positional = _positional_names(network)
@@ -146,26 +143,8 @@ class NetworkCall:
         return dataclasses.replace(self, args=args, kwargs=kwargs, targets=on_cpu(self.targets))
 
     def dynamic_dimensions(self) -> dict[str, dict[int, str]]:
-        """Each input's dimensions that may change between calls: the batch (the first dimension, where it is the
-        batch's size) and the sequence (the second, where it is as long as that of a 2-D integer input: token ids
-        and their masks). An image's sides stay as observed."""
-        tensors = self.tensors()
-        batch = self.batch_size
-        sequence = next(
-            (
-                tensor.shape[1]
-                for tensor in tensors
-                if tensor.dim() == 2 and not tensor.is_floating_point() and tensor.shape[1] > 1
-            ),
-            None,
-        )
-        dimensions = {}
-        for name, tensor in zip(self.input_names, tensors, strict=True):
-            dynamic = {0: "batch"} if tensor.dim() > 0 and tensor.shape[0] == batch else {}
-            if sequence is not None and tensor.dim() >= 2 and tensor.shape[1] == sequence:
-                dynamic[1] = "sequence"
-            dimensions[name] = dynamic
-        return dimensions
+        """Each input's dimensions that may change between calls (see ``varying_dimensions``), by input name."""
+        return dict(zip(self.input_names, varying_dimensions(self.tensors()), strict=True))
 
     def shorter(self) -> NetworkCall | None:
         """The call with its sequences cut to three quarters of their length (``None`` without a sequence): how an
@@ -184,6 +163,38 @@ class NetworkCall:
         """The same call with other tensors in its inputs' places (an image resized, say)."""
         args, kwargs = self.layout.rebuild(tensors)
         return dataclasses.replace(self, args=args, kwargs=kwargs)
+
+
+def varying_dimensions(tensors: Sequence[torch.Tensor]) -> list[dict[int, str]]:
+    """The dimensions of each of a call's tensors that may change between calls: the batch (the first dimension,
+    where it is the batch's size: the first tensor's) and the sequence (the second, where it is as long as that of
+    a 2-D integer tensor: token ids and their masks). An image's sides stay as observed."""
+    batch = next((tensor.shape[0] for tensor in tensors if tensor.dim() > 0), None)
+    sequence = next(
+        (tensor.shape[1] for tensor in tensors if tensor.dim() == 2 and not tensor.is_floating_point() and tensor.shape[1] > 1),
+        None,
+    )
+    dimensions = []
+    for tensor in tensors:
+        varying = {0: "batch"} if tensor.dim() > 0 and tensor.shape[0] == batch else {}
+        if sequence is not None and tensor.dim() >= 2 and tensor.shape[1] == sequence:
+            varying[1] = "sequence"
+        dimensions.append(varying)
+    return dimensions
+
+
+def export_dynamic_shapes(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``dynamic_shapes`` for ``torch.export.export(module, args, kwargs)``, by argument name: the batch and sequence
+    dimensions of every tensor (``varying_dimensions``) left to the exporter (``Dim.AUTO``: a network that fixes one
+    keeps it fixed), everything else as traced."""
+    leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+    varying = iter(varying_dimensions([leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]))
+    shapes = [
+        {dim: torch.export.Dim.AUTO for dim in next(varying)} or None if isinstance(leaf, torch.Tensor) else None
+        for leaf in leaves
+    ]
+    shaped_args, shaped_kwargs = pytree.tree_unflatten(shapes, spec)
+    return dict(inspect.signature(module.forward).bind(*shaped_args, **shaped_kwargs).arguments)
 
 
 def observe_network_call(trainer: L.Trainer, module: L.LightningModule) -> NetworkCall | str:
@@ -246,6 +257,25 @@ def _batch_targets(batch: Any) -> torch.Tensor | None:
     if isinstance(batch, list | tuple) and len(batch) > 1 and isinstance(batch[-1], torch.Tensor):
         return batch[-1]
     return None
+
+
+def target_argument(network: nn.Module, kwargs: dict[str, Any]) -> str | None:
+    """The keyword among ``kwargs`` that gives ``network`` its targets (``labels=``), which its forward can go
+    without: the network then computes its loss itself, as transformers' models do."""
+    return next(
+        (name for name in TARGET_NAMES if isinstance(kwargs.get(name), torch.Tensor) and _optional_argument(network, name)),
+        None,
+    )
+
+
+def computes_its_loss(network: nn.Module, kwargs: dict[str, Any]) -> str | None:
+    """Why ``network``, called with ``kwargs``, is quantized as its children rather than whole, or ``None``: its
+    forward computes the loss from targets (``labels=``), and the int8 model is called without them (a graph
+    traced with them would need them); its children are what computes the prediction."""
+    name = target_argument(network, kwargs)
+    if name is None or not any(True for _ in network.children()):
+        return None
+    return f"its forward computes the loss from {name}=, which the int8 model is called without: its children are quantized"
 
 
 # ---------------------------------------------------------------------- outputs

@@ -26,7 +26,7 @@ from lightning_compress import sensitivity
 from lightning_compress.export import INT8_TOLERANCE, check_export_format, output_folder, write_exports, write_int8_exports
 from lightning_compress.fx_quantization import DYNAMIC_LAYERS, quantize_dynamic
 from lightning_compress.inputs import first_calls, first_tensor, keep_what_runs, training_batches, watch_training_step
-from lightning_compress.network_call import observe_network_call
+from lightning_compress.network_call import computes_its_loss, observe_network_call
 from lightning_compress.quantization_backend import QuantizationBackend, backend_for, check_backend_exports, chosen_config
 from lightning_compress.report import ReportsModels, count_parameters, plot_sensitivity, print_sensitivity
 from lightning_compress.runtimes import runtime_models
@@ -188,7 +188,10 @@ class PostTrainingQuantization(Callback, ReportsModels):
         module = model.get_submodule(name)
         if not self.backend.has_quantizable_layers(module):
             return []
-        if name in self._calls:
+        loss_inside = computes_its_loss(module, self._calls[name][1]) if name in self._calls else None
+        if loss_inside:
+            rank_zero_info(f"PostTrainingQuantization: {name!r} split into its children ({loss_inside}).")
+        elif name in self._calls:
             try:
                 args, kwargs = self._calls[name]
                 prepared = self.backend.prepare_ptq(module, args, kwargs, float_layers)

@@ -25,6 +25,8 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 from torchao.quantization.pt2e import (
+    FakeQuantizeBase,
+    ObserverBase,
     disable_fake_quant,
     disable_observer,
     enable_fake_quant,
@@ -37,8 +39,8 @@ from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
 )
 
 from lightning_compress import compat, fx_quantization
-from lightning_compress.export import dynamic_batch
 from lightning_compress.inputs import call_record, replayed_call
+from lightning_compress.network_call import export_dynamic_shapes
 from lightning_compress.quantization_backend import (
     QUANTIZABLE_LAYERS,
     RECURRENT_LAYERS,
@@ -46,6 +48,7 @@ from lightning_compress.quantization_backend import (
     QuantizationBackend,
     register_backend,
 )
+from lightning_compress.quantize_dequantize import QuantizeDequantize
 
 _BATCH_NORM = torch.ops.aten.batch_norm.default
 _DROPOUT = torch.ops.aten.dropout.default
@@ -166,7 +169,7 @@ class CompiledProgram(nn.Module):
 
 def _export(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> GraphModule:
     program = torch.export.export(
-        module, tuple(args), kwargs or None, dynamic_shapes=dynamic_batch(module, args, kwargs), strict=True
+        module, tuple(args), kwargs or None, dynamic_shapes=export_dynamic_shapes(module, args, kwargs), strict=True
     )
     return program.module()
 
@@ -176,7 +179,7 @@ class InductorBackend(QuantizationBackend):
     """torchao pt2e with ``X86InductorQuantizer``: exported graphs, int8 under ``torch.compile``, ``.pt2`` exports."""
 
     native_export = "torch_export"
-    export_formats = ("torch_export",)
+    export_formats = ("torch_export", "onnx", "openvino")
     keeps_layer_modules = False  # an exported graph holds its layers' parameters, not the layers
 
     def _quantizer(self, is_qat: bool, skip_names: list[str], skip_types: list[type] = ()) -> X86InductorQuantizer:
@@ -251,6 +254,22 @@ class InductorBackend(QuantizationBackend):
         converted = convert_pt2e(graph)
         _drop_unused_tensors(converted)
         return CompiledProgram(converted)
+
+    def fake_quant_for_export(self, prepared: nn.Module) -> nn.Module:
+        """A copy of a prepared (trained or calibrated) part whose graphs hold ``QuantizeDequantize`` in place of
+        torchao's fake-quant modules and observers, in eval mode: ONNX writes them as QuantizeLinear/
+        DequantizeLinear, OpenVINO reads them as FakeQuantize, and both run the matrix products between them in
+        int8, placed where ``X86InductorQuantizer`` placed them, which is where QAT trained them."""
+        model = copy.deepcopy(prepared).cpu().eval()
+        for part in model.modules():
+            if not isinstance(part, ExportedPart):
+                continue
+            for node in part.graph.graph.nodes:
+                if node.op == "call_module" and isinstance(
+                    part.graph.get_submodule(node.target), (FakeQuantizeBase, ObserverBase)
+                ):
+                    part.graph.set_submodule(node.target, QuantizeDequantize(part.graph.get_submodule(node.target)))
+        return model
 
     def layers_by_kind(self, converted: nn.Module) -> tuple[list[str], list[str]]:
         int8, floating = [], []

@@ -30,7 +30,7 @@ from lightning_compress import compat, module_swap, optimizers, range_learning
 from lightning_compress.export import output_folder, write_int8_exports
 from lightning_compress.forward_graph import forward_holder, install_forward, installed_forward
 from lightning_compress.inputs import first_calls, first_line, on_cpu, runs, training_batches, watch_training_step
-from lightning_compress.network_call import observe_network_call
+from lightning_compress.network_call import computes_its_loss, observe_network_call
 from lightning_compress.pruning import MagnitudePruning
 from lightning_compress.quantization_backend import (
     RECURRENT_LAYERS,
@@ -668,6 +668,9 @@ class QuantizationAwareTraining(Callback, ReportsModels):
         skip_names = [entry[len(prefix) :] for entry in self.skip_names if entry.startswith(prefix)]
         template = copy.deepcopy(module)
         try:
+            loss_inside = None if self.backend.swaps_modules else computes_its_loss(module, kwargs)
+            if loss_inside:
+                raise ValueError(loss_inside)
             prepared = self.backend.prepare_qat(module, args, kwargs, skip_names, self.skip_types)
             self.backend.check_same_output(module, prepared, args, kwargs)
         except Exception as error:  # noqa: BLE001 - any tracing failure means: try the children instead

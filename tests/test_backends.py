@@ -258,6 +258,7 @@ def test_only_the_backend_modules_name_a_quantization_library():
         "lowbit_quantization.py",
         "module_swap.py",
         "quantization_backend.py",
+        "compat.py",  # the one module that touches private torch internals (the decomposed quantize ops)
     }
     naming = {
         path.name for path in (ROOT / "lightning_compress").glob("*.py") if re.search(r"torch\.ao|torchao", path.read_text())

@@ -202,3 +202,28 @@ def test_the_app_trains_compresses_and_reports_a_users_transformers_module(tmp_p
     assert set(rows) == {"fp32", "int8", "int8 onnxruntime", "int8 openvino"}
     for name, row in rows.items():
         assert row["accuracy"] is not None and abs(row["accuracy"] - rows["fp32"]["accuracy"]) <= 0.05, name
+
+
+def test_pt2e_qat_quantizes_bert_as_one_graph_and_ships_it_to_every_runtime(tmp_path: Path, tokens: DigitTokens):
+    """The torch.export engine traces transformers' BERT whole: int8 flows through every Linear of the encoder,
+    and the fake-quant graph QAT trained is what ONNX Runtime and OpenVINO run in int8."""
+    from lightning_compress.runtimes import OpenVinoModel
+
+    L.seed_everything(0)
+    model = BertDigits()
+    formats = ["torch_export", "onnx", "openvino"]
+    qat = QuantizationAwareTraining(start_epoch=1, backend="x86_inductor", export_format=formats, export_dir=str(tmp_path))
+    _fit(tmp_path, model, qat, tokens)
+    parts = {part.name: part for part in qat.parts}
+    # the classifier's forward computes the loss from labels=: its children are quantized, the encoder as one graph
+    assert not parts["model"].quantized and "labels=" in parts["model"].reason
+    assert parts["model.bert"].int8_layers == 2 * 6 + 1  # query, key, value, output, two MLP layers per block; pooler
+    assert set(qat.export_paths) == set(formats)
+    assert len(OpenVinoModel(qat.export_paths["openvino"], (0, 0)).int8_layers()) >= 14  # with the classifier
+    batch = _test_batch()
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        fake_quant = model.eval().model(**inputs).logits
+    for name, output in _run_files(qat.export_paths, inputs).items():
+        assert _relative_error(output, fake_quant) <= 0.05, name
+        assert (output.argmax(-1) == fake_quant.argmax(-1).numpy()).mean() >= 0.9, name
