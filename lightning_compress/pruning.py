@@ -212,12 +212,8 @@ class MagnitudePruning(Callback, ReportsModels):
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self.shrink_epoch is not None and self._shrink_hook_on is not pl_module:
-            # a checkpoint written after the shrink holds the smaller network: rebuild it before its weights load
-            compat.run_before_weights_load(
-                pl_module, lambda checkpoint: self._restore_shrink(pl_module, checkpoint), order=compat.CHANNELS_REMOVED
-            )
-            self._shrink_hook_on = pl_module
+        if self.shrink_epoch is not None:
+            self._restore_shrink_before_weights_load(pl_module)
         if stage != "fit" or trainer.max_epochs is None or trainer.max_epochs < 0:
             return
         # Not an error: a run trained for fewer epochs now may be resumed with a larger max_epochs later.
@@ -231,6 +227,26 @@ class MagnitudePruning(Callback, ReportsModels):
                 f"MagnitudePruning: end_epoch={self.end_epoch} is beyond max_epochs ({trainer.max_epochs}): this fit "
                 "ends part-way up the ramp, below final_sparsity (a resumed, longer one continues it)."
             )
+
+    def shrink_at(self, epoch: int, pl_module: L.LightningModule) -> None:
+        """Remove the channels from the live network at the start of ``epoch``, as ``shrink_epoch=epoch`` would: what
+        a callback that needs the smaller network asks for when ``shrink_epoch`` was left unset (QAT, at its
+        ``start_epoch``). Called in ``setup``."""
+        if epoch < self.end_epoch:
+            raise ValueError(
+                f"MagnitudePruning(mode='channels') would have to remove its channels at epoch {epoch}, before its "
+                f"end_epoch={self.end_epoch}: end the ramp by then, or set shrink_epoch."
+            )
+        self.shrink_epoch = epoch
+        self._restore_shrink_before_weights_load(pl_module)
+
+    def _restore_shrink_before_weights_load(self, pl_module: L.LightningModule) -> None:
+        """A checkpoint written after the shrink holds the smaller network: rebuild it before its weights load."""
+        if self._shrink_hook_on is not pl_module:
+            compat.run_before_weights_load(
+                pl_module, lambda checkpoint: self._restore_shrink(pl_module, checkpoint), order=compat.CHANNELS_REMOVED
+            )
+            self._shrink_hook_on = pl_module
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -279,7 +279,7 @@ class QuantizationAwareTraining(Callback, ReportsModels):
                 f"backend={self.config.backend!r} cannot be combined with MagnitudePruning in one fit: its exported graphs "
                 "hold no Conv/Linear modules for pruning to mask; use backend='x86' for pruning and QAT together."
             )
-        self._shrinks = self._shrinks_before_start(pruning)
+        self._shrinks = self._shrinks_before_start(pruning, pl_module)
         if self._shrinks:
             # Prepared at start_epoch, once the channels are gone; a checkpoint written after that holds the
             # prepared structure, rebuilt (on top of the shrink's) before its weights load.
@@ -319,17 +319,19 @@ class QuantizationAwareTraining(Callback, ReportsModels):
         # would otherwise fake-quantize with ranges that no observer has set yet.
         self._set_fake_quant(pl_module, enabled=False)
 
-    def _shrinks_before_start(self, pruning: list[MagnitudePruning]) -> list[MagnitudePruning]:
+    def _shrinks_before_start(self, pruning: list[MagnitudePruning], pl_module: L.LightningModule) -> list[MagnitudePruning]:
         """The channel-pruning callbacks of this fit, each of which removes its channels at or before
-        ``start_epoch``: QAT then prepares the smaller network. Channel pruning that would remove channels
-        later, from a network already holding fake-quant, is refused."""
+        ``start_epoch`` (at ``start_epoch`` where its ``shrink_epoch`` is unset): QAT then prepares the smaller
+        network. Channel pruning that would remove channels later, from a network already holding fake-quant, is
+        refused."""
         shrinking = [callback for callback in pruning if callback.mode == "channels"]
         for callback in shrinking:
             if callback.shrink_epoch is None:
-                raise ValueError(
-                    "MagnitudePruning(mode='channels') with QuantizationAwareTraining in one fit needs shrink_epoch "
-                    f"(at or before start_epoch={self.start_epoch}): channels are removed from the float network, "
-                    "which QAT then prepares."
+                # channels come out of the float network, which QAT then prepares: the latest moment is QAT's start
+                callback.shrink_at(self.start_epoch, pl_module)
+                rank_zero_info(
+                    f"QuantizationAwareTraining: MagnitudePruning(mode='channels') removes its channels at start_epoch="
+                    f"{self.start_epoch}, from the float network QAT then prepares (shrink_epoch was unset)."
                 )
             if callback.shrink_epoch > self.start_epoch:
                 raise ValueError(

@@ -69,7 +69,7 @@ def _predictions(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
         return model.eval()(images)
 
 
-def _fit(tmp_path: Path, shrink_epoch: int, start_epoch: int, qat_first: bool, max_epochs: int = 6, extra=(), **kwargs):
+def _fit(tmp_path: Path, shrink_epoch: int | None, start_epoch: int, qat_first: bool, max_epochs: int = 6, extra=(), **kwargs):
     L.seed_everything(0)
     model = ImageClassifier()
     pruning = MagnitudePruning(shrink_epoch=shrink_epoch, export_format="torchscript", **PRUNING)
@@ -82,15 +82,16 @@ def _fit(tmp_path: Path, shrink_epoch: int, start_epoch: int, qat_first: bool, m
 
 @pytest.mark.parametrize(
     ("shrink_epoch", "start_epoch", "qat_first"),
-    [(2, 3, False), (2, 3, True), pytest.param(3, 3, True, marks=pytest.mark.slow)],
-    ids=["shrink-then-qat", "qat-listed-first", "same-epoch-qat-listed-first"],
+    [(2, 3, False), (2, 3, True), pytest.param(3, 3, True, marks=pytest.mark.slow), (None, 3, False)],
+    ids=["shrink-then-qat", "qat-listed-first", "same-epoch-qat-listed-first", "unset-shrinks-at-qat-start"],
 )
 def test_qat_prepares_the_shrunken_network_and_converts_it_to_int8(
-    tmp_path: Path, digits, shrink_epoch: int, start_epoch: int, qat_first: bool
+    tmp_path: Path, digits, shrink_epoch: int | None, start_epoch: int, qat_first: bool
 ):
     record = TrainingRecord()
     trainer, model, pruning, qat = _fit(tmp_path, shrink_epoch, start_epoch, qat_first, extra=[record])
     assert pruning.shrunk and [part.name for part in qat.parts if part.quantized] == ["net"]
+    assert pruning.shrink_epoch == (start_epoch if shrink_epoch is None else shrink_epoch)
     dense_parameters, _ = count_parameters(pruning.report_models()["dense"])
     int8 = qat.quantized_model
     assert count_parameters(int8)[0] < 0.3 * dense_parameters  # half the channels: about a quarter of the weights
@@ -98,7 +99,9 @@ def test_qat_prepares_the_shrunken_network_and_converts_it_to_int8(
     # the optimizer follows the shrink and then the preparation, with its moments, and training goes on
     assert all(record.optimizer_matches_module) and record.losses[-1] < record.losses[start_epoch - 1]
     before, after = record.moments_at_end[start_epoch - 1], record.moments_at_start[start_epoch]
-    if shrink_epoch < start_epoch:  # QAT renames the BatchNorm parameters it fuses: each keeps its moments
+    if (
+        shrink_epoch is not None and shrink_epoch < start_epoch
+    ):  # QAT renames the BatchNorm parameters it fuses: each keeps its moments
         assert len(after) == len(before) and all(any(torch.equal(old, new) for new in after) for old in before)
     images = digits.test_set.tensors[0]
     fake_quant, quantized = _predictions(model, images), _predictions(int8, images)
@@ -171,13 +174,16 @@ def test_resnet18_shrinks_then_trains_int8_that_agrees_with_fake_quant(tmp_path:
             r"shrink_epoch=3 is after start_epoch=2: QuantizationAwareTraining would prepare the network before "
             r"MagnitudePruning removes its channels",
         ),
-        ({}, r"MagnitudePruning\(mode='channels'\) with QuantizationAwareTraining in one fit needs shrink_epoch"),
+        (
+            {"end_epoch": 3},
+            r"MagnitudePruning\(mode='channels'\) would have to remove its channels at epoch 2, before its end_epoch=3",
+        ),
     ],
 )
 def test_channels_removed_after_qat_prepared_the_network_are_refused_before_training(
     tmp_path: Path, pruning_options: dict, message: str
 ):
-    pruning = MagnitudePruning(export_format="none", **PRUNING, **pruning_options)
+    pruning = MagnitudePruning(export_format="none", **(PRUNING | pruning_options))
     trainer = quiet_trainer(tmp_path, [pruning, QuantizationAwareTraining(start_epoch=2, export_format="none")], 4)
     with pytest.raises(ValueError, match=message):
         trainer.fit(ImageClassifier(), datamodule=DigitsDataModule())
