@@ -71,6 +71,14 @@ def decomposed_quantize_ops() -> Any:
     return torch.ops.quantized_decomposed
 
 
+def executorch_threads(count: int) -> None:
+    """Run ExecuTorch's kernels (XNNPACK's) on ``count`` threads, process-wide: the report times every model on one.
+    Its Python bindings offer only a private call for this."""
+    from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+
+    _unsafe_reset_threadpool(count)
+
+
 def training_batch_index(trainer: L.Trainer) -> int:
     """The index, within its epoch, of the training batch being prepared (in ``on_after_batch_transfer``).
 

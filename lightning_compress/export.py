@@ -23,12 +23,17 @@ from lightning_compress.network_call import FlatNetwork, NetworkCall, export_dyn
 from lightning_compress.runtimes import RUNTIMES
 from lightning_compress.selection import without_training_aids
 
-EXPORT_FORMATS = ("torchscript", "torch_export", "onnx", "openvino")
+EXPORT_FORMATS = ("torchscript", "torch_export", "onnx", "openvino", "executorch")
 """What the compression callbacks can write: ``torchscript`` (runs with torch alone), ``torch_export``
 (a ``.pt2`` ``ExportedProgram``, for ``torch.export.load``), ``onnx`` (QDQ int8 for ONNX Runtime and
-TensorRT, plain ONNX for float models), ``openvino`` (IR ``.xml`` + ``.bin``)."""
+TensorRT, plain ONNX for float models), ``openvino`` (IR ``.xml`` + ``.bin``), ``executorch`` (a ``.pte`` program
+lowered to XNNPACK, for ExecuTorch's runtime: low-bit Linear layers and float models)."""
 
-_EXTRAS = {"onnx": (("onnx", "onnxruntime"), "onnx"), "openvino": (("openvino",), "openvino")}  # format -> (packages, extra)
+_EXTRAS = {  # format -> (the packages it needs, the extra that installs them)
+    "onnx": (("onnx", "onnxruntime"), "onnx"),
+    "openvino": (("openvino",), "openvino"),
+    "executorch": (("executorch",), "executorch"),
+}
 
 
 def check_export_format(export_format: str | Sequence[str]) -> tuple[str, ...]:
@@ -93,10 +98,7 @@ def write_exports(
         with _recording_failure(path, _FORMAT_NAMES[name]):
             if flat is None:
                 raise ExportError(f"there is nothing to export: {why_not}")
-            runner = _write_one_that_agrees(writers, name, flat, call, path, tolerance)
-            fixed = _fixed_sequence_length(runner, call)
-            if fixed:
-                rank_zero_warn(f"{path.name} ({_FORMAT_NAMES[name]}) runs at the observed sequence length only ({fixed}).")
+            _write_one_that_agrees(writers, name, flat, call, path, tolerance)
             rank_zero_info(f"Saved {path.name} ({_FORMAT_NAMES[name]}; inputs {', '.join(call.input_names)}) to {path.parent}")
             written[name] = path
     return written
@@ -109,22 +111,34 @@ def _write_one_that_agrees(
     call: NetworkCall,
     path: Path,
     tolerance: float,
-) -> Callable[..., Any]:
-    """Write ``path`` with each of ``writers`` in turn until one writes a file that computes what ``flat`` does;
-    returns that file, loaded. Raises with every writer's failure when none does, leaving no file behind."""
+) -> None:
+    """Write ``path`` with each of ``writers`` in turn until one writes a file that computes what ``flat`` does, at
+    any sequence length. A file that agrees at the observed length only (a traced graph that fixed it) is kept when
+    no later way does better, with a warning. Raises with every way's failure when none agrees, leaving no file
+    behind."""
     failures = []
+    fixed_length: tuple[Callable, str] | None = None  # the first way that agreed at the observed length only
     for writer in writers:
         try:
             writer(flat, call, path)
             runner = load_export(export_format, path)
             disagreement = _disagreement(flat, runner, call, tolerance)
             if disagreement is None:
-                return runner
-            failures.append(f"it does not compute what the torch model does ({disagreement})")
+                fixed = _fixed_sequence_length(runner, call)
+                if fixed is None:
+                    return
+                fixed_length = fixed_length or (writer, fixed)
+                failures.append(f"it runs at the observed sequence length only ({fixed})")
+            else:
+                failures.append(f"it does not compute what the torch model does ({disagreement})")
         except Exception as error:  # noqa: BLE001 - any failure of this way to write it: the next way's turn
             failures.append(f"{type(error).__name__}: {first_line(error, 160)}")
         _remove(path)  # nothing half-written, nothing wrong left behind
-    raise ExportError("; from the exported program: ".join(failures))
+    if fixed_length is None:
+        raise ExportError("; from the exported program: ".join(failures))
+    writer, fixed = fixed_length
+    writer(flat, call, path)
+    rank_zero_warn(f"{path.name} ({_FORMAT_NAMES[export_format]}) runs at the observed sequence length only ({fixed}).")
 
 
 def load_export(export_format: str, path: Path) -> Callable[..., Any]:
@@ -227,10 +241,10 @@ def write_int8_exports(
     folder: Path,
     formats: Sequence[str],
 ) -> dict[str, Path]:
-    """``model_int8.*`` in each of ``formats``: TorchScript and torch.export hold the int8 model itself; ONNX and
-    OpenVINO hold the quantize-dequantize model that ``runtime_model()`` builds (only when one of them is asked
-    for), which their own int8 kernels run."""
-    own = ("torchscript", "torch_export")
+    """``model_int8.*`` in each of ``formats``: TorchScript, torch.export and ExecuTorch hold the int8 model itself;
+    ONNX and OpenVINO hold the quantize-dequantize model that ``runtime_model()`` builds (only when one of them is
+    asked for), which their own int8 kernels run."""
+    own = ("torchscript", "torch_export", "executorch")
     written = write_exports(int8_model, call, folder, "model_int8", [name for name in formats if name in own], INT8_TOLERANCE)
     runtimes = [name for name in formats if name not in own]
     if runtimes:
@@ -362,14 +376,36 @@ def _save_openvino(converted: Any, flat: FlatNetwork, call: NetworkCall, path: P
     openvino.save_model(converted, str(path), compress_to_fp16=False)
 
 
+def export_executorch(flat: FlatNetwork, call: NetworkCall, path: Path) -> None:
+    """The network's ``torch.export`` program lowered to ExecuTorch's XNNPACK backend and saved as a ``.pte``, which
+    ``executorch.runtime`` runs without torch's Python: low-bit Linear layers with int8 dynamic activations and int4
+    or int8 weights (``LowBitLinearConfig``'s ``8da4w`` and ``int8_dynamic``) become XNNPACK's quantized matrix
+    products. Operators XNNPACK does not take run as ExecuTorch's portable kernels; the check against the torch model
+    says whether what was lowered computes the same (the ``int4_weight_only`` scheme's layers did not)."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = to_edge_transform_and_lower(exported_program(flat, call), partitioner=[XnnpackPartitioner()]).to_executorch()
+    path.write_bytes(program.buffer)
+
+
 _WRITERS = {
     # format -> (the ways to write it, each tried in turn until one writes a file that agrees; the file's suffix)
     "torchscript": ((export_torchscript,), ".pt"),
     "torch_export": ((export_program,), ".pt2"),
     "onnx": ((onnx_from_trace, onnx_from_program), ".onnx"),
     "openvino": ((openvino_from_trace, openvino_from_program), "_openvino.xml"),
+    "executorch": ((export_executorch,), ".pte"),
 }
-_FORMAT_NAMES = {"torchscript": "TorchScript", "torch_export": "torch.export", "onnx": "ONNX", "openvino": "OpenVINO"}
+_FORMAT_NAMES = {
+    "torchscript": "TorchScript",
+    "torch_export": "torch.export",
+    "onnx": "ONNX",
+    "openvino": "OpenVINO",
+    "executorch": "ExecuTorch",
+}
 
 
 @contextmanager

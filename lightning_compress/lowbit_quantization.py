@@ -105,7 +105,7 @@ class LowBitLinearBackend(QuantizationBackend):
     """torchao's ``QATConfig`` on Linear layers: fake-quant by module swap, then torchao's low-bit tensors."""
 
     native_export = "torch_export"
-    export_formats = ("torch_export",)
+    export_formats = ("torch_export", "executorch")
     keeps_layer_modules = True  # FakeQuantizedLinear is an nn.Linear: unstructured pruning masks it as before
     has_ranges = False
     swaps_modules = True

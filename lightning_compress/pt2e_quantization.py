@@ -52,6 +52,8 @@ from lightning_compress.quantize_dequantize import QuantizeDequantize
 
 _BATCH_NORM = torch.ops.aten.batch_norm.default
 _DROPOUT = torch.ops.aten.dropout.default
+_ATTENTION = torch.ops.aten.scaled_dot_product_attention.default
+_TRAINING_DROPOUT = "lightning_compress_training_dropout_p"  # node meta: the attention dropout exported in training
 _LAYER_OPS = {
     torch.ops.aten.conv1d.default,
     torch.ops.aten.conv2d.default,
@@ -132,11 +134,20 @@ def _with_train_and_eval(graph: GraphModule) -> GraphModule:
 
 
 def _set_graph_training(graph: GraphModule, batch_norm: bool, dropout: bool) -> None:
+    """Rewrite the training switches of ``graph``'s ops: BatchNorm's and dropout's ``training`` flags, and the
+    ``dropout_p`` of attention (transformers pass ``dropout if self.training else 0.0``, which export fixed at its
+    training value: kept in the node's meta and restored when training resumes)."""
     changed = False
     for node in graph.graph.nodes:
-        if node.op != "call_function" or node.target not in (_BATCH_NORM, _DROPOUT):
+        if node.op != "call_function" or node.target not in (_BATCH_NORM, _DROPOUT, _ATTENTION):
             continue
-        index, value = (5, batch_norm) if node.target is _BATCH_NORM else (2, dropout)
+        if node.target is _ATTENTION:
+            if len(node.args) < 5:
+                continue
+            training_p = node.meta.setdefault(_TRAINING_DROPOUT, node.args[4])
+            index, value = 4, training_p if dropout else 0.0
+        else:
+            index, value = (5, batch_norm) if node.target is _BATCH_NORM else (2, dropout)
         if node.args[index] != value:
             node.args = (*node.args[:index], value, *node.args[index + 1 :])
             changed = True

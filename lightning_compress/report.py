@@ -364,8 +364,19 @@ class CompressionReport:
             )
         return table
 
+    def slower_than_fp32(self) -> dict[str, float]:
+        """The rows that run slower than the ``fp32`` row, with their speedup (below 1): said under the table, since a
+        compressed model can lose to its float original (a small transformer's int8 matrix products, a low-bit layer
+        without a kernel for this CPU)."""
+        return {row["name"]: row["speedup"] for row in self.rows() if row.get("speedup", 1.0) < 1.0}
+
     def print(self, console: Console | None = None) -> None:
-        (console or Console(width=max(Console().width, 120))).print(self.table())
+        console = console or Console(width=max(Console().width, 120))
+        console.print(self.table())
+        slower = self.slower_than_fp32()
+        if slower:
+            listed = ", ".join(f"{name} ({speedup:.2f}x)" for name, speedup in slower.items())
+            console.print(f"Slower than fp32 at batch {self.settings['batch_size']} on one thread: {listed}.")
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps({"settings": self.settings, "rows": self.rows()}, indent=2))

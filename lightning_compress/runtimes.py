@@ -15,6 +15,8 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
+from lightning_compress import compat
+
 
 class RuntimeModel(nn.Module):
     """An exported model behind ``forward``: called as the torch network was (the same arguments, see
@@ -95,7 +97,27 @@ class OpenVinoModel(RuntimeModel):
         return chosen
 
 
-RUNTIMES = {"onnx": ("onnxruntime", OnnxRuntimeModel), "openvino": ("openvino", OpenVinoModel)}
+class ExecuTorchModel(RuntimeModel):
+    """A ``.pte`` program run by ExecuTorch's runtime (``executorch.runtime``), its XNNPACK kernels on one thread
+    (a process-wide setting, as the report times every model). Its outputs carry no names: ``output_0``..."""
+
+    def __init__(self, path: Path, parameter_counts: tuple[int, int]) -> None:
+        from executorch.runtime import Runtime
+
+        super().__init__([path], parameter_counts)
+        compat.executorch_threads(1)
+        self.method = Runtime.get().load_program(str(path)).load_method("forward")
+        self.output_names = [f"output_{index}" for index in range(self.method.metadata.num_outputs())]
+
+    def run(self, inputs: list[np.ndarray]) -> list[Any]:
+        return [output.numpy() for output in self.method.execute([torch.from_numpy(array) for array in inputs])]
+
+
+RUNTIMES = {
+    "onnx": ("onnxruntime", OnnxRuntimeModel),
+    "openvino": ("openvino", OpenVinoModel),
+    "executorch": ("executorch", ExecuTorchModel),
+}
 """Export format -> (the report's name for its runtime, the module that runs it)."""
 
 

@@ -99,7 +99,7 @@ def test_a_pruned_float_model_exports_as_plain_onnx_and_openvino(tmp_path: Path,
     [
         (
             lambda: QuantizationAwareTraining(export_format="tflite"),
-            r"'tflite' is unknown; allowed are \['torchscript', 'torch_export', 'onnx', 'openvino'\]",
+            r"'tflite' is unknown; allowed are \['torchscript', 'torch_export', 'onnx', 'openvino', 'executorch'\]",
         ),
         (
             lambda: QuantizationAwareTraining(weight_bits=4, export_format=["torchscript", "onnx"]),
@@ -110,6 +110,10 @@ def test_a_pruned_float_model_exports_as_plain_onnx_and_openvino(tmp_path: Path,
             r"DynamicQuantization: export_format='openvino': only 'torchscript'",
         ),
         (lambda: MagnitudePruning(export_format=["onnx", "bogus"]), r"'bogus' is unknown"),
+        (
+            lambda: QuantizationAwareTraining(export_format="executorch"),
+            r"export_format='executorch' is not written by backend='x86': it writes \['torchscript', 'onnx', 'openvino'\]",
+        ),
     ],
 )
 def test_bad_export_formats_fail_at_construction(make, message):
@@ -117,13 +121,15 @@ def test_bad_export_formats_fail_at_construction(make, message):
         make()
 
 
-def test_a_format_whose_package_is_missing_names_the_extra(monkeypatch: pytest.MonkeyPatch):
+@pytest.mark.parametrize("package", ["openvino", "executorch"])
+def test_a_format_whose_package_is_missing_names_the_extra(monkeypatch: pytest.MonkeyPatch, package: str):
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "openvino" else find_spec(name, *args))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == package else find_spec(name, *args))
     with pytest.raises(
-        ValueError, match=r"export_format='openvino' needs the 'openvino' package: pip install 'lightning-compress\[openvino\]'"
+        ValueError,
+        match=rf"export_format='{package}' needs the '{package}' package: pip install 'lightning-compress\[{package}\]'",
     ):
-        QuantizationAwareTraining(export_format=["onnx", "openvino"])
+        MagnitudePruning(export_format=["onnx", package])
 
 
 @pytest.mark.slow

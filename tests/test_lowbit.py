@@ -148,3 +148,41 @@ def test_bad_scheme_and_group_size_fail_before_training(tmp_path: Path):
     ):
         trainer.fit(ByteTransformer(**MODEL), datamodule=PythonSourceDataModule(**DATA))
     assert trainer.global_step == 0
+
+
+_RUN_PTE = """
+import sys, torch
+from executorch.runtime import Runtime
+tokens, expected = torch.load(sys.argv[2])
+output = Runtime.get().load_program(sys.argv[1]).load_method("forward").execute([tokens])[0]
+assert not any(name.startswith("lightning_compress") for name in sys.modules)
+print(float((output - expected).abs().mean() / expected.abs().mean()))
+"""
+
+
+def test_an_8da4w_model_ships_to_executorch_and_runs_there_without_this_package(tmp_path: Path):
+    qat = QuantizationAwareTraining(
+        start_epoch=1,
+        config=LowBitLinearConfig(scheme="8da4w"),
+        skip=["head"],
+        export_format=["executorch"],
+        export_dir=str(tmp_path),
+    )
+    trainer, model, data = _fit(tmp_path, [qat], limit_train_batches=10)
+    assert set(qat.export_paths) == {"executorch"} and qat.export_paths["executorch"].suffix == ".pte"
+    tokens = next(iter(data.test_dataloader()))[0][:2]
+    with torch.no_grad():
+        expected = qat.quantized_model(tokens)
+    torch.save((tokens, expected), tmp_path / "expected.pt")
+    result = subprocess.run(
+        [sys.executable, "-c", _RUN_PTE, str(qat.export_paths["executorch"]), str(tmp_path / "expected.pt")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert float(result.stdout.strip().splitlines()[-1]) <= 0.05  # XNNPACK's int8 kernels round their own way
+    # the report runs the .pte too, as a row of its own
+    from lightning_compress.report import models_to_report
+
+    assert "int8 executorch" in models_to_report(trainer, model)

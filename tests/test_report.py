@@ -139,3 +139,28 @@ def test_the_report_measures_language_models_per_token_with_perplexity():
     assert perplexity == pytest.approx(float(expected), rel=1e-6)
     # one label per sample: accuracy over samples, no perplexity
     assert evaluate(nn.Identity(), [(torch.eye(4), torch.tensor([0, 1, 2, 0]))]) == (0.75, None)
+
+
+class _Slow(nn.Module):
+    """The fp32 network, and then some: a compressed model that loses to its original."""
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        for _ in range(50):
+            self.network(images)
+        return self.network(images)
+
+
+def test_a_model_slower_than_fp32_is_named_under_the_table(digits):
+    from rich.console import Console
+
+    fp32 = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    loader = digits.test_dataloader()
+    report = CompressionReport.from_models({"fp32": fp32, "int8": _Slow(fp32)}, loader, next(iter(loader))[0][:1], runs=5)
+    assert list(report.slower_than_fp32()) == ["int8"]
+    console = Console(record=True, width=200)
+    report.print(console)
+    assert "Slower than fp32 at batch 1 on one thread: int8 (0." in console.export_text()

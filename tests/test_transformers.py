@@ -206,11 +206,12 @@ def test_the_app_trains_compresses_and_reports_a_users_transformers_module(tmp_p
 
 def test_pt2e_qat_quantizes_bert_as_one_graph_and_ships_it_to_every_runtime(tmp_path: Path, tokens: DigitTokens):
     """The torch.export engine traces transformers' BERT whole: int8 flows through every Linear of the encoder,
-    and the fake-quant graph QAT trained is what ONNX Runtime and OpenVINO run in int8."""
+    and the fake-quant graph QAT trained is what ONNX Runtime and OpenVINO run in int8. With transformers' default
+    dropout: exported in training, attention's dropout_p is switched off for evaluation like any dropout."""
     from lightning_compress.runtimes import OpenVinoModel
 
     L.seed_everything(0)
-    model = BertDigits()
+    model = BertDigits(dropout=0.1)
     formats = ["torch_export", "onnx", "openvino"]
     qat = QuantizationAwareTraining(start_epoch=1, backend="x86_inductor", export_format=formats, export_dir=str(tmp_path))
     _fit(tmp_path, model, qat, tokens)

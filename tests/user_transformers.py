@@ -110,7 +110,7 @@ class BertDigits(_Classifier):
 
     inputs = ("input_ids", "attention_mask")
 
-    def __init__(self, hidden_size: int = 32, layers: int = 2, heads: int = 4, lr: float = 2e-3) -> None:
+    def __init__(self, hidden_size: int = 32, layers: int = 2, heads: int = 4, lr: float = 2e-3, dropout: float = 0.0) -> None:
         super().__init__(lr)
         config = BertConfig(
             vocab_size=CLASS_TOKEN + 1,
@@ -120,8 +120,8 @@ class BertDigits(_Classifier):
             intermediate_size=4 * hidden_size,
             max_position_embeddings=80,
             num_labels=10,
-            hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0,
+            hidden_dropout_prob=dropout,
+            attention_probs_dropout_prob=dropout,
         )
         self.model = BertForSequenceClassification(config)
 
