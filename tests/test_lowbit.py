@@ -17,7 +17,7 @@ from torchao.utils import TorchAOBaseTensor
 
 from lightning_compress import PostTrainingQuantization, QuantizationAwareTraining
 from lightning_compress.app.text import ByteTransformer, PythonSourceDataModule
-from lightning_compress.lowbit_quantization import SCHEMES, LowBitLinearConfig, stored_bytes
+from lightning_compress.lowbit_quantization import SCHEMES, LowBitLinearConfig, int4_cpu_kernel, stored_bytes
 from lightning_compress.report import evaluate
 
 from conftest import quiet_trainer
@@ -52,7 +52,9 @@ def test_each_scheme_trains_converts_and_keeps_the_fake_quant_perplexity(tmp_pat
     qat = QuantizationAwareTraining(start_epoch=1, config=LowBitLinearConfig(scheme=scheme), skip=["head"])
     _, model, data = _fit(tmp_path, [qat], limit_train_batches=20)
     parts = {part.name: part for part in qat.parts}
-    assert parts["blocks"].quantized and parts["blocks"].int8_layers == 8 and "no x86 kernel" in parts["blocks"].reason
+    # int4 weight-only runs in torch's CPU int4 kernel where the build has it; the other schemes have no x86 kernel
+    kernel = "CPU int4 kernel" if scheme == "int4_weight_only" and int4_cpu_kernel() else "no x86 kernel"
+    assert parts["blocks"].quantized and parts["blocks"].int8_layers == 8 and kernel in parts["blocks"].reason
     assert not parts["head"].quantized  # skipped: the output head is a common exception
     assert all(isinstance(layer, FakeQuantizedLinear) for layer in model.blocks.modules() if isinstance(layer, nn.Linear))
     converted = qat.quantized_model
@@ -186,3 +188,26 @@ def test_an_8da4w_model_ships_to_executorch_and_runs_there_without_this_package(
     from lightning_compress.report import models_to_report
 
     assert "int8 executorch" in models_to_report(trainer, model)
+
+
+@pytest.mark.parametrize("group_size", [32, 16])
+def test_int4_weight_only_runs_in_the_cpu_int4_kernel_where_it_can(tmp_path: Path, group_size: int):
+    from lightning_compress.lowbit_quantization import Int4KernelLinear
+
+    ptq = PostTrainingQuantization(
+        calibration_batches=1,
+        config=LowBitLinearConfig(scheme="int4_weight_only", group_size=group_size),
+        skip=["head"],
+        export_format="none",
+    )
+    _, model, data = _fit(tmp_path, [ptq], max_epochs=0)
+    layers = [layer for layer in ptq.quantized_model.blocks.modules() if isinstance(layer, nn.Linear)]
+    packed = int4_cpu_kernel() and group_size == 32  # the kernel takes groups of 32, 64 or 128
+    assert len(layers) == 8 and all(isinstance(layer, Int4KernelLinear) == packed for layer in layers)
+    assert all(isinstance(layer.weight, TorchAOBaseTensor) for layer in layers)
+    tokens = next(iter(data.test_dataloader()))[0]
+    prepared = ptq.backend.prepare_ptq(model, (), {}, ["head"])
+    with torch.no_grad():
+        fake_quant, converted = prepared(tokens), ptq.quantized_model(tokens)
+    # the trained grid exactly; bf16 scales and activations around the kernel move the logits by under 1%
+    assert (converted - fake_quant).abs().mean() <= (0.01 if packed else 1e-5) * fake_quant.abs().mean()
