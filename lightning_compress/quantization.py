@@ -14,7 +14,6 @@ import copy
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,29 +40,13 @@ from lightning_compress.quantization_backend import (
     config_from_state,
     config_state,
 )
+from lightning_compress.quantization_plan import QuantizedPart
 from lightning_compress.report import ReportsModels, count_parameters, print_quantized_parts
 from lightning_compress.runtimes import RUNTIMES, runtime_models
 from lightning_compress.selection import compressible_children, resolve_module_type, split_skip
 from lightning_compress.validation import check_integer, check_number, is_integer
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class QuantizedPart:
-    """One submodule of the LightningModule (``""``: its forward, as one graph) and what became of it.
-
-    ``quantized`` says it was prepared for QAT, as one graph or, where ``swapped_layers`` lists layers, by
-    module swap; after conversion, ``int8_layers`` and ``float_layers`` are read back from the converted
-    model, so the table never lists a float layer as quantized.
-    """
-
-    name: str
-    quantized: bool
-    reason: str = ""
-    swapped_layers: list[str] = field(default_factory=list)
-    int8_layers: int | None = None
-    float_layers: list[str] = field(default_factory=list)
 
 
 class QuantizationAwareTraining(Callback, ReportsModels):

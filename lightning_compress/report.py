@@ -37,7 +37,7 @@ from lightning_compress.runtimes import RuntimeModel
 from lightning_compress.selection import without_training_aids
 
 if TYPE_CHECKING:  # the callbacks import this module: their result types are read, never imported at run time
-    from lightning_compress.quantization import QuantizedPart
+    from lightning_compress.quantization_plan import QuantizedPart
     from lightning_compress.sensitivity import LayerSensitivity
 
 BASELINE = "fp32"
