@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import runpy
 import zipfile
 from pathlib import Path
 
@@ -11,10 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from lightning_compress.app.models import ImageClassifier, SmallCNN, build_network, read_checkpoint
-
-from conftest import ROOT
-
-train = runpy.run_path(str(ROOT / "train.py"))
+from lightning_compress.app.train import BeforeTraining, check_resume_checkpoint
 
 
 def _bad_file(tmp_path: Path, kind: str) -> Path:
@@ -98,11 +94,11 @@ def _lightning_checkpoint(model: ImageClassifier, path: Path) -> Path:
 )
 def test_a_resume_checkpoint_is_checked_before_fit(tmp_path: Path, make, message):
     cfg = OmegaConf.create({"ckpt_path": str(make(tmp_path)), "callbacks": {}})
-    with pytest.raises(train["BeforeTraining"], match=message):
-        train["check_resume_checkpoint"](cfg, ImageClassifier())
+    with pytest.raises(BeforeTraining, match=message):
+        check_resume_checkpoint(cfg, ImageClassifier())
 
 
 def test_a_good_resume_checkpoint_passes(tmp_path: Path):
     model = ImageClassifier()
     cfg = OmegaConf.create({"ckpt_path": str(_lightning_checkpoint(model, tmp_path / "good.ckpt")), "callbacks": {}})
-    train["check_resume_checkpoint"](cfg, ImageClassifier())
+    check_resume_checkpoint(cfg, ImageClassifier())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import runpy
 from pathlib import Path
 
 import lightning as L
@@ -12,13 +11,12 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+import lightning_compress.app.train  # noqa: F401 - registers ${epoch_at:...}, which places the recipes' epochs
 from lightning_compress import QuantizationAwareTraining
 from lightning_compress.app.data import DigitsDataModule
 from lightning_compress.app.models import ImageClassifier
 
 from conftest import ROOT, quiet_trainer, run_train
-
-runpy.run_path(str(ROOT / "train.py"))  # registers ${epoch_at:...}, which places the recipes' epochs
 
 RECIPES = sorted(path.stem for path in (ROOT / "conf" / "compress").glob("*.yaml"))
 # The schedules as the recipes were written for their default lengths; fractions must give them back.

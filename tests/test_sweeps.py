@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import runpy
 from pathlib import Path
 
 import pytest
@@ -10,12 +9,12 @@ import yaml
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+import lightning_compress.app.train  # noqa: F401 - registers ${epoch_at:...}, which places the recipes' epochs
 from lightning_compress.app.sweep_summary import SweepPoint, collect, pareto_front, write
 
 from conftest import ROOT, run_train
 
 SWEEP_FILE = ROOT / "sweeps" / "prune_wandb.yaml"
-runpy.run_path(str(ROOT / "train.py"))  # registers ${epoch_at:...}, which places the recipes' epochs
 
 
 def _sample_values(spec: dict) -> list:

@@ -178,7 +178,7 @@ def test_the_data_sizes_reach_every_object_that_takes_them():
 
     sys.path.insert(0, str(ROOT))
     try:
-        from train import _fill_sizes
+        from lightning_compress.app.train import _fill_sizes
     finally:
         sys.path.remove(str(ROOT))
     model = OmegaConf.create(

@@ -1,0 +1,1 @@
+"""The recipes of the app (`lightning_compress.app.train`), packaged as `lightning_compress.conf`."""

@@ -1,0 +1,65 @@
+"""The package as it would be published: a wheel that holds the library, the app and its recipes, and a command
+that runs the app from any directory, without the checkout."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+
+@pytest.mark.slow
+def test_the_wheel_holds_the_app_and_its_recipes_and_its_command_runs_a_recipe_anywhere(tmp_path: Path):
+    wheels, site, elsewhere = tmp_path / "wheels", tmp_path / "site", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(ROOT)],
+        check=True,
+        capture_output=True,
+    )
+    [wheel] = wheels.glob("lightning_compress-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {
+        "lightning_compress/app/train.py",
+        "lightning_compress/conf/config.yaml",
+        "lightning_compress/conf/compress/qat.yaml",
+    } <= names
+    entry_points = next(name for name in names if name.endswith("entry_points.txt"))
+    assert "lightning-compress = lightning_compress.app.train:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+
+    # installed apart from the checkout (its dependencies are this environment's), run from another directory
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)], check=True)
+    env = {**os.environ, "PYTHONPATH": str(site), "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+    where = subprocess.run(
+        [sys.executable, "-c", "import lightning_compress; print(lightning_compress.__file__, lightning_compress.__version__)"],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert where.stdout.startswith(str(site)) and "0+unknown" not in where.stdout
+    result = subprocess.run(
+        [
+            str(site / "bin" / "lightning-compress"),
+            "+compress=qat",
+            "trainer.max_epochs=2",
+            "report.latency_runs=3",
+            "hydra.run.dir=run",
+        ],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [row["name"] for row in json.loads((elsewhere / "run" / "report.json").read_text())["rows"]]
+    assert rows == ["fp32", "fake-quant", "int8"] and (elsewhere / "run" / "checkpoints" / "model_int8.pt").is_file()
