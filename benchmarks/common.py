@@ -19,6 +19,20 @@ from lightning_compress.app.data import DigitsDataModule
 MACHINE = f"{torch.get_num_threads()} threads available, {torch.backends.cpu.get_cpu_capability()}"
 
 
+def quiet_trainer(epochs: int, callbacks: list = (), **settings) -> L.Trainer:
+    """A CPU Trainer for ``epochs`` with no logger, bar, summary or checkpoint (``settings``: any other Trainer setting)."""
+    return L.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        callbacks=list(callbacks),
+        **settings,
+    )
+
+
 def fit(
     model: nn.Module,
     epochs: int,
@@ -30,15 +44,7 @@ def fit(
     """Seed, then fit ``model`` for ``epochs`` on ``datamodule`` (default: digits, batch 64), or on ``train_dataloaders``, with no
     logger, bar or checkpoint; seconds taken."""
     L.seed_everything(seed)
-    trainer = L.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        callbacks=list(callbacks),
-    )
+    trainer = quiet_trainer(epochs, callbacks)
     start = time.perf_counter()
     if train_dataloaders is not None:
         trainer.fit(model, train_dataloaders=train_dataloaders)

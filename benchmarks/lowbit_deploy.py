@@ -22,6 +22,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from common import quiet_trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -57,16 +58,7 @@ class MLP(L.LightningModule):
 
 def _quantized(module: MLP, callback: L.Callback, data: DataLoader) -> L.Callback:
     """``callback`` after a zero-epoch fit of ``module``: it quantizes (and exports) at fit end."""
-    trainer = L.Trainer(
-        max_epochs=0,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        callbacks=[callback],
-    )
-    trainer.fit(module, train_dataloaders=data)
+    quiet_trainer(0, [callback]).fit(module, train_dataloaders=data)
     return callback
 
 

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from common import quiet_trainer
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from transformers import BertConfig, BertForSequenceClassification, ViTConfig, ViTForImageClassification
@@ -151,25 +152,12 @@ def data(kind: str) -> L.LightningDataModule:
     return DigitTokens() if kind == "bert" else DigitsDataModule(batch_size=32, image_size=32)
 
 
-def _trainer(epochs: int, callbacks: list = ()) -> L.Trainer:
-    return L.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        limit_val_batches=0,
-        callbacks=list(callbacks),
-    )
-
-
 def _fit(kind: str, state: dict | None, epochs: int, lr: float, seed: int, datamodule, callbacks: list = ()) -> tuple:
     L.seed_everything(seed)  # the initial weights too
     module = Classifier(network(kind), lr)
     if state is not None:
         module.load_state_dict(state)
-    trainer = _trainer(epochs, callbacks)
+    trainer = quiet_trainer(epochs, callbacks, limit_val_batches=0)
     trainer.fit(module, datamodule=datamodule)
     return module.eval(), trainer
 

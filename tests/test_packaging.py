@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -17,10 +18,13 @@ from conftest import ROOT
 
 @pytest.mark.slow
 def test_the_wheel_holds_the_app_and_its_recipes_and_its_command_runs_a_recipe_anywhere(tmp_path: Path):
-    wheels, site, elsewhere = tmp_path / "wheels", tmp_path / "site", tmp_path / "elsewhere"
+    wheels, site, elsewhere, source = tmp_path / "wheels", tmp_path / "site", tmp_path / "elsewhere", tmp_path / "source"
     elsewhere.mkdir()
+    # built from a copy: setuptools writes build/ beside the sources it builds
+    ignored = shutil.ignore_patterns(".git", ".venv", "build", "outputs", "multirun", "site", "*.egg-info", "__pycache__")
+    shutil.copytree(ROOT, source, ignore=ignored)
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(source)],
         check=True,
         capture_output=True,
     )
