@@ -330,8 +330,24 @@ def _block_what_masking_cannot_promise(network: nn.Module, groups: list[ChannelG
 
 
 def _removal_differs(network: nn.Module, groups: list[ChannelGroup], args: tuple, kwargs: dict) -> str | None:
+    """Why masking half of each group's channels does not compute what removing them does, or ``None``.
+
+    Tried on the network's weights jittered at the scale that keeps activations at unit size (``1/sqrt(fan_in)``
+    for a layer's weight, 0.1 for a vector; both copies alike): masking must equal removal whatever the weights,
+    and an untrained network can make them agree by coincidence. At initialization a transformer's attention is
+    near uniform, so removing channels from inside its heads (which regroups every head) computed the same as
+    masking them; trained, it would not have.
+    """
     keeps = [kept_channels(group, (torch.arange(group.size) % 2).float(), group.size // 2) for group in groups]
-    masked, shrunken = copy.deepcopy(network).eval(), copy.deepcopy(network).eval()
+    jittered = copy.deepcopy(network).eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in jittered.parameters():
+            if parameter.is_floating_point():
+                scale = parameter[0].numel() ** -0.5 if parameter.dim() > 1 else 0.1
+                noise = torch.randn(parameter.shape, generator=generator).to(parameter.device, parameter.dtype)
+                parameter.add_(noise * scale)
+    masked, shrunken = jittered, copy.deepcopy(jittered)
     try:
         masks: dict[str, torch.Tensor] = {}
         for group, keep in zip(groups, keeps, strict=True):

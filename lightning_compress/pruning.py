@@ -172,6 +172,7 @@ class MagnitudePruning(Callback, ReportsModels):
         self.masks: dict[str, torch.Tensor] = {}
         self.history: list[dict[str, float]] = []
         self.pruned_model: nn.Module | None = None
+        self.channels_removed = False  # whether pruned_model is physically smaller (mode="channels", removal kept)
         self.dense_model: nn.Module | None = None
         self.export_path: Path | None = None  # the TorchScript file
         self.export_paths: dict[str, Path] = {}  # every file written, by format
@@ -354,6 +355,9 @@ class MagnitudePruning(Callback, ReportsModels):
             if failure:
                 rank_zero_warn(f"MagnitudePruning: the masked model is kept, channels not removed: {failure}.")
                 self.pruned_model = self._float_copy(trainer, pl_module)
+            self.channels_removed = not failure
+        elif self.mode == "channels":  # removed from the live network at shrink_epoch
+            self.channels_removed = True
         if self.export_formats:
             self.export_paths = self._export(trainer, pl_module) or {}
             self.export_path = self.export_paths.get("torchscript")
@@ -426,11 +430,12 @@ class MagnitudePruning(Callback, ReportsModels):
         models: dict[str, nn.Module] = {}
         if self.dense_model is not None:
             models["dense"] = self.dense_model
-        # shrunk before QAT, the float copy is the report's fp32 row already (QAT's): no second row of it
-        if self.mode == "channels" and self.pruned_model is not None and not (self.shrunk and self._float_from):
+        # shrunk before QAT, the float copy is the report's fp32 row already (QAT's): no second row of it; a masked model
+        # whose channels could not be removed is the trained module itself, the fp32 row, and is never called removed
+        if self.channels_removed and self.pruned_model is not None and not (self.shrunk and self._float_from):
             models["channels removed"] = self.pruned_model
         if self.pruned_model is not None:
-            name = "channels removed" if self.mode == "channels" else "pruned"
+            name = "channels removed" if self.channels_removed else "pruned"
             models |= runtime_models(name, self.export_paths, count_parameters(self.pruned_model))
         return models
 

@@ -510,3 +510,18 @@ def test_the_shrink_keeps_momentum_and_restarts_states_that_cannot_be_cut(tmp_pa
             assert state["momentum_buffer"].shape == (32, 16, 3, 3)
         else:  # started afresh at the shrink, then a full epoch of steps on the smaller weight
             assert state["row_var"].shape[0] == 32 and int(state["step"]) == trainer.num_training_batches
+
+
+def test_a_masked_model_kept_when_removal_fails_is_never_called_channels_removed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    pruning = MagnitudePruning(final_sparsity=0.5, start_epoch=0, end_epoch=1, mode="channels", export_format="none")
+    _fit(tmp_path, pruning, max_epochs=1, limit_train_batches=3)
+    assert pruning.channels_removed and "channels removed" in pruning.report_models()
+
+    pruning = MagnitudePruning(final_sparsity=0.5, start_epoch=0, end_epoch=1, mode="channels", export_format="none")
+    # the check at fit end finds the shrunken copy computing something else (as on a classifier it broke)
+    monkeypatch.setattr(pruning, "_shrunken_differs", lambda module: "removing its channels fails (list index out of range)")
+    with pytest.warns(UserWarning, match="the masked model is kept, channels not removed"):
+        _, model, _ = _fit(tmp_path, pruning, max_epochs=1, limit_train_batches=3)
+    assert not pruning.channels_removed
+    assert count_parameters(pruning.pruned_model)[0] == count_parameters(model)[0]
+    assert "channels removed" not in pruning.report_models()

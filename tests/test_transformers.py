@@ -228,3 +228,33 @@ def test_pt2e_qat_quantizes_bert_as_one_graph_and_ships_it_to_every_runtime(tmp_
     for name, output in _run_files(qat.export_paths, inputs).items():
         assert _relative_error(output, fake_quant) <= 0.05, name
         assert (output.argmax(-1) == fake_quant.argmax(-1).numpy()).mean() >= 0.9, name
+
+
+def test_channel_pruning_of_bert_removes_mlp_channels_and_leaves_attention_heads_whole(tmp_path: Path, tokens: DigitTokens):
+    """Removing channels from inside query/key/value regroups every head: masking them would not compute the same
+    once trained, so those groups are blocked (a freshly initialized BERT, with near-uniform attention, agreed by
+    coincidence before the check jittered the weights). The MLP's channels come out, and the model that ships,
+    smaller, computes what the masked one did."""
+    from lightning_compress import channel_groups
+
+    L.seed_everything(0)
+    module = BertDigits()
+    batch = _test_batch(4)
+    inputs = {name: batch[name] for name in module.inputs}
+    groups = {group.root: group for group in channel_groups.find_channel_groups(module.model.eval(), **inputs)}
+    for layer in range(2):
+        attention = f"bert.encoder.layer.{layer}.attention.self"
+        assert not groups[f"{attention}.value"].prunable
+        assert not any(group.prunable for root, group in groups.items() if root.startswith(f"{attention}."))
+        assert groups[f"bert.encoder.layer.{layer}.intermediate.dense"].prunable
+
+    pruning = MagnitudePruning(final_sparsity=0.5, start_epoch=0, end_epoch=1, mode="channels", export_format="none")
+    _fit(tmp_path, module, pruning, tokens)
+    assert pruning.channels_removed
+    intermediate = pruning.pruned_model.model.bert.encoder.layer[0].intermediate.dense
+    assert intermediate.out_features == 64  # half of 4 x 32
+    assert pruning.pruned_model.model.bert.encoder.layer[0].attention.self.query.out_features == 32
+    with torch.no_grad():
+        masked, shrunken = module.model.eval()(**inputs).logits, pruning.pruned_model.model.eval()(**inputs).logits
+    assert torch.allclose(masked, shrunken, atol=1e-4)
+    assert "channels removed" in pruning.report_models()
