@@ -13,7 +13,35 @@ from pathlib import Path
 
 import pytest
 
+from packaging.requirements import Requirement
+
 from conftest import ROOT
+
+RANGED = {"torch", "torchvision", "torchao", "lightning", "torch-pruning"}
+
+
+def test_the_known_good_set_lies_inside_the_declared_ranges():
+    """constraints.txt (what the README's commands and CI install) must satisfy pyproject's ranges, or the two
+    commands would fail to resolve; and every ranged dependency has its tested version there."""
+    import tomllib
+
+    declared = {}
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for line in [*project["dependencies"], *project["optional-dependencies"]["dev"]]:
+        requirement = Requirement(line)
+        declared.setdefault(requirement.name, requirement.specifier)
+    pinned = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            pinned[name.strip()] = version.strip()
+    assert RANGED <= set(pinned)
+    for name, version in pinned.items():
+        assert name in declared, f"{name} is pinned in constraints.txt but no dependency of the project"
+        assert declared[name].contains(version), f"constraints.txt's {name}=={version} is outside {declared[name]}"
+    for command in ("pip install -e . -c constraints.txt", 'pip install -e ".[dev]" -c constraints.txt'):
+        assert command in (ROOT / "README.md").read_text()
+    assert 'pip install -e ".[dev]" -c constraints.txt' in (ROOT / ".ci" / "run").read_text()
 
 
 @pytest.mark.slow
@@ -37,6 +65,12 @@ def test_the_wheel_holds_the_app_and_its_recipes_and_its_command_runs_a_recipe_a
     } <= names
     entry_points = next(name for name in names if name.endswith("entry_points.txt"))
     assert "lightning-compress = lightning_compress.app.train:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    metadata = zipfile.ZipFile(wheel).read(next(name for name in names if name.endswith(".dist-info/METADATA"))).decode()
+    requirements = {Requirement(line.split(":", 1)[1].strip()) for line in metadata.splitlines() if line.startswith("Requires-Dist:")}
+    for requirement in requirements:
+        if requirement.name in RANGED:  # installs beside the torch a user has: no exact pin
+            assert not any(spec.operator in ("==", "===") for spec in requirement.specifier), requirement
+    assert RANGED <= {requirement.name for requirement in requirements}
 
     # installed apart from the checkout (its dependencies are this environment's), run from another directory
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)], check=True)
