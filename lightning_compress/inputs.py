@@ -24,7 +24,7 @@ from lightning.pytorch.core.hooks import DataHooks
 from torch import nn
 from torchmetrics import Metric
 
-from lightning_compress import compat
+from lightning_compress import compat, sharding
 
 Call = tuple[tuple, dict]
 """The positional and keyword arguments of one call of a module."""
@@ -265,6 +265,7 @@ def _without_a_trace(module: L.LightningModule, restore_buffers: bool = True) ->
     finally:
         del module.log, module.log_dict
         module.train(was_training)
+        sharding.reshard(module)  # FSDP2 keeps a root it ran forward whole until a backward that never comes here
         named_buffers = dict(module.named_buffers())
         for name, value in buffers.items():
             if name in named_buffers and named_buffers[name].shape == value.shape:

@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 from torch import nn
 from typing_extensions import override
 
-from lightning_compress import sensitivity
+from lightning_compress import sensitivity, sharding
 from lightning_compress.export import INT8_TOLERANCE, check_export_format, output_folder, write_exports, write_int8_exports
 from lightning_compress.fx_quantization import DYNAMIC_LAYERS, quantize_dynamic
 from lightning_compress.inputs import first_calls, first_tensor, keep_what_runs, training_batches, watch_training_step
@@ -126,6 +126,7 @@ class PostTrainingQuantization(Callback, ReportsModels):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        sharding.check_strategy(trainer, "PostTrainingQuantization")
         names = dict(pl_module.named_modules())
         check_submodule_names(pl_module, "modules", self.modules or [])
         check_submodule_names(pl_module, "skip", self.skip_names)
@@ -148,6 +149,7 @@ class PostTrainingQuantization(Callback, ReportsModels):
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pl_module = sharding.unsharded(pl_module)  # under FSDP2: a whole copy, gathered once, calibrated and converted
         self.backend.activate()
         batches = training_batches(trainer, pl_module, self.calibration_batches)
         self.calibrated_batches = len(batches)
@@ -161,6 +163,8 @@ class PostTrainingQuantization(Callback, ReportsModels):
             for part in self._prepare(calibrated, name, sorted({*self.float_layers.get(name, []), *self._skipped[name]}))
         ]
         watch_training_step(calibrated, batches, restore_buffers=False, inference_fastpath=False)  # observers record
+        for name in parts:  # each rank saw its own batches: all convert rank 0's ranges
+            sharding.broadcast_buffers(calibrated.get_submodule(name), trainer)
         quantized = copy.deepcopy(pl_module).cpu().eval()  # int8 kernels are CPU kernels
         int8_parts = {name: self.backend.convert(calibrated.get_submodule(name)) for name in parts}
         kept_float = keep_what_runs(quantized, int8_parts, batches[:1])
@@ -299,6 +303,7 @@ class DynamicQuantization(Callback, ReportsModels):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        sharding.check_strategy(trainer, "DynamicQuantization")
         check_submodule_names(pl_module, "modules", self.modules or [])
         check_submodule_names(pl_module, "skip", self.skip_names)
         names = dict(pl_module.named_modules())
@@ -319,7 +324,7 @@ class DynamicQuantization(Callback, ReportsModels):
         """Quantize the module's networks (not its metrics or a frozen teacher), keeping in float any layer
         whose int8 version stops the module from running (a parent that reads ``layer.weight`` directly,
         as ``nn.TransformerEncoderLayer``'s inference fast path does)."""
-        quantized = copy.deepcopy(pl_module).cpu().eval()  # int8 kernels are CPU kernels
+        quantized = sharding.full_copy(pl_module).cpu().eval()  # int8 kernels are CPU kernels
         self.float_layers = []
         with_skips = [
             name

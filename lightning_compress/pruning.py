@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_deprecation, rank_zero_info, r
 from torch import nn
 from typing_extensions import override
 
-from lightning_compress import channel_groups, compat, optimizers
+from lightning_compress import channel_groups, compat, optimizers, sharding
 from lightning_compress.export import check_export_format, output_folder, write_exports
 from lightning_compress.inputs import (
     call_record,
@@ -170,6 +170,7 @@ class MagnitudePruning(Callback, ReportsModels):
 
         self.schedule: SparsitySchedule | None = None
         self.masks: dict[str, torch.Tensor] = {}
+        self._laid_out_masks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> (mask, as the parameter is)
         self.history: list[dict[str, float]] = []
         self.pruned_model: nn.Module | None = None
         self.channels_removed = False  # whether pruned_model is physically smaller (mode="channels", removal kept)
@@ -179,7 +180,7 @@ class MagnitudePruning(Callback, ReportsModels):
         self.plot_path: Path | None = None
         self._last_update_step = -1
         self._dense_state_dict: dict[str, torch.Tensor] | None = None
-        self._targets: dict[str, nn.Parameter] = {}
+        self._targets: list[str] = []  # the pruned weights' names (unstructured modes)
         self._groups: dict[str, list[channel_groups.ChannelGroup]] = {}
         self._batches: list = []
         self._calls: dict = {}
@@ -215,7 +216,12 @@ class MagnitudePruning(Callback, ReportsModels):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.shrink_epoch is not None:
             self._restore_shrink_before_weights_load(pl_module)
-        if stage != "fit" or trainer.max_epochs is None or trainer.max_epochs < 0:
+        if stage != "fit":
+            return
+        sharding.check_strategy(trainer, "MagnitudePruning")
+        if self.mode == "channels":
+            sharding.refuse_under_fsdp2(trainer, "MagnitudePruning(mode='channels')")
+        if trainer.max_epochs is None or trainer.max_epochs < 0:
             return
         # Not an error: a run trained for fewer epochs now may be resumed with a larger max_epochs later.
         if self.start_epoch >= trainer.max_epochs:
@@ -263,7 +269,7 @@ class MagnitudePruning(Callback, ReportsModels):
             if self.shrink_epoch is not None:
                 self._check_the_module_runs_shrunk(pl_module)
         elif self.mode != "channels":
-            self._targets = self._select_layers(pl_module)
+            self._targets = list(self._select_layers(pl_module))
         self._apply_masks(pl_module)  # masks restored from a checkpoint take effect at once
         if self._dense_state_dict is not None and self.dense_model is None:  # resumed after pruning began
             # after the shrink, the dense model has the structure the module had before it was rebuilt smaller
@@ -334,6 +340,7 @@ class MagnitudePruning(Callback, ReportsModels):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._apply_masks(pl_module)  # after the optimizer step: pruned weights stay exactly zero
+        sharding.synchronize_buffers(trainer, pl_module)
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -418,7 +425,7 @@ class MagnitudePruning(Callback, ReportsModels):
         zeros = total = 0
         per_layer = {}
         for name in self._weight_names():
-            weight = parameters[name].detach()
+            weight = sharding.full_tensor(parameters[name].detach())
             layer_zeros = int((weight == 0).sum())
             per_layer[name.removesuffix(".weight")] = layer_zeros / weight.numel()
             zeros += layer_zeros
@@ -628,7 +635,7 @@ class MagnitudePruning(Callback, ReportsModels):
         )
         if self._float_from is not None:
             return self._float_from.float_model(pl_module)
-        return copy.deepcopy(pl_module).cpu().eval()
+        return sharding.full_copy(pl_module).cpu().eval()
 
     def _channel_keep(self, network: nn.Module, group: channel_groups.ChannelGroup) -> torch.Tensor:
         """Channels currently kept: those whose producer rows are not all zero."""
@@ -648,7 +655,11 @@ class MagnitudePruning(Callback, ReportsModels):
                         masks[full_name] = masks[full_name] & mask if full_name in masks else mask
             self.masks.update(masks)
             return
-        magnitudes = {name: weight.detach().abs() for name, weight in self._targets.items()}
+        # whole weights, the same on every rank (gathered under FSDP2): the ranks compute the same masks
+        # looked up now, not kept from fit start: FSDP2 swaps the registered parameters between its shards and whole
+        # ones whose storage it frees
+        parameters = dict(pl_module.named_parameters())
+        magnitudes = {name: sharding.full_tensor(parameters[name].detach()).abs() for name in self._targets}
         if self.scope == "layer":
             for name, magnitude in magnitudes.items():
                 self.masks[name] = _keep_largest(magnitude.flatten(), round(target * magnitude.numel())).view_as(magnitude)
@@ -659,7 +670,7 @@ class MagnitudePruning(Callback, ReportsModels):
             self.masks[name] = chunk.view_as(magnitudes[name])
 
     def _dense_copy(self, pl_module: nn.Module) -> nn.Module:
-        dense = copy.deepcopy(pl_module).cpu().eval()
+        dense = sharding.full_copy(pl_module).cpu().eval()
         channel_groups.unmask_layer_norms(dense)
         return dense
 
@@ -672,9 +683,11 @@ class MagnitudePruning(Callback, ReportsModels):
         with torch.no_grad():
             for name, mask in self.masks.items():
                 parameter = parameters[name]
-                if mask.device != parameter.device:
-                    self.masks[name] = mask = mask.to(parameter.device)
-                parameter.mul_(mask)
+                laid_out = self._laid_out_masks.get(name)
+                if laid_out is None or laid_out[0] is not mask or type(laid_out[1]) is not type(parameter.data):
+                    # this rank's slice of it under FSDP2 (the parameter is whole between forward and backward)
+                    self._laid_out_masks[name] = laid_out = (mask, sharding.like(mask, parameter.data))
+                parameter.mul_(laid_out[1])
 
     @rank_zero_only
     def _export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Path]:

@@ -25,7 +25,7 @@ from torch import nn
 from torchmetrics import Metric
 from typing_extensions import override
 
-from lightning_compress import compat, module_swap, optimizers, range_learning
+from lightning_compress import compat, module_swap, optimizers, range_learning, sharding
 from lightning_compress.export import output_folder, write_int8_exports
 from lightning_compress.forward_graph import forward_holder, install_forward, installed_forward
 from lightning_compress.inputs import first_calls, first_line, on_cpu, runs, training_batches, watch_training_step
@@ -241,6 +241,11 @@ class QuantizationAwareTraining(Callback, ReportsModels):
             # before any callback hook runs, but after the module's own on_load_checkpoint.
             self._restore_before_weights_load(pl_module)
             return
+        sharding.check_strategy(trainer, "QuantizationAwareTraining")
+        if self.config.learnable_ranges:
+            sharding.refuse_under_fsdp2(trainer, "QuantizationAwareTraining(learnable_ranges=True)")
+        if not self.backend.keeps_layer_modules:
+            sharding.refuse_under_fsdp2(trainer, f"QuantizationAwareTraining(backend={self.config.backend!r})")
         # Not an error: a run trained for fewer epochs now may be resumed with a larger max_epochs later.
         late = [
             f"{name}={epoch}"
@@ -381,6 +386,12 @@ class QuantizationAwareTraining(Callback, ReportsModels):
             )
 
     @override
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        sharding.synchronize_buffers(trainer, pl_module)  # the ranges every rank fake-quantizes with: rank 0's
+
+    @override
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
         """Step the learned ranges with the gradients of the step the model's optimizer is about to take."""
         if self._learned_ranges:
@@ -459,9 +470,9 @@ class QuantizationAwareTraining(Callback, ReportsModels):
         # Training is over: the ranges are final, and evaluating the model must not move them.
         for module in self._prepared_modules(pl_module):
             self.backend.set_observers(module, enabled=False)
-            if trainer.world_size > 1:  # every rank converts rank 0's ranges, whatever its last batch saw
-                for buffer in module.buffers():
-                    torch.distributed.broadcast(buffer, src=0)
+            sharding.broadcast_buffers(module, trainer)  # every rank converts rank 0's ranges, whatever its last batch saw
+        if sharding.is_sharded(pl_module):  # the report's fake-quant row, and what is converted: whole, unsharded
+            self._pl_module = pl_module = sharding.full_copy(pl_module).cpu()
         if not self.convert_on_fit_end:
             return
         if trainer.current_epoch <= self.start_epoch and not self._calibrated:
@@ -531,6 +542,7 @@ class QuantizationAwareTraining(Callback, ReportsModels):
     def convert(self, pl_module: nn.Module) -> nn.Module:
         """An int8 copy of ``pl_module``: each fake-quant part converted; a part whose int8 version fails
         to run (an op with no int8 kernel) is kept in float and marked so in ``parts``."""
+        pl_module = sharding.unsharded(pl_module)  # whole, gathered from the ranks (collective) under FSDP2
         quantized = copy.deepcopy(pl_module).cpu().eval()
         for part in self.parts:
             if not part.quantized:
@@ -558,6 +570,7 @@ class QuantizationAwareTraining(Callback, ReportsModels):
 
     def float_model(self, pl_module: nn.Module) -> nn.Module:
         """A plain fp32 copy of ``pl_module`` with the current weights (separate Conv and BN again)."""
+        pl_module = sharding.unsharded(pl_module)  # whole, gathered from the ranks (collective) under FSDP2
         float_module = copy.deepcopy(pl_module).cpu().eval()
         for name in self.prepared_names:
             _put(float_module, name, self._float_part(pl_module, name).cpu())
@@ -566,6 +579,7 @@ class QuantizationAwareTraining(Callback, ReportsModels):
     def fake_quant_for_export(self, pl_module: nn.Module) -> nn.Module:
         """A copy of ``pl_module`` whose fake-quant parts are written as ONNX and OpenVINO read them (see
         ``fx_quantization.fake_quant_for_export``): what the ``onnx`` and ``openvino`` exports hold."""
+        pl_module = sharding.unsharded(pl_module)  # whole, gathered from the ranks (collective) under FSDP2
         deployable = copy.deepcopy(pl_module).cpu().eval()
         for part in self.parts:
             if part.quantized:

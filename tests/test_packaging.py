@@ -12,7 +12,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
 from packaging.requirements import Requirement
 
 from conftest import ROOT
@@ -66,7 +65,9 @@ def test_the_wheel_holds_the_app_and_its_recipes_and_its_command_runs_a_recipe_a
     entry_points = next(name for name in names if name.endswith("entry_points.txt"))
     assert "lightning-compress = lightning_compress.app.train:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
     metadata = zipfile.ZipFile(wheel).read(next(name for name in names if name.endswith(".dist-info/METADATA"))).decode()
-    requirements = {Requirement(line.split(":", 1)[1].strip()) for line in metadata.splitlines() if line.startswith("Requires-Dist:")}
+    requirements = {
+        Requirement(line.split(":", 1)[1].strip()) for line in metadata.splitlines() if line.startswith("Requires-Dist:")
+    }
     for requirement in requirements:
         if requirement.name in RANGED:  # installs beside the torch a user has: no exact pin
             assert not any(spec.operator in ("==", "===") for spec in requirement.specifier), requirement

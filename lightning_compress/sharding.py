@@ -1,0 +1,190 @@
+"""Compression of networks sharded with FSDP2 (``fully_shard``, as Lightning's ``ModelParallelStrategy`` runs it
+in ``configure_model``), and the strategies the callbacks take.
+
+Under FSDP2 each rank holds a slice of every parameter (a ``DTensor``), and a sharded module refuses
+``copy.deepcopy``. The callbacks copy the module to measure, convert and export it, and compute masks from whole
+weights; here they get the whole tensors, gathered from every rank, and plain copies built from them. Every
+function that gathers is collective: each rank must call it, in the same order, as the callbacks' hooks do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections import OrderedDict
+from collections.abc import Iterator
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+SUPPORTED_STRATEGIES = (
+    "single device",
+    "ddp (DDPStrategy, any start method)",
+    "ModelParallelStrategy with fully_shard (FSDP2), tensor_parallel_size=1",
+)
+
+
+def check_strategy(trainer: L.Trainer, callback: str) -> None:
+    """One line, before training, where ``callback`` cannot compress under the Trainer's strategy."""
+    from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
+
+    strategy = trainer.strategy
+    if isinstance(strategy, SingleDeviceStrategy | DDPStrategy):
+        return
+    if isinstance(strategy, ModelParallelStrategy):
+        if strategy._tensor_parallel_size not in (1, "auto") and trainer.world_size > 1:
+            raise ValueError(
+                f"{callback} cannot compress a tensor-parallel network (ModelParallelStrategy with "
+                f"tensor_parallel_size={strategy._tensor_parallel_size}): supported are {', '.join(SUPPORTED_STRATEGIES)}."
+            )
+        return
+    name = type(strategy).__name__
+    hint = (
+        "; for sharding, use ModelParallelStrategy and call torch.distributed.fsdp.fully_shard in configure_model (FSDP2)"
+        if "FSDP" in name or "DeepSpeed" in name
+        else ""
+    )
+    raise ValueError(f"{callback} cannot run under strategy {name}: supported are {', '.join(SUPPORTED_STRATEGIES)}{hint}.")
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """Whether FSDP2 shards any part of ``module``."""
+    return any(isinstance(child, FSDPModule) for child in module.modules())
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole of ``tensor``: gathered from every rank where it is a ``DTensor`` (collective), else itself."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def like(tensor: torch.Tensor, parameter: torch.Tensor) -> torch.Tensor:
+    """``tensor`` (whole, the same on every rank) laid out as ``parameter`` is: this rank's slice of it where
+    ``parameter`` is a ``DTensor`` (no communication), else ``tensor`` on ``parameter``'s device."""
+    if isinstance(parameter, DTensor):
+        return distribute_tensor(tensor.to(parameter.device), parameter.device_mesh, parameter.placements, src_data_rank=None)
+    return tensor.to(parameter.device)
+
+
+def unsharded(module: nn.Module) -> nn.Module:
+    """``module`` itself where nothing in it is sharded; else a plain copy with whole parameters (collective)."""
+    return full_copy(module) if is_sharded(module) else module
+
+
+def full_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` that FSDP2 does not manage: the original classes, every parameter whole (gathered
+    from the ranks, on the device its shard was on), rank 0's buffers (FSDP2 leaves each rank its own BatchNorm
+    statistics; the copy must be the same model on every rank), FSDP's hooks and state left behind; any other hook
+    and attribute copied as ``copy.deepcopy`` copies them. Collective where ``module`` is sharded."""
+    if not is_sharded(module):
+        return copy.deepcopy(module)
+    memo: dict[int, Any] = {}
+    for parameter in module.parameters():  # in registration order, on every rank alike
+        if isinstance(parameter, DTensor):
+            whole = parameter.full_tensor().detach().clone()
+            memo[id(parameter)] = nn.Parameter(whole, requires_grad=parameter.requires_grad)
+    with _without_fsdp(module):
+        replica = copy.deepcopy(module, memo)
+    if torch.distributed.is_initialized():
+        for buffer in replica.buffers():
+            torch.distributed.broadcast(buffer, src=0)
+    return replica
+
+
+@contextlib.contextmanager
+def _without_fsdp(module: nn.Module) -> Iterator[None]:
+    """Each FSDP-managed submodule seen as its own class, without FSDP's state and hooks, for the time of a copy."""
+    saved = []
+    for child in module.modules():
+        if not isinstance(child, FSDPModule):
+            continue
+        state = {key: value for key, value in child.__dict__.items() if _is_fsdp_state(key, value)}
+        hooks = {key: child.__dict__[key] for key in ("_forward_pre_hooks", "_forward_hooks")}
+        saved.append((child, type(child), state, hooks))
+        for key in state:
+            del child.__dict__[key]
+        for key, table in hooks.items():
+            child.__dict__[key] = OrderedDict((k, hook) for k, hook in table.items() if not _is_fsdp_hook(hook))
+        child.__class__ = _original_class(type(child))
+    try:
+        yield
+    finally:
+        for child, cls, state, hooks in saved:
+            child.__class__ = cls
+            child.__dict__.update(state)
+            child.__dict__.update(hooks)
+
+
+def _original_class(cls: type) -> type:
+    """The class ``fully_shard`` subclassed (it puts ``FSDPModule`` right before it in the MRO)."""
+    mro = cls.__mro__
+    return mro[mro.index(FSDPModule) + 1]
+
+
+def _is_fsdp_state(key: str, value: Any) -> bool:
+    if key in ("_is_fsdp_managed_module", "_fsdp_use_orig_params"):
+        return True
+    # torch.distributed._composable.contract keeps each composable API's state in a dict under a generated key
+    return key.startswith("__composable_api_state_key") or key.startswith("_fsdp")
+
+
+def _is_fsdp_hook(hook: Any) -> bool:
+    """FSDP's forward hooks: its state's bound methods, or wrappers closing over them (a group of modules)."""
+    cells = getattr(hook, "__closure__", None) or ()
+    return _from_fsdp(hook) or any(_from_fsdp(_cell(cell)) for cell in cells)
+
+
+def _from_fsdp(value: Any) -> bool:
+    owner = getattr(value, "__self__", None)
+    where = type(owner).__module__ if owner is not None else getattr(value, "__module__", None) or ""
+    return where.startswith("torch.distributed.fsdp")
+
+
+def _cell(cell: Any) -> Any:
+    try:
+        return cell.cell_contents
+    except ValueError:  # an empty cell
+        return None
+
+
+def reshard(module: nn.Module) -> None:
+    """Leave every FSDP2 part of ``module`` sharded again after a forward outside training (an observed step, a
+    calibration): FSDP2 keeps a root module whole after its forward until the backward, and the checkpoint loader and
+    the optimizer expect the shards."""
+    for child in module.modules():
+        if isinstance(child, FSDPModule):
+            child.reshard()
+
+
+def under_fsdp2(trainer: L.Trainer) -> bool:
+    """Whether the Trainer's strategy is the one that shards with FSDP2 (``ModelParallelStrategy``)."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return isinstance(trainer.strategy, ModelParallelStrategy)
+
+
+def refuse_under_fsdp2(trainer: L.Trainer, what: str) -> None:
+    """One line, before training, for a setting that does not run sharded yet."""
+    if under_fsdp2(trainer):
+        raise ValueError(
+            f"{what} does not run under ModelParallelStrategy (FSDP2) yet: use strategy='ddp' for it, or leave it out."
+        )
+
+
+def synchronize_buffers(trainer: L.Trainer, module: nn.Module) -> None:
+    """Under FSDP2, every rank takes rank 0's buffers of the whole module after each training step, as DDP does
+    before each forward: FSDP2 leaves each rank its own BatchNorm statistics and observer ranges, so the ranks would
+    compress different models, and a checkpoint (which holds one rank's buffers) would resume another one."""
+    if under_fsdp2(trainer):
+        broadcast_buffers(module, trainer)
+
+
+def broadcast_buffers(module: nn.Module, trainer: L.Trainer) -> None:
+    """Every rank takes rank 0's buffers of ``module`` (observers' ranges, BatchNorm statistics), as DDP does before
+    each forward; FSDP2 leaves buffers to each rank. Collective where several processes run."""
+    if trainer.world_size > 1 and torch.distributed.is_initialized():
+        for buffer in module.buffers():
+            torch.distributed.broadcast(buffer, src=0)

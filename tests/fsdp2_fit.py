@@ -1,0 +1,180 @@
+"""Run by test_fsdp2.py: the callbacks under Lightning's ModelParallelStrategy with FSDP2 (``fully_shard`` in the
+user's ``configure_model``) on 2 CPU processes (gloo); each rank dumps what it ended with, gathered whole.
+
+Lightning's launcher starts rank 1 by re-running this script, so it must be a script, not a test.
+"""
+
+import sys
+import warnings
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.distributed.fsdp import fully_shard
+
+from lightning_compress import DynamicQuantization, MagnitudePruning, PostTrainingQuantization, QuantizationAwareTraining
+from lightning_compress.app.data import DigitsDataModule
+from lightning_compress.app.models import ImageClassifier
+from lightning_compress.app.text import ByteTransformer, PythonSourceDataModule
+from lightning_compress.lowbit_quantization import LowBitLinearConfig
+from lightning_compress.sharding import full_tensor, is_sharded
+
+warnings.filterwarnings("ignore")
+
+
+class ShardedClassifier(ImageClassifier):
+    """The app's digits classifier, its network sharded as a user shards it for ModelParallelStrategy."""
+
+    def configure_model(self) -> None:
+        fully_shard(self.net, mesh=self.device_mesh["data_parallel"])
+
+
+def _fit(model: L.LightningModule, max_epochs: int, callbacks: list, folder: Path, **kwargs) -> L.Trainer:
+    trainer = L.Trainer(
+        max_epochs=max_epochs,
+        accelerator="cpu",
+        devices=2,
+        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        default_root_dir=str(folder),
+        **kwargs,
+    )
+    trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
+    return trainer
+
+
+def _test_images() -> tuple[torch.Tensor, torch.Tensor]:
+    digits = DigitsDataModule()
+    digits.setup()
+    return digits.test_set.tensors
+
+
+def pruning_and_qat(output: Path) -> None:
+    """Unstructured pruning, then QAT of the pruned network, sharded; int8 exported once."""
+    L.seed_everything(0)
+    model = ShardedClassifier()
+    pruning = MagnitudePruning(final_sparsity=0.6, start_epoch=0, end_epoch=2, update_every=3, export_format="none", plot=False)
+    qat = QuantizationAwareTraining(start_epoch=2, freeze_bn_epoch=3, export_format="torchscript", export_dir=str(output))
+    trainer = _fit(model, 4, [pruning, qat], output, enable_checkpointing=False)
+    images, labels = _test_images()
+    with torch.no_grad():
+        predictions = qat.quantized_model(images)
+    weights = {name: full_tensor(tensor.detach()).clone() for name, tensor in model.net.state_dict().items()}
+    observers = {name: tensor for name, tensor in weights.items() if name.rsplit(".", 1)[-1] in ("min_val", "max_val")}
+    torch.save(
+        {
+            "masks": {name: mask.cpu() for name, mask in pruning.masks.items()},
+            "weights": weights,
+            "observers": observers,
+            "sparsity": pruning.measured_sparsity(model)[0],
+            "dense_sharded": is_sharded(pruning.dense_model) or is_sharded(qat.quantized_model),
+            "predictions": predictions,
+            "labels": labels,
+        },
+        output / f"prune_qat_rank{trainer.global_rank}.pt",
+    )
+
+
+def post_training(output: Path) -> None:
+    """A sharded fit, then post-training static and dynamic int8 of the gathered weights."""
+    L.seed_everything(0)
+    model = ShardedClassifier()
+    ptq = PostTrainingQuantization(calibration_batches=4, export_format="none")
+    dynamic = DynamicQuantization(export_format="none")
+    trainer = _fit(model, 2, [ptq, dynamic], output, enable_checkpointing=False)
+    images, labels = _test_images()
+    with torch.no_grad():
+        static, dynamic_predictions = ptq.quantized_model(images), dynamic.quantized_model(images)
+    torch.save(
+        {"static": static, "dynamic": dynamic_predictions, "labels": labels},
+        output / f"ptq_rank{trainer.global_rank}.pt",
+    )
+
+
+class ShardedLanguageModel(ByteTransformer):
+    """The app's byte-level language model, sharded as the FSDP2 guides shard a transformer: each block, then the
+    whole module."""
+
+    def configure_model(self) -> None:
+        mesh = self.device_mesh["data_parallel"]
+        for block in self.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(self, mesh=mesh)
+
+
+def low_bit(output: Path) -> None:
+    """Low-bit QAT (8da4w) of a language model sharded block by block and whole."""
+    L.seed_everything(0)
+    data = PythonSourceDataModule(block_size=32, batch_size=16, train_bytes=40_000, eval_bytes=4_000)
+    model = ShardedLanguageModel(block_size=32, width=64, layers=2, heads=2)
+    qat = QuantizationAwareTraining(start_epoch=1, config=LowBitLinearConfig(scheme="8da4w"), export_format="none")
+    trainer = L.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        devices=2,
+        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        callbacks=[qat],
+    )
+    trainer.fit(model, datamodule=data)
+    data.setup("test")
+    tokens, labels = next(iter(data.test_dataloader()))
+    losses = {}
+    with torch.no_grad():
+        for name, network in (("float", qat.float_model(model)), ("low-bit", qat.quantized_model)):
+            losses[name] = float(torch.nn.functional.cross_entropy(network(tokens).flatten(0, 1), labels.flatten()))
+            logits = network(tokens)
+    ends = {"losses": losses, "logits": logits, "sharded": is_sharded(qat.quantized_model)}
+    torch.save(ends, output / f"lowbit_rank{trainer.global_rank}.pt")
+
+
+def resume(output: Path) -> None:
+    """Pruning and QAT sharded, checkpointed each epoch (Lightning's distributed checkpoints: each rank writes its
+    shards); then a fresh sharded run resumed mid-ramp from the epoch-1 checkpoint. Both runs' ends are dumped."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    ends = {}
+    for run in ("uninterrupted", "resumed"):
+        L.seed_everything(0)
+        model = ShardedClassifier()
+        pruning = MagnitudePruning(
+            final_sparsity=0.6, start_epoch=0, end_epoch=2, update_every=3, export_format="none", plot=False
+        )
+        qat = QuantizationAwareTraining(start_epoch=2, freeze_bn_epoch=3, export_format="none")
+        checkpoints = ModelCheckpoint(dirpath=output / "checkpoints", save_top_k=-1, filename="{epoch}")
+        callbacks = [pruning, qat, checkpoints] if run == "uninterrupted" else [pruning, qat]
+        kwargs = {} if run == "uninterrupted" else {"ckpt_path": str(output / "checkpoints" / "epoch=1.ckpt")}
+        trainer = L.Trainer(
+            max_epochs=4,
+            accelerator="cpu",
+            devices=2,
+            strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=run == "uninterrupted",
+            callbacks=callbacks,
+            default_root_dir=str(output),
+        )
+        trainer.fit(model, datamodule=DigitsDataModule(batch_size=32), **kwargs)
+        images, _ = _test_images()
+        with torch.no_grad():
+            predictions = qat.quantized_model(images)
+        ends[run] = {
+            "masks": {name: mask.cpu() for name, mask in pruning.masks.items()},
+            "weights": {name: full_tensor(tensor.detach()).clone() for name, tensor in model.net.state_dict().items()},
+            "predictions": predictions,
+        }
+    torch.save(ends, output / f"resume_rank{trainer.global_rank}.pt")
+
+
+if __name__ == "__main__":
+    {"prune_qat": pruning_and_qat, "ptq": post_training, "resume": resume, "lowbit": low_bit}[sys.argv[2]](Path(sys.argv[1]))

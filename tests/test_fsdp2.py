@@ -1,0 +1,118 @@
+"""The callbacks under FSDP2 (Lightning's ModelParallelStrategy, ``fully_shard`` in ``configure_model``) on 2 CPU
+processes (gloo): each rank ends with the same masks, ranges and int8 model, checked on the gathered weights; and
+the strategies the callbacks cannot run under are refused in one line before training."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+from lightning_compress import MagnitudePruning, QuantizationAwareTraining
+from lightning_compress.app.data import DigitsDataModule
+from lightning_compress.app.models import ImageClassifier
+from lightning_compress.sharding import check_strategy
+
+SCRIPT = Path(__file__).with_name("fsdp2_fit.py")
+
+
+def _run(output: Path, mode: str) -> list[dict]:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), str(output), mode], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [torch.load(output / f"{mode}_rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+
+
+def _accuracy(predictions: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((predictions.argmax(1) == labels).float().mean())
+
+
+@pytest.mark.slow
+def test_pruning_then_qat_under_fsdp2_end_alike_on_both_ranks(tmp_path: Path):
+    rank0, rank1 = _run(tmp_path, "prune_qat")
+    assert rank0["masks"] and set(rank0["masks"]) == set(rank1["masks"])
+    assert all(torch.equal(rank0["masks"][name], rank1["masks"][name]) for name in rank0["masks"])
+    for name, mask in rank0["masks"].items():  # the gathered weights are zero where the masks say
+        weight = rank0["weights"][name.removeprefix("net.")]
+        assert torch.count_nonzero(weight[~mask.bool()]) == 0, name
+    assert 0.55 <= rank0["sparsity"] == rank1["sparsity"]
+    assert rank0["observers"] and all(torch.equal(rank0["observers"][k], rank1["observers"][k]) for k in rank0["observers"])
+    assert all(torch.equal(rank0["weights"][k], rank1["weights"][k]) for k in rank0["weights"])
+    assert not rank0["dense_sharded"]  # the report's dense copy and the int8 model are plain networks
+    assert torch.equal(rank0["predictions"], rank1["predictions"])
+    assert _accuracy(rank0["predictions"], rank0["labels"]) >= 0.9
+    assert (tmp_path / "model_int8.pt").is_file()  # exported once
+
+
+@pytest.mark.slow
+def test_post_training_static_and_dynamic_int8_of_a_sharded_fit_agree_on_both_ranks(tmp_path: Path):
+    rank0, rank1 = _run(tmp_path, "ptq")
+    for kind in ("static", "dynamic"):
+        assert torch.equal(rank0[kind], rank1[kind]), kind
+        assert _accuracy(rank0[kind], rank0["labels"]) >= 0.85, kind
+
+
+@pytest.mark.slow
+def test_low_bit_qat_of_a_language_model_sharded_block_by_block_converts_alike_on_both_ranks(tmp_path: Path):
+    rank0, rank1 = _run(tmp_path, "lowbit")
+    assert not rank0["sharded"] and torch.equal(rank0["logits"], rank1["logits"])
+    assert rank0["losses"] == rank1["losses"]
+    # int8 activations and int4 weights cost little against the float copy of the same trained weights
+    assert rank0["losses"]["low-bit"] <= 1.05 * rank0["losses"]["float"]
+
+
+@pytest.mark.slow
+def test_a_sharded_run_resumed_from_its_distributed_checkpoint_ends_as_the_uninterrupted_one(tmp_path: Path):
+    ranks = _run(tmp_path, "resume")
+    assert (tmp_path / "checkpoints" / "epoch=1.ckpt").is_dir()  # each rank wrote its shards
+    for ends in ranks:
+        uninterrupted, resumed = ends["uninterrupted"], ends["resumed"]
+        assert uninterrupted["masks"] and set(uninterrupted["masks"]) == set(resumed["masks"])
+        assert all(torch.equal(uninterrupted["masks"][name], resumed["masks"][name]) for name in uninterrupted["masks"])
+        assert set(uninterrupted["weights"]) == set(resumed["weights"])
+        assert all(torch.equal(uninterrupted["weights"][k], resumed["weights"][k]) for k in uninterrupted["weights"])
+        assert torch.equal(uninterrupted["predictions"], resumed["predictions"])
+    assert torch.equal(ranks[0]["resumed"]["predictions"], ranks[1]["resumed"]["predictions"])
+
+
+def test_strategies_the_callbacks_cannot_run_under_are_named_with_the_supported_ones():
+    with pytest.raises(
+        ValueError,
+        match=r"^MagnitudePruning cannot run under strategy FSDPStrategy: supported are .*"
+        r"ModelParallelStrategy with fully_shard \(FSDP2\).*call torch.distributed.fsdp.fully_shard in "
+        r"configure_model",
+    ):
+        check_strategy(SimpleNamespace(strategy=FSDPStrategy(), world_size=2), "MagnitudePruning")
+
+
+@pytest.mark.parametrize(
+    ("callback", "message"),
+    [
+        (lambda: MagnitudePruning(mode="channels", start_epoch=0, end_epoch=1), r"MagnitudePruning\(mode='channels'\)"),
+        (lambda: QuantizationAwareTraining(learnable_ranges=True, freeze_observer_epoch=1), r"learnable_ranges=True\)"),
+        (lambda: QuantizationAwareTraining(backend="x86_inductor"), r"backend='x86_inductor'\)"),
+    ],
+)
+def test_what_does_not_run_sharded_yet_stops_before_training(tmp_path: Path, callback, message):
+    model = ImageClassifier()
+    trainer = L.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        devices=1,
+        strategy=ModelParallelStrategy(),
+        callbacks=[callback()],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=str(tmp_path),
+    )
+    with pytest.raises(ValueError, match=f"{message} does not run under ModelParallelStrategy \\(FSDP2\\) yet"):
+        trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
+    assert model.net.features[0].weight.grad is None  # nothing trained
