@@ -11,7 +11,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from lightning_compress import DynamicQuantization, MagnitudePruning, PostTrainingQuantization, QuantizationAwareTraining
 from lightning_compress.app.data import DigitsDataModule
@@ -27,7 +27,8 @@ class ShardedClassifier(ImageClassifier):
     """The app's digits classifier, its network sharded as a user shards it for ModelParallelStrategy."""
 
     def configure_model(self) -> None:
-        fully_shard(self.net, mesh=self.device_mesh["data_parallel"])
+        if not isinstance(self.net, FSDPModule):  # called again by a later trainer.test: shard once
+            fully_shard(self.net, mesh=self.device_mesh["data_parallel"])
 
 
 def _fit(model: L.LightningModule, max_epochs: int, callbacks: list, folder: Path, **kwargs) -> L.Trainer:
@@ -100,6 +101,8 @@ class ShardedLanguageModel(ByteTransformer):
     whole module."""
 
     def configure_model(self) -> None:
+        if isinstance(self, FSDPModule):
+            return
         mesh = self.device_mesh["data_parallel"]
         for block in self.blocks:
             fully_shard(block, mesh=mesh)
