@@ -9,10 +9,14 @@ runtimes people deploy with, against the post-training tools a user would otherw
 (Not ``transformers.py``: a script of that name would shadow the package it measures.)
 
 Models and data (offline, real: scikit-learn's handwritten digits, in the digits data module's splits):
-- **BERT**, ``BERT_LAYERS`` layers x ``BERT_WIDTH``, on the digits as token sequences (a class token, then the 64
+- **BERT** on the digits as token sequences (a class token, then the 64
   pixels' grey levels); also timed on a ``SEQUENCE``-token input. Byte windows of the standard library's sources,
   classified by package, were tried first: from random weights, 200 steps left it at 19.5% on 8 classes.
-- **ViT**, ``VIT_LAYERS`` layers x ``VIT_WIDTH``, on the digits at 32x32 in 4x4 patches.
+- **ViT** on the digits at 32x32 in 4x4 patches.
+
+Accuracy is measured at ``ACCURACY_SHAPE`` (layers x width), models that learn from random weights here in minutes;
+size and latency at ``LATENCY_SHAPE`` (BERT 6 x 512, ViT 6 x 384), whose models go through the same steps with
+``LATENCY_BATCHES`` training batches per fit (speed does not depend on the weights' values).
 
 For each seed: the model is trained from random weights for ``PRETRAIN_EPOCHS`` (no pretrained weights offline),
 then fine-tuned ``FINETUNE_EPOCHS`` more in fp32 (**fp32**) and, from the same weights, the same epochs with
@@ -50,10 +54,15 @@ from lightning_compress.runtimes import OnnxRuntimeModel, OpenVinoModel
 
 RESULTS = Path(__file__).parent / "results"
 SEQUENCE = 128  # BERT is also timed at this length, the length the issue's measurements use
-BERT_LAYERS, BERT_WIDTH, VIT_LAYERS, VIT_WIDTH = 6, 512, 6, 384
-PRETRAIN_EPOCHS = {"bert": 10, "vit": 12}
+# (layers, width): accuracy is measured on models that train from random weights on the digits in minutes on 2
+# cores; latency and size on models of the widths people deploy, whose speed does not depend on their weights' values
+# (a BERT 6 x 512 trained 10 epochs from scratch here at 5e-4 stayed at chance: 10.0%)
+ACCURACY_SHAPE = {"bert": (2, 128), "vit": (2, 128)}
+LATENCY_SHAPE = {"bert": (6, 512), "vit": (6, 384)}
+LATENCY_BATCHES = 4  # training batches the latency models see in each fit (QAT's graph, calibration: real data)
+PRETRAIN_EPOCHS = {"bert": 15, "vit": 10}
 FINETUNE_EPOCHS = {"bert": 3, "vit": 3}
-FROM_SCRATCH_LR, FINETUNE_LR = 5e-4, 1e-4
+FROM_SCRATCH_LR, FINETUNE_LR = 1e-3, 2e-4  # BERT at 2e-3 stayed at chance (11.5%); 1e-3 for 10 epochs reached 67%
 CALIBRATION_SAMPLES = 300
 CLASS_TOKEN = 17  # after the 17 grey levels
 
@@ -123,14 +132,16 @@ class Classifier(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
-def network(kind: str) -> nn.Module:
+def network(kind: str, shape: tuple[int, int]) -> nn.Module:
+    layers, width = shape
+    heads = max(1, width // 64)
     if kind == "bert":
         config = BertConfig(
             vocab_size=CLASS_TOKEN + 1,
-            hidden_size=BERT_WIDTH,
-            num_hidden_layers=BERT_LAYERS,
-            num_attention_heads=BERT_WIDTH // 64,
-            intermediate_size=4 * BERT_WIDTH,
+            hidden_size=width,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            intermediate_size=4 * width,
             max_position_embeddings=SEQUENCE,
             num_labels=10,
         )
@@ -139,10 +150,10 @@ def network(kind: str) -> nn.Module:
         image_size=32,
         patch_size=4,
         num_channels=1,
-        hidden_size=VIT_WIDTH,
-        num_hidden_layers=VIT_LAYERS,
-        num_attention_heads=VIT_WIDTH // 64,
-        intermediate_size=4 * VIT_WIDTH,
+        hidden_size=width,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=4 * width,
         num_labels=10,
     )
     return ViTForImageClassification(config)
@@ -152,12 +163,14 @@ def data(kind: str) -> L.LightningDataModule:
     return DigitTokens() if kind == "bert" else DigitsDataModule(batch_size=32, image_size=32)
 
 
-def _fit(kind: str, state: dict | None, epochs: int, lr: float, seed: int, datamodule, callbacks: list = ()) -> tuple:
+def _fit(
+    kind: str, shape: tuple, state: dict | None, epochs: int, lr: float, seed: int, datamodule, callbacks: list = (), batches=None
+) -> tuple:
     L.seed_everything(seed)  # the initial weights too
-    module = Classifier(network(kind), lr)
+    module = Classifier(network(kind, shape), lr)
     if state is not None:
         module.load_state_dict(state)
-    trainer = quiet_trainer(epochs, callbacks, limit_val_batches=0)
+    trainer = quiet_trainer(epochs, callbacks, limit_val_batches=0, limit_train_batches=batches)
     trainer.fit(module, datamodule=datamodule)
     return module.eval(), trainer
 
@@ -194,18 +207,22 @@ def _post_training_rows(fp32: Classifier, trainer: L.Trainer, datamodule, folder
     }
 
 
-def run_seed(kind: str, seed: int, folder: Path) -> tuple[dict[str, nn.Module], list[NetworkCall]]:
-    """Every model of one seed, and the test split as calls of the network."""
+def run_seed(kind: str, seed: int, folder: Path, for_latency: bool = False) -> tuple[dict[str, nn.Module], list[NetworkCall]]:
+    """Every model of one seed, and the test split as calls of the network: trained at ``ACCURACY_SHAPE``, or at
+    ``LATENCY_SHAPE`` through the same steps with ``LATENCY_BATCHES`` batches per fit and no pretraining."""
     datamodule = data(kind)
-    pretrained, _ = _fit(kind, None, PRETRAIN_EPOCHS[kind], FROM_SCRATCH_LR, seed, datamodule)
+    shape = LATENCY_SHAPE[kind] if for_latency else ACCURACY_SHAPE[kind]
+    batches = LATENCY_BATCHES if for_latency else None
+    pretrained, _ = _fit(kind, shape, None, 0 if for_latency else PRETRAIN_EPOCHS[kind], FROM_SCRATCH_LR, seed, datamodule)
     start = {name: tensor.detach().clone() for name, tensor in pretrained.state_dict().items()}
-    fp32, trainer = _fit(kind, start, FINETUNE_EPOCHS[kind], FINETUNE_LR, seed, datamodule)
+    epochs = 1 if for_latency else FINETUNE_EPOCHS[kind]
+    fp32, trainer = _fit(kind, shape, start, epochs, FINETUNE_LR, seed, datamodule, batches=batches)
     qat = QuantizationAwareTraining(
         start_epoch=0, calibration_batches=8, backend="x86_inductor", export_format=["onnx", "openvino"], export_dir=str(folder)
     )
-    _fit(kind, start, FINETUNE_EPOCHS[kind], FINETUNE_LR, seed, datamodule, [qat])
+    _fit(kind, shape, start, epochs, FINETUNE_LR, seed, datamodule, [qat], batches=batches)
     dynamic = DynamicQuantization(export_format="none")
-    _fit(kind, fp32.state_dict(), 0, FINETUNE_LR, seed, datamodule, [dynamic])
+    _fit(kind, shape, fp32.state_dict(), 0, FINETUNE_LR, seed, datamodule, [dynamic])
     models = {
         "fp32": fp32,
         "QAT int8 (torch, Inductor)": qat.quantized_model,
@@ -232,20 +249,19 @@ def _longer(kind: str, call: NetworkCall) -> NetworkCall | None:
 
 def run(kind: str, seeds: list[int], runs: int) -> dict:
     accuracy: dict[str, list[float]] = {}
-    report = None
     for seed in seeds:
         with tempfile.TemporaryDirectory() as temporary:
             models, calls = run_seed(kind, seed, Path(temporary))
-            if report is None:  # the first seed's models, every figure of the report, timed in turns
-                report = CompressionReport.from_models(
-                    models, calls, calls[0].sample(1), runs=runs, warmup=5, deployment_input=_longer(kind, calls[0])
-                )
-                measured = {row.name: row.accuracy for row in report.measurements}
-            else:
-                measured = {name: evaluate(model, calls)[0] for name, model in models.items()}
+            measured = {name: evaluate(model, calls)[0] for name, model in models.items()}
         for name, value in measured.items():
             accuracy.setdefault(name, []).append(value)
         print(kind, seed, {name: round(100 * value, 2) for name, value in measured.items()}, flush=True)
+    with tempfile.TemporaryDirectory() as temporary:  # every figure but accuracy, the models timed in turns
+        models, calls = run_seed(kind, seeds[0], Path(temporary), for_latency=True)
+        report = CompressionReport.from_models(
+            models, calls[:1], calls[0].sample(1), runs=runs, warmup=5, deployment_input=_longer(kind, calls[0])
+        )
+    print(kind, {row.name: round(row.latency_ms, 2) for row in report.measurements}, flush=True)
     return {
         "model": kind,
         "accuracy": {
@@ -265,15 +281,18 @@ def markdown(results: dict) -> str:
     lines = [
         f"Transformers benchmark (torch {results['torch']}, transformers {results['transformers']}, OpenVINO "
         f"{results['openvino']}, ONNX Runtime {results['onnxruntime']}, NNCF {results['nncf']}; CPU {results['cpu']}); "
-        f"seeds {results['seeds']}. Accuracy on the digits test split (mean, std over seeds); batch-1 single-thread "
-        "latency of the first seed's models, timed in turns (BERT also at a 128-token input); size of what ships.",
+        f"seeds {results['seeds']}. Accuracy on the digits test split (mean, std over seeds) of models trained at the "
+        "accuracy shape; size and batch-1 single-thread latency of the same pipeline's models at the deployment shape "
+        "(first seed, timed in turns; BERT also at a 128-token input).",
     ]
     for row in results["models"]:
         bert = row["model"] == "bert"
+        (small_layers, small_width), (layers, width) = ACCURACY_SHAPE[row["model"]], LATENCY_SHAPE[row["model"]]
         shape = (
-            f"BERT {BERT_LAYERS} x {BERT_WIDTH}, the digits as 65 tokens"
+            f"BERT, the digits as 65 tokens: accuracy at {small_layers} x {small_width}, size and latency at {layers} x {width}"
             if bert
-            else f"ViT {VIT_LAYERS} x {VIT_WIDTH}, 32x32 digits in 4x4 patches"
+            else f"ViT, 32x32 digits in 4x4 patches: accuracy at {small_layers} x {small_width}, size and latency at "
+            f"{layers} x {width}"
         )
         longer = f" | ms @{SEQUENCE} tokens | speedup @{SEQUENCE}" if bert else ""
         lines += [
@@ -311,8 +330,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny models and one epoch each: checks the script end to end")
     args = parser.parse_args(argv)
     if args.quick:
-        global BERT_LAYERS, BERT_WIDTH, VIT_LAYERS, VIT_WIDTH, CALIBRATION_SAMPLES
-        BERT_LAYERS, BERT_WIDTH, VIT_LAYERS, VIT_WIDTH, CALIBRATION_SAMPLES = 1, 64, 1, 64, 16
+        global CALIBRATION_SAMPLES
+        CALIBRATION_SAMPLES = 16
+        ACCURACY_SHAPE.update(bert=(1, 64), vit=(1, 64))
+        LATENCY_SHAPE.update(bert=(1, 64), vit=(1, 64))
         PRETRAIN_EPOCHS.update(bert=1, vit=1)
         FINETUNE_EPOCHS.update(bert=1, vit=1)
     results = {
