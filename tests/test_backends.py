@@ -75,6 +75,7 @@ def test_backends_are_chosen_by_config_type():
         backend_for("x86")
 
 
+@pytest.mark.slow  # 30 s: Inductor compiles the int8 program
 def test_pt2e_qat_trains_converts_and_exports_a_program_that_runs_without_this_package(tmp_path: Path, digits):
     trainer, model, qat = _fit(tmp_path, digits, freeze_bn_epoch=2, freeze_observer_epoch=2, backend="x86_inductor")
     assert qat.prepared_names == ["net"] and isinstance(model.net, ExportedPart)

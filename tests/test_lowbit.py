@@ -162,6 +162,7 @@ print(float((output - expected).abs().mean() / expected.abs().mean()))
 """
 
 
+@pytest.mark.slow  # 40 s: an ExecuTorch lowering and a fresh process that loads the .pte
 def test_an_8da4w_model_ships_to_executorch_and_runs_there_without_this_package(tmp_path: Path):
     qat = QuantizationAwareTraining(
         start_epoch=1,
