@@ -33,7 +33,9 @@ def check_strategy(trainer: L.Trainer, callback: str) -> None:
     from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
 
     strategy = trainer.strategy
-    if isinstance(strategy, SingleDeviceStrategy | DDPStrategy):
+    name = type(strategy).__name__
+    # Lightning's DeepSpeedStrategy is a DDPStrategy that partitions parameters and optimizer states its own way
+    if isinstance(strategy, SingleDeviceStrategy | DDPStrategy) and "DeepSpeed" not in name:
         return
     if isinstance(strategy, ModelParallelStrategy):
         if strategy._tensor_parallel_size not in (1, "auto") and trainer.world_size > 1:
@@ -42,7 +44,6 @@ def check_strategy(trainer: L.Trainer, callback: str) -> None:
                 f"tensor_parallel_size={strategy._tensor_parallel_size}): supported are {', '.join(SUPPORTED_STRATEGIES)}."
             )
         return
-    name = type(strategy).__name__
     hint = (
         "; for sharding, use ModelParallelStrategy and call torch.distributed.fsdp.fully_shard in configure_model (FSDP2)"
         if "FSDP" in name or "DeepSpeed" in name

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
 
 from lightning_compress import MagnitudePruning, QuantizationAwareTraining
 from lightning_compress.app.data import DigitsDataModule
@@ -90,6 +90,11 @@ def test_strategies_the_callbacks_cannot_run_under_are_named_with_the_supported_
         r"configure_model",
     ):
         check_strategy(SimpleNamespace(strategy=FSDPStrategy(), world_size=2), "MagnitudePruning")
+    deepspeed_like = type("DeepSpeedStrategy", (DDPStrategy,), {})()  # Lightning's is a DDPStrategy subclass
+    with pytest.raises(ValueError, match=r"^QuantizationAwareTraining cannot run under strategy DeepSpeedStrategy"):
+        check_strategy(SimpleNamespace(strategy=deepspeed_like, world_size=2), "QuantizationAwareTraining")
+    for supported in (DDPStrategy(), ModelParallelStrategy()):
+        check_strategy(SimpleNamespace(strategy=supported, world_size=2), "MagnitudePruning")
 
 
 @pytest.mark.parametrize(
