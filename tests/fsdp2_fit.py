@@ -31,8 +31,9 @@ class ShardedClassifier(ImageClassifier):
             fully_shard(self.net, mesh=self.device_mesh["data_parallel"])
 
 
-def _fit(model: L.LightningModule, max_epochs: int, callbacks: list, folder: Path, **kwargs) -> L.Trainer:
-    trainer = L.Trainer(
+def _sharded_trainer(max_epochs: int, callbacks: list, folder: Path | None = None, **kwargs) -> L.Trainer:
+    """A quiet Trainer on 2 CPU processes under ModelParallelStrategy, data-parallel only (FSDP2)."""
+    return L.Trainer(
         max_epochs=max_epochs,
         accelerator="cpu",
         devices=2,
@@ -41,9 +42,13 @@ def _fit(model: L.LightningModule, max_epochs: int, callbacks: list, folder: Pat
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=callbacks,
-        default_root_dir=str(folder),
+        default_root_dir=None if folder is None else str(folder),
         **kwargs,
     )
+
+
+def _fit(model: L.LightningModule, max_epochs: int, callbacks: list, folder: Path, **kwargs) -> L.Trainer:
+    trainer = _sharded_trainer(max_epochs, callbacks, folder, **kwargs)
     trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
     return trainer
 
@@ -115,27 +120,16 @@ def low_bit(output: Path) -> None:
     data = PythonSourceDataModule(block_size=32, batch_size=16, train_bytes=40_000, eval_bytes=4_000)
     model = ShardedLanguageModel(block_size=32, width=64, layers=2, heads=2)
     qat = QuantizationAwareTraining(start_epoch=1, config=LowBitLinearConfig(scheme="8da4w"), export_format="none")
-    trainer = L.Trainer(
-        max_epochs=2,
-        accelerator="cpu",
-        devices=2,
-        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        limit_val_batches=0,
-        callbacks=[qat],
-    )
+    trainer = _sharded_trainer(2, [qat], enable_checkpointing=False, limit_val_batches=0)
     trainer.fit(model, datamodule=data)
     data.setup("test")
     tokens, labels = next(iter(data.test_dataloader()))
-    losses = {}
+    losses, logits = {}, {}
     with torch.no_grad():
         for name, network in (("float", qat.float_model(model)), ("low-bit", qat.quantized_model)):
-            losses[name] = float(torch.nn.functional.cross_entropy(network(tokens).flatten(0, 1), labels.flatten()))
-            logits = network(tokens)
-    ends = {"losses": losses, "logits": logits, "sharded": is_sharded(qat.quantized_model)}
+            logits[name] = network(tokens)
+            losses[name] = float(torch.nn.functional.cross_entropy(logits[name].flatten(0, 1), labels.flatten()))
+    ends = {"losses": losses, "logits": logits["low-bit"], "sharded": is_sharded(qat.quantized_model)}
     torch.save(ends, output / f"lowbit_rank{trainer.global_rank}.pt")
 
 
@@ -155,18 +149,7 @@ def resume(output: Path) -> None:
         checkpoints = ModelCheckpoint(dirpath=output / "checkpoints", save_top_k=-1, filename="{epoch}")
         callbacks = [pruning, qat, checkpoints] if run == "uninterrupted" else [pruning, qat]
         kwargs = {} if run == "uninterrupted" else {"ckpt_path": str(output / "checkpoints" / "epoch=1.ckpt")}
-        trainer = L.Trainer(
-            max_epochs=4,
-            accelerator="cpu",
-            devices=2,
-            strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
-            logger=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            enable_checkpointing=run == "uninterrupted",
-            callbacks=callbacks,
-            default_root_dir=str(output),
-        )
+        trainer = _sharded_trainer(4, callbacks, output, enable_checkpointing=run == "uninterrupted")
         trainer.fit(model, datamodule=DigitsDataModule(batch_size=32), **kwargs)
         images, _ = _test_images()
         with torch.no_grad():
