@@ -23,7 +23,8 @@ then fine-tuned ``FINETUNE_EPOCHS`` more in fp32 (**fp32**) and, from the same w
 ``QuantizationAwareTraining(backend="x86_inductor")`` (**QAT**: the torch.export engine, transformers' encoder as one
 graph; its int8 model in torch under Inductor, and its ONNX and OpenVINO exports, the fake-quant graph it trained).
 The fine-tuned fp32 model is then quantized after training by ``DynamicQuantization`` (torch.ao's dynamic int8
-Linear), by ONNX Runtime's ``quantize_dynamic`` and by NNCF's ``quantize`` (transformer preset, calibrated on
+Linear, and ``backend="x86_inductor"``: the exported encoder's Linear layers in oneDNN's dynamic int8 under Inductor,
+no torch.ao), by ONNX Runtime's ``quantize_dynamic`` and by NNCF's ``quantize`` (transformer preset, calibrated on
 ``CALIBRATION_SAMPLES`` training samples) in OpenVINO. Accuracy is on the test split, every model fed each test batch
 as training fed the network; latency is batch 1, one thread, the first seed's models timed in turns (the compression
 report's own measurement).
@@ -223,11 +224,14 @@ def run_seed(kind: str, seed: int, folder: Path, for_latency: bool = False) -> t
     _fit(kind, shape, start, epochs, FINETUNE_LR, seed, datamodule, [qat], batches=batches)
     dynamic = DynamicQuantization(export_format="none")
     _fit(kind, shape, fp32.state_dict(), 0, FINETUNE_LR, seed, datamodule, [dynamic])
+    dynamic_inductor = DynamicQuantization(backend="x86_inductor", export_format="none")
+    _fit(kind, shape, fp32.state_dict(), 0, FINETUNE_LR, seed, datamodule, [dynamic_inductor])
     models = {
         "fp32": fp32,
         "QAT int8 (torch, Inductor)": qat.quantized_model,
         **{f"QAT int8 {name.removeprefix('int8 ')}": model for name, model in qat.report_models().items() if " " in name},
         "dynamic int8 (ours, torch.ao)": dynamic.quantized_model,
+        "dynamic int8 (ours, Inductor)": dynamic_inductor.quantized_model,
         **_post_training_rows(fp32, trainer, datamodule, folder),
     }
     models = {

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,17 +40,17 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from lightning_compress import compat
 from lightning_compress.quantization_backend import (
+    DYNAMIC_LAYERS,
     QUANTIZABLE_LAYERS,
     RECURRENT_LAYERS,
     WEIGHT_ONLY_LAYERS,
     QuantizationBackend,
     register_backend,
 )
+from lightning_compress.quantization_config import GridConfig, int16_saturating_kernels
 from lightning_compress.quantize_dequantize import QuantizeDequantize
 
 BACKENDS = ("x86", "fbgemm", "qnnpack")
-OBSERVERS = ("minmax", "moving_average_minmax", "histogram")
-RANGE_METHODS = ("max", "percentile", "entropy", "mse")
 
 
 class PercentileObserver(HistogramObserver):
@@ -194,39 +194,11 @@ class LearnedRangeFakeQuantize(_LearnableFakeQuantize):
 
 
 @dataclass(frozen=True)
-class QuantizationConfig:
-    """How weights and activations are observed and quantized.
-
-    Args:
-        backend: int8 kernel library: ``x86`` (fastest on x86 CPUs), ``fbgemm`` or ``qnnpack`` (ARM).
-        per_channel_weights: one scale per output channel (more accurate) or one per tensor.
-        observer: activation observer, ``minmax``, ``moving_average_minmax`` or ``histogram``.
-        range_method: how a histogram becomes a range: ``max`` (observed extremes), ``percentile``,
-            ``entropy`` (KL) or ``mse`` (least squared quantization error); all but ``max`` need
-            ``observer="histogram"``.
-        percentile: the percentile kept by ``range_method="percentile"``, in (0, 100].
-        weight_bits: bits of the weight grid, 2 to 8; below 8, fake-quant trains on that grid (gradients
-            pass straight through), and no int8 kernel runs it faster.
-        activation_bits: bits of the activation grid, 2 to 8.
-        narrow_range: weights use a symmetric grid without its lowest level (-127..127 at 8 bits).
-        signed_activations: activations on a signed grid (-128..127) instead of 0..255.
-        learnable_ranges: QAT trains each scale (and asymmetric zero-point) with LSQ's gradient once observers
-            are frozen, starting from where the observers left it (``LearnedRangeFakeQuantize``).
-    """
-
-    version: ClassVar[int] = 1
-    """Bumped when a field changes meaning, so that old checkpoints are read as they were written."""
+class QuantizationConfig(GridConfig):
+    """``GridConfig`` on torch.ao's int8 engines: ``backend`` is ``x86`` (fastest on x86 CPUs), ``fbgemm`` or
+    ``qnnpack`` (ARM); ``learnable_ranges`` trains scales with ``LearnedRangeFakeQuantize``."""
 
     backend: str = "x86"
-    per_channel_weights: bool = True
-    observer: str = "moving_average_minmax"
-    range_method: str = "max"
-    percentile: float = 99.99
-    weight_bits: int = 8
-    activation_bits: int = 8
-    narrow_range: bool = False
-    signed_activations: bool = False
-    learnable_ranges: bool = False
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -236,35 +208,7 @@ class QuantizationConfig:
                 f"backend={self.backend!r} is not supported by this CPU/torch build: supported here are "
                 f"{[engine for engine in BACKENDS if engine in torch.backends.quantized.supported_engines]}."
             )
-        if self.observer not in OBSERVERS:
-            raise ValueError(f"observer={self.observer!r} is unknown: allowed values are {list(OBSERVERS)}.")
-        if self.range_method not in RANGE_METHODS:
-            raise ValueError(f"range_method={self.range_method!r} is unknown: allowed values are {list(RANGE_METHODS)}.")
-        if self.range_method != "max" and self.observer != "histogram":
-            raise ValueError(f"range_method={self.range_method!r} needs observer='histogram', not {self.observer!r}.")
-        if not 0.0 < self.percentile <= 100.0:
-            raise ValueError(f"percentile={self.percentile!r} is invalid: it must lie in (0, 100].")
-        for name in ("weight_bits", "activation_bits"):
-            bits = getattr(self, name)
-            if not isinstance(bits, int) or not 2 <= bits <= 8:
-                raise ValueError(f"{name}={bits!r} is invalid: it must be an integer from 2 to 8.")
-
-    @property
-    def converts_to_int8(self) -> bool:
-        """Only 8-bit grids map onto the int8 kernels; narrower ones stay fake-quantized."""
-        return self.weight_bits == 8 and self.activation_bits == 8
-
-    def describe(self) -> str:
-        weights = "per-channel" if self.per_channel_weights else "per-tensor"
-        return f"{self.observer} observer, range {self.range_method}, {weights} weights"
-
-    def weight_range(self) -> tuple[int, int]:
-        half = 2 ** (self.weight_bits - 1)
-        return -half + int(self.narrow_range), half - 1
-
-    def activation_range(self) -> tuple[int, int]:
-        levels = 2**self.activation_bits
-        return (-levels // 2, levels // 2 - 1) if self.signed_activations else (0, levels - 1)
+        super().__post_init__()
 
     def activation_observer(self) -> type | partial:
         """The observer class (with its arguments) that ``observer`` and ``range_method`` name."""
@@ -278,22 +222,6 @@ class QuantizationConfig:
             "percentile": PercentileObserver.with_args(percentile=self.percentile),
             "entropy": EntropyObserver,
         }[self.range_method]
-
-
-def int16_saturating_kernels(backend: str, depthwise: bool = False) -> bool:
-    """Whether the int8 kernels of ``backend`` add products in saturating 16-bit integers on this CPU, for
-    depthwise convolutions (one input channel per group) or for every other layer.
-
-    Without VNNI, x86/fbgemm (and oneDNN) multiply u8 activations by s8 weights with ``vpmaddubsw``, which
-    sums each adjacent pair of products into a saturating int16: 255 x 127 x 2 = 64770 overflows it, and
-    the int8 model then computes something other than what fake-quant trained. With VNNI the sums are
-    int32 and any 8-bit grid is exact, except in FBGEMM's depthwise convolution kernels, which both engines
-    use and which saturate on every CPU: on an AMD EPYC with AVX-512 VNNI (torch 2.14.1) a third of the output
-    channels of a 384-channel depthwise 3x3 were wrong by up to 113 steps with 8-bit weights, none with 7-bit
-    ones, and mobilenet_v2's int8 model lost 2 points that its fake-quant model did not. qnnpack accumulates
-    in int32.
-    """
-    return backend in ("x86", "fbgemm") and (depthwise or not compat.cpu_has_vnni())
 
 
 def is_depthwise(layer: nn.Module) -> bool:
@@ -380,17 +308,17 @@ def prepare_static(module: nn.Module, mapping: QConfigMapping) -> GraphModule:
     return prepare_fx(float_module, mapping, ())
 
 
-DYNAMIC_LAYERS = (nn.Linear, nn.LSTM, nn.GRU)
-
-
 def quantize_dynamic(module: nn.Module, layers: tuple[type, ...] = DYNAMIC_LAYERS) -> nn.Module:
     """An int8 copy with dynamically quantized ``layers`` (Linear, LSTM, GRU): weights stored in int8,
-    activations quantized on the fly at each call (no calibration)."""
+    activations quantized on the fly at each call (no calibration), by fbgemm's eager kernels."""
+    layers = tuple(layer for layer in layers if layer in DYNAMIC_LAYERS)
+    if not any(isinstance(child, layers) for child in module.modules()):
+        return module
     if isinstance(module, layers):  # torch swaps children only: a lone layer is swapped as one
         return torch.ao.quantization.quantize_dynamic(
-            nn.Sequential(copy.deepcopy(module).eval()), set(layers), dtype=torch.qint8
+            nn.Sequential(copy.deepcopy(module).cpu().eval()), set(layers), dtype=torch.qint8
         )[0]
-    return torch.ao.quantization.quantize_dynamic(copy.deepcopy(module).eval(), set(layers), dtype=torch.qint8)
+    return torch.ao.quantization.quantize_dynamic(copy.deepcopy(module).cpu().eval(), set(layers), dtype=torch.qint8)
 
 
 def convert(prepared: nn.Module) -> nn.Module:
@@ -602,8 +530,12 @@ class FxBackend(QuantizationBackend):
             if hasattr(layer, "freeze_bn") and isinstance(getattr(layer, "bn", None), nn.modules.batchnorm._BatchNorm)
         ]
 
-    def quantize_dynamic(self, module: nn.Module, layers: tuple[type, ...] = ()) -> nn.Module:
-        return quantize_dynamic(module, layers or DYNAMIC_LAYERS)
+    dynamic_layers = DYNAMIC_LAYERS
+
+    def quantize_dynamic(
+        self, module: nn.Module, layers: tuple[type, ...] = DYNAMIC_LAYERS, call: tuple[tuple, dict] | None = None
+    ) -> nn.Module:
+        return quantize_dynamic(module, layers)
 
     is_prepared = staticmethod(is_prepared)
     set_fake_quant = staticmethod(set_fake_quant)

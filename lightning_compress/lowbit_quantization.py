@@ -39,7 +39,6 @@ from torchao.quantization.qat.linear import FakeQuantizedLinear, enable_linear_f
 from torchao.quantization.utils import pack_tinygemm_scales_and_zeros
 from torchao.utils import TorchAOBaseTensor
 
-from lightning_compress import fx_quantization
 from lightning_compress.quantization_backend import QuantizationBackend, register_backend
 from lightning_compress.selection import is_skipped
 
@@ -204,9 +203,6 @@ class LowBitLinearBackend(QuantizationBackend):
             else "torchao 0.18 has no x86 kernel for them in torch"
         )
         return f"{self.config.describe()}; {stored} (torchao's unpacked_to_int8 tensors): {reason}, each call dequantizes"
-
-    def quantize_dynamic(self, module: nn.Module, layers: tuple[type, ...] = ()) -> nn.Module:
-        return fx_quantization.quantize_dynamic(module, layers or fx_quantization.DYNAMIC_LAYERS)
 
 
 INT4_KERNEL_GROUP_SIZES = (32, 64, 128)

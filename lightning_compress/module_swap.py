@@ -23,9 +23,13 @@ from torch.ao.quantization import (
     QConfig,
     default_dynamic_fake_quant,
     default_embedding_qat_qconfig,
+    disable_fake_quant,
+    disable_observer,
+    enable_fake_quant,
+    enable_observer,
 )
 
-from lightning_compress.fx_quantization import QuantizationConfig
+from lightning_compress.quantization_config import GridConfig
 
 SWAPPED_LAYERS = (qat_dynamic.Linear, qat.Embedding)
 
@@ -41,7 +45,7 @@ def swappable_layers(module: nn.Module, skip_names: list[str] = (), skip_types: 
     ]
 
 
-def swap_in_fake_quant(module: nn.Module, names: list[str], config: QuantizationConfig) -> None:
+def swap_in_fake_quant(module: nn.Module, names: list[str], config: GridConfig) -> None:
     """Replace the layers ``names`` of ``module`` by their QAT versions, in place; they keep the same
     parameter tensors."""
     for name in names:
@@ -105,7 +109,17 @@ def is_swapped(layer: nn.Module) -> bool:
     return isinstance(layer, SWAPPED_LAYERS)
 
 
-def _linear_qconfig(config: QuantizationConfig) -> QConfig:
+def set_fake_quant(module: nn.Module, enabled: bool) -> None:
+    """Turn the fake-quant of the swapped layers under ``module`` on or off (torch.ao's, whichever backend
+    prepared the rest of the model)."""
+    module.apply(enable_fake_quant if enabled else disable_fake_quant)
+
+
+def set_observers(module: nn.Module, enabled: bool) -> None:
+    module.apply(enable_observer if enabled else disable_observer)
+
+
+def _linear_qconfig(config: GridConfig) -> QConfig:
     """Weights per output channel on the configured grid, observed afresh at every step (averaging constant
     1), so the scale training uses is the one conversion uses. The activation entry is never applied: torch.ao
     requires a memoryless one for dynamic QAT."""

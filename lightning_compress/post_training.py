@@ -4,8 +4,8 @@
 real int8 model as QAT, with no training at all when the Trainer runs zero epochs on a trained checkpoint
 (``python train.py +compress=ptq model.checkpoint=...``). ``DynamicQuantization`` stores Linear, LSTM and
 GRU weights in int8 and quantizes activations on the fly: the usual way to ship LSTM and Linear-heavy
-models. Static quantization goes through the same ``QuantizationBackend`` as QAT, chosen by ``backend``;
-dynamic quantization exists in the FX backend's eager flow only (``fx_quantization``).
+models. Both go through the same ``QuantizationBackend`` as QAT, chosen by ``backend``: the FX engine's eager
+dynamic layers (``x86``) or exported networks under Inductor (``x86_inductor``).
 """
 
 from __future__ import annotations
@@ -24,13 +24,33 @@ from typing_extensions import override
 
 from lightning_compress import sensitivity, sharding
 from lightning_compress.export import INT8_TOLERANCE, check_export_format, output_folder, write_exports, write_int8_exports
-from lightning_compress.fx_quantization import DYNAMIC_LAYERS, quantize_dynamic
-from lightning_compress.inputs import first_calls, first_tensor, keep_what_runs, training_batches, watch_training_step
+from lightning_compress.inputs import (
+    first_calls,
+    first_line,
+    first_tensor,
+    keep_what_runs,
+    training_batches,
+    watch_training_step,
+)
 from lightning_compress.network_call import computes_its_loss, observe_network_call
-from lightning_compress.quantization_backend import QuantizationBackend, backend_for, check_backend_exports, chosen_config
+from lightning_compress.quantization_backend import (
+    DYNAMIC_LAYERS,
+    QuantizationBackend,
+    backend_for,
+    check_backend_exports,
+    chosen_config,
+    quantization_config,
+)
 from lightning_compress.report import ReportsModels, count_parameters, plot_sensitivity, print_sensitivity
 from lightning_compress.runtimes import runtime_models
-from lightning_compress.selection import check_submodule_names, compressible_children, is_skipped, skipped_layers, split_skip
+from lightning_compress.selection import (
+    check_submodule_names,
+    compressible_children,
+    is_skipped,
+    skipped_layers,
+    split_skip,
+    within,
+)
 from lightning_compress.validation import check_integer, check_number
 
 
@@ -257,7 +277,8 @@ class PostTrainingQuantization(Callback, ReportsModels):
 
 
 class DynamicQuantization(Callback, ReportsModels):
-    r"""At the end of ``fit``, an int8 copy with dynamically quantized Linear, LSTM and GRU layers.
+    r"""At the end of ``fit``, an int8 copy with dynamically quantized Linear (and, on the FX engines, LSTM
+    and GRU) layers: int8 weights, activations quantized at each call from their own range, nothing calibrated.
 
     .. code-block:: python
 
@@ -266,8 +287,14 @@ class DynamicQuantization(Callback, ReportsModels):
         dynamic.quantized_model
 
     Args:
-        export_format: ``torchscript`` writes ``model_dynamic_int8.pt``; ``none`` writes nothing. (ONNX
-            and OpenVINO have no dynamically quantized layers to map these onto: export the QAT or PTQ model.)
+        backend: ``x86`` (default), ``fbgemm`` or ``qnnpack``: the FX engine's eager dynamic layers (Linear, LSTM,
+            GRU); ``x86_inductor``: each network exported from the call a training step makes (``torch.export``),
+            its Linear layers quantized by ``X86InductorQuantizer`` and run under ``torch.compile`` (oneDNN's
+            int8 kernels, nothing of the deprecated FX engine); LSTM/GRU stay float there, named. A network that
+            does not export is quantized child by child.
+        export_format: ``torchscript`` (``x86``: ``model_dynamic_int8.pt``) or ``torch_export``
+            (``x86_inductor``: ``model_dynamic_int8.pt2``); ``None``: the backend's own; ``none`` writes nothing.
+            (ONNX and OpenVINO have no dynamically quantized layers to map these onto: export the QAT or PTQ model.)
         export_dir: where to write it (default: the checkpoint folder, else the log folder).
         modules: submodules to quantize (default: the module's networks), as in every compression callback.
         skip: submodule names (``"net.classifier"``, or every layer inside a named submodule) or layer types
@@ -276,19 +303,23 @@ class DynamicQuantization(Callback, ReportsModels):
 
     def __init__(
         self,
-        export_format: str = "torchscript",
+        export_format: str | Sequence[str] | None = None,
         export_dir: str | None = None,
         modules: Sequence[str] | None = None,
         skip: Sequence[str | type] = (),
+        backend: str = "x86",
     ) -> None:
         self.modules = list(modules) if modules is not None else None
         self.skip_names, self.skip_types = split_skip(skip)
-        self.export_formats = formats = check_export_format(export_format)
-        if set(formats) - {"torchscript"}:
+        self.backend: QuantizationBackend = backend_for(quantization_config(backend))
+        formats = check_export_format(self.backend.native_export if export_format is None else export_format)
+        if set(formats) - {self.backend.native_export}:
             raise ValueError(
-                f"DynamicQuantization: export_format={export_format!r}: only 'torchscript' or 'none'; ONNX Runtime and "
-                "OpenVINO runs of int8 models come from QuantizationAwareTraining or PostTrainingQuantization."
+                f"DynamicQuantization: export_format={export_format!r}: only 'torchscript' (backend='x86'), 'torch_export' "
+                "(backend='x86_inductor') or 'none'; ONNX Runtime and OpenVINO runs of int8 models come from "
+                "QuantizationAwareTraining or PostTrainingQuantization."
             )
+        self.export_formats = formats
         self.export_format = export_format
         self.export_dir = export_dir
         self.quantized_model: nn.Module | None = None
@@ -317,7 +348,7 @@ class DynamicQuantization(Callback, ReportsModels):
         if not self._targets:
             raise ValueError("DynamicQuantization: the model has no Linear, LSTM or GRU layer to quantize.")
         self._batches = training_batches(trainer, pl_module, 1)
-        self._calls = first_calls(pl_module, self._batches)
+        self._calls = first_calls(pl_module, self._batches, self._targets)
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -326,28 +357,77 @@ class DynamicQuantization(Callback, ReportsModels):
         as ``nn.TransformerEncoderLayer``'s inference fast path does)."""
         quantized = sharding.full_copy(pl_module).cpu().eval()  # int8 kernels are CPU kernels
         self.float_layers = []
-        with_skips = [
-            name
-            for name in self._targets
-            if skipped_layers(quantized.get_submodule(name), name, self.skip_names, self.skip_types)
-        ]
-        whole = {name: quantize_dynamic(quantized.get_submodule(name)) for name in self._targets if name not in with_skips}
-        for name in [*keep_what_runs(quantized, whole, self._batches), *with_skips]:  # these networks layer by layer
-            layers = {
-                f"{name}.{layer_name}": quantize_dynamic(layer)
-                for layer_name, layer in quantized.get_submodule(name).named_modules()
-                if isinstance(layer, DYNAMIC_LAYERS)
-                and not is_skipped(f"{name}.{layer_name}", layer, self.skip_names, self.skip_types)
-            }
-            for layer_name, failure in keep_what_runs(quantized, layers, self._batches).items():
-                self.float_layers.append(layer_name)
-                rank_zero_warn(
-                    f"DynamicQuantization: {layer_name!r} stays in float: with it in int8 the module fails ({failure})."
-                )
+        replacements = {}
+        for name in self._targets:
+            replacements |= self._replacements(quantized, name)
+        refused = keep_what_runs(quantized, replacements, self._batches)
+        kept = [name for name in replacements if name not in refused]
+        for name, failure in refused.items():
+            layers = {}  # a network whose int8 version breaks the module: its layers one by one
+            for layer_name, layer in quantized.get_submodule(name).named_modules():
+                full_name = f"{name}.{layer_name}" if layer_name else name
+                if isinstance(layer, DYNAMIC_LAYERS) and full_name not in replacements:
+                    layers |= self._replacements(quantized, full_name)
+            if not layers:
+                self._keep_float(name, f"with it in int8 the module fails: {failure}")
+            layers_refused = keep_what_runs(quantized, layers, self._batches)
+            kept += [layer_name for layer_name in layers if layer_name not in layers_refused]
+            for layer_name, layer_failure in layers_refused.items():
+                self._keep_float(layer_name, f"with it in int8 the module fails: {layer_failure}")
+        self._name_what_stayed_float(pl_module, quantized, kept)
         self.quantized_model = quantized
         if self.export_formats:
             self.export_paths = self._export(trainer, pl_module) or {}
             self.export_path = self.export_paths.get("torchscript")
+
+    def _replacements(self, model: nn.Module, name: str) -> dict[str, nn.Module]:
+        """The int8 version of ``model``'s submodule ``name`` (from the call a training step made of it) or, where
+        it has layers ``skip`` keeps, computes its loss inside (``labels=``: an exported graph would then demand
+        labels) or cannot be quantized whole (not exported, never called itself), of its children."""
+        module = model.get_submodule(name)
+        if not any(isinstance(layer, DYNAMIC_LAYERS) for layer in module.modules()) or is_skipped(
+            name, module, self.skip_names, self.skip_types
+        ):
+            return {}
+        call = self._calls.get(name)
+        why_split = computes_its_loss(module, call[1]) if call is not None else None
+        if skipped_layers(module, name, self.skip_names, self.skip_types):
+            why_split = "it has layers skip= keeps in float"
+        if not why_split:
+            try:
+                return {name: self.backend.quantize_dynamic(module, DYNAMIC_LAYERS, call)}
+            except Exception as error:  # noqa: BLE001 - a part that does not export: its children instead
+                why_split = first_line(error)
+        if isinstance(module, DYNAMIC_LAYERS):
+            self._keep_float(name, why_split)
+            return {}
+        rank_zero_info(f"DynamicQuantization: {name!r} is quantized child by child ({why_split}).")
+        replacements = {}
+        for child, _ in module.named_children():
+            replacements |= self._replacements(model, f"{name}.{child}")
+        return replacements
+
+    def _name_what_stayed_float(self, pl_module: nn.Module, quantized: nn.Module, kept: list[str]) -> None:
+        """Add to ``float_layers`` every Linear/LSTM/GRU of the targets that the int8 model does not run in int8, as read
+        back from it: layers with no kernel in this backend (LSTM/GRU under ``x86_inductor``) and those the backend
+        kept float itself."""
+        int8 = set()
+        for name in kept:
+            layers, _ = self.backend.layers_by_kind(quantized.get_submodule(name))
+            int8 |= {f"{name}.{layer}" if layer else name for layer in layers}
+        self.float_layers += [
+            name
+            for name, layer in pl_module.named_modules()
+            if isinstance(layer, DYNAMIC_LAYERS)
+            and any(within(name, target) for target in self._targets)
+            and not is_skipped(name, layer, self.skip_names, self.skip_types)
+            and name not in int8
+            and name not in self.float_layers
+        ]
+
+    def _keep_float(self, layer_name: str, why: str) -> None:
+        self.float_layers.append(layer_name)
+        rank_zero_warn(f"DynamicQuantization: {layer_name!r} stays in float ({why}).")
 
     def report_models(self) -> dict[str, nn.Module]:
         return {} if self.quantized_model is None else {"int8 dynamic": self.quantized_model}

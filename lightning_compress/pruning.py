@@ -192,6 +192,7 @@ class MagnitudePruning(Callback, ReportsModels):
         self._shrink_hook_on: nn.Module | None = None
         self._unshrunk_copy: nn.Module | None = None  # the module as built, before a resume shrank it
         self._float_from: HoldsFakeQuant | None = None  # the callback whose float copy pruned_model is
+        self._fake_quant: HoldsFakeQuant | None = None  # QAT in the same fit: it may hold the weights under other names
 
     @property
     def shrunk(self) -> bool:
@@ -261,6 +262,7 @@ class MagnitudePruning(Callback, ReportsModels):
         # How the networks are called, seen in a real training step: for the channel analysis, the check of
         # the shrunken model and the export.
         self._batches = training_batches(trainer, pl_module, 1)
+        self._fake_quant = next((callback for callback in trainer.callbacks if isinstance(callback, HoldsFakeQuant)), None)
         roots = [name for name, _ in compressible_children(pl_module)]
         self._calls = first_calls(pl_module, self._batches, roots)
         self._resolve_names(pl_module)
@@ -268,8 +270,9 @@ class MagnitudePruning(Callback, ReportsModels):
             self._find_groups(trainer, pl_module)
             if self.shrink_epoch is not None:
                 self._check_the_module_runs_shrunk(pl_module)
-        elif self.mode != "channels":
-            self._targets = list(self._select_layers(pl_module))
+        elif self.mode != "channels":  # chosen by layer kind: where QAT exported them, the float model has the kinds
+            hidden = self._fake_quant is not None and self._fake_quant.hides_layers
+            self._targets = list(self._select_layers(self._fake_quant.float_model(pl_module) if hidden else pl_module))
         self._apply_masks(pl_module)  # masks restored from a checkpoint take effect at once
         if self._dense_state_dict is not None and self.dense_model is None:  # resumed after pruning began
             # after the shrink, the dense model has the structure the module had before it was rebuilt smaller
@@ -421,7 +424,7 @@ class MagnitudePruning(Callback, ReportsModels):
         the fraction of output channels removed from each layer (its weights hold no zeros any more)."""
         if self.shrunk:
             return self._sparsity_at_shrink.get("overall", 0.0), dict(self._sparsity_at_shrink.get("per_layer", {}))
-        parameters = dict(pl_module.named_parameters())
+        parameters = self._parameters(pl_module)
         zeros = total = 0
         per_layer = {}
         for name in self._weight_names():
@@ -656,9 +659,7 @@ class MagnitudePruning(Callback, ReportsModels):
             self.masks.update(masks)
             return
         # whole weights, the same on every rank (gathered under FSDP2): the ranks compute the same masks
-        # looked up now, not kept from fit start: FSDP2 swaps the registered parameters between its shards and whole
-        # ones whose storage it frees
-        parameters = dict(pl_module.named_parameters())
+        parameters = self._parameters(pl_module)
         magnitudes = {name: sharding.full_tensor(parameters[name].detach()).abs() for name in self._targets}
         if self.scope == "layer":
             for name, magnitude in magnitudes.items():
@@ -668,6 +669,15 @@ class MagnitudePruning(Callback, ReportsModels):
         keep = _keep_largest(flat, round(target * flat.numel()))
         for name, chunk in zip(magnitudes, keep.split([m.numel() for m in magnitudes.values()]), strict=True):
             self.masks[name] = chunk.view_as(magnitudes[name])
+
+    def _parameters(self, pl_module: nn.Module) -> dict[str, nn.Parameter]:
+        """The module's parameters by their names in the float model, which masks and targets use: QAT's exported
+        parts (``x86_inductor``) hold them under other names. Looked up at each use, never kept: FSDP2 swaps the
+        registered parameters between its shards and whole ones whose storage it frees."""
+        live = dict(pl_module.named_parameters())
+        if self._fake_quant is None:
+            return live
+        return {name: live[self._fake_quant.parameter_name(name)] for name in {*self.masks, *self._weight_names()}}
 
     def _dense_copy(self, pl_module: nn.Module) -> nn.Module:
         dense = sharding.full_copy(pl_module).cpu().eval()
@@ -679,7 +689,7 @@ class MagnitudePruning(Callback, ReportsModels):
             return
         if self.mode == "channels":
             channel_groups.update_layer_norm_masks(pl_module, self.masks)
-        parameters = dict(pl_module.named_parameters())
+        parameters = self._parameters(pl_module)
         with torch.no_grad():
             for name, mask in self.masks.items():
                 parameter = parameters[name]

@@ -43,7 +43,7 @@ from lightning_compress.quantization_backend import (
 from lightning_compress.quantization_plan import QuantizedPart
 from lightning_compress.report import ReportsModels, count_parameters, print_quantized_parts
 from lightning_compress.runtimes import RUNTIMES, runtime_models
-from lightning_compress.selection import compressible_children, resolve_module_type, split_skip
+from lightning_compress.selection import compressible_children, resolve_module_type, split_skip, within
 from lightning_compress.validation import check_integer, check_number, is_integer
 
 log = logging.getLogger(__name__)
@@ -262,11 +262,6 @@ class QuantizationAwareTraining(Callback, ReportsModels):
                 "what they schedule does not happen in it (it may in a resumed, longer one)."
             )
         pruning = [callback for callback in trainer.callbacks if isinstance(callback, MagnitudePruning)]
-        if pruning and not self.backend.keeps_layer_modules:
-            raise ValueError(
-                f"backend={self.config.backend!r} cannot be combined with MagnitudePruning in one fit: its exported graphs "
-                "hold no Conv/Linear modules for pruning to mask; use backend='x86' for pruning and QAT together."
-            )
         self._shrinks = self._shrinks_before_start(pruning, pl_module)
         if self._shrinks:
             # Prepared at start_epoch, once the channels are gone; a checkpoint written after that holds the
@@ -305,7 +300,7 @@ class QuantizationAwareTraining(Callback, ReportsModels):
         self._show_parts()
         # Off until on_train_epoch_start of start_epoch, also when that is 0: the sanity-check validation
         # would otherwise fake-quantize with ranges that no observer has set yet.
-        self._set_fake_quant(pl_module, enabled=False)
+        self._switch(pl_module, fake_quant=False, observers=False)
 
     def _shrinks_before_start(self, pruning: list[MagnitudePruning], pl_module: L.LightningModule) -> list[MagnitudePruning]:
         """The channel-pruning callbacks of this fit, each of which removes its channels at or before
@@ -367,10 +362,9 @@ class QuantizationAwareTraining(Callback, ReportsModels):
             self._calibrate(trainer, pl_module)
         if epoch == self.freeze_bn_epoch:
             self._warn_if_batch_norm_unsettled(trainer, pl_module)
-        for module in self._prepared_modules(pl_module):
-            self.backend.set_fake_quant(module, enabled=True)
-            self.backend.set_observers(module, enabled=self._observers_on(epoch))
-            if self.freeze_bn_epoch is not None and epoch >= self.freeze_bn_epoch:
+        self._switch(pl_module, fake_quant=True, observers=self._observers_on(epoch))
+        if self.freeze_bn_epoch is not None and epoch >= self.freeze_bn_epoch:
+            for module in self._prepared_modules(pl_module):
                 self.backend.freeze_batch_norm(module)
         if self.config.learnable_ranges and not self._observers_on(epoch) and not self._ranges_synchronized:
             # the ranges now need gradients: DDP reduces only the parameters that required them when it wrapped
@@ -411,14 +405,12 @@ class QuantizationAwareTraining(Callback, ReportsModels):
     @override
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Observers also record in eval mode: validation data must not move the quantization ranges.
-        for module in self._prepared_modules(pl_module):
-            self.backend.set_observers(module, enabled=False)
+        self._switch(pl_module, observers=False)
 
     @override
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.state.fn == "fit":
-            for module in self._prepared_modules(pl_module):
-                self.backend.set_observers(module, enabled=self._observers_on(trainer.current_epoch))
+            self._switch(pl_module, observers=self._observers_on(trainer.current_epoch))
 
     @override
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -468,8 +460,8 @@ class QuantizationAwareTraining(Callback, ReportsModels):
         if not self.prepared_names:
             return
         # Training is over: the ranges are final, and evaluating the model must not move them.
+        self._switch(pl_module, observers=False)
         for module in self._prepared_modules(pl_module):
-            self.backend.set_observers(module, enabled=False)
             sharding.broadcast_buffers(module, trainer)  # every rank converts rank 0's ranges, whatever its last batch saw
         if sharding.is_sharded(pl_module):  # the report's fake-quant row, and what is converted: whole, unsharded
             self._pl_module = pl_module = sharding.full_copy(pl_module).cpu()
@@ -539,6 +531,18 @@ class QuantizationAwareTraining(Callback, ReportsModels):
     def prepared_names(self) -> list[str]:
         return [part.name for part in self.parts if part.quantized]
 
+    @property
+    def hides_layers(self) -> bool:
+        return bool(self.prepared_names) and not self.backend.keeps_layer_modules
+
+    def parameter_name(self, name: str) -> str:
+        """The name in the live module of the float model's parameter ``name``: a part the backend prepared may
+        hold it under another (an exported graph: ``net.graph.conv1.weight`` for ``net.conv1.weight``)."""
+        for part in self.parts:
+            if part.quantized and part.name and not part.swapped_layers and within(name, part.name):
+                return f"{part.name}.{self.backend.prepared_name(name[len(part.name) + 1 :])}"
+        return name
+
     def convert(self, pl_module: nn.Module) -> nn.Module:
         """An int8 copy of ``pl_module``: each fake-quant part converted; a part whose int8 version fails
         to run (an op with no int8 kernel) is kept in float and marked so in ``parts``."""
@@ -578,7 +582,7 @@ class QuantizationAwareTraining(Callback, ReportsModels):
 
     def fake_quant_for_export(self, pl_module: nn.Module) -> nn.Module:
         """A copy of ``pl_module`` whose fake-quant parts are written as ONNX and OpenVINO read them (see
-        ``fx_quantization.fake_quant_for_export``): what the ``onnx`` and ``openvino`` exports hold."""
+        the backend's ``fake_quant_for_export``): what the ``onnx`` and ``openvino`` exports hold."""
         pl_module = sharding.unsharded(pl_module)  # whole, gathered from the ranks (collective) under FSDP2
         deployable = copy.deepcopy(pl_module).cpu().eval()
         for part in self.parts:
@@ -771,18 +775,22 @@ class QuantizationAwareTraining(Callback, ReportsModels):
     def _prepared_modules(self, pl_module: nn.Module) -> list[nn.Module]:
         return [_get(pl_module, name) for name in self.prepared_names]
 
-    def _set_fake_quant(self, pl_module: nn.Module, enabled: bool) -> None:
-        for module in self._prepared_modules(pl_module):
-            self.backend.set_fake_quant(module, enabled)
-            self.backend.set_observers(module, enabled)
+    def _switch(self, pl_module: nn.Module, fake_quant: bool | None = None, observers: bool | None = None) -> None:
+        """Turn the fake-quant and observers of every prepared part on or off (``None``: as they are), each by the
+        mechanism that prepared it: swapped layers are the FX engine's (``module_swap``), the rest the backend's."""
+        swapped = self._swapped_parts()
+        for name in self.prepared_names:
+            switches = module_swap if name in swapped else self.backend
+            if fake_quant is not None:
+                switches.set_fake_quant(_get(pl_module, name), fake_quant)
+            if observers is not None:
+                switches.set_observers(_get(pl_module, name), observers)
 
     def _calibrate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Observe activation ranges on a few batches before fake-quant starts, BN statistics untouched."""
         was_training = pl_module.training
         pl_module.eval()
-        for module in self._prepared_modules(pl_module):
-            self.backend.set_fake_quant(module, enabled=False)
-            self.backend.set_observers(module, enabled=True)
+        self._switch(pl_module, fake_quant=False, observers=True)
         batches = training_batches(trainer, pl_module, self.calibration_batches)
         watch_training_step(pl_module, batches, restore_buffers=False)  # BatchNorm statistics stay (eval mode)
         pl_module.train(was_training)

@@ -32,6 +32,9 @@ WEIGHT_ONLY_LAYERS = (nn.Embedding,)
 
 RECURRENT_LAYERS = (nn.LSTM, nn.GRU)
 
+DYNAMIC_LAYERS = (nn.Linear, *RECURRENT_LAYERS)
+"""Layers that dynamic quantization can give int8 weights, their activations quantized at each call."""
+
 _FLOWS = {
     # backend name -> (module that defines its config, the config class, the package it needs)
     "x86": ("lightning_compress.fx_quantization", "QuantizationConfig", "torch"),
@@ -129,6 +132,16 @@ class HoldsFakeQuant(Protocol):
         """A plain float copy of ``pl_module`` with its current weights, on the CPU, in eval mode."""
         ...
 
+    @property
+    def hides_layers(self) -> bool:
+        """Whether a prepared part holds its layers' parameters without the layers (an exported graph): their
+        kinds are then read from ``float_model``."""
+        ...
+
+    def parameter_name(self, name: str) -> str:
+        """The name in the live module of the parameter ``name`` of its float model."""
+        ...
+
 
 _BACKENDS: dict[type, type[QuantizationBackend]] = {}
 _BACKENDS_BY_NAME: dict[str, type] = {}
@@ -173,7 +186,11 @@ class QuantizationBackend(ABC):
     """Whether a LightningModule's own forward over several networks can be prepared as one graph."""
 
     keeps_layer_modules: ClassVar[bool] = True
-    """Whether a prepared part still holds Conv/Linear modules, the layers ``MagnitudePruning`` masks."""
+    """Whether a prepared part still holds Conv/Linear modules (an exported graph holds only their parameters)."""
+
+    def prepared_name(self, name: str) -> str:
+        """The name in a part this backend prepared of what was the part's own parameter ``name``."""
+        return name
 
     has_ranges: ClassVar[bool] = True
     """Whether observers learn ranges that calibration sets and a freeze can stop (static int8 grids do;
@@ -260,9 +277,16 @@ class QuantizationBackend(ABC):
         """A prepared part written as ONNX's QuantizeLinear/DequantizeLinear and OpenVINO read it."""
         raise NotImplementedError(f"backend={self.name!r} writes no ONNX/OpenVINO export")
 
-    @abstractmethod
-    def quantize_dynamic(self, module: nn.Module, layers: tuple[type, ...] = ()) -> nn.Module:
-        """An int8 copy with dynamically quantized Linear/LSTM/GRU (or ``layers``)."""
+    dynamic_layers: ClassVar[tuple[type, ...]] = ()
+    """The layer types ``quantize_dynamic`` gives int8 weights and per-call activation scales; others stay float."""
+
+    def quantize_dynamic(
+        self, module: nn.Module, layers: tuple[type, ...] = DYNAMIC_LAYERS, call: tuple[tuple, dict] | None = None
+    ) -> nn.Module:
+        """An int8 copy of ``module`` (CPU, eval) whose ``layers`` of the ``dynamic_layers`` types store int8 weights
+        and quantize activations at each call; ``call`` (args, kwargs) is an observed call of ``module``, which a
+        backend that exports needs. Without such layers ``module`` itself comes back, unchanged."""
+        return module
 
     # ---------------------------------------------------------------- shared by every backend
 

@@ -1,5 +1,5 @@
-"""Run by test_distributed.py: QAT and pruning (or channel pruning that shrinks the network mid-run, then QAT
-of the smaller network) under 2-process CPU DDP; each rank dumps its state.
+"""Run by test_distributed.py: QAT and pruning (with either int8 engine; or channel pruning that shrinks the network
+mid-run, then QAT of the smaller network) under 2-process CPU DDP; each rank dumps its state.
 
 Lightning's DDP launcher starts rank 1 by re-running this script, so it must be a script, not a test.
 """
@@ -40,16 +40,19 @@ def main(output: Path, devices: int, mode: str = "qat") -> None:
         return shrink(output, devices)
     if mode == "lsq":
         return learned_ranges(output, devices)
+    backend, export_format, prefix = ("x86_inductor", "torch_export", "pt2e_") if mode == "pt2e" else ("x86", "torchscript", "")
     L.seed_everything(0)
     model = ImageClassifier()
     pruning = MagnitudePruning(final_sparsity=0.6, start_epoch=0, end_epoch=2, update_every=3, export_format="none", plot=False)
-    qat = QuantizationAwareTraining(start_epoch=2, freeze_bn_epoch=3, export_format="torchscript", export_dir=str(output))
+    qat = QuantizationAwareTraining(
+        start_epoch=2, freeze_bn_epoch=3, backend=backend, export_format=export_format, export_dir=str(output)
+    )
     trainer = _fit(model, devices, 4, [pruning, qat])
     observers = {
         name: tensor.clone()
         for name, tensor in model.net.state_dict().items()
         if name.rsplit(".", 1)[-1] in ("min_val", "max_val", "scale", "zero_point")
-    }
+    }  # FX's observers and torchao's (pt2e) hold the same buffers
     digits = DigitsDataModule()
     digits.setup()
     with torch.no_grad():
@@ -62,7 +65,7 @@ def main(output: Path, devices: int, mode: str = "qat") -> None:
             "predictions": predictions,
             "labels": digits.test_set.tensors[1],
         },
-        output / f"{'ddp' if devices > 1 else 'single'}_rank{trainer.global_rank}.pt",
+        output / f"{prefix}{'ddp' if devices > 1 else 'single'}_rank{trainer.global_rank}.pt",
     )
 
 

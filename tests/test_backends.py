@@ -7,6 +7,7 @@ does. The pt2e backend's checkpoints restore for ``trainer.test(ckpt_path=...)``
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import re
 import subprocess
@@ -233,16 +234,55 @@ def test_pt2e_observers_are_those_of_its_quantizer():
         PostTrainingQuantization(backend="x86_inductor", observer="moving_average_minmax", range_method="max")
 
 
-def test_pt2e_with_magnitude_pruning_in_the_same_fit_is_refused_before_training(tmp_path: Path, digits):
+def test_an_exported_part_trains_again_when_lightning_restores_modes_by_attribute():
+    """After validation Lightning sets each module's ``training`` attribute back instead of calling ``.train()``: the
+    exported graph must then use batch statistics again (it kept running ones, and QAT lost 6 points on digits)."""
+    L.seed_everything(0)
+    network = ImageClassifier().net
+    images = torch.randn(8, 1, 8, 8)
+    part = backend_for(InductorQuantizationConfig()).prepare_qat(network, (images,), {}, [], [])
+    part.eval()
+    for module in part.modules():  # what lightning.pytorch.utilities.model_helpers._ModuleMode.restore does
+        module.training = True
+    running = {name: buffer.clone() for name, buffer in part.named_buffers() if name.endswith("running_mean")}
+    part(images)
+    assert running and all(not torch.equal(buffer, running[name]) for name, buffer in part.named_buffers() if name in running)
+    for module in part.modules():
+        module.training = False
+    frozen = {name: buffer.clone() for name, buffer in part.named_buffers() if name in running}
+    part(images)
+    assert all(torch.equal(buffer, frozen[name]) for name, buffer in part.named_buffers() if name in running)
+
+
+@pytest.mark.parametrize(
+    "qat_first", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["qat-listed-first", "pruning-listed-first"]
+)  # 33 s each: the slow suite runs the second order
+def test_pt2e_qat_and_magnitude_pruning_in_one_fit_keep_the_zeros_in_the_int8_model(tmp_path: Path, digits, qat_first):
+    """The exported graph holds the network's weights under ``graph.``: pruning chooses its layers by kind in QAT's
+    float model, masks the live weights through QAT's names (masks keep the float names, as checkpoints do), and the
+    pruned zeros stay zero in the int8 model."""
     from lightning_compress import MagnitudePruning
 
-    qat = QuantizationAwareTraining(backend="x86_inductor", export_format="none")
-    pruning = MagnitudePruning(final_sparsity=0.5, export_format="none", plot=False)
+    L.seed_everything(0)
     model = ImageClassifier()
-    before = {key: value.clone() for key, value in model.state_dict().items()}
-    with pytest.raises(ValueError, match=r"backend='x86_inductor' cannot be combined with MagnitudePruning in one fit"):
-        quiet_trainer(tmp_path, [pruning, qat], 1).fit(model, datamodule=digits)
-    assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())  # nothing trained
+    pruning = MagnitudePruning(final_sparsity=0.6, start_epoch=0, end_epoch=2, update_every=5, export_format="none", plot=False)
+    qat = QuantizationAwareTraining(start_epoch=1, backend="x86_inductor", export_format="none")
+    callbacks = [qat, pruning] if qat_first else [pruning, qat]
+    quiet_trainer(tmp_path, callbacks, 3, limit_val_batches=0).fit(model, datamodule=digits)
+    layers = [name for name, layer in ImageClassifier().named_modules() if isinstance(layer, torch.nn.Conv2d | torch.nn.Linear)]
+    assert sorted(pruning.masks) == sorted(f"{name}.weight" for name in layers)
+    live = dict(model.named_parameters())
+    for name, mask in pruning.masks.items():
+        weight = live[qat.parameter_name(name)]
+        assert qat.parameter_name(name).startswith("net.graph.") and torch.equal(weight == 0, ~mask), name
+    assert pruning.history[-1]["measured"] >= 0.6
+    int8_weights = [tensor for tensor in qat.quantized_model.net.state_dict().values() if tensor.dtype == torch.int8]
+    zeros, total = sum(int((tensor == 0).sum()) for tensor in int8_weights), sum(tensor.numel() for tensor in int8_weights)
+    assert len(int8_weights) == 4 and zeros / total >= 0.6
+    float_weights = dict(pruning.pruned_model.named_parameters())
+    assert not any(isinstance(module, ExportedPart) for module in pruning.pruned_model.modules())
+    assert all(torch.equal(float_weights[name] == 0, ~mask) for name, mask in pruning.masks.items())
+    assert top1_accuracy(qat.quantized_model, digits.test_dataloader()) >= 0.9
 
 
 def test_a_backend_whose_package_is_missing_names_it(monkeypatch: pytest.MonkeyPatch):
@@ -265,6 +305,24 @@ def test_only_the_backend_modules_name_a_quantization_library():
         path.name for path in (ROOT / "lightning_compress").glob("*.py") if re.search(r"torch\.ao|torchao", path.read_text())
     }
     assert naming <= backend_modules, naming - backend_modules
+
+
+def test_no_backend_module_imports_another():
+    """Each engine can go on its own (FX graph mode is deprecated upstream): what they share lives in
+    ``quantization_config``, ``quantization_backend`` and ``module_swap``, never in one of them."""
+    engines = {"fx_quantization", "pt2e_quantization", "lowbit_quantization"}
+    for engine in engines:
+        tree = ast.parse((ROOT / "lightning_compress" / f"{engine}.py").read_text())
+        imported = {
+            alias.name.rpartition(".")[2] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
+        }
+        imported |= {
+            name
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lightning_compress")
+            for name in [node.module.rpartition(".")[2], *(alias.name for alias in node.names)]
+        }
+        assert not imported & (engines - {engine}), (engine, imported & engines)
 
 
 @pytest.mark.slow

@@ -69,15 +69,43 @@ def _predictions(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
         return model.eval()(images)
 
 
-def _fit(tmp_path: Path, shrink_epoch: int | None, start_epoch: int, qat_first: bool, max_epochs: int = 6, extra=(), **kwargs):
+def _fit(
+    tmp_path: Path,
+    shrink_epoch: int | None,
+    start_epoch: int,
+    qat_first: bool,
+    max_epochs: int = 6,
+    extra=(),
+    backend: str = "x86",
+    **kwargs,
+):
     L.seed_everything(0)
     model = ImageClassifier()
     pruning = MagnitudePruning(shrink_epoch=shrink_epoch, export_format="torchscript", **PRUNING)
-    qat = QuantizationAwareTraining(start_epoch=start_epoch, export_format="torchscript", **QAT)
+    qat = QuantizationAwareTraining(
+        start_epoch=start_epoch, backend=backend, export_format="torchscript" if backend == "x86" else "torch_export", **QAT
+    )
     callbacks = [qat, pruning] if qat_first else [pruning, qat]
     trainer = quiet_trainer(tmp_path, [*callbacks, *extra], max_epochs, **kwargs)
     trainer.fit(model, datamodule=DigitsDataModule(batch_size=64))
     return trainer, model, pruning, qat
+
+
+@pytest.mark.slow  # 38 s: six epochs, then Inductor compiles the int8 program
+def test_pt2e_qat_exports_the_shrunken_network_and_converts_it_to_int8(tmp_path: Path, digits):
+    """The torch.export engine beside channel pruning: the channels come out at shrink_epoch, QAT exports the
+    smaller float network at start_epoch, the optimizer follows both, and the int8 program is the smaller one."""
+    record = TrainingRecord()
+    trainer, model, pruning, qat = _fit(tmp_path, 2, 3, False, extra=[record], backend="x86_inductor")
+    assert pruning.shrunk and [part.name for part in qat.parts if part.quantized] == ["net"]
+    assert qat.parts[0].int8_layers == 4
+    assert all(record.optimizer_matches_module) and record.losses[-1] < record.losses[2]
+    dense_parameters, _ = count_parameters(pruning.report_models()["dense"])
+    assert count_parameters(qat.quantized_model)[0] < 0.3 * dense_parameters
+    images = digits.test_set.tensors[0]
+    fake_quant, quantized = _predictions(model, images), _predictions(qat.quantized_model, images)
+    assert (quantized.argmax(1) == fake_quant.argmax(1)).float().mean() >= 0.98
+    assert top1_accuracy(qat.quantized_model, digits.test_dataloader()) >= 0.9
 
 
 @pytest.mark.parametrize(

@@ -20,18 +20,23 @@ def _run(output: Path, devices: int, *mode: str) -> None:
 
 
 @pytest.mark.slow
-def test_two_process_ddp_gives_identical_state_on_every_rank(tmp_path: Path):
-    _run(tmp_path, devices=2)
-    _run(tmp_path, devices=1)
+@pytest.mark.parametrize("mode", ["qat", "pt2e"])
+def test_two_process_ddp_gives_identical_state_on_every_rank(tmp_path: Path, mode: str):
+    """Pruning and QAT (FX, or the torch.export engine), 2 processes against one: the same masks, ranges, weights
+    and int8 predictions on every rank, and the accuracy of one process."""
+    _run(tmp_path, 2, mode)
+    _run(tmp_path, 1, mode)
+    prefix = "pt2e_" if mode == "pt2e" else ""
     rank0, rank1, single = (
-        torch.load(tmp_path / name, weights_only=True) for name in ("ddp_rank0.pt", "ddp_rank1.pt", "single_rank0.pt")
+        torch.load(tmp_path / f"{prefix}{name}", weights_only=True)
+        for name in ("ddp_rank0.pt", "ddp_rank1.pt", "single_rank0.pt")
     )
     assert rank0["masks"] and set(rank0["masks"]) == set(rank1["masks"])
     assert all(torch.equal(rank0["masks"][name].cpu(), rank1["masks"][name].cpu()) for name in rank0["masks"])
     assert rank0["observers"] and all(torch.equal(rank0["observers"][k], rank1["observers"][k]) for k in rank0["observers"])
     assert all(torch.equal(rank0["weights"][k], rank1["weights"][k]) for k in rank0["weights"])
     assert torch.equal(rank0["predictions"], rank1["predictions"])
-    assert (tmp_path / "model_int8.pt").is_file()  # exported once, by rank 0
+    assert (tmp_path / ("model_int8.pt2" if mode == "pt2e" else "model_int8.pt")).is_file()  # exported once, by rank 0
     accuracies = [float((run["predictions"].argmax(1) == run["labels"]).float().mean()) for run in (rank0, single)]
     assert min(accuracies) >= 0.95 and abs(accuracies[0] - accuracies[1]) <= 0.02
 

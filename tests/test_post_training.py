@@ -156,6 +156,38 @@ def test_dynamic_quantization_of_an_lstm(tmp_path: Path):
     assert torch.jit.load(str(dynamic.export_path))(images[:4]).shape == (4, 10)
 
 
+def test_dynamic_int8_under_inductor_keeps_an_lstm_float_and_names_it(tmp_path: Path, digits):
+    """The torch.export engine has no int8 LSTM kernel: the network's Linear layer goes int8 and the LSTM stays
+    float, listed, where torch.ao's engine quantizes both."""
+    L.seed_everything(0)
+    model = ImageClassifier(architecture="lstm", architecture_options={"hidden_size": 32})
+    dynamic = DynamicQuantization(backend="x86_inductor", export_format="none")
+    quiet_trainer(tmp_path, [dynamic], 1, limit_train_batches=5).fit(model, datamodule=digits)
+    assert dynamic.float_layers == ["net.lstm"]
+    int8, _ = dynamic.backend.layers_by_kind(dynamic.quantized_model.net)  # exported whole: names inside the network
+    assert int8 == ["classifier"]
+    images = digits.test_set.tensors[0][:64]
+    with torch.no_grad():
+        reference, output = model.eval()(images), dynamic.quantized_model(images)
+    assert (output - reference).abs().mean() <= 0.05 * reference.abs().mean()
+
+
+def test_dynamic_int8_under_inductor_keeps_float_a_linear_whose_inputs_never_cross_zero(tmp_path: Path, digits):
+    """Inductor's fused dynamic int8 Linear computes wrong on inputs wholly above zero (a sigmoid's, here) where
+    its reference graph is right: that layer stays float, named; the other goes int8, and the model computes what
+    the float one does."""
+    L.seed_everything(0)
+    model = ImageClassifier(architecture=nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.Sigmoid(), nn.Linear(32, 10)))
+    dynamic = DynamicQuantization(backend="x86_inductor", export_format="none")
+    quiet_trainer(tmp_path, [dynamic], 1, limit_train_batches=5).fit(model, datamodule=digits)
+    assert dynamic.float_layers == ["net.3"]
+    assert dynamic.backend.layers_by_kind(dynamic.quantized_model.net) == (["1"], ["3"])
+    images = digits.test_set.tensors[0][:64]
+    with torch.no_grad():
+        reference, output = model.eval()(images), dynamic.quantized_model(images)
+    assert (output - reference).abs().max() <= 0.02 * reference.abs().max()
+
+
 @pytest.mark.parametrize(
     ("factory", "message"),
     [

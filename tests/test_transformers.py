@@ -125,6 +125,32 @@ def test_dynamic_quantization_of_vit_exports_torchscript(tmp_path: Path, tokens:
     assert _relative_error(output, expected) <= 1e-3
 
 
+@pytest.mark.slow  # 21 s: Inductor compiles the encoder and the classifier
+def test_dynamic_int8_without_torch_ao_quantizes_every_linear_of_bert_under_inductor(tmp_path: Path, tokens: DigitTokens):
+    """``backend="x86_inductor"``: BERT's encoder exported whole from the call training made, its Linear layers in
+    int8 (oneDNN under Inductor), no torch.ao layer anywhere; the classifier's own forward computes the loss from
+    labels=, so its children are quantized. The .pt2 file, run by torch alone, computes what the model does."""
+    from lightning_compress.quantization_backend import backend_for, quantization_config
+
+    L.seed_everything(0)
+    model = BertDigits()
+    dynamic = DynamicQuantization(backend="x86_inductor", export_dir=str(tmp_path))
+    _fit(tmp_path, model, dynamic, tokens, epochs=2)
+    quantized = dynamic.quantized_model
+    assert not [name for name, layer in quantized.named_modules() if type(layer).__module__.startswith("torch.ao")]
+    int8, floating = backend_for(quantization_config("x86_inductor")).layers_by_kind(quantized)
+    assert len(int8) == 2 * 6 + 1 + 1 and floating == []  # 6 Linear per block, the pooler, the classifier
+    assert dynamic.float_layers == [] and set(dynamic.export_paths) == {"torch_export"}
+    batch = _test_batch(64)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        float_logits, int8_logits = model.eval().model(**inputs).logits, quantized.model(**inputs).logits
+    assert _relative_error(int8_logits.numpy(), float_logits) <= 0.05
+    assert (float_logits.argmax(-1) == int8_logits.argmax(-1)).float().mean() >= 0.9
+    [output] = _run_files(dynamic.export_paths, inputs).values()
+    assert _relative_error(output, int8_logits) <= 1e-3
+
+
 def test_a_keyword_only_forward_exports_every_format(tmp_path: Path, tokens: DigitTokens):
     L.seed_everything(0)
     pruning = MagnitudePruning(
