@@ -415,7 +415,7 @@ class DynamicQuantization(Callback, ReportsModels):
         for name in kept:
             layers, _ = self.backend.layers_by_kind(quantized.get_submodule(name))
             int8 |= {f"{name}.{layer}" if layer else name for layer in layers}
-        self.float_layers += [
+        unconverted = [
             name
             for name, layer in pl_module.named_modules()
             if isinstance(layer, DYNAMIC_LAYERS)
@@ -424,6 +424,12 @@ class DynamicQuantization(Callback, ReportsModels):
             and name not in int8
             and name not in self.float_layers
         ]
+        if unconverted:
+            rank_zero_info(
+                f"DynamicQuantization: {unconverted} stay float: backend={self.backend.name!r} has no dynamic int8 kernel "
+                "for them (LSTM/GRU under x86_inductor, or a Linear whose input never crosses zero)."
+            )
+        self.float_layers += unconverted
 
     def _keep_float(self, layer_name: str, why: str) -> None:
         self.float_layers.append(layer_name)
