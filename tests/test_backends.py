@@ -254,9 +254,8 @@ def test_an_exported_part_trains_again_when_lightning_restores_modes_by_attribut
     assert all(torch.equal(buffer, frozen[name]) for name, buffer in part.named_buffers() if name in running)
 
 
-@pytest.mark.parametrize(
-    "qat_first", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["qat-listed-first", "pruning-listed-first"]
-)  # 33 s each: the slow suite runs the second order
+@pytest.mark.slow  # 30 s each order: three epochs, then Inductor compiles the int8 program
+@pytest.mark.parametrize("qat_first", [True, False], ids=["qat-listed-first", "pruning-listed-first"])
 def test_pt2e_qat_and_magnitude_pruning_in_one_fit_keep_the_zeros_in_the_int8_model(tmp_path: Path, digits, qat_first):
     """The exported graph holds the network's weights under ``graph.``: pruning chooses its layers by kind in QAT's
     float model, masks the live weights through QAT's names (masks keep the float names, as checkpoints do), and the
