@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -175,24 +176,33 @@ def _set_graph_training(graph: GraphModule, batch_norm: bool, dropout: bool) -> 
 
 class CompiledProgram(nn.Module):
     """A converted int8 graph, compiled by Inductor (with freezing, which prepacks the int8 weights for
-    oneDNN) on its first call: eagerly the graph runs reference quantize/dequantize ops, slower than fp32."""
+    oneDNN) on its first call: eagerly the graph runs reference quantize/dequantize ops, slower than fp32.
+    ``compile_ms`` is how long that first call took (the report's compile column); each new input shape compiles
+    again (``dynamic=False``, see the known limitations)."""
 
     def __init__(self, program: GraphModule) -> None:
         super().__init__()
         self.program = _with_train_and_eval(program)
         self.__dict__["_compiled"] = None
+        self.compile_ms: float | None = None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if torch.compiler.is_exporting() or torch.compiler.is_compiling():  # exported as the graph it is
             return self.program(*args, **kwargs)
-        if self.__dict__["_compiled"] is None:
+        first_call = self.__dict__["_compiled"] is None
+        if first_call:
             self.__dict__["_compiled"] = torch.compile(self.program, dynamic=False)
+        start = time.perf_counter()
         with torch.no_grad(), compat.inductor_freezing():
-            return self.__dict__["_compiled"](*args, **kwargs)
+            output = self.__dict__["_compiled"](*args, **kwargs)
+        if first_call:
+            self.compile_ms = (time.perf_counter() - start) * 1000.0
+        return output
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_compiled"] = None  # a copy compiles again: compiled code is tied to the module it was made for
+        state["compile_ms"] = None
         return state
 
 

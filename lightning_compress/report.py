@@ -191,6 +191,14 @@ def latency_ms(
     return {name: statistics.median(values) for name, values in timings.items()}
 
 
+def compile_ms(model: nn.Module) -> float | None:
+    """Milliseconds a model spent compiling on its first call (the pt2e engine's int8 programs, which Inductor
+    compiles then; each new input shape compiles again), summed over its compiled parts; ``None`` for a model that
+    compiles nothing. Read after the model has run: the latency's warm-up keeps the compile out of the latency."""
+    times = [part.compile_ms for part in model.modules() if getattr(part, "compile_ms", None) is not None]
+    return sum(times) if times else None
+
+
 @dataclass(frozen=True)
 class Measurement:
     name: str
@@ -203,6 +211,8 @@ class Measurement:
     deployment_latency_ms: float | None = None
     # language models: exp of the mean cross-entropy per token (lower is better)
     perplexity: float | None = None
+    # what compiling it took on its first call (models Inductor compiles)
+    compile_ms: float | None = None
 
 
 def runs_on(model: nn.Module, example_input: torch.Tensor | NetworkCall) -> bool:
@@ -240,6 +250,7 @@ def measure(
         latency_ms=latency,
         deployment_latency_ms=deployment_latency,
         perplexity=perplexity,
+        compile_ms=None if exported else compile_ms(model),
     )
 
 
@@ -338,6 +349,7 @@ class CompressionReport:
             "non-zero",
             "size",
             "latency ms",
+            "compile s",
             "Δacc pts",
             "size x",
             "speedup",
@@ -357,6 +369,7 @@ class CompressionReport:
                 f"{row['nonzero_parameters']:,}",
                 f"{row['size_bytes'] / 1024:,.1f} KiB",
                 f"{row['latency_ms']:.3f}",
+                "-" if row["compile_ms"] is None else f"{row['compile_ms'] / 1000:.1f}",
                 "-" if row.get("accuracy_delta_points") is None else f"{row['accuracy_delta_points']:+.2f}",
                 "-" if "size_ratio" not in row else f"{row['size_ratio']:.3f}",
                 "-" if "speedup" not in row else f"{row['speedup']:.2f}x",

@@ -127,6 +127,11 @@ def test_qat_recipe_reports_fp32_fake_quant_and_int8(tmp_path: Path, backend: st
     assert rows["int8"]["size_ratio"] <= 0.3
     assert rows["int8"]["accuracy"] >= 0.95 and abs(rows["int8"]["accuracy_delta_points"]) <= 1.0
     assert [path.name for path in (tmp_path / "checkpoints").glob("model_int8*")] == [export]  # the backend's own format
+    assert rows["fp32"]["compile_ms"] is None
+    if backend == "x86_inductor":  # Inductor compiled the int8 program on its first call: seconds, not milliseconds
+        assert rows["int8"]["compile_ms"] > 10 * rows["int8"]["latency_ms"]
+    else:  # FX's int8 model runs eagerly
+        assert rows["int8"]["compile_ms"] is None
 
 
 def test_bad_input_never_deletes_an_earlier_run_in_the_same_folder(tmp_path: Path):
