@@ -341,6 +341,28 @@ def test_skip_keeps_layers_float_by_name_or_type_in_ptq_and_dynamic_quantization
 
 
 @pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            {"backend": "x86_ao"},
+            r"backend='x86_ao' is unknown: allowed values are \['x86', 'fbgemm', 'qnnpack', 'x86_inductor'\]",
+        ),
+        (
+            {"backend": "x86_inductor", "export_format": "torchscript"},
+            r"export_format='torchscript': only 'torchscript' \(backend='x86'\)",
+        ),
+        (
+            {"export_format": "torch_export"},
+            r"export_format='torch_export': only 'torchscript' \(backend='x86'\), 'torch_export'",
+        ),
+    ],
+)
+def test_dynamic_quantization_refuses_a_backend_or_format_it_cannot_use_at_construction(options, message):
+    with pytest.raises(ValueError, match=message):
+        DynamicQuantization(**options)
+
+
+@pytest.mark.parametrize(
     ("factory", "message"),
     [
         (lambda: PostTrainingQuantization(skip=["net.head"]), r"skip='net.head' names no submodule"),
