@@ -27,10 +27,6 @@ from torch.ao.quantization import (
     QConfig,
     QConfigMapping,
     default_embedding_qat_qconfig,
-    disable_fake_quant,
-    disable_observer,
-    enable_fake_quant,
-    enable_observer,
     get_default_qat_qconfig_mapping,
 )
 from torch.ao.quantization._learnable_fake_quantize import _LearnableFakeQuantize  # private: no public class learns ranges
@@ -39,6 +35,7 @@ from torch.fx import GraphModule
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from lightning_compress import compat
+from lightning_compress.module_swap import set_fake_quant, set_observers
 from lightning_compress.quantization_backend import (
     DYNAMIC_LAYERS,
     QUANTIZABLE_LAYERS,
@@ -369,14 +366,6 @@ def layers_by_kind(module: nn.Module) -> tuple[list[str], list[str]]:
 def use_backend(config: QuantizationConfig) -> None:
     """Route int8 kernels to the configured engine (a process-wide torch setting)."""
     torch.backends.quantized.engine = config.backend
-
-
-def set_fake_quant(module: nn.Module, enabled: bool) -> None:
-    module.apply(enable_fake_quant if enabled else disable_fake_quant)
-
-
-def set_observers(module: nn.Module, enabled: bool) -> None:
-    module.apply(enable_observer if enabled else disable_observer)
 
 
 def freeze_batch_norm(module: nn.Module) -> None:

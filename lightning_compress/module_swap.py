@@ -110,8 +110,8 @@ def is_swapped(layer: nn.Module) -> bool:
 
 
 def set_fake_quant(module: nn.Module, enabled: bool) -> None:
-    """Turn the fake-quant of the swapped layers under ``module`` on or off (torch.ao's, whichever backend
-    prepared the rest of the model)."""
+    """Turn torch.ao's fake-quant under ``module`` on or off: the swapped layers' (whichever backend prepared the
+    rest of the model), and the FX engine's, which uses these two switches as its own."""
     module.apply(enable_fake_quant if enabled else disable_fake_quant)
 
 
