@@ -166,3 +166,117 @@ def rewrap_distributed(trainer: L.Trainer) -> None:
     if isinstance(strategy, DDPStrategy) and isinstance(strategy.model, DistributedDataParallel):
         strategy.model = strategy.lightning_module
         strategy.configure_ddp()
+
+
+_PATTERN_GRAPHS: dict[Any, Any] = {}
+
+
+def _pattern_key(pattern: Callable, example_inputs: tuple, is_cuda: bool, kwargs: dict[str, Any]) -> Any:
+    """What a pattern's exported graph depends on: its code, the values it closes over (flags, the conv
+    function, an epsilon) and the shapes and dtypes of its example inputs, never their random values."""
+
+    def described(value: Any) -> Any:
+        return ("tensor", tuple(value.shape), value.dtype) if isinstance(value, torch.Tensor) else value
+
+    function = getattr(pattern, "fn", pattern)  # torchao wraps some patterns in a module holding the function
+    if not hasattr(function, "__code__"):
+        raise TypeError(f"{type(pattern).__name__} is no function")
+    closure = tuple(cell.cell_contents for cell in function.__closure__ or ())
+    key = (
+        function.__code__,
+        closure,
+        tuple(described(value) for value in example_inputs),
+        is_cuda,
+        tuple(sorted((name, described(value)) for name, value in kwargs.items())),
+    )
+    hash(key)  # a closure over something unhashable: not cached
+    return key
+
+
+def pattern_graph(pattern: Callable, example_inputs: tuple, kwargs: dict[str, Any]) -> Any:
+    """The aten graph of a rewrite pattern, as torchao's pt2e rewrites match it, exported without dynamo:
+    dead code, the unused ``copy_`` nodes export adds for mutated inputs and the input-guard call non-strict
+    export adds removed (a pattern matches whatever it is given)."""
+    graph_module = torch.export.export(pattern, example_inputs, kwargs, strict=False).module()
+    for node in list(graph_module.graph.nodes):
+        unused_copy = node.op == "call_function" and node.target == torch.ops.aten.copy_.default and not node.users
+        if unused_copy or (node.op == "call_module" and node.target == "_guards_fn"):
+            graph_module.graph.erase_node(node)
+    if hasattr(graph_module, "_guards_fn"):
+        delattr(graph_module, "_guards_fn")
+    graph_module.graph.eliminate_dead_code()
+    graph_module.recompile()
+    return graph_module
+
+
+def quick_conv_batch_norm_rewrites() -> AbstractContextManager:
+    """A context in which torchao's pt2e QAT prepares and converts convolutions with BatchNorm in seconds, not
+    tens of seconds.
+
+    ``prepare_qat_pt2e`` and ``convert_pt2e`` rewrite conv + BatchNorm subgraphs by matching pattern graphs, each
+    made by a strict ``torch.export`` of a small function (about 0.2 s each): converting the digits CNN exported 96
+    of them (16.6 s of a 24 s fit), for all four kinds of convolution (1d, 2d, transposed) whichever the graph
+    holds, again at every call. Inside this context a kind the graph does not hold is not rewritten (nothing would
+    match), each pattern graph is exported once per process (a copy is handed out: the rewrite reads it), and
+    without dynamo (non-strict export: the same aten graph, checked by ``tests/test_compat.py``, in a third of
+    the time). The helpers are private (``torchao.quantization.pt2e.qat_utils``); where they are missing,
+    nothing changes.
+    """
+    import contextlib
+
+    try:
+        from torchao.quantization.pt2e import qat_utils
+        from torchao.quantization.pt2e import utils as pt2e_utils
+    except ImportError:
+        return contextlib.nullcontext()
+    names = ("_get_aten_graph_module_for_pattern", "_fuse_conv_bn_qat_helper", "_fold_conv_bn_qat_helper")
+    if not all(hasattr(qat_utils, name) for name in names) or not hasattr(pt2e_utils, names[0]):
+        return contextlib.nullcontext()
+    export_pattern = pt2e_utils._get_aten_graph_module_for_pattern
+
+    def exported_once(pattern: Callable, example_inputs: tuple, is_cuda: bool = False, **kwargs: Any) -> Any:
+        try:
+            key = _pattern_key(pattern, example_inputs, is_cuda, kwargs)
+        except TypeError:
+            return export_pattern(pattern, example_inputs, is_cuda, **kwargs)
+        if key not in _PATTERN_GRAPHS:
+            try:
+                _PATTERN_GRAPHS[key] = pattern_graph(pattern, example_inputs, kwargs) if not is_cuda else None
+            except Exception:  # noqa: BLE001 - what the non-strict export cannot trace, torchao's strict one may
+                _PATTERN_GRAPHS[key] = None
+            if _PATTERN_GRAPHS[key] is None:
+                _PATTERN_GRAPHS[key] = export_pattern(pattern, example_inputs, is_cuda, **kwargs)
+        return copy.deepcopy(_PATTERN_GRAPHS[key])
+
+    def only_kinds_present(rewrite: Callable) -> Callable:
+        def rewrite_if_present(graph_module: Any, conv_fn: Callable, *args: Any, **kwargs: Any) -> Any:
+            present = {
+                getattr(getattr(node.target, "overloadpacket", None), "__name__", None)
+                for node in graph_module.graph.nodes
+                if node.op == "call_function"
+            }
+            if conv_fn.__name__ not in present:
+                return graph_module
+            return rewrite(graph_module, conv_fn, *args, **kwargs)
+
+        return rewrite_if_present
+
+    @contextlib.contextmanager
+    def patched() -> Any:
+        originals = {name: getattr(qat_utils, name) for name in names}
+        replacements = {
+            names[0]: exported_once,
+            names[1]: only_kinds_present(originals[names[1]]),
+            names[2]: only_kinds_present(originals[names[2]]),
+        }
+        try:
+            for name, replacement in replacements.items():
+                setattr(qat_utils, name, replacement)
+            pt2e_utils._get_aten_graph_module_for_pattern = exported_once
+            yield
+        finally:
+            for name, original in originals.items():
+                setattr(qat_utils, name, original)
+            pt2e_utils._get_aten_graph_module_for_pattern = export_pattern
+
+    return patched()

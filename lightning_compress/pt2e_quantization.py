@@ -252,7 +252,9 @@ class InductorBackend(QuantizationBackend):
         was_training = module.training
         module.train()
         try:
-            graph = prepare_qat_pt2e(_export(module, args, kwargs), self._quantizer(True, skip_names, skip_types))
+            exported = _export(module, args, kwargs)
+            with compat.quick_conv_batch_norm_rewrites():
+                graph = prepare_qat_pt2e(exported, self._quantizer(True, skip_names, skip_types))
         finally:
             module.train(was_training)
         return ExportedPart(graph).train(was_training)
@@ -291,7 +293,8 @@ class InductorBackend(QuantizationBackend):
             raise TypeError(f"backend='x86_inductor' converts parts it prepared, not {type(prepared).__name__}")
         graph = copy.deepcopy(part.graph).cpu()
         _set_graph_training(graph, batch_norm=False, dropout=False)
-        converted = convert_pt2e(graph)
+        with compat.quick_conv_batch_norm_rewrites():
+            converted = convert_pt2e(graph)
         _drop_unused_tensors(converted)
         return CompiledProgram(converted)
 
@@ -357,7 +360,8 @@ class InductorBackend(QuantizationBackend):
         graph = prepare_pt2e(_export(float_module, args, kwargs), self._quantizer(False, one_signed, dynamic=True))
         with torch.no_grad():
             graph(*args, **kwargs)  # the weights' observers see the weights (activations need no range)
-        converted = convert_pt2e(graph)
+        with compat.quick_conv_batch_norm_rewrites():
+            converted = convert_pt2e(graph)
         _drop_unused_tensors(converted)
         return CompiledProgram(converted)
 

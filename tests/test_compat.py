@@ -3,6 +3,8 @@ that moves one fails here, by name."""
 
 from __future__ import annotations
 
+import contextlib
+import copy
 from pathlib import Path
 
 import lightning as L
@@ -165,3 +167,61 @@ def test_rewrap_distributed_wraps_the_new_parameters(tmp_path: Path, digits):
     )  # fmt: skip
     trainer.fit(ImageClassifier(architecture="cnn"), datamodule=digits)
     assert seen == {"wrapped": True, "synchronized": True}
+
+
+def test_pattern_graphs_exported_without_dynamo_are_torchaos_own():
+    """The conv + BatchNorm rewrite patterns, exported as ``quick_conv_batch_norm_rewrites`` exports them, are the
+    graphs torchao's own (strict) export gives."""
+    import itertools
+
+    import torch.nn.functional as F
+    from torchao.quantization.pt2e import qat_utils
+    from torchao.quantization.pt2e import utils as pt2e_utils
+
+    example = (torch.randn(1, 1, 3, 3), torch.randn(1, 1, 1, 1), *(torch.randn(1) for _ in range(4)))
+    for per_channel, bias, training in itertools.product([True, False], repeat=3):
+        kwargs = qat_utils._get_quantized_conv_bn_example_inputs_kwargs(per_channel, bias, False, False)
+        for make in (qat_utils._get_quantized_qat_conv_bn_pattern, qat_utils._get_folded_quantized_qat_conv_bn_pattern):
+            pattern = make(per_channel, bias, False, F.conv2d, training)
+            ours = compat.pattern_graph(pattern, example, kwargs)
+            theirs = pt2e_utils._get_aten_graph_module_for_pattern(pattern, example, False, **kwargs)
+            assert ours.code == theirs.code, (make.__name__, per_channel, bias, training)
+
+
+@pytest.mark.slow
+def test_quick_conv_batch_norm_rewrites_prepare_and_convert_as_torchao_does_alone():
+    """A network with conv + BatchNorm (with and without conv bias; a Linear after) converts to the same program,
+    computing the same, with the shortcut as without it (20 s: the reference exports every pattern)."""
+    from torchao.quantization.pt2e import qat_utils
+    from torchao.quantization.pt2e import utils as pt2e_utils
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        X86InductorQuantizer,
+        get_default_x86_inductor_quantization_config,
+    )
+
+    torch.manual_seed(0)
+    network = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(4, 4, 3, bias=False),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4 * 4 * 4, 3),
+    )
+    images = torch.randn(8, 1, 8, 8)
+    programs = []
+    for context in (contextlib.nullcontext, compat.quick_conv_batch_norm_rewrites):
+        quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config(is_qat=True))
+        exported = torch.export.export(copy.deepcopy(network).train(), (images,)).module()
+        with context():
+            prepared = prepare_qat_pt2e(exported, quantizer)
+        prepared(images)  # observers see data
+        with context():
+            programs.append(convert_pt2e(prepared))
+    assert programs[0].code == programs[1].code
+    assert programs[1].code.count("aten.conv2d") == 2
+    assert "batch_norm" not in programs[1].code  # folded into the convs
+    assert torch.equal(programs[0](images), programs[1](images))
+    assert qat_utils._get_aten_graph_module_for_pattern is pt2e_utils._get_aten_graph_module_for_pattern  # restored
