@@ -9,6 +9,7 @@ torch.ao is deprecated upstream in favour of torchao's pt2e flow (``pt2e_quantiz
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -305,17 +306,18 @@ def prepare_static(module: nn.Module, mapping: QConfigMapping) -> GraphModule:
     return prepare_fx(float_module, mapping, ())
 
 
-def quantize_dynamic(module: nn.Module, layers: tuple[type, ...] = DYNAMIC_LAYERS) -> nn.Module:
-    """An int8 copy with dynamically quantized ``layers`` (Linear, LSTM, GRU): weights stored in int8,
-    activations quantized on the fly at each call (no calibration), by fbgemm's eager kernels."""
+def quantize_dynamic(module: nn.Module, layers: tuple[type, ...] = DYNAMIC_LAYERS, skip_names: Sequence[str] = ()) -> nn.Module:
+    """An int8 copy with dynamically quantized ``layers`` (Linear, LSTM, GRU) outside the submodules ``skip_names``
+    names: weights stored in int8, activations quantized on the fly at each call (no calibration), by fbgemm's eager
+    kernels."""
     layers = tuple(layer for layer in layers if layer in DYNAMIC_LAYERS)
     if not any(isinstance(child, layers) for child in module.modules()):
         return module
+    # a name's entry overrides its type's in torch.ao's propagation: None keeps that submodule float
+    settings = {layer: torch.ao.quantization.default_dynamic_qconfig for layer in layers} | dict.fromkeys(skip_names)
     if isinstance(module, layers):  # torch swaps children only: a lone layer is swapped as one
-        return torch.ao.quantization.quantize_dynamic(
-            nn.Sequential(copy.deepcopy(module).cpu().eval()), set(layers), dtype=torch.qint8
-        )[0]
-    return torch.ao.quantization.quantize_dynamic(copy.deepcopy(module).cpu().eval(), set(layers), dtype=torch.qint8)
+        return torch.ao.quantization.quantize_dynamic(nn.Sequential(copy.deepcopy(module).cpu().eval()), settings)[0]
+    return torch.ao.quantization.quantize_dynamic(copy.deepcopy(module).cpu().eval(), settings)
 
 
 def convert(prepared: nn.Module) -> nn.Module:
@@ -522,9 +524,13 @@ class FxBackend(QuantizationBackend):
     dynamic_layers = DYNAMIC_LAYERS
 
     def quantize_dynamic(
-        self, module: nn.Module, layers: tuple[type, ...] = DYNAMIC_LAYERS, call: tuple[tuple, dict] | None = None
+        self,
+        module: nn.Module,
+        layers: tuple[type, ...] = DYNAMIC_LAYERS,
+        call: tuple[tuple, dict] | None = None,
+        skip_names: Sequence[str] = (),
     ) -> nn.Module:
-        return quantize_dynamic(module, layers)
+        return quantize_dynamic(module, layers, skip_names)
 
     is_prepared = staticmethod(is_prepared)
     set_fake_quant = staticmethod(set_fake_quant)

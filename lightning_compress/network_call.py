@@ -85,11 +85,7 @@ class NetworkCall:
     @classmethod
     def of(cls, network: nn.Module, path: str, args: tuple, kwargs: dict[str, Any]) -> NetworkCall:
         """The call ``network(*args, **kwargs)``, its targets taken out and its tensors named."""
-        kwargs = dict(kwargs)
-        if _takes_argument(network, "use_cache") and "use_cache" not in kwargs:
-            # transformers' decoders build a key-value cache for generating token by token; a call over the whole
-            # sequence (an export's, the report's) computes the same logits without one, and exports cannot hold it
-            kwargs["use_cache"] = False
+        kwargs = {**kwargs, **whole_sequence_arguments(network, kwargs)}
         target_name = target_argument(network, kwargs)
         targets = kwargs.pop(target_name) if target_name else None
         args = tuple(args)
@@ -355,6 +351,14 @@ def _optional_argument(network: nn.Module, name: str) -> bool:
     if name in parameters:
         return parameters[name].default is not inspect.Parameter.empty
     return any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters.values())
+
+
+def whole_sequence_arguments(network: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments to add to a call of ``network`` that an export, the report or an int8 graph makes
+    over a whole sequence: ``use_cache=False`` where the network takes ``use_cache`` and the call leaves it out.
+    transformers' decoders otherwise build a key-value cache for generating token by token, which an exported
+    graph cannot return; the logits are the same without it."""
+    return {"use_cache": False} if _takes_argument(network, "use_cache") and "use_cache" not in kwargs else {}
 
 
 def _takes_argument(network: nn.Module, name: str) -> bool:

@@ -381,9 +381,9 @@ class DynamicQuantization(Callback, ReportsModels):
             self.export_path = self.export_paths.get("torchscript")
 
     def _replacements(self, model: nn.Module, name: str) -> dict[str, nn.Module]:
-        """The int8 version of ``model``'s submodule ``name`` (from the call a training step made of it) or, where
-        it has layers ``skip`` keeps, computes its loss inside (``labels=``: an exported graph would then demand
-        labels) or cannot be quantized whole (not exported, never called itself), of its children."""
+        """The int8 version of ``model``'s submodule ``name`` (from the call a training step made of it, the layers
+        ``skip`` keeps left float) or, where it computes its loss inside (``labels=``: an exported graph would then
+        demand labels) or cannot be quantized whole (not exported, never called itself), of its children."""
         module = model.get_submodule(name)
         if not any(isinstance(layer, DYNAMIC_LAYERS) for layer in module.modules()) or is_skipped(
             name, module, self.skip_names, self.skip_types
@@ -391,11 +391,10 @@ class DynamicQuantization(Callback, ReportsModels):
             return {}
         call = self._calls.get(name)
         why_split = computes_its_loss(module, call[1]) if call is not None else None
-        if skipped_layers(module, name, self.skip_names, self.skip_types):
-            why_split = "it has layers skip= keeps in float"
         if not why_split:
             try:
-                return {name: self.backend.quantize_dynamic(module, DYNAMIC_LAYERS, call)}
+                skipped = skipped_layers(module, name, self.skip_names, self.skip_types)
+                return {name: self.backend.quantize_dynamic(module, DYNAMIC_LAYERS, call, skipped)}
             except Exception as error:  # noqa: BLE001 - a part that does not export: its children instead
                 why_split = first_line(error)
         if isinstance(module, DYNAMIC_LAYERS):

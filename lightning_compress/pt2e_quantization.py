@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -41,7 +42,7 @@ from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
 
 from lightning_compress import compat
 from lightning_compress.inputs import call_record, on_cpu, replayed_call
-from lightning_compress.network_call import export_dynamic_shapes
+from lightning_compress.network_call import export_dynamic_shapes, whole_sequence_arguments
 from lightning_compress.quantization_backend import (
     DYNAMIC_LAYERS,
     QUANTIZABLE_LAYERS,
@@ -119,18 +120,22 @@ class ExportedPart(nn.Module):
     validation by setting each module's ``training`` attribute, never calling ``.train()``; the graph then kept
     evaluating BatchNorm with running statistics for the rest of training, which cost the digits CNN 6 points (93.3%
     against 99.3% for the same fit without validation) and was the "DDP gap" (its test validated, the
-    single-process comparison did too, with half as many steps)."""
+    single-process comparison did too, with half as many steps).
 
-    def __init__(self, graph: GraphModule) -> None:
+    ``added_arguments`` are keyword arguments the export added to the observed call (``use_cache=False``, see
+    ``network_call.whole_sequence_arguments``): each call adds them too, as the graph's inputs must match."""
+
+    def __init__(self, graph: GraphModule, added_arguments: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.graph = _with_train_and_eval(graph)
+        self.added_arguments = dict(added_arguments or {})
         self.batch_norm_frozen = False
         self.graph_mode: tuple[bool, bool] | None = None  # (BatchNorm, dropout) training flags the ops hold now
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if not (torch.compiler.is_exporting() or torch.compiler.is_compiling()):  # a trace sees the graph as it is
             self._follow_mode()
-        return self.graph(*args, **kwargs)
+        return self.graph(*args, **{**self.added_arguments, **kwargs})
 
     def train(self, mode: bool = True) -> ExportedPart:
         super().train(mode)
@@ -178,15 +183,17 @@ class CompiledProgram(nn.Module):
     """A converted int8 graph, compiled by Inductor (with freezing, which prepacks the int8 weights for
     oneDNN) on its first call: eagerly the graph runs reference quantize/dequantize ops, slower than fp32.
     ``compile_ms`` is how long that first call took (the report's compile column); each new input shape compiles
-    again (``dynamic=False``, see the known limitations)."""
+    again (``dynamic=False``, see the known limitations). ``added_arguments``: as ``ExportedPart``'s."""
 
-    def __init__(self, program: GraphModule) -> None:
+    def __init__(self, program: GraphModule, added_arguments: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.program = _with_train_and_eval(program)
+        self.added_arguments = dict(added_arguments or {})
         self.__dict__["_compiled"] = None
         self.compile_ms: float | None = None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs = {**self.added_arguments, **kwargs}
         if torch.compiler.is_exporting() or torch.compiler.is_compiling():  # exported as the graph it is
             return self.program(*args, **kwargs)
         first_call = self.__dict__["_compiled"] is None
@@ -206,11 +213,15 @@ class CompiledProgram(nn.Module):
         return state
 
 
-def _export(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> GraphModule:
+def _export(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[GraphModule, dict[str, Any]]:
+    """``module``'s graph, exported from the call ``module(*args, **kwargs)`` with its batch and sequence left free,
+    and the keyword arguments the export added to that call (``whole_sequence_arguments``)."""
+    added = whole_sequence_arguments(module, kwargs)
+    kwargs = {**kwargs, **added}
     program = torch.export.export(
         module, tuple(args), kwargs or None, dynamic_shapes=export_dynamic_shapes(module, args, kwargs), strict=True
     )
-    return program.module()
+    return program.module(), added
 
 
 @register_backend(InductorQuantizationConfig)
@@ -252,12 +263,12 @@ class InductorBackend(QuantizationBackend):
         was_training = module.training
         module.train()
         try:
-            exported = _export(module, args, kwargs)
+            exported, added = _export(module, args, kwargs)
             with compat.quick_conv_batch_norm_rewrites():
                 graph = prepare_qat_pt2e(exported, self._quantizer(True, skip_names, skip_types))
         finally:
             module.train(was_training)
-        return ExportedPart(graph).train(was_training)
+        return ExportedPart(graph, added).train(was_training)
 
     def input_record(self, args: tuple, kwargs: dict[str, Any]) -> Any:
         return call_record(args, kwargs)
@@ -269,8 +280,8 @@ class InductorBackend(QuantizationBackend):
 
     def prepare_ptq(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], skip_names: list[str]) -> nn.Module:
         float_module = copy.deepcopy(module).eval()
-        graph = prepare_pt2e(_export(float_module, args, kwargs), self._quantizer(False, skip_names))
-        return ExportedPart(graph).eval()
+        exported, added = _export(float_module, args, kwargs)
+        return ExportedPart(prepare_pt2e(exported, self._quantizer(False, skip_names)), added).eval()
 
     def is_prepared(self, module: nn.Module) -> bool:
         return any(isinstance(child, ExportedPart) for child in module.modules())
@@ -296,7 +307,7 @@ class InductorBackend(QuantizationBackend):
         with compat.quick_conv_batch_norm_rewrites():
             converted = convert_pt2e(graph)
         _drop_unused_tensors(converted)
-        return CompiledProgram(converted)
+        return CompiledProgram(converted, part.added_arguments)
 
     def fake_quant_for_export(self, prepared: nn.Module) -> nn.Module:
         """A copy of a prepared (trained or calibrated) part whose graphs hold ``QuantizeDequantize`` in place of
@@ -337,7 +348,11 @@ class InductorBackend(QuantizationBackend):
     dynamic_layers = (nn.Linear,)  # LSTM/GRU have no int8 kernel under Inductor: they stay float, named
 
     def quantize_dynamic(
-        self, module: nn.Module, layers: tuple[type, ...] = DYNAMIC_LAYERS, call: tuple[tuple, dict] | None = None
+        self,
+        module: nn.Module,
+        layers: tuple[type, ...] = DYNAMIC_LAYERS,
+        call: tuple[tuple, dict] | None = None,
+        skip_names: Sequence[str] = (),
     ) -> nn.Module:
         """``module`` exported from ``call``, its Linear layers annotated by ``X86InductorQuantizer``'s dynamic
         config (int8 weights per channel; activations quantized per tensor from each call's own range) and
@@ -357,13 +372,14 @@ class InductorBackend(QuantizationBackend):
         args, kwargs = on_cpu(call)
         float_module = copy.deepcopy(module).cpu().eval()
         one_signed = _inputs_of_one_sign(float_module, args, kwargs)
-        graph = prepare_pt2e(_export(float_module, args, kwargs), self._quantizer(False, one_signed, dynamic=True))
+        exported, added = _export(float_module, args, kwargs)
+        graph = prepare_pt2e(exported, self._quantizer(False, [*skip_names, *one_signed], dynamic=True))
         with torch.no_grad():
-            graph(*args, **kwargs)  # the weights' observers see the weights (activations need no range)
+            graph(*args, **{**kwargs, **added})  # the weights' observers see the weights (activations need no range)
         with compat.quick_conv_batch_norm_rewrites():
             converted = convert_pt2e(graph)
         _drop_unused_tensors(converted)
-        return CompiledProgram(converted)
+        return CompiledProgram(converted, added)
 
 
 def _inputs_of_one_sign(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> list[str]:

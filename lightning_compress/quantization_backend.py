@@ -281,11 +281,16 @@ class QuantizationBackend(ABC):
     """The layer types ``quantize_dynamic`` gives int8 weights and per-call activation scales; others stay float."""
 
     def quantize_dynamic(
-        self, module: nn.Module, layers: tuple[type, ...] = DYNAMIC_LAYERS, call: tuple[tuple, dict] | None = None
+        self,
+        module: nn.Module,
+        layers: tuple[type, ...] = DYNAMIC_LAYERS,
+        call: tuple[tuple, dict] | None = None,
+        skip_names: Sequence[str] = (),
     ) -> nn.Module:
         """An int8 copy of ``module`` (CPU, eval) whose ``layers`` of the ``dynamic_layers`` types store int8 weights
-        and quantize activations at each call; ``call`` (args, kwargs) is an observed call of ``module``, which a
-        backend that exports needs. Without such layers ``module`` itself comes back, unchanged."""
+        and quantize activations at each call, except the submodules ``skip_names`` names (relative to ``module``);
+        ``call`` (args, kwargs) is an observed call of ``module``, which a backend that exports needs. Without such
+        layers ``module`` itself comes back, unchanged."""
         return module
 
     # ---------------------------------------------------------------- shared by every backend

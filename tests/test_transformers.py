@@ -151,6 +151,57 @@ def test_dynamic_int8_without_torch_ao_quantizes_every_linear_of_bert_under_indu
     assert _relative_error(output, int8_logits) <= 1e-3
 
 
+@pytest.mark.slow  # 40 s: Inductor compiles the model once per sequence length
+def test_dynamic_int8_without_torch_ao_takes_a_llama_whole_and_any_sequence_length(
+    tmp_path: Path, source_bytes: PythonSourceDataModule
+):
+    """A decoder whose step calls ``self.model(input_ids=...)``: the whole ``LlamaForCausalLM`` is exported once (its
+    key-value cache switched off, as every whole-sequence call of it is), its output head kept float by ``skip``
+    inside the one graph rather than by splitting the model; the int8 model and its .pt2 file take sequences of
+    any length and compute what the float model does."""
+    from lightning_compress.pt2e_quantization import CompiledProgram
+    from lightning_compress.quantization_backend import backend_for, quantization_config
+
+    L.seed_everything(0)
+    module = LlamaBytes()
+    dynamic = DynamicQuantization(backend="x86_inductor", skip=["model.lm_head"], export_dir=str(tmp_path))
+    _fit(tmp_path, module, dynamic, source_bytes, limit_train_batches=4)
+    quantized = dynamic.quantized_model
+    assert isinstance(quantized.model, CompiledProgram)  # one graph: not split child by child
+    int8, floating = backend_for(quantization_config("x86_inductor")).layers_by_kind(quantized)
+    assert len(int8) == 2 * 7 and floating == ["lm_head"]  # q, k, v, o and the MLP's three per block; named in the graph
+    assert set(dynamic.export_paths) == {"torch_export"}
+    tokens = next(iter(source_bytes.test_dataloader()))[0][:2]
+    for length in (32, 20):
+        with torch.no_grad():
+            expected = module.eval().model(input_ids=tokens[:, :length]).logits
+            int8_logits = quantized.model(input_ids=tokens[:, :length]).logits
+        assert int8_logits.shape == (2, length, 256)
+        assert _relative_error(int8_logits.numpy(), expected) <= 0.05
+        [output] = _run_files(dynamic.export_paths, {"input_ids": tokens[:, :length]}).values()
+        assert _relative_error(output, int8_logits) <= 1e-3
+
+
+@pytest.mark.slow  # 30 s: Inductor compiles the int8 model once per sequence length
+def test_pt2e_qat_trains_a_llama_as_one_graph_with_its_cache_off(tmp_path: Path, source_bytes: PythonSourceDataModule):
+    """The torch.export engine prepares a whole ``LlamaForCausalLM`` as one graph (its forward returned a key-value
+    cache, which split it into single layers before); the int8 model takes any sequence length and computes what
+    the trained model does."""
+    L.seed_everything(0)
+    module = LlamaBytes()
+    qat = QuantizationAwareTraining(backend="x86_inductor", start_epoch=0, skip=["model.lm_head"], export_format="none")
+    _fit(tmp_path, module, qat, source_bytes, epochs=1, limit_train_batches=4)
+    assert [(part.name, part.quantized, part.int8_layers, part.float_layers) for part in qat.parts] == [
+        ("model", True, 2 * 7, ["lm_head"])
+    ]
+    tokens = next(iter(source_bytes.test_dataloader()))[0][:2]
+    for length in (32, 20):
+        with torch.no_grad():
+            expected = module.eval().model(input_ids=tokens[:, :length]).logits
+            int8_logits = qat.quantized_model.model(input_ids=tokens[:, :length]).logits
+        assert int8_logits.shape == (2, length, 256) and _relative_error(int8_logits.numpy(), expected) <= 0.05
+
+
 def test_a_keyword_only_forward_exports_every_format(tmp_path: Path, tokens: DigitTokens):
     L.seed_everything(0)
     pruning = MagnitudePruning(
