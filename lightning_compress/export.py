@@ -36,6 +36,12 @@ _EXTRAS = {  # format -> (the packages it needs, the extra that installs them)
 }
 
 
+def format_installed(name: str) -> bool:
+    """Whether the packages export format ``name`` needs (its runtime) are installed."""
+    packages, _ = _EXTRAS.get(name, ((), None))
+    return all(importlib.util.find_spec(package) is not None for package in packages)
+
+
 def check_export_format(export_format: str | Sequence[str]) -> tuple[str, ...]:
     """The formats asked for, as a tuple (``"none"`` or an empty list: none), checked before any training:
     each must exist and have its package installed."""

@@ -145,3 +145,15 @@ def test_qat_with_zero_epochs_warns_and_does_not_crash(tmp_path: Path):
     with pytest.warns(UserWarning, match=r"max_epochs=0 ends this fit before start_epoch=0"):
         quiet_trainer(tmp_path, [qat], 0).fit(ImageClassifier(), datamodule=DigitsDataModule())
     assert qat.quantized_model is None  # no epoch trained with fake-quant: nothing to convert
+
+
+def test_the_low_bit_recipe_ships_to_executorch_where_it_is_installed(monkeypatch: pytest.MonkeyPatch):
+    """``qat_llm`` writes the ExecuTorch program (where its 8da4w model runs fast) when ExecuTorch is installed, and
+    only the torch.export program when it is not, rather than failing for a runtime the user did not ask for."""
+    import importlib.util
+
+    cfg = _compose("+compress=qat_llm")
+    assert cfg.compress.callbacks.quantization.export_format == ["torch_export", "executorch"]
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "executorch" else find_spec(name, *args))
+    assert _compose("+compress=qat_llm").compress.callbacks.quantization.export_format == ["torch_export"]

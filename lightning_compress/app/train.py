@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import InterpolationResolutionError
 
 from lightning_compress.app.models import LIGHTNING_CHECKPOINT_KEYS, read_checkpoint
-from lightning_compress.export import recording_export_failures
+from lightning_compress.export import format_installed, recording_export_failures
 from lightning_compress.network_call import NetworkCall, test_calls
 from lightning_compress.report import CompressionReport, models_to_report
 from lightning_compress.validation import check_integer, is_integer
@@ -61,6 +61,16 @@ def epoch_at(fraction: float, minimum: int = 0, *, _root_: DictConfig) -> int:
 
 
 OmegaConf.register_new_resolver("epoch_at", epoch_at, replace=True)
+
+
+def installed_formats(*formats: str) -> list[str]:
+    """``${installed_formats:torch_export,executorch}`` in a recipe: those export formats whose runtime is installed,
+    in order. A recipe ships to an optional runtime where the user has it (``qat_llm``: ExecuTorch, where low-bit
+    models run fast) and runs without it elsewhere; a format a user names themselves is checked strictly."""
+    return [name for name in formats if format_installed(name)]
+
+
+OmegaConf.register_new_resolver("installed_formats", installed_formats, replace=True)
 
 
 class BeforeTraining(Exception):
