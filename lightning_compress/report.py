@@ -163,15 +163,24 @@ def serialized_size(model: nn.Module) -> int:
 
 
 def latency_ms(
-    models: dict[str, nn.Module], example_input: torch.Tensor | NetworkCall, runs: int = 50, warmup: int = 10
+    models: dict[str, nn.Module],
+    example_input: torch.Tensor | NetworkCall,
+    runs: int = 50,
+    warmup: int = 10,
+    calls_per_turn: int = 1,
 ) -> dict[str, float]:
     """Median milliseconds of one single-threaded forward on ``example_input`` (a tensor, or a call of the network
     as training made it), per model.
 
     The models take turns, one forward each per round, in a new random order each round, so that a burst
     of load on a shared machine, or the caches a large model evicts, slows all of them alike and their
-    ratios stay fair.
+    ratios stay fair: each model starts its turn with the caches the previous one left. With ``calls_per_turn``
+    above one a turn is that many forwards in a row, and the first of each turn is not timed: a model's pace when
+    it runs on its own, as a language model generating one token after another does, its weights staying in the
+    CPU's caches where they fit.
     """
+    if calls_per_turn < 1:
+        raise ValueError(f"calls_per_turn={calls_per_turn!r}: at least 1.")
     timings: dict[str, list[float]] = {name: [] for name in models}
     with ExitStack() as stack:
         for model in models.values():
@@ -185,9 +194,11 @@ def latency_ms(
             # a new order each round: a model timed right after a large one pays for the caches it evicted
             shuffler.shuffle(order)
             for name, model in order:
-                start = time.perf_counter()
-                _output(model, example_input)
-                timings[name].append((time.perf_counter() - start) * 1000.0)
+                for call in range(calls_per_turn):
+                    start = time.perf_counter()
+                    _output(model, example_input)
+                    if call > 0 or calls_per_turn == 1:
+                        timings[name].append((time.perf_counter() - start) * 1000.0)
     return {name: statistics.median(values) for name, values in timings.items()}
 
 

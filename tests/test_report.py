@@ -1,10 +1,11 @@
 import json
+import time
 
 import pytest
 import torch
 from torch import nn
 
-from lightning_compress.report import CompressionReport, count_parameters, serialized_size, top1_accuracy
+from lightning_compress.report import CompressionReport, count_parameters, latency_ms, serialized_size, top1_accuracy
 
 
 def test_count_parameters_counts_zeros_exactly():
@@ -164,3 +165,28 @@ def test_a_model_slower_than_fp32_is_named_under_the_table(digits):
     console = Console(record=True, width=200)
     report.print(console)
     assert "Slower than fp32 at batch 1 on one thread: int8 (0." in console.export_text()
+
+
+def test_latency_with_several_calls_per_turn_times_a_model_running_on_its_own():
+    """A model that is slow only when it follows another (cold caches, here a 30 ms sleep) is timed at that cost
+    with one call per turn, and at its own pace when each turn is several calls in a row."""
+    last_caller: list[str] = []
+
+    class ColdAfterOthers(nn.Module):
+        def __init__(self, name: str) -> None:
+            super().__init__()
+            self.name = name
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if last_caller and last_caller[-1] != self.name:
+                time.sleep(0.03)
+            last_caller.append(self.name)
+            return x
+
+    models = {"a": ColdAfterOthers("a"), "b": ColdAfterOthers("b")}
+    one_call = latency_ms(models, torch.zeros(1), runs=6, warmup=1)
+    in_a_row = latency_ms(models, torch.zeros(1), runs=6, warmup=1, calls_per_turn=3)
+    assert all(value >= 25 for value in one_call.values()), one_call
+    assert all(value < 10 for value in in_a_row.values()), in_a_row
+    with pytest.raises(ValueError, match="calls_per_turn=0"):
+        latency_ms(models, torch.zeros(1), calls_per_turn=0)
