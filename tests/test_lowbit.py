@@ -191,6 +191,26 @@ def test_an_8da4w_model_ships_to_executorch_and_runs_there_without_this_package(
     assert "int8 executorch" in models_to_report(trainer, model)
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not int4_cpu_kernel(), reason="the model that fails to lower is the one in torch's CPU int4 kernel")
+def test_a_model_executorch_cannot_lower_costs_one_warning_and_the_other_exports_are_written(tmp_path: Path):
+    """``int4_weight_only`` in torch's int4 kernel does not lower to ExecuTorch: the .pte is not written (nothing
+    half-written is left), one warning says why, and the .pt2 beside it is written and the run completes."""
+    ptq = PostTrainingQuantization(
+        calibration_batches=1,
+        config=LowBitLinearConfig(scheme="int4_weight_only"),
+        skip=["head"],
+        export_format=["torch_export", "executorch"],
+        export_dir=str(tmp_path / "exports"),
+    )
+    with pytest.warns(UserWarning) as caught:
+        _fit(tmp_path, [ptq], max_epochs=0)
+    failures = [str(warning.message) for warning in caught if "model_int8.pte" in str(warning.message)]
+    assert len(failures) == 1 and "failed, the run goes on" in failures[0] and "\n" not in failures[0]
+    assert set(ptq.export_paths) == {"torch_export"} and ptq.export_paths["torch_export"].is_file()
+    assert [path.name for path in (tmp_path / "exports").iterdir()] == ["model_int8.pt2"]
+
+
 @pytest.mark.parametrize("group_size", [32, 16])
 def test_int4_weight_only_runs_in_the_cpu_int4_kernel_where_it_can(tmp_path: Path, group_size: int):
     from lightning_compress.lowbit_quantization import Int4KernelLinear
