@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric
 
+from lightning_compress import sharding
 from lightning_compress.inputs import example_input
 from lightning_compress.pruning import restore_pruned_channels
 from lightning_compress.quantization import restore_quantization
@@ -225,6 +226,8 @@ class DistillationModule(L.LightningModule, ReportsModels):
         # Runs after compression callbacks' setup (QAT may have rebuilt the student) and before a resumed
         # checkpoint's weights load, so the adapters exist by then.
         if stage == "fit":
+            if self.hints:  # the adapters are built here, outside configure_model: unsharded, their gradients unsynchronized
+                sharding.refuse_under_fsdp2(self.trainer, "DistillationModule(hints=...)")
             self._check_shapes_and_build_adapters(example_input(self.trainer, self))
 
     def _check_shapes_and_build_adapters(self, images: torch.Tensor) -> None:
@@ -310,6 +313,11 @@ class DistillationModule(L.LightningModule, ReportsModels):
         self.log_dict({"train/loss": loss, **losses}, prog_bar=True)
         self.log("train/acc", self.train_accuracy, on_step=False, on_epoch=True)
         return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # Under FSDP2 each rank keeps its own BatchNorm statistics: every rank takes rank 0's, as DDP does, so the
+        # ranks hold one student (and a checkpoint, which holds one rank's buffers, resumes that student).
+        sharding.synchronize_buffers(self.trainer, self.student)
 
     def _evaluate(self, batch, stage: str, accuracy: MeanMetric) -> torch.Tensor:
         """The student's label loss and accuracy, as a plain classifier of the same student would log them."""

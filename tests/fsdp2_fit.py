@@ -13,9 +13,15 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
-from lightning_compress import DynamicQuantization, MagnitudePruning, PostTrainingQuantization, QuantizationAwareTraining
+from lightning_compress import (
+    DistillationModule,
+    DynamicQuantization,
+    MagnitudePruning,
+    PostTrainingQuantization,
+    QuantizationAwareTraining,
+)
 from lightning_compress.app.data import DigitsDataModule
-from lightning_compress.app.models import ImageClassifier
+from lightning_compress.app.models import ImageClassifier, SmallCNN
 from lightning_compress.app.text import ByteTransformer, PythonSourceDataModule
 from lightning_compress.lowbit_quantization import LowBitLinearConfig
 from lightning_compress.sharding import full_tensor, is_sharded
@@ -162,5 +168,54 @@ def resume(output: Path) -> None:
     torch.save(ends, output / f"resume_rank{trainer.global_rank}.pt")
 
 
+class ShardedDistillation(DistillationModule):
+    """Distillation as a user shards it: the student, which trains, sharded; the frozen teacher sharded too, so that
+    neither is held whole on a rank."""
+
+    def configure_model(self) -> None:
+        mesh = self.device_mesh["data_parallel"]
+        for network in (self.student, self.teacher):
+            if not isinstance(network, FSDPModule):
+                fully_shard(network, mesh=mesh)
+
+
+def distillation(output: Path) -> None:
+    """A small student distilled from a trained teacher, both sharded; the student's gathered weights and test
+    predictions, and the teacher's, per rank."""
+    L.seed_everything(0)
+    teacher = ImageClassifier()  # trained first, on one process alike on each rank (same seed, same batches)
+    L.Trainer(
+        max_epochs=3,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    ).fit(teacher, datamodule=DigitsDataModule(batch_size=32))
+    trained_teacher = {name: tensor.detach().clone() for name, tensor in teacher.net.state_dict().items()}
+    L.seed_everything(0)
+    module = ShardedDistillation(student=SmallCNN(widths=(8, 16, 32)), teacher=teacher.net.eval(), temperature=4.0, alpha=0.9)
+    trainer = _fit(module, 3, [], output, enable_checkpointing=False)
+    module.eval()  # the student predicts with the BatchNorm statistics every rank took from rank 0
+    images, labels = _test_images()
+    student = {name: full_tensor(tensor.detach()).clone() for name, tensor in module.student.state_dict().items()}
+    teacher_weights = {name: full_tensor(tensor.detach()).clone() for name, tensor in module.teacher.state_dict().items()}
+    with torch.no_grad():
+        predictions, teacher_predictions = module.student(images), module.teacher(images)
+    torch.save(
+        {
+            "student": student,
+            "teacher": teacher_weights,
+            "predictions": predictions,
+            "teacher_predictions": teacher_predictions,
+            "labels": labels,
+            "trained_teacher": trained_teacher,
+        },
+        output / f"distill_rank{trainer.global_rank}.pt",
+    )
+
+
 if __name__ == "__main__":
-    {"prune_qat": pruning_and_qat, "ptq": post_training, "resume": resume, "lowbit": low_bit}[sys.argv[2]](Path(sys.argv[1]))
+    modes = {"prune_qat": pruning_and_qat, "ptq": post_training, "resume": resume, "lowbit": low_bit, "distill": distillation}
+    modes[sys.argv[2]](Path(sys.argv[1]))

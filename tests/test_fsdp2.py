@@ -82,6 +82,20 @@ def test_a_sharded_run_resumed_from_its_distributed_checkpoint_ends_as_the_unint
     assert torch.equal(ranks[0]["resumed"]["predictions"], ranks[1]["resumed"]["predictions"])
 
 
+@pytest.mark.slow
+def test_distillation_with_student_and_teacher_sharded_trains_one_student_on_both_ranks(tmp_path: Path):
+    """A user's DistillationModule subclass shards student and teacher in configure_model: the student learns from
+    the frozen teacher, which ends as it started, and both ranks hold the same student, BatchNorm statistics
+    included (FSDP2 leaves buffers to each rank; the module takes rank 0's after each step)."""
+    rank0, rank1 = _run(tmp_path, "distill")
+    assert all(torch.equal(rank0["student"][name], rank1["student"][name]) for name in rank0["student"])
+    assert any(name.endswith("running_mean") for name in rank0["student"])
+    assert all(torch.equal(rank0["teacher"][name], rank0["trained_teacher"][name]) for name in rank0["trained_teacher"])
+    assert torch.equal(rank0["predictions"], rank1["predictions"])
+    assert _accuracy(rank0["predictions"], rank0["labels"]) >= 0.8
+    assert _accuracy(rank0["teacher_predictions"], rank0["labels"]) >= 0.95
+
+
 def test_strategies_the_callbacks_cannot_run_under_are_named_with_the_supported_ones():
     with pytest.raises(
         ValueError,
@@ -121,3 +135,25 @@ def test_what_does_not_run_sharded_yet_stops_before_training(tmp_path: Path, cal
     with pytest.raises(ValueError, match=f"{message} does not run under ModelParallelStrategy \\(FSDP2\\) yet"):
         trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
     assert model.net.features[0].weight.grad is None  # nothing trained
+
+
+def test_distillation_hints_stop_before_a_sharded_fit(tmp_path: Path):
+    """Hint adapters are built at setup, outside the user's configure_model: unsharded, their gradients would differ
+    between ranks. Refused in one line before training."""
+    from lightning_compress import DistillationModule
+    from lightning_compress.app.models import SmallCNN
+
+    module = DistillationModule(student=SmallCNN(), teacher=SmallCNN().eval(), hints={"features.4": "features.4"})
+    trainer = L.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        devices=1,
+        strategy=ModelParallelStrategy(),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=str(tmp_path),
+    )
+    with pytest.raises(ValueError, match=r"^DistillationModule\(hints=\.\.\.\) does not run under ModelParallelStrategy"):
+        trainer.fit(module, datamodule=DigitsDataModule(batch_size=32))
+    assert all(parameter.grad is None for parameter in module.student.parameters())
