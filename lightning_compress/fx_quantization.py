@@ -12,7 +12,7 @@ import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -152,6 +152,8 @@ class LearnedRangeFakeQuantize(_LearnableFakeQuantize):
     parameters as ``FakeQuantize`` sets its ranges; once they are frozen, the parameters learn instead of
     staying where the observer left them. A per-channel weight grid is sized for its layer by ``size_for``.
     """
+
+    learns_range: ClassVar[bool] = True  # what range_learning looks for, in either engine
 
     def __init__(self, observer: Any = MovingAverageMinMaxObserver, quant_min: int = 0, quant_max: int = 255, **kwargs: Any):
         super().__init__(observer, quant_min, quant_max, use_grad_scaling=False, **kwargs)

@@ -34,6 +34,8 @@ from torchao.quantization.pt2e import (
     enable_fake_quant,
     enable_observer,
 )
+from torchao.quantization.pt2e.learnable_fake_quantize import LearnableFakeQuantize
+from torchao.quantization.pt2e.observer import MovingAverageMinMaxObserver, MovingAveragePerChannelMinMaxObserver
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, prepare_qat_pt2e
 from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
     X86InductorQuantizer,
@@ -92,7 +94,6 @@ class InductorQuantizationConfig(GridConfig):
             "activation_bits": (self.activation_bits, 8),
             "narrow_range": (self.narrow_range, False),
             "signed_activations": (self.signed_activations, False),
-            "learnable_ranges": (self.learnable_ranges, False),
         }
         for name, (value, supported) in refused.items():
             if value != supported:
@@ -109,6 +110,64 @@ class InductorQuantizationConfig(GridConfig):
     @property
     def seven_bit_weights(self) -> bool:
         return int16_saturating_kernels(self.backend)
+
+
+class LearnedRangeFakeQuantize(LearnableFakeQuantize):
+    """Learned step size quantization (LSQ) on the exported graph: torchao's learnable fake-quant with the
+    schedule the FX engine's has. While observers are on, the observer sets the range; once they are frozen, the
+    scale (and an asymmetric zero-point) learns, while fake-quant is on. Unlike torchao's, the parameters exist
+    from construction (the callback hands them to its range optimizer before the first batch) and keep their
+    identity: the observer's first ranges are copied into them, resized to the weight's channels, and a
+    checkpoint's are loaded into them at its shapes."""
+
+    learns_range: ClassVar[bool] = True
+
+    def __init__(self, observer: Any, quant_min: int = 0, quant_max: int = 255, **observer_kwargs: Any) -> None:
+        super().__init__(observer, quant_min, quant_max, use_grad_scaling=False, **observer_kwargs)
+        self.is_per_channel = self.qscheme in (torch.per_channel_symmetric, torch.per_channel_affine)
+        self.symmetric = self.qscheme in (torch.per_channel_symmetric, torch.per_tensor_symmetric)
+        self.scale = nn.Parameter(torch.ones(1), requires_grad=False)
+        self.zero_point = nn.Parameter(torch.zeros(1), requires_grad=False)
+        self.enable_observer(True)
+
+    def enable_observer(self, enabled: bool = True) -> None:
+        self.observer_enabled[0] = int(enabled)
+        self._learn_if_used()
+
+    def disable_observer(self) -> None:
+        self.enable_observer(False)
+
+    def enable_fake_quant(self, enabled: bool = True) -> None:
+        self.fake_quant_enabled[0] = int(enabled)
+        self._learn_if_used()
+
+    def disable_fake_quant(self) -> None:
+        self.enable_fake_quant(False)
+
+    def _learn_if_used(self) -> None:
+        """Ranges learn only while they quantize and no observer sets them (a parameter that requires a gradient
+        but gets none would stall DDP's reduction); a symmetric grid has no zero-point to learn."""
+        learning = bool(self.fake_quant_enabled[0]) and not bool(self.observer_enabled[0])
+        self.learning_enabled[0] = int(learning)
+        self.scale.requires_grad_(learning)
+        self.zero_point.requires_grad_(learning and not self.symmetric)
+
+    def _initialize_or_update_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        self._resize(scale.shape)
+        self.scale.data.copy_(scale)
+        self.zero_point.data.copy_(zero_point.float())
+        self._initialized = True
+
+    def _resize(self, shape: torch.Size) -> None:
+        if self.scale.shape != shape:
+            self.scale.data = torch.ones(shape, device=self.scale.device)
+            self.zero_point.data = torch.zeros(shape, device=self.zero_point.device)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args: Any, **kwargs: Any) -> None:
+        if f"{prefix}scale" in state_dict:  # a checkpoint's ranges, per channel where the weight has channels
+            self._resize(state_dict[f"{prefix}scale"].shape)
+            self._initialized = True
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class ExportedPart(nn.Module):
@@ -241,6 +300,23 @@ class InductorBackend(QuantizationBackend):
         settings = get_default_x86_inductor_quantization_config(is_qat=is_qat, is_dynamic=dynamic)
         if self.config.seven_bit_weights:
             settings = dataclasses.replace(settings, weight=dataclasses.replace(settings.weight, quant_min=-63, quant_max=63))
+        if is_qat and self.config.learnable_ranges:  # the same observers, their ranges learned once they freeze
+            # one constructor for both activation roles: equal specs are how a producer's output and its consumer's
+            # input come to share one fake-quant
+            activation = LearnedRangeFakeQuantize.with_args(observer=MovingAverageMinMaxObserver)
+            learned = {
+                "input_activation": activation,
+                "output_activation": activation,
+                "weight": LearnedRangeFakeQuantize.with_args(observer=MovingAveragePerChannelMinMaxObserver),
+            }
+            settings = dataclasses.replace(
+                settings,
+                **{
+                    role: dataclasses.replace(getattr(settings, role), observer_or_fake_quant_ctr=constructor)
+                    for role, constructor in learned.items()
+                    if getattr(settings, role) is not None
+                },
+            )
         quantizer = X86InductorQuantizer().set_global(settings)
         for name in skip_names:
             quantizer.set_module_name_qconfig(name, None)

@@ -25,8 +25,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_compress.fx_quantization import LearnedRangeFakeQuantize
-
 DEFAULT_LEARNING_RATE = 0.01  # the best of 0.001, 0.003, 0.01 and 0.03 on one seed of digits (3 and 4 bits)
 BETAS = (0.9, 0.999)
 # Adam's own default. Gradients of a log-scale ran from 1e-14 to 0.2 on trained digits models: a range whose gradient
@@ -35,11 +33,12 @@ EPSILON = 1e-8
 
 
 def learned_ranges(module: nn.Module, prefix: str = "") -> dict[str, nn.Parameter]:
-    """The range parameters of ``module``'s ``LearnedRangeFakeQuantize`` modules by name (with ``prefix``): each
-    scale, and each zero-point of an asymmetric grid (a symmetric one has none to learn)."""
+    """The range parameters of ``module``'s learned-range fake-quant modules (each engine's ``LearnedRangeFakeQuantize``,
+    which says ``learns_range``) by name (with ``prefix``): each scale, and each zero-point of an asymmetric grid (a
+    symmetric one has none to learn)."""
     ranges = {}
     for name, fake_quantize in module.named_modules():
-        if isinstance(fake_quantize, LearnedRangeFakeQuantize):
+        if getattr(fake_quantize, "learns_range", False):
             path = ".".join(filter(None, (prefix, name)))
             ranges[f"{path}.scale"] = fake_quantize.scale
             if not fake_quantize.symmetric:
