@@ -14,8 +14,9 @@ turns): shared machines are noisy, so compare ratios, not absolute milliseconds 
    regimes: the default CNN, a capacity-starved CNN and mobilenet_v2: fp32, post-training int8 of the same
    weights, and QAT fine-tuning of them with observer ranges and with learned ranges (LSQ), at 8 bits, and at
    4 and 3 bits on the default and the starved CNN (4 on mobilenet_v2, ``REGIME_BITS``). The FX backend only:
-   the pt2e backend's QAT fit is ten times slower here and its accuracy tied FX's on the single split this
-   benchmark used before (its tests compare the two).
+   the pt2e backend's QAT fit was ten times slower here (2.6x since its conversion stopped re-exporting torchao's
+   rewrite patterns, not re-run) and its accuracy tied FX's on the single split this benchmark used before (its
+   tests compare the two).
 3. Training step time with fake-quant relative to fp32.
 """
 
