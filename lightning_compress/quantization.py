@@ -244,8 +244,6 @@ class QuantizationAwareTraining(Callback, ReportsModels):
         sharding.check_strategy(trainer, "QuantizationAwareTraining")
         if self.config.learnable_ranges:
             sharding.refuse_under_fsdp2(trainer, "QuantizationAwareTraining(learnable_ranges=True)")
-        if not self.backend.keeps_layer_modules:
-            sharding.refuse_under_fsdp2(trainer, f"QuantizationAwareTraining(backend={self.config.backend!r})")
         # Not an error: a run trained for fewer epochs now may be resumed with a larger max_epochs later.
         late = [
             f"{name}={epoch}"

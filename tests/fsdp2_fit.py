@@ -216,6 +216,40 @@ def distillation(output: Path) -> None:
     )
 
 
+def pt2e(output: Path) -> None:
+    """Unstructured pruning and QAT with the torch.export engine in one fit, the exported graph sharded by the
+    user's configure_model; int8 exported once."""
+    L.seed_everything(0)
+    model = ShardedClassifier()
+    pruning = MagnitudePruning(final_sparsity=0.6, start_epoch=0, end_epoch=2, update_every=3, export_format="none", plot=False)
+    qat = QuantizationAwareTraining(
+        backend="x86_inductor", start_epoch=1, freeze_bn_epoch=2, export_format="torch_export", export_dir=str(output)
+    )
+    trainer = _fit(model, 3, [pruning, qat], output, enable_checkpointing=False)
+    images, labels = _test_images()
+    with torch.no_grad():
+        predictions = qat.quantized_model(images)
+    weights = {name: full_tensor(tensor.detach()).clone() for name, tensor in model.net.state_dict().items()}
+    torch.save(
+        {
+            "weights": weights,
+            "predictions": predictions,
+            "labels": labels,
+            "sharded": is_sharded(model.net),
+            "masks": {name: mask.cpu() for name, mask in pruning.masks.items()},
+            "sparsity": pruning.measured_sparsity(model)[0],
+        },
+        output / f"pt2e_rank{trainer.global_rank}.pt",
+    )
+
+
 if __name__ == "__main__":
-    modes = {"prune_qat": pruning_and_qat, "ptq": post_training, "resume": resume, "lowbit": low_bit, "distill": distillation}
+    modes = {
+        "prune_qat": pruning_and_qat,
+        "ptq": post_training,
+        "resume": resume,
+        "lowbit": low_bit,
+        "distill": distillation,
+        "pt2e": pt2e,
+    }
     modes[sys.argv[2]](Path(sys.argv[1]))

@@ -83,6 +83,24 @@ def test_a_sharded_run_resumed_from_its_distributed_checkpoint_ends_as_the_unint
 
 
 @pytest.mark.slow
+def test_pruning_and_qat_with_the_torch_export_engine_under_fsdp2_end_alike_on_both_ranks(tmp_path: Path):
+    """The exported graph QAT prepares is what the user's configure_model shards: masks on its sharded weights,
+    observers and int8 model identical on both ranks, the .pt2 written once."""
+    rank0, rank1 = _run(tmp_path, "pt2e")
+    assert rank0["sharded"]
+    assert all(torch.equal(rank0["weights"][name], rank1["weights"][name]) for name in rank0["weights"])
+    assert any(name.endswith("scale") for name in rank0["weights"])  # the fake-quants' ranges are among them
+    assert rank0["masks"] and all(torch.equal(rank0["masks"][name], rank1["masks"][name]) for name in rank0["masks"])
+    for name, mask in rank0["masks"].items():  # masks keep float names; the graph holds the weights under graph.
+        weight = rank0["weights"]["graph." + name.removeprefix("net.")]
+        assert torch.count_nonzero(weight[~mask.bool()]) == 0, name
+    assert 0.55 <= rank0["sparsity"] == rank1["sparsity"]
+    assert torch.equal(rank0["predictions"], rank1["predictions"])
+    assert _accuracy(rank0["predictions"], rank0["labels"]) >= 0.9
+    assert [path.name for path in tmp_path.glob("*.pt2")] == ["model_int8.pt2"]
+
+
+@pytest.mark.slow
 def test_distillation_with_student_and_teacher_sharded_trains_one_student_on_both_ranks(tmp_path: Path):
     """A user's DistillationModule subclass shards student and teacher in configure_model: the student learns from
     the frozen teacher, which ends as it started, and both ranks hold the same student, BatchNorm statistics
@@ -116,7 +134,6 @@ def test_strategies_the_callbacks_cannot_run_under_are_named_with_the_supported_
     [
         (lambda: MagnitudePruning(mode="channels", start_epoch=0, end_epoch=1), r"MagnitudePruning\(mode='channels'\)"),
         (lambda: QuantizationAwareTraining(learnable_ranges=True, freeze_observer_epoch=1), r"learnable_ranges=True\)"),
-        (lambda: QuantizationAwareTraining(backend="x86_inductor"), r"backend='x86_inductor'\)"),
     ],
 )
 def test_what_does_not_run_sharded_yet_stops_before_training(tmp_path: Path, callback, message):
