@@ -217,11 +217,18 @@ def _with_train_and_eval(graph: GraphModule) -> GraphModule:
 
 
 def _set_graph_training(graph: GraphModule, batch_norm: bool, dropout: bool) -> None:
-    """Rewrite the training switches of ``graph``'s ops: BatchNorm's and dropout's ``training`` flags, and the
-    ``dropout_p`` of attention (transformers pass ``dropout if self.training else 0.0``, which export fixed at its
-    training value: kept in the node's meta and restored when training resumes)."""
+    """Rewrite the training switches of ``graph``'s ops: BatchNorm's and dropout's ``training`` flags, the step of
+    its ``num_batches_tracked`` counter (an in-place add export keeps apart from the BatchNorm op: counted only while
+    BatchNorm trains, as in eager mode, so evaluations do not count and a resumed run counts as the uninterrupted
+    one), and the ``dropout_p`` of attention (transformers pass ``dropout if self.training else 0.0``, which export
+    fixed at its training value: kept in the node's meta and restored when training resumes)."""
     changed = False
     for node in graph.graph.nodes:
+        if _counts_batches(node):
+            if node.args[1] != int(batch_norm):
+                node.args = (node.args[0], int(batch_norm), *node.args[2:])
+                changed = True
+            continue
         if node.op != "call_function" or node.target not in (_BATCH_NORM, _DROPOUT, _ATTENTION):
             continue
         if node.target is _ATTENTION:
@@ -236,6 +243,25 @@ def _set_graph_training(graph: GraphModule, batch_norm: bool, dropout: bool) -> 
             changed = True
     if changed:
         graph.recompile()
+
+
+def _counts_batches(node: Any) -> bool:
+    """Whether ``node`` is BatchNorm's ``num_batches_tracked += step`` in an exported graph."""
+    return (
+        node.op == "call_function"
+        and node.target == torch.ops.aten.add_.Tensor
+        and getattr(node.args[0], "op", None) == "get_attr"
+        and str(node.args[0].target).endswith("num_batches_tracked")
+    )
+
+
+def _drop_batch_counters(graph: GraphModule) -> None:
+    """Remove BatchNorm's batch counters from a graph about to be converted: inference never counts batches (torchao
+    removes those it recognizes by a step of 1; an evaluating graph's step is 0)."""
+    for node in [node for node in graph.graph.nodes if _counts_batches(node)]:
+        if not node.users:
+            graph.graph.erase_node(node)
+    graph.recompile()
 
 
 class CompiledProgram(nn.Module):
@@ -380,6 +406,7 @@ class InductorBackend(QuantizationBackend):
             raise TypeError(f"backend='x86_inductor' converts parts it prepared, not {type(prepared).__name__}")
         graph = copy.deepcopy(part.graph).cpu()
         _set_graph_training(graph, batch_norm=False, dropout=False)
+        _drop_batch_counters(graph)
         with compat.quick_conv_batch_norm_rewrites():
             converted = convert_pt2e(graph)
         _drop_unused_tensors(converted)

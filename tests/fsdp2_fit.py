@@ -139,9 +139,10 @@ def low_bit(output: Path) -> None:
     torch.save(ends, output / f"lowbit_rank{trainer.global_rank}.pt")
 
 
-def resume(output: Path) -> None:
-    """Pruning and QAT sharded, checkpointed each epoch (Lightning's distributed checkpoints: each rank writes its
-    shards); then a fresh sharded run resumed mid-ramp from the epoch-1 checkpoint. Both runs' ends are dumped."""
+def resume(output: Path, backend: str = "x86", mode: str = "resume") -> None:
+    """Pruning and QAT (with ``backend``'s engine) sharded, checkpointed each epoch (Lightning's distributed
+    checkpoints: each rank writes its shards); then a fresh sharded run resumed mid-ramp from the epoch-1 checkpoint.
+    Both runs' ends are dumped."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     ends = {}
@@ -151,7 +152,7 @@ def resume(output: Path) -> None:
         pruning = MagnitudePruning(
             final_sparsity=0.6, start_epoch=0, end_epoch=2, update_every=3, export_format="none", plot=False
         )
-        qat = QuantizationAwareTraining(start_epoch=2, freeze_bn_epoch=3, export_format="none")
+        qat = QuantizationAwareTraining(start_epoch=2, freeze_bn_epoch=3, export_format="none", backend=backend)
         checkpoints = ModelCheckpoint(dirpath=output / "checkpoints", save_top_k=-1, filename="{epoch}")
         callbacks = [pruning, qat, checkpoints] if run == "uninterrupted" else [pruning, qat]
         kwargs = {} if run == "uninterrupted" else {"ckpt_path": str(output / "checkpoints" / "epoch=1.ckpt")}
@@ -165,7 +166,7 @@ def resume(output: Path) -> None:
             "weights": {name: full_tensor(tensor.detach()).clone() for name, tensor in model.net.state_dict().items()},
             "predictions": predictions,
         }
-    torch.save(ends, output / f"resume_rank{trainer.global_rank}.pt")
+    torch.save(ends, output / f"{mode}_rank{trainer.global_rank}.pt")
 
 
 class ShardedDistillation(DistillationModule):
@@ -248,6 +249,7 @@ if __name__ == "__main__":
         "prune_qat": pruning_and_qat,
         "ptq": post_training,
         "resume": resume,
+        "resume_pt2e": lambda output: resume(output, "x86_inductor", "resume_pt2e"),
         "lowbit": low_bit,
         "distill": distillation,
         "pt2e": pt2e,

@@ -254,6 +254,29 @@ def test_an_exported_part_trains_again_when_lightning_restores_modes_by_attribut
     assert all(torch.equal(buffer, frozen[name]) for name, buffer in part.named_buffers() if name in running)
 
 
+def test_an_exported_part_counts_batches_only_while_its_batch_norm_trains():
+    """Export keeps BatchNorm's ``num_batches_tracked += 1`` apart from the BatchNorm op: it counted evaluations too,
+    so a run resumed from a checkpoint (fewer evaluations since) ended with other counters than the uninterrupted
+    one. It counts as eager BatchNorm does: in training, not in evaluation nor once BatchNorm is frozen."""
+    L.seed_everything(0)
+    images = torch.randn(8, 1, 8, 8)
+    backend = backend_for(InductorQuantizationConfig())
+    part = backend.prepare_qat(ImageClassifier().net, (images,), {}, [], [])
+
+    def counts() -> list[int]:
+        return [int(buffer) for name, buffer in part.named_buffers() if name.endswith("num_batches_tracked")]
+
+    start = counts()
+    assert len(start) == 3
+    part.eval()(images)
+    assert counts() == start
+    part.train()(images)
+    assert counts() == [count + 1 for count in start]
+    backend.freeze_batch_norm(part)
+    part(images)
+    assert counts() == [count + 1 for count in start]
+
+
 @pytest.mark.slow  # 30 s each order: three epochs, then Inductor compiles the int8 program
 @pytest.mark.parametrize("qat_first", [True, False], ids=["qat-listed-first", "pruning-listed-first"])
 def test_pt2e_qat_and_magnitude_pruning_in_one_fit_keep_the_zeros_in_the_int8_model(tmp_path: Path, digits, qat_first):

@@ -69,8 +69,9 @@ def test_low_bit_qat_of_a_language_model_sharded_block_by_block_converts_alike_o
 
 
 @pytest.mark.slow
-def test_a_sharded_run_resumed_from_its_distributed_checkpoint_ends_as_the_uninterrupted_one(tmp_path: Path):
-    ranks = _run(tmp_path, "resume")
+@pytest.mark.parametrize("mode", ["resume", pytest.param("resume_pt2e", id="torch_export_engine")])
+def test_a_sharded_run_resumed_from_its_distributed_checkpoint_ends_as_the_uninterrupted_one(tmp_path: Path, mode: str):
+    ranks = _run(tmp_path, mode)
     assert (tmp_path / "checkpoints" / "epoch=1.ckpt").is_dir()  # each rank wrote its shards
     for ends in ranks:
         uninterrupted, resumed = ends["uninterrupted"], ends["resumed"]
