@@ -224,6 +224,7 @@ def source_bytes() -> PythonSourceDataModule:
     return datamodule
 
 
+@pytest.mark.slow  # 20-25 s: every format written and run at two sequence lengths; the fast suite neared 10 minutes
 def test_a_pruned_llama_exports_through_its_exported_program(tmp_path: Path, source_bytes: PythonSourceDataModule):
     """Llama's masks use ``aten::diff``, which the TorchScript-based ONNX exporter and OpenVINO's TorchScript
     frontend cannot convert: both are written from the ``torch.export`` program instead."""
@@ -281,6 +282,7 @@ def test_the_app_trains_compresses_and_reports_a_users_transformers_module(tmp_p
         assert row["accuracy"] is not None and abs(row["accuracy"] - rows["fp32"]["accuracy"]) <= 0.05, name
 
 
+@pytest.mark.slow  # 25-30 s: QAT, Inductor's compile and three runtimes; the fast suite neared 10 minutes
 def test_pt2e_qat_quantizes_bert_as_one_graph_and_ships_it_to_every_runtime(tmp_path: Path, tokens: DigitTokens):
     """The torch.export engine traces transformers' BERT whole: int8 flows through every Linear of the encoder,
     and the fake-quant graph QAT trained is what ONNX Runtime and OpenVINO run in int8. With transformers' default
