@@ -130,6 +130,22 @@ def test_strategies_the_callbacks_cannot_run_under_are_named_with_the_supported_
         check_strategy(SimpleNamespace(strategy=supported, world_size=2), "MagnitudePruning")
 
 
+def _one_process_sharded_trainer(tmp_path: Path, callbacks: list = ()) -> L.Trainer:
+    """A quiet one-epoch Trainer under ModelParallelStrategy on one process: enough to reach the refusals made
+    before training."""
+    return L.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        devices=1,
+        strategy=ModelParallelStrategy(),
+        callbacks=list(callbacks),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=str(tmp_path),
+    )
+
+
 @pytest.mark.parametrize(
     ("callback", "message"),
     [
@@ -139,17 +155,7 @@ def test_strategies_the_callbacks_cannot_run_under_are_named_with_the_supported_
 )
 def test_what_does_not_run_sharded_yet_stops_before_training(tmp_path: Path, callback, message):
     model = ImageClassifier()
-    trainer = L.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        devices=1,
-        strategy=ModelParallelStrategy(),
-        callbacks=[callback()],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        default_root_dir=str(tmp_path),
-    )
+    trainer = _one_process_sharded_trainer(tmp_path, [callback()])
     with pytest.raises(ValueError, match=f"{message} does not run under ModelParallelStrategy \\(FSDP2\\) yet"):
         trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
     assert model.net.features[0].weight.grad is None  # nothing trained
@@ -162,16 +168,7 @@ def test_distillation_hints_stop_before_a_sharded_fit(tmp_path: Path):
     from lightning_compress.app.models import SmallCNN
 
     module = DistillationModule(student=SmallCNN(), teacher=SmallCNN().eval(), hints={"features.4": "features.4"})
-    trainer = L.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        devices=1,
-        strategy=ModelParallelStrategy(),
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        default_root_dir=str(tmp_path),
-    )
+    trainer = _one_process_sharded_trainer(tmp_path)
     with pytest.raises(ValueError, match=r"^DistillationModule\(hints=\.\.\.\) does not run under ModelParallelStrategy"):
         trainer.fit(module, datamodule=DigitsDataModule(batch_size=32))
     assert all(parameter.grad is None for parameter in module.student.parameters())
