@@ -46,7 +46,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from transformers import BertConfig, BertForSequenceClassification, ViTConfig, ViTForImageClassification
 
-from lightning_compress import DynamicQuantization, QuantizationAwareTraining
+from lightning_compress import DynamicQuantization, MagnitudePruning, QuantizationAwareTraining
 from lightning_compress.app.data import DigitsDataModule
 from lightning_compress.export import write_exports
 from lightning_compress.network_call import NetworkCall, observe_network_call, test_calls
@@ -65,6 +65,7 @@ PRETRAIN_EPOCHS = {"bert": 15, "vit": 10}
 FINETUNE_EPOCHS = {"bert": 3, "vit": 3}
 FROM_SCRATCH_LR, FINETUNE_LR = 1e-3, 2e-4  # BERT at 2e-3 stayed at chance (11.5%); 1e-3 for 10 epochs reached 67%
 CALIBRATION_SAMPLES = 300
+PRUNED = 0.5  # the fraction of BERT's heads and MLP channels the pruned rows remove
 CLASS_TOKEN = 17  # after the 17 grey levels
 
 
@@ -208,6 +209,34 @@ def _post_training_rows(fp32: Classifier, trainer: L.Trainer, datamodule, folder
     }
 
 
+def _pruned_rows(shape: tuple, start: dict, epochs: int, seed: int, datamodule, folder: Path, batches) -> dict[str, nn.Module]:
+    """BERT with ``PRUNED`` of its attention heads and MLP channels removed, then int8, in one fit: the heads and
+    channels go by magnitude over the first epoch, leave the network at the start of the second, and QAT (the
+    torch.export engine) trains the smaller network from there. The residual width stays (its producers skipped)."""
+    layers = shape[0]
+    residual = [f"model.bert.encoder.layer.{layer}.{part}output.dense" for layer in range(layers) for part in ("", "attention.")]
+    pruning = MagnitudePruning(
+        final_sparsity=PRUNED,
+        start_epoch=0,
+        end_epoch=1,
+        shrink_epoch=1,
+        mode="channels",
+        skip=[*residual, "model.bert.pooler"],
+        export_format="none",
+        plot=False,
+    )
+    qat = QuantizationAwareTraining(
+        start_epoch=1, calibration_batches=8, backend="x86_inductor", export_format=["openvino"], export_dir=str(folder)
+    )
+    _fit("bert", shape, start, epochs, FINETUNE_LR, seed, datamodule, [pruning, qat], batches=batches)
+    share = f"{round(100 * PRUNED)}%"
+    return {
+        f"heads+MLP -{share} (torch)": pruning.pruned_model,
+        f"heads+MLP -{share}, QAT int8 (torch, Inductor)": qat.quantized_model,
+        f"heads+MLP -{share}, QAT int8 (OpenVINO)": qat.report_models()["int8 openvino"],
+    }
+
+
 def run_seed(kind: str, seed: int, folder: Path, for_latency: bool = False) -> tuple[dict[str, nn.Module], list[NetworkCall]]:
     """Every model of one seed, and the test split as calls of the network: trained at ``ACCURACY_SHAPE``, or at
     ``LATENCY_SHAPE`` through the same steps with ``LATENCY_BATCHES`` batches per fit and no pretraining."""
@@ -226,6 +255,9 @@ def run_seed(kind: str, seed: int, folder: Path, for_latency: bool = False) -> t
     _fit(kind, shape, fp32.state_dict(), 0, FINETUNE_LR, seed, datamodule, [dynamic])
     dynamic_inductor = DynamicQuantization(backend="x86_inductor", export_format="none")
     _fit(kind, shape, fp32.state_dict(), 0, FINETUNE_LR, seed, datamodule, [dynamic_inductor])
+    pruned_rows = (
+        _pruned_rows(shape, start, max(epochs, 2), seed, datamodule, folder / "pruned", batches) if kind == "bert" else {}
+    )
     models = {
         "fp32": fp32,
         "QAT int8 (torch, Inductor)": qat.quantized_model,
@@ -233,6 +265,7 @@ def run_seed(kind: str, seed: int, folder: Path, for_latency: bool = False) -> t
         "dynamic int8 (ours, torch.ao)": dynamic.quantized_model,
         "dynamic int8 (ours, Inductor)": dynamic_inductor.quantized_model,
         **_post_training_rows(fp32, trainer, datamodule, folder),
+        **pruned_rows,
     }
     models = {
         name.replace("onnxruntime", "(ONNX Runtime)").replace("openvino", "(OpenVINO)"): model for name, model in models.items()

@@ -15,6 +15,11 @@ entries a channel owns. Where zeroing is not removal (a LayerNorm over channels 
 too; a group that reaches the network's output changes its shape), ``find_channel_groups`` finds out by
 trying: it masks and removes half of each group's channels and compares the outputs, and leaves a group that
 differs alone, saying why.
+
+Attention is the exception to following Torch-Pruning's couplings: channels inside a head cannot go (removing them
+regroups every head), whole heads can. Where ``attention_heads`` recognizes an attention module, its query, key and
+value layers are left out of Torch-Pruning's analysis and its heads form a group of their own, whose "channels"
+are key-value heads with the query heads that read them; the same masks, checks and removal serve it.
 """
 
 from __future__ import annotations
@@ -29,7 +34,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_compress import attention_heads, model_configs
 from lightning_compress.inputs import _tensors_in, first_line, same_outputs
+from lightning_compress.network_call import whole_sequence_arguments
 
 ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 """Layers whose output channels define a group (and whose weight rows rank the group's channels)."""
@@ -73,12 +80,19 @@ class ChannelGroup:
 
 def find_channel_groups(network: nn.Module, *args: Any, **kwargs: Any) -> list[ChannelGroup]:
     """The channel groups of ``network`` as it runs on the observed ``args``/``kwargs``, each either prunable
-    (masking half its channels computes what removing them does) or ``blocked_by`` a reason."""
+    (masking half its channels computes what removing them does) or ``blocked_by`` a reason; attention heads
+    (see ``attention_heads``) are groups too."""
+    kwargs = {**kwargs, **whole_sequence_arguments(network, kwargs)}
+    layouts, unknown_attention = attention_heads.find_attention(network)
     graph = _dependency_graph(network, args, kwargs)
     names = {module: name for name, module in network.named_modules()}
     parameter_names = {parameter: name for name, parameter in network.named_parameters()}
+    # heads are removed whole, never channel by channel: Torch-Pruning's channels of these layers are not groups
+    attention_layers = [layer for layout in layouts for layer in layout.projections]
+    attention_layers += [layer for layers, _ in unknown_attention.values() for layer in layers]
+    ignored = [network.get_submodule(layer) for layer in attention_layers]
     groups = []
-    for full_group in graph.get_all_groups(ignored_layers=[], root_module_types=ROOT_TYPES):
+    for full_group in graph.get_all_groups(ignored_layers=ignored, root_module_types=ROOT_TYPES):
         root = full_group[0].dep.target.module
         group = ChannelGroup(names[root], graph.get_out_channels(root))
         for dependency, indices in full_group:
@@ -108,6 +122,8 @@ def find_channel_groups(network: nn.Module, *args: Any, **kwargs: Any) -> list[C
             if not is_parameter and removes_outputs and isinstance(target, ROOT_TYPES) and name not in group.producers:
                 group.producers.append(name)
         groups.append(group)
+    groups += [_head_group(layout) for layout in layouts]
+    groups += [ChannelGroup(name, 0, layers, blocked_by=why) for name, (layers, why) in unknown_attention.items()]
     _find_layer_norm_layouts(network, groups, args, kwargs)
     _block_what_masking_cannot_promise(network, [group for group in groups if group.prunable], args, kwargs)
     return groups
@@ -124,6 +140,16 @@ def channel_importance(network: nn.Module, group: ChannelGroup, norm: int = 2) -
         values = weight[list(rows)].flatten(1).norm(p=norm, dim=1).cpu().float()
         importance.index_add_(0, torch.tensor(channels), values)
     return importance
+
+
+def channels_kept_now(network: nn.Module, group: ChannelGroup) -> torch.Tensor:
+    """Which of ``group``'s channels are still there: those owning a row of the first producer that is not all zero."""
+    removal = next(r for r in group.removals if r.target == group.producers[0] and r.removes_outputs)
+    weight = network.get_submodule(removal.target).weight.detach()
+    alive = weight.flatten(1).abs().sum(dim=1).cpu() != 0
+    rows, channels = (torch.tensor(column) for column in zip(*removal.indices, strict=True))
+    kept = torch.zeros(group.size, dtype=torch.int64).index_add_(0, channels, alive[rows].long())
+    return kept > 0
 
 
 def kept_channels(group: ChannelGroup, importance: torch.Tensor, dropped: int) -> torch.Tensor:
@@ -155,10 +181,12 @@ def channel_masks(network: nn.Module, group: ChannelGroup, keep: torch.Tensor) -
     return masks
 
 
-def remove_channels(network: nn.Module, groups: list[ChannelGroup], keeps: list[torch.Tensor], *args: Any, **kwargs: Any) -> None:
+def remove_channels(
+    network: nn.Module, groups: list[ChannelGroup], keeps: list[torch.Tensor], *args: Any, **kwargs: Any
+) -> list[str]:
     """Physically drop the channels whose ``keep`` entry is False, in place (Torch-Pruning removes them,
-    group by group, re-deriving each group on the network as it shrinks)."""
-    remove_dropped_channels(network, dropped_channels(groups, keeps), *args, **kwargs)
+    group by group, re-deriving each group on the network as it shrinks); as ``remove_dropped_channels``."""
+    return remove_dropped_channels(network, dropped_channels(groups, keeps), *args, **kwargs)
 
 
 def dropped_channels(groups: list[ChannelGroup], keeps: list[torch.Tensor]) -> list[tuple[str, list[int]]]:
@@ -167,13 +195,22 @@ def dropped_channels(groups: list[ChannelGroup], keeps: list[torch.Tensor]) -> l
     return [(group.root, (~keep).nonzero().flatten().tolist()) for group, keep in zip(groups, keeps, strict=True)]
 
 
-def remove_dropped_channels(network: nn.Module, dropped: list[tuple[str, list[int]]], *args: Any, **kwargs: Any) -> None:
-    """Drop, in place and in order, the given output channels of each root layer and everything coupled to them."""
+def remove_dropped_channels(network: nn.Module, dropped: list[tuple[str, list[int]]], *args: Any, **kwargs: Any) -> list[str]:
+    """Drop, in place and in order, the given output channels of each root layer and everything coupled to them
+    (an attention module's "channels" are its key-value heads); then bring the config of every transformers model
+    inside up to date. Returns why a config still cannot describe its model (see ``model_configs``)."""
+    kwargs = {**kwargs, **whole_sequence_arguments(network, kwargs)}
+    layouts = {layout.attention: layout for layout in attention_heads.find_attention(network)[0]}
+    widths = model_configs.layer_widths(network)
     graph = _dependency_graph(network, args, kwargs)
     for root_name, channels in dropped:
-        if channels:
+        if channels and root_name not in layouts:
             root = network.get_submodule(root_name)
             graph.get_pruning_group(root, graph.get_pruner_of_module(root).prune_out_channels, channels).prune()
+    for root_name, channels in dropped:  # after Torch-Pruning's removals, whose graph knows the layers as they were
+        if root_name in layouts:
+            attention_heads.remove_heads(network, layouts[root_name], channels)
+    return model_configs.describe_pruned_models(network, widths, list(layouts.values()))
 
 
 KEPT_CHANNELS = "kept_channels"
@@ -212,6 +249,19 @@ def unmask_layer_norms(network: nn.Module) -> None:
 
 
 # ---------------------------------------------------------------------- helpers of this module
+
+
+def _head_group(layout: attention_heads.HeadLayout) -> ChannelGroup:
+    """The heads of one attention module as a group whose channels are its key-value heads."""
+    import torch_pruning
+
+    group = ChannelGroup(layout.attention, layout.key_value_heads, list(layout.projections))
+    for name, (outputs, pairs) in layout.owned_indices().items():
+        handler = torch_pruning.prune_linear_out_channels if outputs else torch_pruning.prune_linear_in_channels
+        group.removals.append(_Removal(name, handler, -1, pairs, removes_outputs=outputs))
+    if layout.key_value_heads < 2:
+        group.blocked_by = "its attention has a single key-value head"
+    return group
 
 
 def _normalize_kept_channels(norm: nn.LayerNorm, args: tuple, output: torch.Tensor, dim: int) -> torch.Tensor | None:

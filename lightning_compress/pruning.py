@@ -353,10 +353,10 @@ class MagnitudePruning(Callback, ReportsModels):
             for root, groups in self._groups.items():
                 network = self.pruned_model.get_submodule(root)
                 channel_groups.unmask_layer_norms(network)  # removal makes them normalize over the kept channels
-                keeps = [self._channel_keep(network, group) for group in groups]
+                keeps = [channel_groups.channels_kept_now(network, group) for group in groups]
                 args, kwargs = on_cpu(self._calls[root])
                 try:
-                    channel_groups.remove_channels(network, groups, keeps, *args, **kwargs)
+                    self._warn_of_configs(channel_groups.remove_channels(network, groups, keeps, *args, **kwargs))
                 except Exception as error:  # noqa: BLE001 - reported below as a model that does not run
                     rank_zero_warn(
                         f"MagnitudePruning: removing the channels of {root!r} failed ({first_line(error, limit=None)})."
@@ -587,11 +587,13 @@ class MagnitudePruning(Callback, ReportsModels):
         shrunken: dict[str, nn.Module] = {}
         for root, groups in self._groups.items():
             network = pl_module.get_submodule(root)
-            dropped = channel_groups.dropped_channels(groups, [self._channel_keep(network, group) for group in groups])
+            dropped = channel_groups.dropped_channels(
+                groups, [channel_groups.channels_kept_now(network, group) for group in groups]
+            )
             args, kwargs = self._calls[root]
             smaller = copy.deepcopy(network)
             channel_groups.unmask_layer_norms(smaller)  # removal makes them normalize over the kept channels
-            channel_groups.remove_dropped_channels(smaller, dropped, *args, **kwargs)
+            self._warn_of_configs(channel_groups.remove_dropped_channels(smaller, dropped, *args, **kwargs))
             if not _computes_the_same(network, smaller, args, kwargs):
                 raise RuntimeError(
                     f"MagnitudePruning: {root!r} computes something else after its channels are removed at "
@@ -640,10 +642,14 @@ class MagnitudePruning(Callback, ReportsModels):
             return self._float_from.float_model(pl_module)
         return sharding.full_copy(pl_module).cpu().eval()
 
-    def _channel_keep(self, network: nn.Module, group: channel_groups.ChannelGroup) -> torch.Tensor:
-        """Channels currently kept: those whose producer rows are not all zero."""
-        weight = network.get_submodule(group.producers[0]).weight.detach()
-        return weight.flatten(1).abs().sum(dim=1).cpu() != 0
+    @staticmethod
+    def _warn_of_configs(problems: list[str]) -> None:
+        """Say where the shipped model's own config cannot describe it after the removal (see ``model_configs``)."""
+        if problems:
+            rank_zero_warn(
+                f"MagnitudePruning: {problems[0]}: its save_pretrained output would not load with from_pretrained; "
+                "save it with torch.save or ship an export."
+            )
 
     def _update_masks(self, pl_module: nn.Module, target: float) -> None:
         if self.mode == "channels":

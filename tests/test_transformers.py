@@ -15,9 +15,11 @@ import onnxruntime
 import openvino
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 from torch.ao.nn.quantized import Linear as LinearInt8
 from torch.ao.nn.quantized.dynamic import Linear as DynamicLinearInt8
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_compress import DynamicQuantization, MagnitudePruning, PostTrainingQuantization, QuantizationAwareTraining
 from lightning_compress.app.text import PythonSourceDataModule
@@ -309,11 +311,11 @@ def test_pt2e_qat_quantizes_bert_as_one_graph_and_ships_it_to_every_runtime(tmp_
         assert (output.argmax(-1) == fake_quant.argmax(-1).numpy()).mean() >= 0.9, name
 
 
-def test_channel_pruning_of_bert_removes_mlp_channels_and_leaves_attention_heads_whole(tmp_path: Path, tokens: DigitTokens):
-    """Removing channels from inside query/key/value regroups every head: masking them would not compute the same
-    once trained, so those groups are blocked (a freshly initialized BERT, with near-uniform attention, agreed by
-    coincidence before the check jittered the weights). The MLP's channels come out, and the model that ships,
-    smaller, computes what the masked one did."""
+def test_channel_pruning_of_bert_removes_whole_heads_and_mlp_channels(tmp_path: Path, tokens: DigitTokens):
+    """Removing channels from inside query/key/value regroups every head, so heads go whole: each attention is a
+    group whose channels are heads (query, key and value rows, the output projection's columns). The model that
+    ships, smaller, computes what the masked one did; BERT's config derives a head's size from hidden_size /
+    num_attention_heads, so it cannot state fewer heads of the same size, and the run says so."""
     from lightning_compress import channel_groups
 
     L.seed_everything(0)
@@ -322,18 +324,178 @@ def test_channel_pruning_of_bert_removes_mlp_channels_and_leaves_attention_heads
     inputs = {name: batch[name] for name in module.inputs}
     groups = {group.root: group for group in channel_groups.find_channel_groups(module.model.eval(), **inputs)}
     for layer in range(2):
-        attention = f"bert.encoder.layer.{layer}.attention.self"
-        assert not groups[f"{attention}.value"].prunable
-        assert not any(group.prunable for root, group in groups.items() if root.startswith(f"{attention}."))
+        attention = groups[f"bert.encoder.layer.{layer}.attention.self"]
+        assert attention.prunable and attention.size == 4  # heads
+        assert attention.producers == [f"bert.encoder.layer.{layer}.attention.self.{name}" for name in ("query", "key", "value")]
         assert groups[f"bert.encoder.layer.{layer}.intermediate.dense"].prunable
+        assert not any(root.startswith(f"bert.encoder.layer.{layer}.attention.self.") for root in groups)  # no channel-wise group
 
     pruning = MagnitudePruning(final_sparsity=0.5, start_epoch=0, end_epoch=1, mode="channels", export_format="none")
-    _fit(tmp_path, module, pruning, tokens)
+    with pytest.warns(UserWarning, match="config cannot describe it"):
+        _fit(tmp_path, module, pruning, tokens)
     assert pruning.channels_removed
-    intermediate = pruning.pruned_model.model.bert.encoder.layer[0].intermediate.dense
-    assert intermediate.out_features == 64  # half of 4 x 32
-    assert pruning.pruned_model.model.bert.encoder.layer[0].attention.self.query.out_features == 32
+    pruned = pruning.pruned_model.model.bert.encoder.layer[0]
+    assert pruned.intermediate.dense.out_features == 64  # half of 4 x 32
+    assert pruned.attention.self.query.out_features == pruned.attention.self.value.out_features == 16  # 2 heads of 8
+    assert pruned.attention.output.dense.in_features == 16
+    assert pruned.attention.self.num_attention_heads == 2 and pruned.attention.self.all_head_size == 16
+    masks = pruning.masks  # the heads that went are those the masks zeroed: whole rows of 8
+    zero_rows = (masks["model.bert.encoder.layer.0.attention.self.query.weight"].sum(1) == 0).nonzero().flatten()
+    assert len(zero_rows) == 16 and set((zero_rows // 8).tolist()) <= {0, 1, 2, 3} and len(set((zero_rows // 8).tolist())) == 2
     with torch.no_grad():
         masked, shrunken = module.model.eval()(**inputs).logits, pruning.pruned_model.model.eval()(**inputs).logits
     assert torch.allclose(masked, shrunken, atol=1e-4)
     assert "channels removed" in pruning.report_models()
+
+
+def test_a_bert_pruned_in_its_mlps_only_reloads_with_from_pretrained(tmp_path: Path, tokens: DigitTokens):
+    """With its heads and residual width skipped, only BERT's MLPs shrink; its config's ``intermediate_size``
+    follows, so ``save_pretrained``/``from_pretrained`` rebuild the pruned model, and no warning is given."""
+    import warnings
+
+    from transformers import BertForSequenceClassification
+
+    L.seed_everything(0)
+    module = BertDigits()
+    blocks = ("attention.self.query", "attention.output.dense", "output.dense")
+    skip = [f"model.bert.encoder.layer.{layer}.{name}" for layer in range(2) for name in blocks]
+    pruning = MagnitudePruning(
+        final_sparsity=0.5, start_epoch=0, end_epoch=1, mode="channels", export_format="none", skip=[*skip, "model.bert.pooler"]
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*config cannot describe")
+        _fit(tmp_path, module, pruning, tokens, limit_train_batches=3)
+    pruned = pruning.pruned_model.model
+    assert pruned.config.intermediate_size == pruned.bert.encoder.layer[1].intermediate.dense.out_features == 64
+    assert pruned.bert.encoder.layer[0].attention.self.query.out_features == 32  # heads kept
+    pruned.save_pretrained(tmp_path / "pruned")
+    reloaded = BertForSequenceClassification.from_pretrained(tmp_path / "pruned").eval()
+    inputs = {name: tensor for name, tensor in _test_batch(4).items() if name in module.inputs}
+    with torch.no_grad():
+        assert torch.allclose(reloaded(**inputs).logits, pruned.eval()(**inputs).logits)
+
+
+def test_heads_of_a_llama_go_with_their_key_value_head_and_its_config_reloads_the_pruned_model(
+    tmp_path: Path, source_bytes: PythonSourceDataModule
+):
+    """Grouped-query attention (4 query heads reading 2 key-value heads): a key-value head goes with the query heads
+    that read it, so the ratio stays 2; Llama's config states head_dim apart from the head counts, so the pruned
+    model's config is updated and ``save_pretrained``/``from_pretrained`` rebuild it, computing the same logits."""
+    from transformers import LlamaForCausalLM
+
+    L.seed_everything(0)
+    module = LlamaBytes()
+    pruning = MagnitudePruning(final_sparsity=0.5, start_epoch=0, end_epoch=1, mode="channels", export_format="none")
+    _fit(tmp_path, module, pruning, source_bytes, limit_train_batches=4)
+    assert pruning.channels_removed
+    pruned = pruning.pruned_model.model
+    attention = pruned.model.layers[0].self_attn
+    assert (attention.q_proj.out_features, attention.k_proj.out_features, attention.o_proj.in_features) == (16, 8, 16)
+    assert pruned.model.layers[0].mlp.up_proj.out_features == 32
+    config = pruned.config
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.intermediate_size) == (2, 1, 8, 32)
+    assert module.model.config.num_attention_heads == 4  # the trained module keeps its own
+
+    pruned.save_pretrained(tmp_path / "pruned")
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path / "pruned").eval()
+    tokens = next(iter(source_bytes.test_dataloader()))[0][:2]
+    with torch.no_grad():
+        masked = module.model.eval()(input_ids=tokens).logits
+        expected = pruned.eval()(input_ids=tokens).logits
+        assert torch.allclose(reloaded(input_ids=tokens).logits, expected)
+    assert torch.allclose(masked, expected, atol=1e-4)
+
+
+class _CustomAttention(nn.Module):
+    """Attention of one's own: query, key and value layers, but no stated head size, so its heads are unknown."""
+
+    def __init__(self, width: int = 16, heads: int = 4) -> None:
+        super().__init__()
+        self.query, self.key, self.value = (nn.Linear(width, width) for _ in range(3))
+        self.out = nn.Linear(width, width)
+        self.split = heads
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        def heads(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.unflatten(-1, (self.split, -1)).transpose(1, 2)
+
+        attended = F.scaled_dot_product_attention(
+            heads(self.query(features)), heads(self.key(features)), heads(self.value(features))
+        )
+        return self.out(attended.transpose(1, 2).flatten(2))
+
+
+class _CustomBlockNet(nn.Module):
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, width)
+        self.attention = _CustomAttention(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed(features)
+        hidden = hidden + self.attention(hidden)
+        return self.head(hidden + self.mlp(hidden)).mean(1)
+
+
+def test_an_attention_whose_heads_are_unknown_is_named_and_its_mlp_channels_still_go(tmp_path: Path):
+    from lightning_compress import channel_groups
+
+    torch.manual_seed(0)
+    network = _CustomBlockNet().eval()
+    features = torch.randn(2, 5, 4)
+    groups = {group.root: group for group in channel_groups.find_channel_groups(network, features)}
+    assert groups["attention"].blocked_by == (
+        "its heads cannot be removed: _CustomAttention states no head size (attention_head_size or head_dim)"
+    )
+    assert groups["attention"].producers == ["attention.query", "attention.key", "attention.value"]
+    assert not any(root.startswith("attention.") for root in groups)
+    assert groups["mlp.0"].prunable
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = _CustomBlockNet()
+
+        def training_step(self, batch, batch_idx):
+            features, labels = batch
+            return F.cross_entropy(self.net(features), labels)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    data = TensorDataset(torch.randn(32, 5, 4), torch.randint(0, 3, (32,)))
+    pruning = MagnitudePruning(final_sparsity=0.5, start_epoch=0, end_epoch=1, mode="channels", export_format="none")
+    trainer = quiet_trainer(tmp_path, [pruning], 2, limit_val_batches=0)
+    trainer.fit(Module(), train_dataloaders=DataLoader(data, batch_size=8))
+    assert pruning.channels_removed
+    assert pruning.pruned_model.net.mlp[0].out_features == 32
+    assert pruning.pruned_model.net.attention.query.out_features == 16
+
+
+def test_a_llama_shrunk_mid_run_reloads_from_its_checkpoint_with_heads_removed(
+    tmp_path: Path, source_bytes: PythonSourceDataModule
+):
+    """``shrink_epoch`` removes heads from the live network; its checkpoint holds the smaller one, which
+    ``restore_pruned_channels`` rebuilds in a fresh module (heads replayed from the record) so the weights load."""
+    from lightning_compress.pruning import restore_pruned_channels
+
+    L.seed_everything(0)
+    module = LlamaBytes()
+    pruning = MagnitudePruning(
+        final_sparsity=0.5, start_epoch=0, end_epoch=1, shrink_epoch=1, mode="channels", export_format="none"
+    )
+    trainer = _fit(tmp_path, module, pruning, source_bytes, limit_train_batches=4)
+    assert module.model.model.layers[1].self_attn.k_proj.out_features == 8
+    assert module.model.config.num_key_value_heads == 1
+    trainer.save_checkpoint(tmp_path / "shrunk.ckpt")
+
+    fresh = LlamaBytes()
+    checkpoint = torch.load(tmp_path / "shrunk.ckpt", weights_only=False)
+    assert restore_pruned_channels(fresh, checkpoint) == ["model"]
+    fresh.load_state_dict(checkpoint["state_dict"])
+    assert fresh.model.config.num_attention_heads == 2
+    tokens = next(iter(source_bytes.test_dataloader()))[0][:2]
+    with torch.no_grad():
+        assert torch.equal(fresh.model.eval()(input_ids=tokens).logits, module.model.eval()(input_ids=tokens).logits)
