@@ -220,8 +220,9 @@ class MagnitudePruning(Callback, ReportsModels):
         if stage != "fit":
             return
         sharding.check_strategy(trainer, "MagnitudePruning")
-        if self.mode == "channels":
-            sharding.refuse_under_fsdp2(trainer, "MagnitudePruning(mode='channels')")
+        if self.mode == "channels" and self.shrink_epoch is not None:
+            # the smaller network would have to be sharded again as the user's configure_model sharded the larger one
+            sharding.refuse_under_fsdp2(trainer, f"MagnitudePruning(mode='channels', shrink_epoch={self.shrink_epoch})")
         if trainer.max_epochs is None or trainer.max_epochs < 0:
             return
         # Not an error: a run trained for fewer epochs now may be resumed with a larger max_epochs later.
@@ -245,6 +246,10 @@ class MagnitudePruning(Callback, ReportsModels):
                 f"MagnitudePruning(mode='channels') would have to remove its channels at epoch {epoch}, before its "
                 f"end_epoch={self.end_epoch}: end the ramp by then, or set shrink_epoch."
             )
+        sharding.refuse_under_fsdp2(
+            pl_module.trainer,
+            "MagnitudePruning(mode='channels') beside QuantizationAwareTraining (it removes the channels at QAT's start)",
+        )
         self.shrink_epoch = epoch
         self._restore_shrink_before_weights_load(pl_module)
 
@@ -523,8 +528,8 @@ class MagnitudePruning(Callback, ReportsModels):
             if root not in self._calls:
                 raise ValueError(f"mode='channels' cannot prune {root!r}: training_step never calls it.")
             args, kwargs = self._calls[root]
-            try:
-                groups = channel_groups.find_channel_groups(network, *args, **kwargs)
+            try:  # on whole weights: under FSDP2, a plain copy gathered from the ranks
+                groups = channel_groups.find_channel_groups(sharding.unsharded(network), *args, **kwargs)
             except Exception as error:  # noqa: BLE001 - a network whose couplings are unknown cannot be shrunk safely
                 raise ValueError(
                     f"mode='channels' cannot prune {root!r}: its channel dependencies cannot be found "
@@ -655,7 +660,7 @@ class MagnitudePruning(Callback, ReportsModels):
         if self.mode == "channels":
             masks: dict[str, torch.Tensor] = {}  # a layer reading one group's channels and writing another's has two
             for root, groups in self._groups.items():
-                network = pl_module.get_submodule(root)
+                network = sharding.unsharded(pl_module.get_submodule(root))  # whole weights: the same masks on every rank
                 for group in groups:
                     importance = channel_groups.channel_importance(network, group, self.channel_norm)
                     keep = channel_groups.kept_channels(group, importance, round(target * group.size))
@@ -705,11 +710,12 @@ class MagnitudePruning(Callback, ReportsModels):
                     self._laid_out_masks[name] = laid_out = (mask, sharding.like(mask, parameter.data))
                 parameter.mul_(laid_out[1])
 
-    @rank_zero_only
     def _export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Path]:
-        folder = output_folder(trainer, self.export_dir)
+        call = observe_network_call(trainer, pl_module)  # every rank: under FSDP2 the step's forward gathers weights
+        if not trainer.is_global_zero:
+            return {}
         return write_exports(
-            self.pruned_model, observe_network_call(trainer, pl_module), folder, "model_pruned", self.export_formats
+            self.pruned_model, call, output_folder(trainer, self.export_dir), "model_pruned", self.export_formats
         )
 
     def _shrunken_differs(self, pl_module: L.LightningModule) -> str | None:
@@ -720,7 +726,7 @@ class MagnitudePruning(Callback, ReportsModels):
         """
         for root in self._groups:
             args, kwargs = self._calls[root]
-            masked, shrunken = pl_module.get_submodule(root), self.pruned_model.get_submodule(root)
+            masked, shrunken = sharding.unsharded(pl_module.get_submodule(root)), self.pruned_model.get_submodule(root)
             was_training = masked.training
             masked.eval()
             try:

@@ -169,6 +169,46 @@ def resume(output: Path, backend: str = "x86", mode: str = "resume") -> None:
     torch.save(ends, output / f"{mode}_rank{trainer.global_rank}.pt")
 
 
+def channels(output: Path) -> None:
+    """Channel pruning sharded: masks on the sharded weights during training, the channels removed from a whole
+    copy at fit end (exported once); checkpointed each epoch, then a fresh sharded run resumed mid-ramp from the
+    epoch-1 distributed checkpoint. Both runs' ends are dumped."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    ends = {}
+    for run in ("uninterrupted", "resumed"):
+        L.seed_everything(0)
+        model = ShardedClassifier()
+        pruning = MagnitudePruning(
+            mode="channels", final_sparsity=0.5, start_epoch=0, end_epoch=2, update_every=3, export_dir=str(output), plot=False
+        )
+        checkpoints = ModelCheckpoint(dirpath=output / "checkpoints", save_top_k=-1, filename="{epoch}")
+        callbacks = [pruning, checkpoints] if run == "uninterrupted" else [pruning]
+        kwargs = {} if run == "uninterrupted" else {"ckpt_path": str(output / "checkpoints" / "epoch=1.ckpt")}
+        trainer = _sharded_trainer(3, callbacks, output, enable_checkpointing=run == "uninterrupted")
+        trainer.fit(model, datamodule=DigitsDataModule(batch_size=32), **kwargs)
+        images, labels = _test_images()
+        gathered = ImageClassifier()  # a plain network, given the trained weights below
+        weights = {name: full_tensor(tensor.detach()).clone() for name, tensor in model.net.state_dict().items()}
+        gathered.net.load_state_dict(weights)
+        with torch.no_grad():
+            shrunken, masked = pruning.pruned_model.net(images), gathered.net.eval()(images)
+        ends[run] = {
+            "masks": {name: mask.cpu() for name, mask in pruning.masks.items()},
+            "weights": weights,
+            "shrunken": shrunken,
+            "masked": masked,
+            "labels": labels,
+            "parameters": (
+                sum(p.numel() for p in pruning.pruned_model.parameters()),
+                sum(p.numel() for p in gathered.parameters()),
+            ),
+            "removed": pruning.channels_removed,
+            "sharded": is_sharded(pruning.pruned_model),
+        }
+    torch.save(ends, output / f"channels_rank{trainer.global_rank}.pt")
+
+
 class ShardedDistillation(DistillationModule):
     """Distillation as a user shards it: the student, which trains, sharded; the frozen teacher sharded too, so that
     neither is held whole on a rank."""
@@ -253,5 +293,6 @@ if __name__ == "__main__":
         "lowbit": low_bit,
         "distill": distillation,
         "pt2e": pt2e,
+        "channels": channels,
     }
     modes[sys.argv[2]](Path(sys.argv[1]))

@@ -84,6 +84,29 @@ def test_a_sharded_run_resumed_from_its_distributed_checkpoint_ends_as_the_unint
 
 
 @pytest.mark.slow
+def test_channel_pruning_under_fsdp2_removes_alike_on_both_ranks_and_resumes_exactly(tmp_path: Path):
+    """Masks computed on whole weights (gathered) zero the same channels on both ranks; at fit end a whole copy
+    loses them and computes what the masked network does; a run resumed from the epoch-1 distributed checkpoint
+    ends with the same masks, weights and smaller network."""
+    ranks = _run(tmp_path, "channels")
+    for ends in ranks:
+        uninterrupted, resumed = ends["uninterrupted"], ends["resumed"]
+        assert uninterrupted["removed"] and not uninterrupted["sharded"]
+        shrunk, dense = uninterrupted["parameters"]
+        assert shrunk < 0.6 * dense
+        assert torch.allclose(uninterrupted["shrunken"], uninterrupted["masked"], atol=1e-4)
+        assert uninterrupted["masks"] and set(uninterrupted["masks"]) == set(resumed["masks"])
+        for name, mask in uninterrupted["masks"].items():
+            assert torch.equal(mask, resumed["masks"][name]), name
+            assert torch.count_nonzero(uninterrupted["weights"][name.removeprefix("net.")][~mask.bool()]) == 0, name
+        assert all(torch.equal(uninterrupted["weights"][k], resumed["weights"][k]) for k in uninterrupted["weights"])
+        assert torch.equal(uninterrupted["shrunken"], resumed["shrunken"])
+    assert torch.equal(ranks[0]["uninterrupted"]["shrunken"], ranks[1]["uninterrupted"]["shrunken"])
+    assert _accuracy(ranks[0]["uninterrupted"]["shrunken"], ranks[0]["uninterrupted"]["labels"]) >= 0.8
+    assert [path.name for path in tmp_path.glob("model_pruned*")] == ["model_pruned.pt"]  # exported once
+
+
+@pytest.mark.slow
 def test_pruning_and_qat_with_the_torch_export_engine_under_fsdp2_end_alike_on_both_ranks(tmp_path: Path):
     """The exported graph QAT prepares is what the user's configure_model shards: masks on its sharded weights,
     observers and int8 model identical on both ranks, the .pt2 written once."""
@@ -147,15 +170,22 @@ def _one_process_sharded_trainer(tmp_path: Path, callbacks: list = ()) -> L.Trai
 
 
 @pytest.mark.parametrize(
-    ("callback", "message"),
+    ("callbacks", "message"),
     [
-        (lambda: MagnitudePruning(mode="channels", start_epoch=0, end_epoch=1), r"MagnitudePruning\(mode='channels'\)"),
-        (lambda: QuantizationAwareTraining(learnable_ranges=True, freeze_observer_epoch=1), r"learnable_ranges=True\)"),
+        (
+            lambda: [MagnitudePruning(mode="channels", start_epoch=0, end_epoch=1, shrink_epoch=1)],
+            r"MagnitudePruning\(mode='channels', shrink_epoch=1\)",
+        ),
+        (
+            lambda: [MagnitudePruning(mode="channels", start_epoch=0, end_epoch=1), QuantizationAwareTraining(start_epoch=1)],
+            r"MagnitudePruning\(mode='channels'\) beside QuantizationAwareTraining \(it removes the channels at QAT's start\)",
+        ),
+        (lambda: [QuantizationAwareTraining(learnable_ranges=True, freeze_observer_epoch=1)], r"learnable_ranges=True\)"),
     ],
 )
-def test_what_does_not_run_sharded_yet_stops_before_training(tmp_path: Path, callback, message):
+def test_what_does_not_run_sharded_yet_stops_before_training(tmp_path: Path, callbacks, message):
     model = ImageClassifier()
-    trainer = _one_process_sharded_trainer(tmp_path, [callback()])
+    trainer = _one_process_sharded_trainer(tmp_path, callbacks())
     with pytest.raises(ValueError, match=f"{message} does not run under ModelParallelStrategy \\(FSDP2\\) yet"):
         trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
     assert model.net.features[0].weight.grad is None  # nothing trained
