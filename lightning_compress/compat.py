@@ -147,6 +147,66 @@ def run_before_weights_load(pl_module: L.LightningModule, hook: Callable[[dict[s
 
 _HOOKS_BEFORE_WEIGHTS_LOAD = "_lightning_compress_hooks_before_weights_load"
 
+
+def run_before_distributed_weights_load(
+    trainer: L.Trainer, pl_module: L.LightningModule, before: Callable[[], None], after: Callable[[], None]
+) -> None:
+    """Run the hooks of ``run_before_weights_load`` also where the Trainer's strategy loads a distributed checkpoint
+    (a folder, as ``ModelParallelStrategy`` writes), between ``before()`` and ``after()``.
+
+    Such a load reads the weights into the module inside the strategy's ``load_checkpoint``, before the module's
+    ``on_load_checkpoint`` runs, so the structure must be rebuilt earlier still: the strategy's ``load_checkpoint``
+    is wrapped, and the hooks read the folder's ``meta.pt`` (Lightning's private layout: everything but the module
+    and optimizer state, the callbacks' states included). A full checkpoint (a file) loads as before.
+    """
+    from pathlib import Path
+
+    from lightning.fabric.utilities.load import _METADATA_FILENAME
+
+    strategy = trainer.strategy
+    if strategy.__dict__.get(_WRAPPED_LOAD) is pl_module:
+        return
+    original = type(strategy).load_checkpoint.__get__(strategy)
+
+    def load_checkpoint(checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+        metadata = Path(checkpoint_path) / _METADATA_FILENAME
+        hooks = pl_module.__dict__.get(_HOOKS_BEFORE_WEIGHTS_LOAD, [])
+        if hooks and metadata.is_file():
+            before()
+            checkpoint = torch.load(metadata, map_location="cpu", weights_only=False)  # the user's own checkpoint
+            for _, hook in sorted(hooks, key=lambda entry: entry[0]):
+                hook(checkpoint)
+            after()
+        if metadata.is_file():
+            _shape_buffers_as_saved(pl_module, Path(checkpoint_path))
+        return original(checkpoint_path, *args, **kwargs)
+
+    strategy.load_checkpoint = load_checkpoint
+    strategy.__dict__[_WRAPPED_LOAD] = pl_module
+
+
+_WRAPPED_LOAD = "_lightning_compress_wrapped_load_for"
+
+
+def _shape_buffers_as_saved(pl_module: nn.Module, folder: Any) -> None:
+    """Give each buffer of ``pl_module`` the shape the distributed checkpoint in ``folder`` saved it with.
+
+    A distributed checkpoint loads into the module's tensors in place, so a buffer whose shape is set by the data it
+    first sees (a per-channel observer's range, a fake-quant's per-channel scale) must have that shape before it
+    loads; a full checkpoint's ``load_state_dict`` reshapes such buffers itself. Lightning saves the module's state
+    under ``state_dict.`` (its private layout); the sizes come from the checkpoint's public metadata.
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+
+    saved = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    for module_name, module in pl_module.named_modules():
+        for name, buffer in list(module._buffers.items()):
+            entry = saved.get(f"state_dict.{module_name}.{name}" if module_name else f"state_dict.{name}")
+            size = getattr(entry, "size", None)
+            if buffer is not None and size is not None and tuple(size) != tuple(buffer.shape):
+                module._buffers[name] = torch.empty(size, dtype=buffer.dtype, device=buffer.device)
+
+
 CHANNELS_REMOVED, FAKE_QUANT_INSERTED = 0, 1
 """The ``order`` of the structures callbacks rebuild before the weights load: QAT inserts fake-quant into the
 network as channel pruning's shrink left it."""

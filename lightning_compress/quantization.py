@@ -240,8 +240,17 @@ class QuantizationAwareTraining(Callback, ReportsModels):
             # test/validate/predict(ckpt_path=...) on a fresh float module: Lightning loads the weights
             # before any callback hook runs, but after the module's own on_load_checkpoint.
             self._restore_before_weights_load(pl_module)
+            if sharding.under_fsdp2(trainer):
+                # a distributed checkpoint loads its weights into the networks configure_model sharded as floats:
+                # the fake-quant structure is rebuilt in whole copies of them, which configure_model then shards
+                # again (Lightning calls it once per stage: it is written to shard only what is not yet sharded)
+                compat.run_before_distributed_weights_load(
+                    trainer, pl_module, lambda: sharding.gather_sharded_children(pl_module), pl_module.configure_model
+                )
             return
         sharding.check_strategy(trainer, "QuantizationAwareTraining")
+        if sharding.under_fsdp2(trainer):  # a resumed fit: observers' ranges take the shapes they were saved with
+            compat.run_before_distributed_weights_load(trainer, pl_module, lambda: None, lambda: None)
         if self.config.learnable_ranges:
             sharding.refuse_under_fsdp2(trainer, "QuantizationAwareTraining(learnable_ranges=True)")
         # Not an error: a run trained for fewer epochs now may be resumed with a larger max_epochs later.

@@ -160,6 +160,21 @@ def reshard(module: nn.Module) -> None:
             child.reshard()
 
 
+def gather_sharded_children(module: nn.Module) -> None:
+    """Replace each child of ``module`` that FSDP2 shards by a plain copy with whole parameters (collective): for a
+    structure rebuilt after ``configure_model`` sharded the one it replaces (``configure_model`` then shards the new
+    one). A module sharded as a whole holds FSDP's state for every parameter in it: no child can be swapped."""
+    if isinstance(module, FSDPModule):
+        raise ValueError(
+            f"{type(module).__name__}'s configure_model shards the LightningModule itself, so the fake-quant networks of "
+            "a distributed checkpoint cannot be rebuilt in a fresh one: shard its networks (fully_shard(self.net)) "
+            "instead, or test the module the fit trained."
+        )
+    for name, child in list(module.named_children()):
+        if isinstance(child, FSDPModule):
+            setattr(module, name, full_copy(child))
+
+
 def under_fsdp2(trainer: L.Trainer) -> bool:
     """Whether the Trainer's strategy is the one that shards with FSDP2 (``ModelParallelStrategy``)."""
     from lightning.pytorch.strategies import ModelParallelStrategy

@@ -209,6 +209,32 @@ def channels(output: Path) -> None:
     torch.save(ends, output / f"channels_rank{trainer.global_rank}.pt")
 
 
+def test_from_checkpoint(output: Path) -> None:
+    """QAT sharded and checkpointed (a distributed checkpoint); then a fresh module tested from that checkpoint, as
+    ``trainer.test(ckpt_path=...)`` is used after training. The int8 predictions of both, per rank."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    L.seed_everything(0)
+    model = ShardedClassifier()
+    qat = QuantizationAwareTraining(start_epoch=1, freeze_bn_epoch=2, export_format="none")
+    checkpoints = ModelCheckpoint(dirpath=output / "checkpoints", save_top_k=-1, filename="{epoch}")
+    trainer = _sharded_trainer(2, [qat, checkpoints], output)
+    trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
+    images, _ = _test_images()
+    model.eval()
+    with torch.no_grad():
+        trained = model.net(images)
+    fresh, fresh_qat = ShardedClassifier(), QuantizationAwareTraining(start_epoch=1, freeze_bn_epoch=2, export_format="none")
+    tester = _sharded_trainer(2, [fresh_qat], output)
+    metrics = tester.test(
+        fresh, datamodule=DigitsDataModule(batch_size=32), ckpt_path=str(output / "checkpoints" / "epoch=1.ckpt")
+    )
+    fresh.eval()
+    with torch.no_grad():
+        tested = fresh.net(images)
+    torch.save({"trained": trained, "tested": tested, "metrics": metrics}, output / f"test_ckpt_rank{trainer.global_rank}.pt")
+
+
 class ShardedDistillation(DistillationModule):
     """Distillation as a user shards it: the student, which trains, sharded; the frozen teacher sharded too, so that
     neither is held whole on a rank."""
@@ -294,5 +320,6 @@ if __name__ == "__main__":
         "distill": distillation,
         "pt2e": pt2e,
         "channels": channels,
+        "test_ckpt": test_from_checkpoint,
     }
     modes[sys.argv[2]](Path(sys.argv[1]))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -143,6 +144,43 @@ def test_run_before_weights_load_runs_before_the_state_dict_is_loaded(tmp_path: 
     trainer.fit(resumed, datamodule=digits, ckpt_path=tmp_path / "wide.ckpt")
     assert events == [("rebuild 0", (8, 1, 3, 3)), ("rebuild 1", (4, 1, 3, 3)), ("own hook", None)]
     assert resumed.net.features[0].weight.shape == (4, 1, 3, 3) and trainer.global_step == 4  # loaded, then went on
+
+
+def test_run_before_distributed_weights_load_rebuilds_and_shapes_buffers_before_the_strategy_loads(tmp_path: Path):
+    """A distributed checkpoint (a folder: Lightning's meta.pt beside torch's shards) loads into the module inside the
+    strategy's load_checkpoint: the wrapped one first runs the registered hooks on meta.pt between before() and
+    after(), and gives each buffer the shape the checkpoint saved (a per-channel range shaped by what it saw)."""
+    from types import SimpleNamespace
+
+    import torch.distributed.checkpoint as dcp
+    from lightning.fabric.utilities.load import _METADATA_FILENAME
+
+    module = ImageClassifier()
+    module.net.register_buffer("scale", torch.ones(1))  # as a fake-quant's scale before it first observes
+    saved = {f"state_dict.{name}": tensor.clone() for name, tensor in module.state_dict().items()}
+    saved["state_dict.net.scale"] = torch.arange(4.0)
+    folder = tmp_path / "epoch=1.ckpt"
+    with warnings.catch_warnings():  # torch may warn that it saves without a process group
+        warnings.simplefilter("ignore")
+        dcp.save(saved, checkpoint_id=str(folder))
+    torch.save({"callbacks": {"Restorer": {"built": True}}}, folder / _METADATA_FILENAME)
+
+    events: list = []
+
+    class Strategy:
+        def load_checkpoint(self, path, weights_only=None):
+            events.append(("load", tuple(module.net.scale.shape)))
+            return {}
+
+    trainer = SimpleNamespace(strategy=Strategy())
+    compat.run_before_weights_load(module, lambda checkpoint: events.append(("hook", checkpoint["callbacks"])), order=0)
+    compat.run_before_distributed_weights_load(
+        trainer, module, lambda: events.append(("before",)), lambda: events.append(("after",))
+    )
+    trainer.strategy.load_checkpoint(str(folder))
+    assert events == [("before",), ("hook", {"Restorer": {"built": True}}), ("after",), ("load", (4,))]
+    trainer.strategy.load_checkpoint(str(tmp_path / "full.ckpt"))  # a file: loaded as before, no hook
+    assert events[-1] == ("load", (4,)) and len(events) == 5
 
 
 def test_rewrap_distributed_wraps_the_new_parameters(tmp_path: Path, digits):

@@ -107,6 +107,18 @@ def test_channel_pruning_under_fsdp2_removes_alike_on_both_ranks_and_resumes_exa
 
 
 @pytest.mark.slow
+def test_a_fresh_module_tests_from_a_qat_distributed_checkpoint(tmp_path: Path):
+    """``trainer.test(fresh_module, ckpt_path=folder)`` under FSDP2: the fake-quant structure is rebuilt before the
+    distributed checkpoint loads into it (its per-channel ranges shaped as saved), and configure_model shards it
+    again; the tested network computes what the trained one did, on both ranks."""
+    ranks = _run(tmp_path, "test_ckpt")
+    for ends in ranks:
+        assert torch.equal(ends["tested"], ends["trained"])
+        assert ends["metrics"][0]["test/acc"] >= 0.8
+    assert torch.equal(ranks[0]["trained"], ranks[1]["trained"])
+
+
+@pytest.mark.slow
 def test_pruning_and_qat_with_the_torch_export_engine_under_fsdp2_end_alike_on_both_ranks(tmp_path: Path):
     """The exported graph QAT prepares is what the user's configure_model shards: masks on its sharded weights,
     observers and int8 model identical on both ranks, the .pt2 written once."""
@@ -202,3 +214,23 @@ def test_distillation_hints_stop_before_a_sharded_fit(tmp_path: Path):
     with pytest.raises(ValueError, match=r"^DistillationModule\(hints=\.\.\.\) does not run under ModelParallelStrategy"):
         trainer.fit(module, datamodule=DigitsDataModule(batch_size=32))
     assert all(parameter.grad is None for parameter in module.student.parameters())
+
+
+class _WhollyShardedClassifier(ImageClassifier):
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        if not isinstance(self, FSDPModule):
+            fully_shard(self, mesh=self.device_mesh["data_parallel"])
+
+
+def test_testing_a_fresh_wholly_sharded_module_from_a_qat_checkpoint_names_the_sharding_to_change(tmp_path: Path):
+    """A LightningModule that shards itself as a whole cannot have its networks swapped for QAT's rebuilt ones: one
+    line says to shard the networks instead."""
+    trainer = _one_process_sharded_trainer(tmp_path, [QuantizationAwareTraining(start_epoch=0, export_format="none")])
+    trainer.fit(_WhollyShardedClassifier(), datamodule=DigitsDataModule(batch_size=32))
+    trainer.save_checkpoint(tmp_path / "qat.ckpt")
+    assert (tmp_path / "qat.ckpt").is_dir()  # a distributed checkpoint
+    tester = _one_process_sharded_trainer(tmp_path, [QuantizationAwareTraining(start_epoch=0, export_format="none")])
+    with pytest.raises(ValueError, match=r"shards the LightningModule itself.*fully_shard\(self\.net\)"):
+        tester.test(_WhollyShardedClassifier(), datamodule=DigitsDataModule(batch_size=32), ckpt_path=str(tmp_path / "qat.ckpt"))
