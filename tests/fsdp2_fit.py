@@ -221,6 +221,7 @@ def test_from_checkpoint(output: Path) -> None:
     trainer = _sharded_trainer(2, [qat, checkpoints], output)
     trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
     images, _ = _test_images()
+    state = {name: full_tensor(tensor.detach()).clone() for name, tensor in model.net.state_dict().items()}
     model.eval()
     with torch.no_grad():
         trained = model.net(images)
@@ -232,7 +233,10 @@ def test_from_checkpoint(output: Path) -> None:
     fresh.eval()
     with torch.no_grad():
         tested = fresh.net(images)
-    torch.save({"trained": trained, "tested": tested, "metrics": metrics}, output / f"test_ckpt_rank{trainer.global_rank}.pt")
+    torch.save(
+        {"trained": trained, "tested": tested, "metrics": metrics, "state": state},
+        output / f"test_ckpt_rank{trainer.global_rank}.pt",
+    )
 
 
 class ShardedDistillation(DistillationModule):

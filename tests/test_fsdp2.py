@@ -16,7 +16,7 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParalle
 from lightning_compress import MagnitudePruning, QuantizationAwareTraining
 from lightning_compress.app.data import DigitsDataModule
 from lightning_compress.app.models import ImageClassifier
-from lightning_compress.sharding import check_strategy
+from lightning_compress.sharding import check_strategy, full_tensor
 
 SCRIPT = Path(__file__).with_name("fsdp2_fit.py")
 
@@ -117,6 +117,31 @@ def test_a_fresh_module_tests_from_a_qat_distributed_checkpoint(tmp_path: Path):
         assert ends["metrics"][0]["test/acc"] >= 0.8
     assert torch.equal(ranks[0]["trained"], ranks[1]["trained"])
 
+    # The same checkpoint (written by 2 processes, after QAT began observing) resumes a fit on one process: it starts
+    # from the weights, ranges and statistics the 2-process run ended with, and goes on to an int8 model.
+    from fsdp2_fit import ShardedClassifier, _test_images
+
+    images, labels = _test_images()
+
+    class StartingPoint(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.state = {name: full_tensor(tensor.detach()).clone() for name, tensor in pl_module.net.state_dict().items()}
+
+    start = StartingPoint()
+    qat = QuantizationAwareTraining(start_epoch=1, freeze_bn_epoch=2, export_format="none")
+    trainer = _one_process_sharded_trainer(tmp_path, [qat, start], max_epochs=3)
+    trainer.fit(
+        ShardedClassifier(), datamodule=DigitsDataModule(batch_size=32), ckpt_path=str(tmp_path / "checkpoints" / "epoch=1.ckpt")
+    )
+    assert trainer.current_epoch == 3
+    saved = ranks[0]["state"]
+    assert set(start.state) == set(saved) and any(name.endswith("scale") for name in saved)
+    # all but the switches, which QAT turned off at fit end after the checkpoint was written
+    differ = [name for name in saved if not name.endswith("_enabled") and not torch.equal(start.state[name], saved[name])]
+    assert not differ, [(name, start.state[name].flatten()[:4], saved[name].flatten()[:4]) for name in differ][:4]
+    with torch.no_grad():
+        assert _accuracy(qat.quantized_model(images), labels) >= 0.8
+
 
 @pytest.mark.slow
 def test_pruning_and_qat_with_the_torch_export_engine_under_fsdp2_end_alike_on_both_ranks(tmp_path: Path):
@@ -165,11 +190,11 @@ def test_strategies_the_callbacks_cannot_run_under_are_named_with_the_supported_
         check_strategy(SimpleNamespace(strategy=supported, world_size=2), "MagnitudePruning")
 
 
-def _one_process_sharded_trainer(tmp_path: Path, callbacks: list = ()) -> L.Trainer:
-    """A quiet one-epoch Trainer under ModelParallelStrategy on one process: enough to reach the refusals made
-    before training."""
+def _one_process_sharded_trainer(tmp_path: Path, callbacks: list = (), max_epochs: int = 1) -> L.Trainer:
+    """A quiet Trainer (one epoch unless told) under ModelParallelStrategy on one process: enough to reach the
+    refusals made before training, or to resume a 2-process run on one."""
     return L.Trainer(
-        max_epochs=1,
+        max_epochs=max_epochs,
         accelerator="cpu",
         devices=1,
         strategy=ModelParallelStrategy(),
