@@ -158,3 +158,40 @@ def test_a_gpu_qat_checkpoint_resumes_on_the_cpu(tmp_path: Path):
     trainer = quiet_trainer(tmp_path / "cpu", [resumed], 4)
     trainer.fit(ImageClassifier(), datamodule=DigitsDataModule(batch_size=64), ckpt_path=tmp_path / "gpu" / "epoch=1.ckpt")
     assert resumed.quantized_model is not None
+
+
+@pytest.mark.gpu
+@gpu
+def test_pruning_and_qat_under_fsdp2_on_the_gpu_ship_an_int8_model_on_the_cpu(tmp_path: Path):
+    """FSDP2 on one GPU (ModelParallelStrategy, the user's fully_shard in configure_model): masks on the sharded
+    weights, fake-quant trained there, the int8 model converted from the gathered weights on the CPU."""
+    from fsdp2_fit import ShardedClassifier
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from lightning_compress.sharding import full_tensor, is_sharded
+
+    pruning = MagnitudePruning(final_sparsity=0.5, start_epoch=0, end_epoch=1, export_format="none", plot=False)
+    qat = QuantizationAwareTraining(start_epoch=1, freeze_bn_epoch=2, export_format="torchscript", export_dir=str(tmp_path))
+    trainer = L.Trainer(
+        max_epochs=3,
+        accelerator="gpu",
+        devices=1,
+        strategy=ModelParallelStrategy(),
+        callbacks=[pruning, qat],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=str(tmp_path),
+    )
+    model = ShardedClassifier()
+    digits = DigitsDataModule(batch_size=64)
+    trainer.fit(model, datamodule=digits)
+    assert is_sharded(model.net) and not is_sharded(qat.quantized_model)
+    weights = {name: full_tensor(tensor.detach()).cpu() for name, tensor in model.net.state_dict().items()}
+    for name, mask in pruning.masks.items():
+        assert torch.count_nonzero(weights[name.removeprefix("net.")][~mask.bool().cpu()]) == 0, name
+    images, labels = digits.test_set.tensors
+    with torch.no_grad():
+        predictions = qat.quantized_model(images)
+    assert (predictions.argmax(1) == labels).float().mean() >= 0.9
+    assert qat.export_path is not None and qat.export_path.is_file()
