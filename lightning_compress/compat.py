@@ -157,7 +157,10 @@ def run_before_distributed_weights_load(
     Such a load reads the weights into the module inside the strategy's ``load_checkpoint``, before the module's
     ``on_load_checkpoint`` runs, so the structure must be rebuilt earlier still: the strategy's ``load_checkpoint``
     is wrapped, and the hooks read the folder's ``meta.pt`` (Lightning's private layout: everything but the module
-    and optimizer state, the callbacks' states included). A full checkpoint (a file) loads as before.
+    and optimizer state, the callbacks' states included). Every folder load also gives the module's buffers the
+    shapes the checkpoint saved them with (see ``_shape_buffers_as_saved``), hooks or not. A full checkpoint (a
+    file) loads as before: under ``ModelParallelStrategy`` its weights too are read inside ``load_checkpoint``, so a
+    structure the hooks would rebuild is not rebuilt in time for one.
     """
     from pathlib import Path
 
@@ -169,6 +172,8 @@ def run_before_distributed_weights_load(
     original = type(strategy).load_checkpoint.__get__(strategy)
 
     def load_checkpoint(checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+        if getattr(strategy, "lightning_module", pl_module) is not pl_module:  # the trainer now runs another module
+            return original(checkpoint_path, *args, **kwargs)
         metadata = Path(checkpoint_path) / _METADATA_FILENAME
         hooks = pl_module.__dict__.get(_HOOKS_BEFORE_WEIGHTS_LOAD, [])
         if hooks and metadata.is_file():

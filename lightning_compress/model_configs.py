@@ -12,6 +12,7 @@ device (no memory) and every parameter's shape compared.
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import torch
@@ -31,17 +32,26 @@ def describe_pruned_models(network: nn.Module, widths_before: dict[str, tuple[in
     """Update the config of every transformers model in ``network`` to the widths it has now (``widths_before``:
     ``layer_widths`` before the removal; ``layouts``: its attention as it was); why any config still cannot
     describe its model (its ``save_pretrained`` output would not load), one line each."""
+    models = [
+        (name, model)
+        for name, model in network.named_modules()
+        if hasattr(type(model), "from_pretrained") and hasattr(getattr(model, "config", None), "to_dict")
+    ]
+    widths_after = layer_widths(network)
+    updated: set[int] = set()
+    for name, model in reversed(models):  # inner models first: a composite's sub-configs are theirs
+        if id(model.config) not in updated:
+            updated.add(id(model.config))
+            prefix = f"{name}." if name else ""
+            inside = [layout for layout in layouts if layout.attention.startswith(prefix) or not name]
+            _update(model.config, prefix, widths_before, widths_after, inside, network)
     problems = []
-    seen: set[int] = set()
-    for name, model in network.named_modules():
-        config = getattr(model, "config", None)
-        if not hasattr(type(model), "from_pretrained") or not hasattr(config, "to_dict") or id(config) in seen:
+    checked: list[str] = []
+    for name, model in models:  # each outermost model, built from its config as from_pretrained would
+        if any(name == outer or name.startswith(f"{outer}.") or not outer for outer in checked):
             continue
-        seen.add(id(config))
-        prefix = f"{name}." if name else ""
-        inside = [layout for layout in layouts if layout.attention.startswith(prefix) or not name]
-        _update(config, prefix, widths_before, layer_widths(network), inside, network)
-        problem = _mismatch(model, config)
+        checked.append(name)
+        problem = _mismatch(model, model.config)
         if problem:
             problems.append(f"{name or type(model).__name__}'s config cannot describe it ({problem})")
     return problems
@@ -82,7 +92,7 @@ def _mismatch(model: nn.Module, config: object) -> str | None:
     logger.setLevel(logging.ERROR)
     try:
         with torch.device("meta"):
-            fresh = type(model)(config)
+            fresh = type(model)(copy.deepcopy(config))  # transformers writes settings into the config it builds from
     except Exception as error:  # noqa: BLE001 - a config that cannot even build the model describes nothing
         return f"building the model from it fails: {type(error).__name__}"
     finally:

@@ -270,6 +270,9 @@ class MagnitudePruning(Callback, ReportsModels):
         self._fake_quant = next((callback for callback in trainer.callbacks if isinstance(callback, HoldsFakeQuant)), None)
         roots = [name for name, _ in compressible_children(pl_module)]
         self._calls = first_calls(pl_module, self._batches, roots)
+        if self.mode == "channels" and trainer.world_size > 1:
+            # the groups, and the check of the shrunken network, follow rank 0's batch: the same on every rank
+            self._batches, self._calls = trainer.strategy.broadcast((self._batches, self._calls))
         self._resolve_names(pl_module)
         if self.mode == "channels" and not self.shrunk:  # resumed after the shrink: nothing to mask any more
             self._find_groups(trainer, pl_module)
@@ -377,7 +380,8 @@ class MagnitudePruning(Callback, ReportsModels):
             self.export_paths = self._export(trainer, pl_module) or {}
             self.export_path = self.export_paths.get("torchscript")
         if self.plot:
-            self.plot_path = self._plot(trainer, pl_module)
+            _, per_layer = self.measured_sparsity(pl_module)  # every rank: under FSDP2 it gathers the weights
+            self.plot_path = self._plot(trainer, per_layer)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -724,9 +728,10 @@ class MagnitudePruning(Callback, ReportsModels):
         Each shrunken network is run on the arguments its masked original received in a training step;
         then the whole module's training_step must run with them.
         """
+        whole = {root: sharding.unsharded(pl_module.get_submodule(root)) for root in self._groups}  # every rank gathers
         for root in self._groups:
             args, kwargs = self._calls[root]
-            masked, shrunken = sharding.unsharded(pl_module.get_submodule(root)), self.pruned_model.get_submodule(root)
+            masked, shrunken = whole[root], self.pruned_model.get_submodule(root)
             was_training = masked.training
             masked.eval()
             try:
@@ -742,8 +747,7 @@ class MagnitudePruning(Callback, ReportsModels):
         return runs(self.pruned_model, self._batches)
 
     @rank_zero_only
-    def _plot(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
-        _, per_layer = self.measured_sparsity(pl_module)
+    def _plot(self, trainer: L.Trainer, per_layer: dict[str, float]) -> Path:
         curve = []
         if self.schedule is not None:
             steps = range(0, max(self.schedule.end_step + 1, trainer.global_step + 1))

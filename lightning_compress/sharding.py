@@ -171,7 +171,7 @@ def gather_sharded_children(module: nn.Module) -> None:
             "instead, or test the module the fit trained."
         )
     for name, child in list(module.named_children()):
-        if isinstance(child, FSDPModule):
+        if is_sharded(child):  # itself, or blocks inside it
             setattr(module, name, full_copy(child))
 
 

@@ -180,8 +180,8 @@ def channels(output: Path) -> None:
         L.seed_everything(0)
         model = ShardedClassifier()
         pruning = MagnitudePruning(
-            mode="channels", final_sparsity=0.5, start_epoch=0, end_epoch=2, update_every=3, export_dir=str(output), plot=False
-        )
+            mode="channels", final_sparsity=0.5, start_epoch=0, end_epoch=2, update_every=3, export_dir=str(output)
+        )  # plot=True, the default: every rank measures, rank 0 draws
         checkpoints = ModelCheckpoint(dirpath=output / "checkpoints", save_top_k=-1, filename="{epoch}")
         callbacks = [pruning, checkpoints] if run == "uninterrupted" else [pruning]
         kwargs = {} if run == "uninterrupted" else {"ckpt_path": str(output / "checkpoints" / "epoch=1.ckpt")}

@@ -104,6 +104,7 @@ def test_channel_pruning_under_fsdp2_removes_alike_on_both_ranks_and_resumes_exa
     assert torch.equal(ranks[0]["uninterrupted"]["shrunken"], ranks[1]["uninterrupted"]["shrunken"])
     assert _accuracy(ranks[0]["uninterrupted"]["shrunken"], ranks[0]["uninterrupted"]["labels"]) >= 0.8
     assert [path.name for path in tmp_path.glob("model_pruned*")] == ["model_pruned.pt"]  # exported once
+    assert (tmp_path / "pruning.png").is_file()
 
 
 @pytest.mark.slow
