@@ -22,6 +22,31 @@ def _offline_wandb(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("WANDB_SILENT", "true")
 
 
+# What a process group started in the test process (a one-process ModelParallelStrategy fit) leaves behind: inherited
+# by a later test's subprocess, MASTER_PORT makes its launcher bind a port still in use (EADDRINUSE), and LOCAL_RANK
+# makes it think it is a launched rank.
+_PROCESS_GROUP_ENVIRONMENT = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "RANK")
+
+
+def forget_process_group() -> None:
+    """Destroy the process group a one-process fit started in this process, and take what it set out of the
+    environment: before a subprocess launches ranks of its own."""
+    import torch.distributed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    for key in _PROCESS_GROUP_ENVIRONMENT:
+        os.environ.pop(key, None)
+
+
+@pytest.fixture(autouse=True)
+def _no_process_group_left_behind():
+    before = {key: os.environ[key] for key in _PROCESS_GROUP_ENVIRONMENT if key in os.environ}
+    yield
+    forget_process_group()
+    os.environ.update(before)
+
+
 @pytest.fixture(scope="session")
 def digits() -> DigitsDataModule:
     datamodule = DigitsDataModule(batch_size=64)

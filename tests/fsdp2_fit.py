@@ -239,6 +239,28 @@ def test_from_checkpoint(output: Path) -> None:
     )
 
 
+def resume_from_one(output: Path) -> None:
+    """A fit resumed on 2 processes from the distributed checkpoint one process wrote (``output/one.ckpt``): the
+    state each rank starts from, and the int8 model it ends with."""
+    L.seed_everything(0)
+
+    class StartingPoint(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.state = {name: full_tensor(tensor.detach()).clone() for name, tensor in pl_module.net.state_dict().items()}
+
+    start = StartingPoint()
+    qat = QuantizationAwareTraining(start_epoch=1, freeze_bn_epoch=2, export_format="none")
+    trainer = _sharded_trainer(3, [qat, start], output, enable_checkpointing=False)
+    trainer.fit(ShardedClassifier(), datamodule=DigitsDataModule(batch_size=32), ckpt_path=str(output / "one.ckpt"))
+    images, labels = _test_images()
+    with torch.no_grad():
+        predictions = qat.quantized_model(images)
+    torch.save(
+        {"start": start.state, "predictions": predictions, "labels": labels, "epoch": trainer.current_epoch},
+        output / f"resume_from_one_rank{trainer.global_rank}.pt",
+    )
+
+
 class ShardedDistillation(DistillationModule):
     """Distillation as a user shards it: the student, which trains, sharded; the frozen teacher sharded too, so that
     neither is held whole on a rank."""
@@ -325,5 +347,6 @@ if __name__ == "__main__":
         "pt2e": pt2e,
         "channels": channels,
         "test_ckpt": test_from_checkpoint,
+        "resume_from_one": resume_from_one,
     }
     modes[sys.argv[2]](Path(sys.argv[1]))

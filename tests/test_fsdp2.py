@@ -18,6 +18,8 @@ from lightning_compress.app.data import DigitsDataModule
 from lightning_compress.app.models import ImageClassifier
 from lightning_compress.sharding import check_strategy, full_tensor
 
+from conftest import forget_process_group
+
 SCRIPT = Path(__file__).with_name("fsdp2_fit.py")
 
 
@@ -240,6 +242,32 @@ def test_distillation_hints_stop_before_a_sharded_fit(tmp_path: Path):
     with pytest.raises(ValueError, match=r"^DistillationModule\(hints=\.\.\.\) does not run under ModelParallelStrategy"):
         trainer.fit(module, datamodule=DigitsDataModule(batch_size=32))
     assert all(parameter.grad is None for parameter in module.student.parameters())
+
+
+@pytest.mark.slow
+def test_a_one_process_qat_checkpoint_resumes_on_two(tmp_path: Path):
+    """The other way round: one process trains QAT under ModelParallelStrategy and writes a distributed checkpoint;
+    two processes resume from it, each starting from exactly that state, and end with the same int8 model."""
+    from fsdp2_fit import ShardedClassifier
+
+    L.seed_everything(0)
+    model = ShardedClassifier()
+    trainer = _one_process_sharded_trainer(
+        tmp_path, [QuantizationAwareTraining(start_epoch=1, freeze_bn_epoch=2, export_format="none")], max_epochs=2
+    )
+    trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
+    trainer.save_checkpoint(tmp_path / "one.ckpt")
+    saved = {name: full_tensor(tensor.detach()).clone() for name, tensor in model.net.state_dict().items()}
+    forget_process_group()  # the two processes start their own
+    ranks = _run(tmp_path, "resume_from_one")
+    for ends in ranks:
+        assert ends["epoch"] == 3
+        assert set(ends["start"]) == set(saved) and any(name.endswith("scale") for name in saved)
+        # all but the switches, which QAT set off at the end of the one-process fit and its schedule sets again
+        differ = [name for name in saved if not name.endswith("_enabled") and not torch.equal(ends["start"][name], saved[name])]
+        assert not differ, differ[:6]
+    assert torch.equal(ranks[0]["predictions"], ranks[1]["predictions"])
+    assert _accuracy(ranks[0]["predictions"], ranks[0]["labels"]) >= 0.8
 
 
 class _WhollyShardedClassifier(ImageClassifier):
