@@ -165,9 +165,7 @@ def runs(module: L.LightningModule, batches: Sequence[Any]) -> str | None:
     batches go to the module's device first: a compressed copy lives on the CPU, the trained module may not."""
     device = _device_of(module)
     try:
-        watch_training_step(
-            module, [_map_tensors(batch, lambda tensor: tensor.to(device)) for batch in batches], fall_back_to_forward=False
-        )
+        watch_training_step(module, [on_device(batch, device) for batch in batches], fall_back_to_forward=False)
     except TrainingStepError as error:
         return first_line(error.__cause__ or error)
     return None
@@ -298,6 +296,11 @@ def on_cpu(value: Any) -> Any:
     """``value`` (a call's arguments, a batch) with every tensor in it on the CPU: what conversion, exports
     and the report work with, whatever device the module trains on."""
     return _map_tensors(value, torch.Tensor.cpu)
+
+
+def on_device(value: Any, device: torch.device) -> Any:
+    """``value`` with every tensor in it on ``device``."""
+    return _map_tensors(value, lambda tensor: tensor.to(device))
 
 
 def _device_of(module: nn.Module) -> torch.device:

@@ -29,6 +29,7 @@ from lightning_compress.inputs import (
     first_calls,
     first_line,
     on_cpu,
+    on_device,
     replayed_call,
     runs,
     same_outputs,
@@ -271,8 +272,10 @@ class MagnitudePruning(Callback, ReportsModels):
         roots = [name for name, _ in compressible_children(pl_module)]
         self._calls = first_calls(pl_module, self._batches, roots)
         if self.mode == "channels" and trainer.world_size > 1:
-            # the groups, and the check of the shrunken network, follow rank 0's batch: the same on every rank
-            self._batches, self._calls = trainer.strategy.broadcast((self._batches, self._calls))
+            # the groups, and the check of the shrunken network, follow rank 0's batch: the same on every rank (sent
+            # from the CPU: a tensor unpickled on another rank would land on rank 0's GPU)
+            shared = trainer.strategy.broadcast(on_cpu((self._batches, self._calls)))
+            self._batches, self._calls = on_device(shared, pl_module.device)
         self._resolve_names(pl_module)
         if self.mode == "channels" and not self.shrunk:  # resumed after the shrink: nothing to mask any more
             self._find_groups(trainer, pl_module)
