@@ -87,14 +87,11 @@ def find_attention(network: nn.Module) -> tuple[list[HeadLayout], dict[str, tupl
 def remove_heads(network: nn.Module, layout: HeadLayout, dropped: list[int]) -> None:
     """Remove the units ``dropped`` (key-value heads with their query heads) from ``layout``'s layers, in place,
     and bring the attention module's own head counts up to date."""
-    import torch_pruning
-
     if not dropped:
         return
     for name, (outputs, pairs) in layout.owned_indices().items():
         indices = [index for index, unit in pairs if unit in dropped]
-        removal = torch_pruning.prune_linear_out_channels if outputs else torch_pruning.prune_linear_in_channels
-        removal(network.get_submodule(name), indices)
+        linear_pruning(outputs)(network.get_submodule(name), indices)
     counts = {
         "key_value_heads": layout.key_value_heads - len(dropped),
         "heads": layout.heads - len(dropped) * layout.query_heads_per_unit,
@@ -105,6 +102,14 @@ def remove_heads(network: nn.Module, layout: HeadLayout, dropped: list[int]) -> 
             setattr(attention, attribute, counts[count])
     if isinstance(getattr(attention, "all_head_size", None), int):
         attention.all_head_size = counts["heads"] * layout.head_size
+
+
+def linear_pruning(outputs: bool):  # noqa: ANN201 - a bound method of Torch-Pruning's Linear pruner
+    """Torch-Pruning's removal of a Linear layer's output rows (``outputs``) or input columns: what removes a head's
+    entries, and what derives its masks."""
+    import torch_pruning
+
+    return torch_pruning.prune_linear_out_channels if outputs else torch_pruning.prune_linear_in_channels
 
 
 def _layout(network: nn.Module, name: str, module: nn.Module, projections: list[str]) -> HeadLayout | str:

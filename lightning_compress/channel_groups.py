@@ -253,12 +253,9 @@ def unmask_layer_norms(network: nn.Module) -> None:
 
 def _head_group(layout: attention_heads.HeadLayout) -> ChannelGroup:
     """The heads of one attention module as a group whose channels are its key-value heads."""
-    import torch_pruning
-
     group = ChannelGroup(layout.attention, layout.key_value_heads, list(layout.projections))
     for name, (outputs, pairs) in layout.owned_indices().items():
-        handler = torch_pruning.prune_linear_out_channels if outputs else torch_pruning.prune_linear_in_channels
-        group.removals.append(_Removal(name, handler, -1, pairs, removes_outputs=outputs))
+        group.removals.append(_Removal(name, attention_heads.linear_pruning(outputs), -1, pairs, removes_outputs=outputs))
     if layout.key_value_heads < 2:
         group.blocked_by = "its attention has a single key-value head"
     return group

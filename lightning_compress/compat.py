@@ -149,7 +149,10 @@ _HOOKS_BEFORE_WEIGHTS_LOAD = "_lightning_compress_hooks_before_weights_load"
 
 
 def run_before_distributed_weights_load(
-    trainer: L.Trainer, pl_module: L.LightningModule, before: Callable[[], None], after: Callable[[], None]
+    trainer: L.Trainer,
+    pl_module: L.LightningModule,
+    before: Callable[[], None] = lambda: None,
+    after: Callable[[], None] = lambda: None,
 ) -> None:
     """Run the hooks of ``run_before_weights_load`` also where the Trainer's strategy loads a distributed checkpoint
     (a folder, as ``ModelParallelStrategy`` writes), between ``before()`` and ``after()``.

@@ -250,7 +250,7 @@ class QuantizationAwareTraining(Callback, ReportsModels):
             return
         sharding.check_strategy(trainer, "QuantizationAwareTraining")
         if sharding.under_fsdp2(trainer):  # a resumed fit: observers' ranges take the shapes they were saved with
-            compat.run_before_distributed_weights_load(trainer, pl_module, lambda: None, lambda: None)
+            compat.run_before_distributed_weights_load(trainer, pl_module)
         if self.config.learnable_ranges:
             sharding.refuse_under_fsdp2(trainer, "QuantizationAwareTraining(learnable_ranges=True)")
         # Not an error: a run trained for fewer epochs now may be resumed with a larger max_epochs later.
