@@ -101,7 +101,7 @@ def run_one(strategy: str, width: int, compress: bool, output: Path) -> None:
             *(
                 [
                     MagnitudePruning(final_sparsity=0.5, start_epoch=0, end_epoch=1, export_format="none", plot=False),
-                    QuantizationAwareTraining(start_epoch=1, export_format="none"),
+                    QuantizationAwareTraining(start_epoch=1, backend="x86", export_format="none"),
                 ]
                 if compress
                 else []

@@ -83,12 +83,12 @@ def train_arms(seed: int) -> tuple[dict[str, float], dict[str, nn.Module], torch
     fit(channels_student, STUDENT_EPOCHS, [channels], seed, digits)
 
     int8_qat = QuantizationAwareTraining(
-        start_epoch=0, calibration_batches=8, freeze_bn_epoch=2, freeze_observer_epoch=3, export_format="none"
+        start_epoch=0, calibration_batches=8, freeze_bn_epoch=2, freeze_observer_epoch=3, backend="x86", export_format="none"
     )
     fit(ImageClassifier(architecture=_trainable_copy(teacher.net)), INT8_EPOCHS, [int8_qat], seed, digits)
 
     one_run_pruning = MagnitudePruning(export_format="none", **PRUNING)
-    one_run_qat = QuantizationAwareTraining(export_format="none", **QAT)
+    one_run_qat = QuantizationAwareTraining(backend="x86", export_format="none", **QAT)
     one_run = DistillationModule(student=_trainable_copy(teacher.net), teacher=teacher.net)
     fit(one_run, STUDENT_EPOCHS, [one_run_pruning, one_run_qat], seed, digits)
 

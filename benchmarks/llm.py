@@ -96,7 +96,7 @@ def run_seed(seed: int) -> tuple[dict[str, float], dict[str, nn.Module]]:
         qat = QuantizationAwareTraining(start_epoch=0, config=LowBitLinearConfig(scheme=scheme), skip=SKIP, export_format="none")
         fit(_model(state=start, lr=FINETUNE_LR), FINETUNE_EPOCHS, [qat], seed, datamodule=data)
         models[f"QAT {scheme}"] = qat.quantized_model
-    dynamic = DynamicQuantization(export_format="none", skip=SKIP)
+    dynamic = DynamicQuantization(backend="x86", export_format="none", skip=SKIP)
     fit(_model(state=fp32.state_dict()), 0, [dynamic], seed, datamodule=data)
     models["torch.ao dynamic int8"] = dynamic.quantized_model
 

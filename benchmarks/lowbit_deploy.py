@@ -82,7 +82,8 @@ def run(width: int, runs: int, folder: Path) -> dict:
     call = NetworkCall.of(module, "", (next(iter(data))[0],), {})
     float_export = write_exports(module, call, folder, "fp32", ["executorch"])
     models["fp32 (ExecuTorch)"] = ExecuTorchModel(float_export["executorch"], (0, 0))
-    models["torch.ao dynamic int8 (torch)"] = _quantized(module, DynamicQuantization(export_format="none"), data).quantized_model
+    torch_ao_dynamic = DynamicQuantization(backend="x86", export_format="none")
+    models["torch.ao dynamic int8 (torch)"] = _quantized(module, torch_ao_dynamic, data).quantized_model
     timings = {}
     for tokens in (1, CONTEXT):
         measured = latency_ms(models, torch.randn(1, tokens, width), runs=runs, warmup=5)

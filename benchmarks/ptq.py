@@ -63,12 +63,13 @@ def architecture_arms(architecture: str, epochs: int, qat_epochs: int, scratch: 
         torch.save(model.net.state_dict(), checkpoint)
         models = {"fp32": model}
         for arm, (_, options) in PTQ_METHODS.items():
-            ptq = PostTrainingQuantization(calibration_batches=8, export_format="none", **options)
+            ptq = PostTrainingQuantization(calibration_batches=8, backend="x86", export_format="none", **options)
             fit(ImageClassifier(architecture, checkpoint=str(checkpoint)), 0, [ptq], seed, datamodule)
             models[arm] = ptq.quantized_model
         for bits in QAT_BITS:
             qat = QuantizationAwareTraining(
                 start_epoch=0,
+                backend="x86",  # the FX engine: its grids go below 8 bits
                 freeze_bn_epoch=max(qat_epochs - 1, 0),
                 weight_bits=bits,
                 activation_bits=bits,
@@ -126,7 +127,7 @@ def dynamic(epochs: int) -> list[dict]:
     images = digits.test_set.tensors[0]
     rows = []
     for name, model in (("LSTM over rows", ImageClassifier("lstm")), ("Linear-heavy MLP", ImageClassifier(_LinearHeavy()))):
-        callback = DynamicQuantization(export_format="none")
+        callback = DynamicQuantization(backend="x86", export_format="none")
         fit(model, epochs, [callback])
         quantized = callback.quantized_model
         timings = latency_ms({"fp32": model, "int8": quantized}, images[:1], runs=100, warmup=10)

@@ -251,7 +251,7 @@ def run_seed(kind: str, seed: int, folder: Path, for_latency: bool = False) -> t
         start_epoch=0, calibration_batches=8, backend="x86_inductor", export_format=["onnx", "openvino"], export_dir=str(folder)
     )
     _fit(kind, shape, start, epochs, FINETUNE_LR, seed, datamodule, [qat], batches=batches)
-    dynamic = DynamicQuantization(export_format="none")
+    dynamic = DynamicQuantization(backend="x86", export_format="none")
     _fit(kind, shape, fp32.state_dict(), 0, FINETUNE_LR, seed, datamodule, [dynamic])
     dynamic_inductor = DynamicQuantization(backend="x86_inductor", export_format="none")
     _fit(kind, shape, fp32.state_dict(), 0, FINETUNE_LR, seed, datamodule, [dynamic_inductor])
