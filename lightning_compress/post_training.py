@@ -34,6 +34,7 @@ from lightning_compress.inputs import (
 )
 from lightning_compress.network_call import computes_its_loss, observe_network_call
 from lightning_compress.quantization_backend import (
+    DEFAULT_BACKEND,
     DYNAMIC_LAYERS,
     QuantizationBackend,
     backend_for,
@@ -60,14 +61,15 @@ class PostTrainingQuantization(Callback, ReportsModels):
 
     .. code-block:: python
 
-        ptq = PostTrainingQuantization(calibration_batches=16, observer="histogram", range_method="entropy")
+        ptq = PostTrainingQuantization(calibration_batches=16)  # histogram ranges, least squares (mse)
         Trainer(max_epochs=0, callbacks=[ptq]).fit(trained_model, datamodule=datamodule)  # no training
         ptq.quantized_model
 
     Args:
         calibration_batches: training batches whose activations set the ranges (at least 1).
-        backend: ``x86`` (default), ``fbgemm`` or ``qnnpack`` (FX graph mode), or ``x86_inductor`` (the pt2e flow,
-            compiled by Inductor; ``histogram`` observer with the ``mse`` range only).
+        backend: ``x86_inductor`` (default: the pt2e flow, compiled by Inductor; ``histogram`` observer with the
+            ``mse`` range only), or FX graph mode, deprecated upstream and chosen by name only (one
+            ``FutureWarning``): ``x86``, ``fbgemm`` or ``qnnpack``, with every observer and range method below.
         per_channel_weights: one weight scale per output channel, or one per tensor.
         observer: ``minmax``, ``moving_average_minmax`` or ``histogram``.
         range_method: ``max``, ``percentile``, ``entropy`` or ``mse`` (all but ``max`` need ``histogram``).
@@ -77,8 +79,8 @@ class PostTrainingQuantization(Callback, ReportsModels):
             data (quantized alone), then keep the most sensitive layers in float until the quantized model is
             within this budget of the float one; prints the table and writes ``quantization_sensitivity.png``.
             The quantized network must take the batch's input and return logits.
-        export_format: one format or a list (``None``: the backend's own): ``torchscript`` writes the int8
-            model as ``model_int8.pt``; ``torch_export`` (``x86_inductor`` only) writes ``model_int8.pt2``;
+        export_format: one format or a list (``None``: the backend's own): ``torch_export`` (``x86_inductor``)
+            writes ``model_int8.pt2``; ``torchscript`` (FX backends) writes the int8 model as ``model_int8.pt``;
             ``onnx`` (``model_int8.onnx``, QuantizeLinear/DequantizeLinear pairs with the calibrated ranges)
             and ``openvino`` (``model_int8_openvino.xml``/``.bin``) are run in int8 by their runtimes;
             ``none`` writes nothing.
@@ -93,7 +95,7 @@ class PostTrainingQuantization(Callback, ReportsModels):
     def __init__(
         self,
         calibration_batches: int = 32,
-        backend: str = "x86",
+        backend: str = DEFAULT_BACKEND,
         per_channel_weights: bool = True,
         observer: str = "histogram",
         range_method: str = "mse",
@@ -287,13 +289,14 @@ class DynamicQuantization(Callback, ReportsModels):
         dynamic.quantized_model
 
     Args:
-        backend: ``x86`` (default), ``fbgemm`` or ``qnnpack``: the FX engine's eager dynamic layers (Linear, LSTM,
-            GRU); ``x86_inductor``: each network exported from the call a training step makes (``torch.export``),
-            its Linear layers quantized by ``X86InductorQuantizer`` and run under ``torch.compile`` (oneDNN's
-            int8 kernels, nothing of the deprecated FX engine); LSTM/GRU stay float there, named. A network that
-            does not export is quantized child by child.
-        export_format: ``torchscript`` (``x86``: ``model_dynamic_int8.pt``) or ``torch_export``
-            (``x86_inductor``: ``model_dynamic_int8.pt2``); ``None``: the backend's own; ``none`` writes nothing.
+        backend: ``x86_inductor`` (default): each network exported from the call a training step makes
+            (``torch.export``), its Linear layers quantized by ``X86InductorQuantizer`` and run under
+            ``torch.compile`` (oneDNN's int8 kernels, nothing of the deprecated FX engine); LSTM/GRU stay float
+            there, named. A network that does not export is quantized child by child. ``x86``, ``fbgemm`` or
+            ``qnnpack``: the FX engine's eager dynamic layers (Linear, LSTM, GRU), deprecated upstream, chosen by
+            name only (one ``FutureWarning``).
+        export_format: ``torch_export`` (``x86_inductor``: ``model_dynamic_int8.pt2``) or ``torchscript``
+            (``x86``: ``model_dynamic_int8.pt``); ``None``: the backend's own; ``none`` writes nothing.
             (ONNX and OpenVINO have no dynamically quantized layers to map these onto: export the QAT or PTQ model.)
         export_dir: where to write it (default: the checkpoint folder, else the log folder).
         modules: submodules to quantize (default: the module's networks), as in every compression callback.
@@ -307,7 +310,7 @@ class DynamicQuantization(Callback, ReportsModels):
         export_dir: str | None = None,
         modules: Sequence[str] | None = None,
         skip: Sequence[str | type] = (),
-        backend: str = "x86",
+        backend: str = DEFAULT_BACKEND,
     ) -> None:
         self.modules = list(modules) if modules is not None else None
         self.skip_names, self.skip_types = split_skip(skip)

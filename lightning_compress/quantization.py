@@ -32,6 +32,7 @@ from lightning_compress.inputs import first_calls, first_line, on_cpu, runs, tra
 from lightning_compress.network_call import computes_its_loss, observe_network_call
 from lightning_compress.pruning import MagnitudePruning
 from lightning_compress.quantization_backend import (
+    DEFAULT_BACKEND,
     RECURRENT_LAYERS,
     QuantizationBackend,
     backend_for,
@@ -59,10 +60,10 @@ class QuantizationAwareTraining(Callback, ReportsModels):
         qat = QuantizationAwareTraining(start_epoch=2, freeze_bn_epoch=6, freeze_observer_epoch=7)
         trainer = Trainer(max_epochs=8, callbacks=[qat])
         trainer.fit(model, datamodule=datamodule)
-        int8_model = qat.quantized_model  # also saved as TorchScript next to the checkpoints
+        int8_model = qat.quantized_model  # compiled by Inductor; saved as a torch.export program (model_int8.pt2)
 
-        # the pt2e flow instead: an int8 model compiled by Inductor, saved as a torch.export program
-        qat = QuantizationAwareTraining(start_epoch=2, backend="x86_inductor")
+        # FX graph mode instead (deprecated upstream): an eager int8 model, saved as TorchScript
+        qat = QuantizationAwareTraining(start_epoch=2, backend="x86")
 
     By default every child of the LightningModule that holds trainable parameters is quantized (metrics and
     frozen modules, such as a distillation teacher, never are). A child that cannot be traced symbolically
@@ -79,10 +80,12 @@ class QuantizationAwareTraining(Callback, ReportsModels):
         start_epoch: epoch at which fake-quant switches on; earlier epochs train in fp32.
         freeze_bn_epoch: epoch from which fused BatchNorm statistics stop updating (``None``: never).
         freeze_observer_epoch: epoch from which scales and zero-points stop updating (``None``: never).
-        backend: how and for which kernels: ``x86`` (default; FX graph mode, int8 models that run
-            eagerly), ``fbgemm`` or ``qnnpack`` (ARM) likewise, or ``x86_inductor`` (the pt2e flow with
-            ``X86InductorQuantizer``: each part exported with ``torch.export``, the int8 model compiled by
-            Inductor on its first call; 8-bit grids and the default observer only; see ``pt2e_quantization``).
+        backend: how and for which kernels: ``x86_inductor`` (default: the pt2e flow with
+            ``X86InductorQuantizer``, each part exported with ``torch.export``, the int8 model compiled by
+            Inductor on its first call; 8-bit grids and the default observer only; see ``pt2e_quantization``), or
+            FX graph mode, deprecated upstream and chosen by name only (one ``FutureWarning``): ``x86``
+            (int8 models that run eagerly; any grid from 2 to 8 bits, every observer), ``fbgemm`` or ``qnnpack``
+            (ARM) likewise.
         per_channel_weights: one weight scale per output channel (default) or one per tensor.
         observer: activation observer, ``moving_average_minmax``, ``minmax`` or ``histogram``.
         weight_bits: weight grid, 2 to 8 bits. Below 8 bits (e.g. 4) the model trains on that grid with
@@ -96,8 +99,8 @@ class QuantizationAwareTraining(Callback, ReportsModels):
         calibration_batches: training batches run through the model with observers on and fake-quant off
             when fake-quant starts, so that a trained model starts QAT from calibrated ranges.
         convert_on_fit_end: build the int8 model at the end of ``fit``.
-        export_format: one format or a list; ``None`` (default): the backend's own, ``torchscript`` for the
-            FX backends and ``torch_export`` for ``x86_inductor``. ``torchscript`` writes the int8 model as
+        export_format: one format or a list; ``None`` (default): the backend's own, ``torch_export`` for
+            ``x86_inductor`` and ``torchscript`` for the FX backends. ``torchscript`` writes the int8 model as
             ``model_int8.pt`` (``torch.jit.load`` runs it without this package); ``torch_export`` writes
             ``model_int8.pt2`` (``torch.export.load``, after the import ``pt2e_quantization`` names); ``onnx``
             writes ``model_int8.onnx``, whose QuantizeLinear/DequantizeLinear pairs hold the trained scales
@@ -108,7 +111,7 @@ class QuantizationAwareTraining(Callback, ReportsModels):
         learnable_ranges: learned step size quantization (LSQ, Esser et al. 2019): from ``freeze_observer_epoch``
             on, every scale (and asymmetric zero-point) is a parameter trained with LSQ's gradient, starting where
             the observers left it, instead of staying frozen; checkpointed and resumed with the weights, converted
-            to the same int8 kernels. FX backends only; layers quantized by module swap keep observed ranges.
+            to the same int8 kernels, on either engine; layers quantized by module swap keep observed ranges.
             The ranges are stepped by this callback, not by the model's optimizer (see ``range_learning``): Adam
             there moves every range by about its learning rate in absolute terms, far too fast for an 8-bit scale
             of 0.002 and far too slow for a 3-bit one of 0.5.
@@ -127,7 +130,7 @@ class QuantizationAwareTraining(Callback, ReportsModels):
         start_epoch: int = 0,
         freeze_bn_epoch: int | None = None,
         freeze_observer_epoch: int | None = None,
-        backend: str = "x86",
+        backend: str = DEFAULT_BACKEND,
         per_channel_weights: bool = True,
         observer: str = "moving_average_minmax",
         weight_bits: int = 8,

@@ -14,6 +14,9 @@ import copy
 import importlib
 import importlib.util
 import inspect
+import os
+import sys
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -35,28 +38,61 @@ RECURRENT_LAYERS = (nn.LSTM, nn.GRU)
 DYNAMIC_LAYERS = (nn.Linear, *RECURRENT_LAYERS)
 """Layers that dynamic quantization can give int8 weights, their activations quantized at each call."""
 
+_FX_MODULE = "lightning_compress.fx_quantization"
 _FLOWS = {
     # backend name -> (module that defines its config, the config class, the package it needs)
-    "x86": ("lightning_compress.fx_quantization", "QuantizationConfig", "torch"),
-    "fbgemm": ("lightning_compress.fx_quantization", "QuantizationConfig", "torch"),
-    "qnnpack": ("lightning_compress.fx_quantization", "QuantizationConfig", "torch"),
     "x86_inductor": ("lightning_compress.pt2e_quantization", "InductorQuantizationConfig", "torchao"),
+    "x86": (_FX_MODULE, "QuantizationConfig", "torch"),
+    "fbgemm": (_FX_MODULE, "QuantizationConfig", "torch"),
+    "qnnpack": (_FX_MODULE, "QuantizationConfig", "torch"),
 }
 BACKEND_NAMES = tuple(_FLOWS)
+
+DEFAULT_BACKEND = "x86_inductor"
+"""The engine the callbacks quantize with unless told otherwise: torchao's pt2e flow. It exports whole transformers
+(FX graph mode cannot trace them), its int8 CNNs ran as fast as FX's at 224x224 (see the QAT benchmark), and it
+does not rest on torch.ao.quantization, which PyTorch deprecates and will remove."""
+
+FX_DEPRECATION = (
+    "is torch.ao's FX graph mode, which PyTorch deprecates and will remove (torch.ao.quantization and quantized "
+    "tensors); the default, backend='x86_inductor' (torchao's pt2e flow, models exported with torch.export), replaces it"
+)
 
 
 def quantization_config(backend: str, **settings: Any) -> Any:
     """The config of the flow that ``backend`` names, built from ``settings`` (each config checks them).
 
-    ``x86``, ``fbgemm`` and ``qnnpack`` are torch.ao's FX flow on those int8 engines; ``x86_inductor`` is
-    torchao's pt2e flow, whose int8 model runs under ``torch.compile``.
+    ``x86_inductor`` (the default) is torchao's pt2e flow, whose int8 model runs under ``torch.compile``;
+    ``x86``, ``fbgemm`` and ``qnnpack`` are torch.ao's FX flow on those int8 engines: chosen by name only, with one
+    ``FutureWarning`` each time, and refused in one line where this torch no longer has it.
     """
     if backend not in _FLOWS:
         raise ValueError(f"backend={backend!r} is unknown: allowed values are {list(BACKEND_NAMES)}.")
     module_name, class_name, package = _FLOWS[backend]
     if importlib.util.find_spec(package) is None:
         raise ValueError(f"backend={backend!r} needs the {package!r} package: pip install {package}.")
-    return getattr(importlib.import_module(module_name), class_name)(backend=backend, **settings)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        if module_name != _FX_MODULE:
+            raise
+        raise ValueError(
+            f"backend={backend!r} is torch.ao's FX graph mode, which this torch no longer has ({error}); "
+            f"use the default, backend={DEFAULT_BACKEND!r}."
+        ) from None
+    if module_name == _FX_MODULE:
+        warnings.warn(f"backend={backend!r} {FX_DEPRECATION}.", FutureWarning, stacklevel=_first_caller_outside_package())
+    return getattr(module, class_name)(backend=backend, **settings)
+
+
+def _first_caller_outside_package() -> int:
+    """The ``stacklevel`` at which a warning issued by this module's caller names the user's line (the callback's
+    construction in their script, or Hydra's), not a line of this package."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(2), 2
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def chosen_config(config: Any | None, owner: type, backend: str, **settings: Any) -> Any:
@@ -361,7 +397,10 @@ def _tensors(module: nn.Module) -> list[tuple[str, Any]]:
 
 def _register_builtin_backends() -> None:
     """Import the backend modules so that they register; pt2e only where torchao is installed."""
-    importlib.import_module("lightning_compress.fx_quantization")
+    try:
+        importlib.import_module(_FX_MODULE)
+    except ImportError:  # torch.ao.quantization is gone (or its FX flow is): the torch.export engine remains
+        pass
     if importlib.util.find_spec("torchao") is not None:
         importlib.import_module("lightning_compress.pt2e_quantization")
         importlib.import_module("lightning_compress.lowbit_quantization")

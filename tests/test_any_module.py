@@ -143,7 +143,7 @@ def _fit(tmp_path: Path, kind: str, digits, callback: L.Callback, epochs: int = 
 
 @pytest.mark.parametrize("kind", list(MODULES))
 def test_qat_converts_whatever_the_forward_signature(tmp_path: Path, digits, kind: str):
-    qat = QuantizationAwareTraining(start_epoch=1, export_format="torchscript", export_dir=str(tmp_path))
+    qat = QuantizationAwareTraining(start_epoch=1, backend="x86", export_format="torchscript", export_dir=str(tmp_path))
     module = _fit(tmp_path, kind, digits, qat)
     int8 = qat.quantized_model
     assert any(isinstance(layer, LinearInt8) for layer in int8.modules())
@@ -162,7 +162,7 @@ def test_qat_converts_whatever_the_forward_signature(tmp_path: Path, digits, kin
 
 @pytest.mark.parametrize("kind", list(MODULES))
 def test_ptq_calibrates_by_replaying_training_steps(tmp_path: Path, digits, kind: str):
-    ptq = PostTrainingQuantization(calibration_batches=4, export_format="none")
+    ptq = PostTrainingQuantization(calibration_batches=4, backend="x86", export_format="none")
     module = _fit(tmp_path, kind, digits, ptq, epochs=1)
     assert ptq.calibrated_batches == 4
     float_output, int8_output = _run_step(module.eval(), kind, digits), _run_step(ptq.quantized_model, kind, digits)
@@ -172,7 +172,7 @@ def test_ptq_calibrates_by_replaying_training_steps(tmp_path: Path, digits, kind
 
 @pytest.mark.parametrize("kind", list(MODULES))
 def test_dynamic_quantization_returns_a_model_that_runs(tmp_path: Path, digits, kind: str):
-    dynamic = DynamicQuantization(export_format="none")
+    dynamic = DynamicQuantization(export_format="none", backend="x86")
     module = _fit(tmp_path, kind, digits, dynamic, epochs=1)
     int8 = dynamic.quantized_model
     assert any(isinstance(layer, DynamicLinearInt8) for layer in int8.modules())
@@ -285,7 +285,7 @@ def test_a_transformer_layer_that_cannot_be_traced_is_quantized_by_module_swap(t
     The embedding and the learned position (a parameter of the LightningModule itself) are handled too."""
     from torch.ao.nn.quantized import Embedding as EmbeddingInt8
 
-    qat = QuantizationAwareTraining(start_epoch=1, export_format="none")
+    qat = QuantizationAwareTraining(start_epoch=1, backend="x86", export_format="none")
     module = _fit(tmp_path, "transformer", digits, qat)
     parts = {part.name: part for part in qat.parts}
     layer = parts["encoder.layers.0"]
@@ -311,7 +311,7 @@ def test_a_checkpoint_with_swapped_layers_restores(tmp_path: Path, digits):
     restore_quantization loads the weights strictly and computes what the trained one did."""
     from lightning_compress.quantization import restore_quantization
 
-    qat = QuantizationAwareTraining(start_epoch=1, export_format="none")
+    qat = QuantizationAwareTraining(start_epoch=1, backend="x86", export_format="none")
     L.seed_everything(0)
     trained = TinyTransformer()
     trainer = quiet_trainer(tmp_path, [qat], 2, limit_val_batches=0)

@@ -40,7 +40,7 @@ def _quantized_inputs(graph: onnx.GraphProto) -> tuple[int, int]:
 
 
 def test_qat_exports_run_in_int8_in_onnxruntime_and_openvino(tmp_path: Path, digits):
-    qat = QuantizationAwareTraining(start_epoch=1, export_format=RUNTIMES, export_dir=str(tmp_path))
+    qat = QuantizationAwareTraining(start_epoch=1, backend="x86", export_format=RUNTIMES, export_dir=str(tmp_path))
     trainer, model = _fit(tmp_path, digits, qat)
     assert set(qat.export_paths) == set(RUNTIMES)
     assert qat.export_paths["openvino"].with_suffix(".bin").is_file()
@@ -65,7 +65,9 @@ def test_qat_exports_run_in_int8_in_onnxruntime_and_openvino(tmp_path: Path, dig
 
 
 def test_ptq_exports_hold_the_calibrated_ranges(tmp_path: Path, digits):
-    ptq = PostTrainingQuantization(calibration_batches=4, export_format=["torchscript", *RUNTIMES], export_dir=str(tmp_path))
+    ptq = PostTrainingQuantization(
+        calibration_batches=4, backend="x86", export_format=["torchscript", *RUNTIMES], export_dir=str(tmp_path)
+    )
     trainer, _ = _fit(tmp_path, digits, ptq, epochs=1)
     assert set(ptq.export_paths) == {"torchscript", *RUNTIMES}
     layers, quantized = _quantized_inputs(onnx.load(str(ptq.export_paths["onnx"])).graph)
@@ -102,7 +104,7 @@ def test_a_pruned_float_model_exports_as_plain_onnx_and_openvino(tmp_path: Path,
             r"'tflite' is unknown; allowed are \['torchscript', 'torch_export', 'onnx', 'openvino', 'executorch'\]",
         ),
         (
-            lambda: QuantizationAwareTraining(weight_bits=4, export_format=["torchscript", "onnx"]),
+            lambda: QuantizationAwareTraining(weight_bits=4, backend="x86", export_format=["torchscript", "onnx"]),
             r"export_format='onnx' runs models in int8: weight_bits=4",
         ),
         (
@@ -112,7 +114,8 @@ def test_a_pruned_float_model_exports_as_plain_onnx_and_openvino(tmp_path: Path,
         (lambda: MagnitudePruning(export_format=["onnx", "bogus"]), r"'bogus' is unknown"),
         (
             lambda: QuantizationAwareTraining(export_format="executorch"),
-            r"export_format='executorch' is not written by backend='x86': it writes \['torchscript', 'onnx', 'openvino'\]",
+            r"export_format='executorch' is not written by backend='x86_inductor': it writes \['torch_export', 'onnx', "
+            r"'openvino'\]",
         ),
     ],
 )
@@ -156,7 +159,7 @@ def test_qat_resnet18_exports_agree_with_fake_quant(tmp_path: Path):
 
     digits = DigitsDataModule(batch_size=64, image_size=32)
     digits.setup()
-    qat = QuantizationAwareTraining(start_epoch=1, export_format=RUNTIMES, export_dir=str(tmp_path))
+    qat = QuantizationAwareTraining(start_epoch=1, backend="x86", export_format=RUNTIMES, export_dir=str(tmp_path))
     L.seed_everything(0)
     model = ImageClassifier(architecture="resnet18")
     trainer = quiet_trainer(tmp_path, [qat], 3, limit_val_batches=0, limit_train_batches=8)

@@ -119,7 +119,7 @@ def test_distilled_student_learns_and_teacher_accuracy_is_reported(tmp_path: Pat
 
 def test_qat_acts_on_the_student_only(tmp_path: Path, teacher_checkpoint: Path):
     module = _module(teacher_checkpoint)
-    qat = QuantizationAwareTraining(export_format="none")
+    qat = QuantizationAwareTraining(backend="x86", export_format="none")
     quiet_trainer(tmp_path, [qat], 1, limit_train_batches=3, limit_val_batches=1).fit(module, datamodule=DigitsDataModule())
     assert qat.prepared_names == ["net"]
     assert is_prepared(module.student) and not is_prepared(module.teacher)
@@ -256,7 +256,7 @@ def test_hints_under_qat_and_pruning_leave_the_adapters_alone(tmp_path: Path, te
     from lightning_compress import MagnitudePruning
 
     module = _module(teacher_checkpoint, hints=HINT)
-    qat = QuantizationAwareTraining(export_dir=str(tmp_path))
+    qat = QuantizationAwareTraining(backend="x86", export_dir=str(tmp_path))
     pruning = MagnitudePruning(final_sparsity=0.5, start_epoch=0, end_epoch=1, export_format="none", plot=False)
     trainer = quiet_trainer(tmp_path, [qat, pruning], 1, limit_train_batches=3, limit_val_batches=1)
     trainer.fit(module, datamodule=DigitsDataModule())
@@ -339,7 +339,7 @@ def test_a_users_lightning_module_student_keeps_its_optimizer_and_learns_from_a_
 def test_a_users_student_under_qat_optimizes_the_prepared_network(tmp_path: Path, teacher_checkpoint: Path):
     student = OwnStudent()
     module = DistillationModule(student=student, teacher=_teacher(teacher_checkpoint))
-    qat = QuantizationAwareTraining(export_format="none")
+    qat = QuantizationAwareTraining(backend="x86", export_format="none")
     trainer = quiet_trainer(tmp_path, [qat], 1, limit_train_batches=3, limit_val_batches=1)
     trainer.fit(module, datamodule=DigitsDataModule())
     assert is_prepared(module.student)

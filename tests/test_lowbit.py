@@ -127,8 +127,8 @@ def test_post_training_versions_of_the_schemes(tmp_path: Path):
         ({"freeze_observer_epoch": 2}, r"freeze_observer_epoch=2 has nothing to act on with LowBitLinearConfig"),
         ({"calibration_batches": 4}, r"calibration_batches=4 has nothing to act on with LowBitLinearConfig"),
         (
-            {"backend": "x86_inductor"},
-            r"backend='x86_inductor' is a setting of the backend= flows; with config=LowBitLinearConfig",
+            {"backend": "x86"},
+            r"backend='x86' is a setting of the backend= flows; with config=LowBitLinearConfig",
         ),
         ({"export_format": "onnx"}, r"export_format='onnx' is not written by backend='torchao_linear'"),
     ],

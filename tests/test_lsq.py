@@ -181,7 +181,7 @@ def test_a_checkpoint_whose_model_optimizer_held_the_ranges_resumes_as_it_was_wr
     torch.save(checkpoint, path)
 
     L.seed_everything(0)
-    resumed = QuantizationAwareTraining(export_format="none", **SCHEDULE)
+    resumed = QuantizationAwareTraining(export_format="none", backend="x86", **SCHEDULE)
     model = ImageClassifier()
     with pytest.warns(UserWarning, match="whose model optimizer stepped the learned ranges"):
         quiet_trainer(tmp_path / "resumed", [resumed], 4).fit(model, datamodule=DigitsDataModule(batch_size=64), ckpt_path=path)

@@ -143,7 +143,7 @@ def test_ptq_from_a_checkpoint_without_training(tmp_path: Path, trained_checkpoi
 def test_dynamic_quantization_of_an_lstm(tmp_path: Path):
     L.seed_everything(0)
     model = ImageClassifier(architecture="lstm", architecture_options={"hidden_size": 128})
-    dynamic = DynamicQuantization(export_format="torchscript")
+    dynamic = DynamicQuantization(backend="x86", export_format="torchscript")
     digits = DigitsDataModule()
     quiet_trainer(tmp_path, [dynamic], 2, limit_train_batches=10).fit(model, datamodule=digits)
     quantized = dynamic.quantized_model
@@ -226,7 +226,7 @@ def test_ptq_recipe_quantizes_a_checkpoint_in_one_command(tmp_path: Path, traine
     assert set(rows) == {"fp32", "int8"} and rows["fp32"]["accuracy"] >= 0.95
     assert abs(rows["int8"]["accuracy_delta_points"]) <= 1.0 and rows["int8"]["size_ratio"] < 0.3
     assert "train/loss" not in (next(tmp_path.glob("csv/*/metrics.csv")).read_text().splitlines()[0])
-    assert (tmp_path / "checkpoints" / "model_int8.pt").is_file()
+    assert (tmp_path / "checkpoints" / "model_int8.pt2").is_file()
 
 
 class _Fragile(nn.Module):
@@ -259,6 +259,7 @@ def test_sensitivity_names_the_fragile_layer_and_keeps_it_float(tmp_path: Path, 
     assert top1_accuracy(model, digits.test_dataloader()) == top1_accuracy(trained, digits.test_dataloader())
     ptq = PostTrainingQuantization(
         calibration_batches=4,
+        backend="x86",
         per_channel_weights=False,
         observer="minmax",
         range_method="max",
@@ -307,7 +308,7 @@ def test_dynamic_quantization_leaves_frozen_children_alone(tmp_path: Path, digit
             super().__init__(architecture="cnn")
             self.helper = nn.Linear(10, 10).requires_grad_(False)
 
-    dynamic = DynamicQuantization(export_format="none")
+    dynamic = DynamicQuantization(backend="x86", export_format="none")
     model = WithFrozenHelper()
     quiet_trainer(tmp_path, [dynamic], 1, limit_train_batches=2, limit_val_batches=0).fit(model, datamodule=digits)
     assert isinstance(dynamic.quantized_model.net.classifier, DynamicLinearInt8)
@@ -319,8 +320,8 @@ def test_skip_keeps_layers_float_by_name_or_type_in_ptq_and_dynamic_quantization
     L.seed_everything(0)
     model = ImageClassifier()
     quiet_trainer(tmp_path, [], 1, limit_train_batches=5).fit(model, datamodule=digits)
-    by_name = PostTrainingQuantization(calibration_batches=2, skip=["net.classifier"], export_format="none")
-    by_type = PostTrainingQuantization(calibration_batches=2, skip=["torch.nn.Conv2d"], export_format="none")
+    by_name = PostTrainingQuantization(calibration_batches=2, backend="x86", skip=["net.classifier"], export_format="none")
+    by_type = PostTrainingQuantization(calibration_batches=2, backend="x86", skip=["torch.nn.Conv2d"], export_format="none")
     for ptq in (by_name, by_type):
         quiet_trainer(tmp_path, [ptq], 0).fit(model, datamodule=digits)
     assert type(by_name.quantized_model.net.classifier) is nn.Linear
@@ -330,11 +331,11 @@ def test_skip_keeps_layers_float_by_name_or_type_in_ptq_and_dynamic_quantization
     assert any(type(layer) is nn.Conv2d for layer in by_type.quantized_model.net.modules())
 
     lstm = ImageClassifier(architecture="lstm", architecture_options={"hidden_size": 32})
-    dynamic = DynamicQuantization(export_format="none", skip=["net.classifier"])
+    dynamic = DynamicQuantization(backend="x86", export_format="none", skip=["net.classifier"])
     quiet_trainer(tmp_path, [dynamic], 1, limit_train_batches=2).fit(lstm, datamodule=digits)
     assert isinstance(dynamic.quantized_model.net.lstm, torch.ao.nn.quantized.dynamic.LSTM)
     assert type(dynamic.quantized_model.net.classifier) is nn.Linear
-    only_head = DynamicQuantization(export_format="none", modules=["net.classifier"])
+    only_head = DynamicQuantization(backend="x86", export_format="none", modules=["net.classifier"])
     quiet_trainer(tmp_path, [only_head], 1, limit_train_batches=2).fit(lstm, datamodule=digits)
     assert type(only_head.quantized_model.net.lstm) is nn.LSTM
     assert isinstance(only_head.quantized_model.net.classifier, torch.ao.nn.quantized.dynamic.Linear)
@@ -345,14 +346,14 @@ def test_skip_keeps_layers_float_by_name_or_type_in_ptq_and_dynamic_quantization
     [
         (
             {"backend": "x86_ao"},
-            r"backend='x86_ao' is unknown: allowed values are \['x86', 'fbgemm', 'qnnpack', 'x86_inductor'\]",
+            r"backend='x86_ao' is unknown: allowed values are \['x86_inductor', 'x86', 'fbgemm', 'qnnpack'\]",
         ),
         (
             {"backend": "x86_inductor", "export_format": "torchscript"},
             r"export_format='torchscript': only 'torchscript' \(backend='x86'\)",
         ),
         (
-            {"export_format": "torch_export"},
+            {"backend": "x86", "export_format": "torch_export"},
             r"export_format='torch_export': only 'torchscript' \(backend='x86'\), 'torch_export'",
         ),
     ],

@@ -61,7 +61,9 @@ def _qat_agrees_with_fake_quant(model: ImageClassifier, qat: QuantizationAwareTr
 
 
 def test_qat_in_bf16_mixed_converts_to_int8_that_agrees(tmp_path: Path):
-    qat = QuantizationAwareTraining(start_epoch=1, freeze_bn_epoch=2, freeze_observer_epoch=3, export_format="none")
+    qat = QuantizationAwareTraining(
+        start_epoch=1, freeze_bn_epoch=2, freeze_observer_epoch=3, backend="x86", export_format="none"
+    )
     _, model, digits = _fit(tmp_path, [qat], 4)
     assert all(parameter.dtype == torch.float32 for parameter in model.parameters())  # bf16 only inside autocast
     _qat_agrees_with_fake_quant(model, qat, digits)

@@ -146,7 +146,7 @@ def test_logging_and_plot(tmp_path: Path):
 
 def test_pruning_with_qat_keeps_zeros_in_the_int8_model(tmp_path: Path):
     pruning = MagnitudePruning(final_sparsity=0.6, start_epoch=0, end_epoch=2, update_every=5, export_format="none", plot=False)
-    qat = QuantizationAwareTraining(start_epoch=2, export_format="none")
+    qat = QuantizationAwareTraining(start_epoch=2, backend="x86", export_format="none")
     trainer, model, digits = _fit(tmp_path, pruning, max_epochs=3, extra=[qat])
     int8 = qat.quantized_model
     quantized_layers = [m for m in int8.net.modules() if isinstance(m, ConvReLU2dInt8 | LinearInt8)]

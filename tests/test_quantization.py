@@ -42,7 +42,7 @@ def _fit_qat(tmp_path, architecture="cnn", max_epochs=4, datamodule=None, checkp
     L.seed_everything(0)
     datamodule = datamodule or DigitsDataModule(batch_size=64)
     model = ImageClassifier(architecture=architecture, num_classes=10, in_channels=datamodule.num_channels)
-    qat = QuantizationAwareTraining(**qat_options)
+    qat = QuantizationAwareTraining(**{"backend": "x86", **qat_options})  # this file tests the FX engine's int8 layers
     callbacks = [qat] + ([checkpoint] if checkpoint else [])
     trainer = quiet_trainer(tmp_path, callbacks, max_epochs, enable_checkpointing=checkpoint is not None)
     trainer.fit(model, datamodule=datamodule)
@@ -121,6 +121,7 @@ def _largest_weights(int8: nn.Module) -> tuple[int, int]:
     return max(depthwise), max(other)
 
 
+@pytest.mark.slow  # 25 s, the FX engine's (no longer the default) depthwise kernels
 def test_depthwise_convolutions_get_seven_bit_weights_on_every_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """FBGEMM's depthwise kernels add products in saturating int16 pairs even on CPUs with VNNI: with 8-bit
     weights mobilenet_v2's int8 model computed something else than its fake-quant model there (2 points lost
@@ -137,7 +138,7 @@ def test_depthwise_convolutions_get_seven_bit_weights_on_every_cpu(tmp_path: Pat
     head = [layer for layer in int8.modules() if isinstance(layer, LinearInt8)][-1]
     assert (quantized - fake_quant).abs().max() <= 4 * float(head.scale)
     monkeypatch.setattr(compat, "cpu_has_vnni", lambda: True)  # the grids of a VNNI CPU, checked on any machine
-    ptq = PostTrainingQuantization(calibration_batches=2, export_format="none")
+    ptq = PostTrainingQuantization(backend="x86", calibration_batches=2, export_format="none")
     quiet_trainer(tmp_path, [ptq], 0).fit(qat.float_model(model), datamodule=digits)
     depthwise, other = _largest_weights(ptq.quantized_model)
     assert depthwise == 63 and other > 63
@@ -161,19 +162,20 @@ def test_before_start_epoch_the_model_trains_in_fp32(tmp_path: Path):
 
     L.seed_everything(0)
     model = ImageClassifier(architecture="cnn")
-    qat = QuantizationAwareTraining(start_epoch=1, export_format="none")
+    qat = QuantizationAwareTraining(backend="x86", start_epoch=1, export_format="none")
     quiet_trainer(tmp_path, [qat, Probe()], 2).fit(model, datamodule=digits)
     assert is_prepared(model.net)  # inserted at setup, before the optimizer was built
     assert gaps[0] < 1e-4  # fake-quant off: the prepared model computes exactly the fp32 model
     assert gaps[1] > 1e-2  # fake-quant on from start_epoch
 
 
+@pytest.mark.slow  # 30 s for both, on the FX engine (no longer the default)
 @pytest.mark.parametrize("architecture", ["resnet18", "mobilenet_v3_small"])
 def test_torchvision_models(tmp_path: Path, architecture: str):
     digits = DigitsDataModule(batch_size=32, image_size=16, channels=3)
     L.seed_everything(0)
     model = ImageClassifier(architecture=architecture, num_classes=10, in_channels=3)
-    qat = QuantizationAwareTraining(start_epoch=1, export_format="none")
+    qat = QuantizationAwareTraining(backend="x86", start_epoch=1, export_format="none")
     trainer = quiet_trainer(tmp_path, [qat], 2, limit_train_batches=20, limit_val_batches=2)
     trainer.fit(model, datamodule=digits)
     assert qat.prepared_names == ["net"]
@@ -229,7 +231,7 @@ def test_untraceable_branch_and_keyword_input_are_quantized_piecewise(tmp_path: 
     L.seed_everything(0)
     digits = DigitsDataModule(batch_size=64)
     model = _BranchyClassifier()
-    qat = QuantizationAwareTraining(export_format="torchscript")
+    qat = QuantizationAwareTraining(backend="x86", export_format="torchscript")
     trainer = quiet_trainer(tmp_path, [qat], 2)
     trainer.fit(model, datamodule=digits)
     parts = {part.name: part for part in qat.parts}
@@ -276,7 +278,7 @@ def test_qat_checkpoints_load_in_test_and_load_from_checkpoint(tmp_path: Path):
     assert torch.allclose(_predictions(restored, digits), last_epoch, atol=1e-5)
 
     # trainer.test(ckpt_path=...) on a fresh float module, the callback attached to the trainer
-    tester_qat = QuantizationAwareTraining()
+    tester_qat = QuantizationAwareTraining(backend="x86")
     tester = quiet_trainer(tmp_path / "test", [tester_qat], 1)
     fresh = ImageClassifier()
     tested = tester.test(fresh, datamodule=digits, ckpt_path=tmp_path / "last.ckpt", weights_only=True)
@@ -307,7 +309,7 @@ def test_calibration_batches_set_ranges_before_fake_quant(tmp_path: Path):
         ),
         ({"start_epoch": 2, "freeze_observer_epoch": 0}, r"freeze_observer_epoch=0 is invalid"),
         ({"start_epoch": -1}, r"start_epoch=-1 is invalid"),
-        ({"backend": "tensorrt"}, r"backend='tensorrt' is unknown: allowed values are \['x86', 'fbgemm', 'qnnpack', 'x86_indu"),
+        ({"backend": "tensorrt"}, r"backend='tensorrt' is unknown: allowed values are \['x86_inductor', 'x86', 'fbgemm'"),
         ({"observer": "entropy"}, r"observer='entropy' is unknown"),
         ({"export_format": "tflite"}, r"export_format='tflite': 'tflite' is unknown"),
         ({"skip": ["torch.nn.Nope"]}, r"skip='torch.nn.Nope' names no importable module type"),
@@ -352,7 +354,7 @@ def test_nothing_quantizable_warns_and_leaves_the_model_alone(tmp_path: Path):
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
-    qat = QuantizationAwareTraining()
+    qat = QuantizationAwareTraining(backend="x86")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         quiet_trainer(tmp_path, [qat], 1, limit_train_batches=2).fit(NoLayers(), datamodule=DigitsDataModule())
@@ -397,7 +399,7 @@ def test_bit_widths_outside_2_to_8_are_refused(bits: int, message: str):
 def test_lstm_layers_fall_back_to_dynamic_quantization(tmp_path: Path, capsys):
     L.seed_everything(0)
     model = ImageClassifier(architecture="lstm", architecture_options={"hidden_size": 64})
-    qat = QuantizationAwareTraining(start_epoch=0, export_format="none")
+    qat = QuantizationAwareTraining(backend="x86", start_epoch=0, export_format="none")
     quiet_trainer(tmp_path, [qat], 1, limit_train_batches=5, limit_val_batches=1).fit(model, datamodule=DigitsDataModule())
     (part,) = qat.parts
     assert part.quantized and "dynamically quantized at conversion" in part.reason
@@ -439,7 +441,7 @@ class _LayersAsChildren(L.LightningModule):
 def test_layers_as_direct_children_are_quantized_as_one_graph(tmp_path: Path, digits):
     L.seed_everything(0)
     model = _LayersAsChildren()
-    qat = QuantizationAwareTraining(start_epoch=1, export_dir=str(tmp_path))
+    qat = QuantizationAwareTraining(backend="x86", start_epoch=1, export_dir=str(tmp_path))
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     quiet_trainer(tmp_path, [qat, checkpoint], 3, limit_val_batches=0).fit(model, datamodule=digits)
     assert [(part.name, part.quantized) for part in qat.parts] == [("", True)]
@@ -462,7 +464,7 @@ def test_layers_as_direct_children_are_quantized_as_one_graph(tmp_path: Path, di
         assert torch.equal(exported(images).argmax(1), int8(images).argmax(1))
 
     # a fresh float module tested from the checkpoint gets the same one-graph structure back
-    tester_qat = QuantizationAwareTraining()
+    tester_qat = QuantizationAwareTraining(backend="x86")
     fresh = _LayersAsChildren()
     tested = quiet_trainer(tmp_path / "test", [tester_qat], 1).test(
         fresh, datamodule=digits, ckpt_path=tmp_path / "last.ckpt", weights_only=True

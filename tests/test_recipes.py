@@ -111,7 +111,7 @@ def test_qat_recipe_at_its_minimum_length_trains_and_converts(tmp_path: Path):
     )
     rows = {row["name"]: row for row in json.loads((tmp_path / "report.json").read_text())["rows"]}
     assert list(rows) == ["fp32", "fake-quant", "int8"] and rows["int8"]["accuracy"] >= 0.6
-    assert (tmp_path / "checkpoints" / "model_int8.pt").is_file()
+    assert (tmp_path / "checkpoints" / "model_int8.pt2").is_file()
 
 
 @pytest.mark.slow

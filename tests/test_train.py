@@ -112,7 +112,7 @@ def test_a_failed_export_leaves_checkpoints_and_report_and_exits_non_zero(tmp_pa
 
 
 @pytest.mark.parametrize(
-    ("backend", "export"), [("x86", "model_int8.pt"), pytest.param("x86_inductor", "model_int8.pt2", marks=pytest.mark.slow)]
+    ("backend", "export"), [("x86_inductor", "model_int8.pt2"), pytest.param("x86", "model_int8.pt", marks=pytest.mark.slow)]
 )
 def test_qat_recipe_reports_fp32_fake_quant_and_int8(tmp_path: Path, backend: str, export: str):
     result = run_train(

@@ -73,10 +73,11 @@ def _relative_error(actual: np.ndarray, expected: torch.Tensor) -> float:
     return float(np.abs(actual - expected.numpy()).mean() / expected.abs().mean())
 
 
+@pytest.mark.slow  # 15 s, on the FX engine (no longer the default; the torch.export engine's test is below)
 def test_qat_of_bert_exports_every_format_with_named_inputs(tmp_path: Path, tokens: DigitTokens):
     L.seed_everything(0)
     model = BertDigits()
-    qat = QuantizationAwareTraining(start_epoch=1, export_format=ALL_FORMATS, export_dir=str(tmp_path))
+    qat = QuantizationAwareTraining(start_epoch=1, backend="x86", export_format=ALL_FORMATS, export_dir=str(tmp_path))
     _fit(tmp_path, model, qat, tokens)
     assert set(qat.export_paths) == set(ALL_FORMATS)
     assert any(isinstance(layer, LinearInt8) for layer in qat.quantized_model.modules())
@@ -103,7 +104,9 @@ def test_ptq_of_bert_calibrates_the_model_training_step_calls(tmp_path: Path, to
     # step then failed with "'NoneType' object has no attribute 'detach'"
     L.seed_everything(0)
     model = BertDigits()
-    ptq = PostTrainingQuantization(calibration_batches=4, export_format=["torchscript", "onnx"], export_dir=str(tmp_path))
+    ptq = PostTrainingQuantization(
+        calibration_batches=4, backend="x86", export_format=["torchscript", "onnx"], export_dir=str(tmp_path)
+    )
     _fit(tmp_path, model, ptq, tokens, epochs=3)
     assert ptq.calibrated_batches == 4 and set(ptq.export_paths) == {"torchscript", "onnx"}
     assert any(isinstance(layer, LinearInt8) for layer in ptq.quantized_model.modules())
@@ -117,7 +120,7 @@ def test_ptq_of_bert_calibrates_the_model_training_step_calls(tmp_path: Path, to
 def test_dynamic_quantization_of_vit_exports_torchscript(tmp_path: Path, tokens: DigitTokens):
     L.seed_everything(0)
     model = ViTDigits()
-    dynamic = DynamicQuantization(export_dir=str(tmp_path))
+    dynamic = DynamicQuantization(backend="x86", export_dir=str(tmp_path))
     _fit(tmp_path, model, dynamic, tokens, epochs=1)
     assert any(isinstance(layer, DynamicLinearInt8) for layer in dynamic.quantized_model.modules())
     pixels = _test_batch()["pixel_values"]
