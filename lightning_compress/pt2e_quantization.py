@@ -16,10 +16,12 @@ BatchNorm and dropout ops when it is switched, and keeps BatchNorm in eval once 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import operator
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -50,6 +52,7 @@ from lightning_compress.quantization_backend import (
     QUANTIZABLE_LAYERS,
     RECURRENT_LAYERS,
     WEIGHT_ONLY_LAYERS,
+    BatchNormRecord,
     QuantizationBackend,
     register_backend,
 )
@@ -400,6 +403,32 @@ class InductorBackend(QuantizationBackend):
                 part.batch_norm_frozen = True
                 part.train(part.training)
 
+    @contextlib.contextmanager
+    def batch_norm_inputs(self, module: nn.Module, record: BatchNormRecord) -> Iterator[None]:
+        """An exported graph's BatchNorm is an op, not a module to hook: while open, each BatchNorm op of the
+        graphs under ``module`` calls a function that shows its input and running statistics to ``record`` (named
+        after the BatchNorm layer it came from) and then runs the op; on exit the graphs are as they were."""
+        swapped: list[tuple[GraphModule, Any]] = []
+        try:
+            for path, part in module.named_modules():
+                if not isinstance(part, ExportedPart):
+                    continue
+                for node in part.graph.graph.nodes:
+                    statistics = node.args[3:5] if node.op == "call_function" and node.target is _BATCH_NORM else ()
+                    if len(statistics) == 2 and all(getattr(arg, "op", None) == "get_attr" for arg in statistics):
+                        stack = list(node.meta.get("nn_module_stack", {}).values())
+                        name = ".".join(filter(None, (path, stack[-1][0] if stack else node.name)))
+                        node.target = _recording_batch_norm(name, node, part.graph, record)
+                        swapped.append((part.graph, node))
+                part.graph.recompile()
+            yield
+        finally:
+            for graph in {id(graph): graph for graph, _ in swapped}.values():
+                for node in graph.graph.nodes:
+                    if getattr(node.target, "batch_norm", None) is _BATCH_NORM:
+                        node.target = _BATCH_NORM
+                graph.recompile()
+
     def convert(self, prepared: nn.Module) -> nn.Module:
         part = prepared if isinstance(prepared, ExportedPart) else None
         if part is None:
@@ -483,6 +512,19 @@ class InductorBackend(QuantizationBackend):
             converted = convert_pt2e(graph)
         _drop_unused_tensors(converted)
         return CompiledProgram(converted, added)
+
+
+def _recording_batch_norm(name: str, node: Any, graph: GraphModule, record: BatchNormRecord) -> Callable[..., Any]:
+    """A stand-in for the BatchNorm op of ``node`` that shows ``record`` what the op is given, then runs it."""
+    running_mean, running_var = (operator.attrgetter(node.args[index].target)(graph) for index in (3, 4))
+    eps = float(node.args[7]) if len(node.args) > 7 else 1e-5
+
+    def batch_norm(inputs: torch.Tensor, *arguments: Any) -> Any:
+        record(name, inputs, running_mean, running_var, eps)
+        return _BATCH_NORM(inputs, *arguments)
+
+    batch_norm.batch_norm = _BATCH_NORM  # how the context that swapped it in finds it again
+    return batch_norm
 
 
 def _inputs_of_one_sign(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> list[str]:

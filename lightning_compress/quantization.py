@@ -10,6 +10,7 @@ off during validation and test, so evaluation data never moves the quantization 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -435,22 +436,21 @@ class QuantizationAwareTraining(Callback, ReportsModels):
         from 0.6 to 3.5 on the first frozen step and it fell to chance. Measured on one training batch.
         """
         measured: dict[str, tuple[float, float]] = {}
-        handles = []
-        for part in self.prepared_names:
-            for name, batch_norm in self.backend.batch_norms_to_freeze(_get(pl_module, part)):
 
-                def measure(batch_norm: nn.Module, args: tuple, name: str = ".".join(filter(None, (part, name)))) -> None:
-                    values = args[0].detach().transpose(0, 1).flatten(1).float()
-                    running_std = (batch_norm.running_var + batch_norm.eps).sqrt()
-                    shift = ((values.mean(1) - batch_norm.running_mean).abs() / running_std).median().item()
-                    measured.setdefault(name, (shift, (values.var(1) / running_std**2).median().item()))
+        def measure(name: str, inputs: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor, eps: float) -> None:
+            values = inputs.detach().transpose(0, 1).flatten(1).float()
+            running_std = (running_var + eps).sqrt()
+            shift = ((values.mean(1) - running_mean).abs() / running_std).median().item()
+            measured.setdefault(name, (shift, (values.var(1) / running_std**2).median().item()))
 
-                handles.append(batch_norm.register_forward_pre_hook(measure))
-        try:
+        with contextlib.ExitStack() as watching:
+            for part in self.prepared_names:
+
+                def record(name: str, *values: Any, part: str = part) -> None:
+                    measure(".".join(filter(None, (part, name))), *values)
+
+                watching.enter_context(self.backend.batch_norm_inputs(_get(pl_module, part), record))
             watch_training_step(pl_module, training_batches(trainer, pl_module, 1))
-        finally:
-            for handle in handles:
-                handle.remove()
         unsettled = {name: value for name, value in measured.items() if value[0] > 1 or not 0.25 <= value[1] <= 4}
         if unsettled:
             name, (shift, ratio) = max(unsettled.items(), key=lambda item: item[1][0] + abs(math.log2(max(item[1][1], 1e-12))))
