@@ -799,7 +799,7 @@ def _shrink_as_recorded(pl_module: nn.Module, state: dict[str, Any], weights: di
         network = pl_module.get_submodule(root)
         saved = {name.removeprefix(f"{root}."): value for name, value in weights.items() if name.startswith(f"{root}.")}
         # parameters only: fake-quant buffers (per-channel scales) are shaped when they first observe
-        if all(name not in saved or saved[name].shape == value.shape for name, value in network.named_parameters()):
+        if all(_saved_shape(saved, name) in (None, value.shape) for name, value in network.named_parameters()):
             continue  # already as small as the checkpoint's
         args, kwargs = replayed_call(state["dropped_inputs"][root])
         channel_groups.unmask_layer_norms(network)
@@ -807,6 +807,15 @@ def _shrink_as_recorded(pl_module: nn.Module, state: dict[str, Any], weights: di
         channel_groups.remove_dropped_channels(network, dropped, *args, **kwargs)
         shrunk.append(root)
     return shrunk
+
+
+def _saved_shape(saved: dict[str, torch.Tensor], name: str) -> torch.Size | None:
+    """The shape a checkpoint holds for the network's parameter ``name``: under that name, or one level down, where
+    a part that QAT exported holds the network (``graph.<name>``); ``None`` where it holds none."""
+    if name in saved:
+        return saved[name].shape
+    nested = [value.shape for key, value in saved.items() if key.partition(".")[2] == name]
+    return nested[0] if len(nested) == 1 else None
 
 
 def _cut_optimizer_states(
