@@ -70,7 +70,9 @@ def pruning_and_qat(output: Path) -> None:
     L.seed_everything(0)
     model = ShardedClassifier()
     pruning = MagnitudePruning(final_sparsity=0.6, start_epoch=0, end_epoch=2, update_every=3, export_format="none", plot=False)
-    qat = QuantizationAwareTraining(start_epoch=2, freeze_bn_epoch=3, export_format="torchscript", export_dir=str(output))
+    qat = QuantizationAwareTraining(
+        start_epoch=2, freeze_bn_epoch=3, backend="x86", export_format="torchscript", export_dir=str(output)
+    )
     trainer = _fit(model, 4, [pruning, qat], output, enable_checkpointing=False)
     images, labels = _test_images()
     with torch.no_grad():

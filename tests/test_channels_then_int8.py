@@ -155,7 +155,7 @@ def test_resume_before_and_after_qat_prepared_the_shrunken_network_equals_the_un
         L.seed_everything(0)
         model = ImageClassifier()
         pruning = MagnitudePruning(shrink_epoch=2, export_format="none", **PRUNING)
-        qat = QuantizationAwareTraining(start_epoch=3, export_format="none", **QAT)
+        qat = QuantizationAwareTraining(start_epoch=3, backend="x86", export_format="none", **QAT)  # as _fit's
         trainer = quiet_trainer(tmp_path / f"resumed{epoch}", [qat, pruning], 6)
         trainer.fit(model, datamodule=DigitsDataModule(batch_size=64), ckpt_path=tmp_path / "full" / f"epoch={epoch}.ckpt")
         assert pruning.shrunk and qat.quantized_model is not None
@@ -168,7 +168,10 @@ def test_resume_before_and_after_qat_prepared_the_shrunken_network_equals_the_un
     assert torch.allclose(_predictions(loaded, images), reference, atol=1e-5)
     tester = quiet_trainer(
         tmp_path / "test",
-        [QuantizationAwareTraining(start_epoch=3, **QAT), MagnitudePruning(shrink_epoch=2, export_format="none", **PRUNING)],
+        [
+            QuantizationAwareTraining(start_epoch=3, backend="x86", **QAT),
+            MagnitudePruning(shrink_epoch=2, export_format="none", **PRUNING),
+        ],
     )
     fresh = ImageClassifier()
     (metrics,) = tester.test(fresh, datamodule=digits, ckpt_path=tmp_path / "full" / "epoch=5.ckpt", weights_only=True)
@@ -181,7 +184,8 @@ def test_resnet18_shrinks_then_trains_int8_that_agrees_with_fake_quant(tmp_path:
     digits = DigitsDataModule(batch_size=64)
     model = ImageClassifier(architecture="resnet18")
     pruning = MagnitudePruning(shrink_epoch=2, export_format="none", **PRUNING)
-    qat = QuantizationAwareTraining(start_epoch=2, export_format="none", freeze_bn_epoch=3, freeze_observer_epoch=4)
+    schedule = {"start_epoch": 2, "freeze_bn_epoch": 3, "freeze_observer_epoch": 4}
+    qat = QuantizationAwareTraining(backend="x86", export_format="none", **schedule)
     record = TrainingRecord()
     trainer = quiet_trainer(tmp_path, [qat, pruning, record], 5, limit_train_batches=8)
     trainer.fit(model, datamodule=digits)

@@ -140,12 +140,12 @@ def test_the_app_writes_both_runtime_exports_and_reports_them(tmp_path: Path):
     result = run_train(
         "+compress=qat",
         "trainer.max_epochs=2",
-        "compress.callbacks.quantization.export_format=[torchscript,onnx,openvino]",
+        "compress.callbacks.quantization.export_format=[torch_export,onnx,openvino]",
         "report.latency_runs=5",
         f"hydra.run.dir={tmp_path}",
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    for name in ("model_int8.pt", "model_int8.onnx", "model_int8_openvino.xml", "model_int8_openvino.bin"):
+    for name in ("model_int8.pt2", "model_int8.onnx", "model_int8_openvino.xml", "model_int8_openvino.bin"):
         assert (tmp_path / "checkpoints" / name).is_file(), name
     rows = {row["name"]: row for row in json.loads((tmp_path / "report.json").read_text())["rows"]}
     for name in ("int8 onnxruntime", "int8 openvino"):

@@ -101,4 +101,4 @@ def test_the_wheel_holds_the_app_and_its_recipes_and_its_command_runs_a_recipe_a
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [row["name"] for row in json.loads((elsewhere / "run" / "report.json").read_text())["rows"]]
-    assert rows == ["fp32", "fake-quant", "int8"] and (elsewhere / "run" / "checkpoints" / "model_int8.pt").is_file()
+    assert rows == ["fp32", "fake-quant", "int8"] and (elsewhere / "run" / "checkpoints" / "model_int8.pt2").is_file()

@@ -45,7 +45,9 @@ CHANNELS_THEN_INT8 = [
 
 
 def _int8_predictions(run_dir: Path) -> torch.Tensor:
-    model = torch.jit.load(str(run_dir / "checkpoints" / "model_int8.pt"))
+    import torchao.quantization.pt2e  # noqa: F401 - defines the quantize ops the program holds
+
+    model = torch.export.load(str(run_dir / "checkpoints" / "model_int8.pt2")).module()
     digits = DigitsDataModule()
     digits.setup()
     with torch.no_grad():
@@ -110,7 +112,7 @@ def test_sigkill_and_resume_ends_like_an_uninterrupted_run(
     process.wait()
     assert process.returncode == -signal.SIGKILL
     (resume_from,) = checkpoints.glob(f"{killed_after}-*.ckpt")
-    assert not (checkpoints / "model_int8.pt").exists()
+    assert not (checkpoints / "model_int8.pt2").exists()
 
     result = run_train(*recipe, f"hydra.run.dir={interrupted}", f"ckpt_path={resume_from}")
     assert result.returncode == 0, result.stderr[-3000:]

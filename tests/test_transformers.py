@@ -275,7 +275,7 @@ def test_the_app_trains_compresses_and_reports_a_users_transformers_module(tmp_p
         "model._target_=user_transformers.BertDigits",
         "data._target_=user_transformers.DigitTokens",
         "+compress=ptq",
-        "compress.callbacks.post_training_quantization.export_format=[torchscript,onnx,openvino]",
+        "compress.callbacks.post_training_quantization.export_format=[torch_export,onnx,openvino]",
         "trainer.max_epochs=2",
         "report.latency_runs=3",
         f"hydra.run.dir={tmp_path}",
