@@ -408,26 +408,23 @@ class InductorBackend(QuantizationBackend):
         """An exported graph's BatchNorm is an op, not a module to hook: while open, each BatchNorm op of the
         graphs under ``module`` calls a function that shows its input and running statistics to ``record`` (named
         after the BatchNorm layer it came from) and then runs the op; on exit the graphs are as they were."""
-        swapped: list[tuple[GraphModule, Any]] = []
+        parts = [(path, part) for path, part in module.named_modules() if isinstance(part, ExportedPart)]
         try:
-            for path, part in module.named_modules():
-                if not isinstance(part, ExportedPart):
-                    continue
+            for path, part in parts:
                 for node in part.graph.graph.nodes:
                     statistics = node.args[3:5] if node.op == "call_function" and node.target is _BATCH_NORM else ()
                     if len(statistics) == 2 and all(getattr(arg, "op", None) == "get_attr" for arg in statistics):
                         stack = list(node.meta.get("nn_module_stack", {}).values())
                         name = ".".join(filter(None, (path, stack[-1][0] if stack else node.name)))
                         node.target = _recording_batch_norm(name, node, part.graph, record)
-                        swapped.append((part.graph, node))
                 part.graph.recompile()
             yield
         finally:
-            for graph in {id(graph): graph for graph, _ in swapped}.values():
-                for node in graph.graph.nodes:
+            for _, part in parts:
+                for node in part.graph.graph.nodes:
                     if getattr(node.target, "batch_norm", None) is _BATCH_NORM:
                         node.target = _BATCH_NORM
-                graph.recompile()
+                part.graph.recompile()
 
     def convert(self, prepared: nn.Module) -> nn.Module:
         part = prepared if isinstance(prepared, ExportedPart) else None
