@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import math
 from collections.abc import Sequence
@@ -281,6 +282,30 @@ class QuantizationAwareTraining(Callback, ReportsModels):
             self._restore_before_weights_load(pl_module)
             return
         self._prepare(trainer, pl_module)
+        compat.run_before_weights_load(pl_module, self._refuse_another_config, order=compat.FAKE_QUANT_INSERTED)
+
+    def _refuse_another_config(self, checkpoint: dict[str, Any]) -> None:
+        """A resumed fit quantizes as its checkpoint was trained: fake-quant prepared otherwise would place its
+        observers elsewhere (the graph's ``activation_post_process_<n>`` then name other tensors) or in other
+        numbers, and the checkpoint's ranges would load into the wrong places or fail to load."""
+        state = checkpoint.get("callbacks", {}).get(self.state_key)
+        if not state or "config" not in state:
+            return
+        written = config_from_state(state)
+        if written == self.config:
+            return
+        if type(written) is type(self.config):
+            differences = [
+                f"{field.name}={getattr(written, field.name)!r}"
+                for field in dataclasses.fields(written)
+                if getattr(written, field.name) != getattr(self.config, field.name)
+            ]
+        else:
+            differences = [f"config={type(written).__name__}"]
+        raise ValueError(
+            f"QuantizationAwareTraining: the checkpoint was trained with {', '.join(differences)}, which this run "
+            f"sets otherwise; resume it with config={type(written).__module__}.{written!r}."
+        )
 
     def _prepare(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Insert fake-quant into the module's networks, switched off; the parts table says how each went."""

@@ -138,7 +138,8 @@ def config_from_state(state: dict[str, Any]) -> Any:
             f"the checkpoint's {config_class.__name__} is version {version}; this lightning-compress reads up to "
             f"{config_class.version}: upgrade it."
         )
-    return config_class(**fields)
+    upgrade = getattr(config_class, "fields_as_written", None)
+    return config_class(**(upgrade(fields, version) if upgrade is not None else fields))
 
 
 def config_state(config: Any) -> dict[str, Any]:

@@ -9,7 +9,7 @@ module imports the other, so either can go (FX graph mode is deprecated upstream
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from lightning_compress import compat
 
@@ -83,6 +83,12 @@ class GridConfig:
             bits = getattr(self, name)
             if not isinstance(bits, int) or not 2 <= bits <= 8:
                 raise ValueError(f"{name}={bits!r} is invalid: it must be an integer from 2 to 8.")
+
+    @classmethod
+    def fields_as_written(cls, fields: dict[str, Any], version: int) -> dict[str, Any]:
+        """The fields of a config a checkpoint recorded at ``version``, as this version reads them: a setting added
+        since is given the value that reproduces what that checkpoint trained."""
+        return fields
 
     @property
     def converts_to_int8(self) -> bool:

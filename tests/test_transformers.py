@@ -314,6 +314,85 @@ def test_pt2e_qat_quantizes_bert_as_one_graph_and_ships_it_to_every_runtime(tmp_
         assert (output.argmax(-1) == fake_quant.argmax(-1).numpy()).mean() >= 0.9, name
 
 
+def _attention_input_quantizers(path: Path) -> list[list[object]]:
+    """For each ScaledDotProductAttention of an OpenVINO model, the FakeQuantize op (or None) that feeds its query,
+    key and value, found through the reshapes between them."""
+    found = []
+    for op in openvino.Core().read_model(str(path)).get_ops():
+        if op.get_type_name() != "ScaledDotProductAttention":
+            continue
+        feeds = []
+        for index in range(3):
+            producer = op.input_value(index).get_node()
+            while producer.get_type_name() in ("Transpose", "Reshape"):
+                producer = producer.input_value(0).get_node()
+            feeds.append(producer if producer.get_type_name() == "FakeQuantize" else None)
+        found.append(feeds)
+    return found
+
+
+def test_pt2e_quantizes_the_query_and_key_of_attention_on_the_grid_openvino_runs_in_int8(tmp_path: Path, tokens: DigitTokens):
+    """Where NNCF's transformer preset quantizes attention: its query and key, each right after its projection, on
+    a grid centred on zero (OpenVINO's CPU plugin computes the score product in int8 only on such a grid; off
+    centre, in bf16); the value stays float. QAT trains on that placement, and OpenVINO's int8 model computes what
+    the fake-quant model does."""
+    L.seed_everything(0)
+    model = BertDigits()
+    qat = QuantizationAwareTraining(start_epoch=0, export_format="openvino", export_dir=str(tmp_path))
+    _fit(tmp_path, model, qat, tokens, epochs=1, limit_train_batches=4)
+    attentions = _attention_input_quantizers(qat.export_paths["openvino"])
+    assert len(attentions) == 2  # one per layer
+    for query, key, value in attentions:
+        assert value is None
+        for quantize in (query, key):
+            assert quantize is not None and quantize.get_levels() == 256
+            assert quantize.input_value(0).get_node().get_type_name() == "Add"  # the projection's bias: fused there
+            low, high = (float(quantize.input_value(index).get_node().get_data().ravel()[0]) for index in (1, 2))
+            assert low == pytest.approx(-high * 128 / 127, rel=1e-5)  # -128 and 127 steps: zero on the grid's 128
+    batch = _test_batch()
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        fake_quant = model.eval().model(**inputs).logits
+    [output] = _run_files({"openvino": qat.export_paths["openvino"]}, inputs).values()
+    assert _relative_error(output, fake_quant) <= 0.05
+
+
+def test_a_qat_checkpoint_from_before_attention_was_quantized_resumes_only_as_it_was_trained(tmp_path: Path, tokens: DigitTokens):
+    """A checkpoint of version 1 of the torch.export engine's config (no ``attention_query_key``) trained attention
+    in float: it reads as ``attention_query_key=False``, and a resumed fit that would quantize attention (the
+    default now) is refused before training, in one line that gives the config to resume with; given it, the fit
+    resumes."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_compress.pt2e_quantization import InductorQuantizationConfig
+
+    float_attention = InductorQuantizationConfig(attention_query_key=False)
+    L.seed_everything(0)
+    saving = ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True)
+    qat = QuantizationAwareTraining(start_epoch=0, config=float_attention, convert_on_fit_end=False, export_format="none")
+    trainer = quiet_trainer(tmp_path, [qat, saving], 1, limit_train_batches=2, limit_val_batches=0)
+    trainer.fit(BertDigits(), datamodule=tokens)
+    checkpoint = torch.load(saving.last_model_path, weights_only=False)
+    [state] = [state for key, state in checkpoint["callbacks"].items() if key.startswith("QuantizationAwareTraining")]
+    del state["config"]["attention_query_key"]
+    state["config_version"] = 1
+    old = tmp_path / "version1.ckpt"
+    torch.save(checkpoint, old)
+
+    resumed = QuantizationAwareTraining(start_epoch=0, convert_on_fit_end=False, export_format="none")
+    trainer = quiet_trainer(tmp_path, [resumed], 2, limit_train_batches=2, limit_val_batches=0)
+    refusal = r"trained with attention_query_key=False, .*config=lightning_compress\.pt2e_quantization\.Induct"
+    with pytest.raises(ValueError, match=refusal):
+        trainer.fit(BertDigits(), datamodule=tokens, ckpt_path=str(old))
+    assert trainer.global_step == 0
+
+    resumed = QuantizationAwareTraining(start_epoch=0, config=float_attention, convert_on_fit_end=False, export_format="none")
+    trainer = quiet_trainer(tmp_path, [resumed], 2, limit_train_batches=2, limit_val_batches=0)
+    module = BertDigits()
+    trainer.fit(module, datamodule=tokens, ckpt_path=str(old))
+    assert trainer.global_step == 4 and resumed.prepared_names == ["model.bert", "model.classifier"]
+
+
 def test_channel_pruning_of_bert_removes_whole_heads_and_mlp_channels(tmp_path: Path, tokens: DigitTokens):
     """Removing channels from inside query/key/value regroups every head, so heads go whole: each attention is a
     group whose channels are heads (query, key and value rows, the output projection's columns). The model that
