@@ -115,6 +115,16 @@ def _compile_seconds(model: torch.nn.Module, example: torch.Tensor) -> float:
 
 
 def latency_and_size(runs: int) -> list[dict]:
+    """Latency and size rows, compiled and timed on one thread; the thread count is put back after, for the
+    accuracy fits that follow (they trained on one thread after it before)."""
+    threads = torch.get_num_threads()
+    try:
+        return _latency_and_size(runs)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _latency_and_size(runs: int) -> list[dict]:
     rows = []
     builders = {
         "cnn": lambda: SmallCNN(num_classes=10, in_channels=3),
