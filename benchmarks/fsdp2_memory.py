@@ -10,7 +10,9 @@ and ``QuantizationAwareTraining`` (from the second), once with ``strategy="ddp"`
 peak resident memory (``ru_maxrss``) above what it held before the model was built: at the end of training, and
 after the fit (the callbacks' whole copies: the dense baseline, the float and int8 models). What the model's size
 costs is that less the same run's with ``SMALL_WIDTH`` layers (libraries, process group and data weigh alike in
-both). Each run starts fresh processes (Lightning re-runs this script for rank 1).
+both). Each run starts fresh processes (Lightning re-runs this script for rank 1). Every run is made twice: with
+glibc's malloc as it comes, and with its mmap threshold fixed (``ALLOCATORS``), which decides whether the memory FSDP2
+frees goes back to the system.
 """
 
 from __future__ import annotations
@@ -114,6 +116,20 @@ def run_one(strategy: str, width: int, compress: bool, output: Path) -> None:
     (output / f"{strategy}_{width}_{compress}_rank{trainer.global_rank}.json").write_text(json.dumps(peaks))
 
 
+def _table(peaks: dict, ratio: dict) -> list[str]:
+    lines = ["| strategy | training peak MiB (rank 0, rank 1) | whole fit peak MiB (rank 0, rank 1) |", "|---|---|---|"]
+    for strategy, ranks in peaks.items():
+        training, fit = (", ".join(f"{rank[kind]:.0f}" for rank in ranks) for kind in ("training", "fit"))
+        lines.append(f"| {strategy} | {training} | {fit} |")
+    return [
+        *lines,
+        "",
+        f"FSDP2 / DDP, the larger rank of each: with the callbacks, training {ratio['training']:.2f}x, whole fit "
+        f"{ratio['fit']:.2f}x (the whole-fit peak includes the callbacks' whole copies made at fit end); without them, "
+        f"training {ratio['training (no callbacks)']:.2f}x.",
+    ]
+
+
 def markdown(results: dict) -> str:
     parameters_mib = results["parameters"] * 4 / 2**20
     lines = [
@@ -121,20 +137,61 @@ def markdown(results: dict) -> str:
         f"{SMALL_WIDTH}-wide layers), 2 CPU processes (gloo), torch {results['torch']}, "
         f"{results['machine']}: an MLP of {BLOCKS} Linear {WIDTH} x {WIDTH} layers ({results['parameters'] / 1e6:.1f}M "
         f"parameters, {parameters_mib:.0f} MiB in fp32), Adam, with MagnitudePruning and QuantizationAwareTraining.",
-        "",
-        "| strategy | training peak MiB (rank 0, rank 1) | whole fit peak MiB (rank 0, rank 1) |",
-        "|---|---|---|",
     ]
-    for strategy, ranks in results["peaks"].items():
-        training, fit = (", ".join(f"{rank[kind]:.0f}" for rank in ranks) for kind in ("training", "fit"))
-        lines.append(f"| {strategy} | {training} | {fit} |")
-    lines += [
-        "",
-        f"FSDP2 / DDP, the larger rank of each: with the callbacks, training {results['ratio']['training']:.2f}x, whole "
-        f"fit {results['ratio']['fit']:.2f}x (the whole-fit peak includes the callbacks' whole copies made at fit end); "
-        f"without them, training {results['ratio']['training (no callbacks)']:.2f}x.",
-    ]
+    for allocator, measured in results["allocators"].items():
+        lines += ["", f"**{allocator}**", "", *_table(measured["peaks"], measured["ratio"])]
     return "\n".join(lines) + "\n"
+
+
+def _measure(scratch: Path, allocator_env: dict[str, str]) -> dict:
+    """Every fit in fresh processes under one allocator setting: the peaks, and what the model's size costs."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", **allocator_env}
+    measured = {}
+    for compress in (True, False):
+        for strategy in ("ddp", "fsdp2"):
+            for width in (WIDTH, SMALL_WIDTH):
+                command = [
+                    *(sys.executable, __file__, "--strategy", strategy, "--width", str(width)),
+                    *("--compress", str(int(compress)), "--scratch", str(scratch)),
+                ]
+                subprocess.run(command, check=True, env=env, cwd=Path(__file__).parent)
+                measured[strategy, width, compress] = [
+                    json.loads((scratch / f"{strategy}_{width}_{compress}_rank{rank}.json").read_text()) for rank in (0, 1)
+                ]
+                print(allocator_env, strategy, width, compress, measured[strategy, width, compress], flush=True)
+    # what the model's size costs: the wide model's peaks less the same run's with a narrow one (the libraries,
+    # the process group and the data cost the same in both)
+    peaks = {
+        f"{strategy}{'' if compress else ' (no callbacks)'}": [
+            {kind: wide[kind] - narrow[kind] for kind in ("training", "fit")}
+            for wide, narrow in zip(measured[strategy, WIDTH, compress], measured[strategy, SMALL_WIDTH, compress], strict=True)
+        ]
+        for compress in (True, False)
+        for strategy in ("ddp", "fsdp2")
+    }
+    return {
+        "environment": allocator_env,
+        "peaks": peaks,
+        "measured": {
+            f"{strategy} width {width}{'' if compress else ' (no callbacks)'}": ranks
+            for (strategy, width, compress), ranks in measured.items()
+        },
+        "ratio": {
+            f"{kind}{suffix}": max(rank[kind] for rank in peaks[f"fsdp2{suffix}"])
+            / max(rank[kind] for rank in peaks[f"ddp{suffix}"])
+            for kind in ("training", "fit")
+            for suffix in ("", " (no callbacks)")
+        },
+    }
+
+
+# glibc raises its mmap threshold to the size of each large block freed (up to 32 MiB): once FSDP2 has freed one
+# all-gathered layer, the next ones come from the heap, whose freed pages the process keeps. A fixed threshold
+# (setting it turns the raising off) keeps such blocks mmapped, returned to the system when freed.
+ALLOCATORS = {
+    "glibc malloc, a fixed mmap threshold (MALLOC_MMAP_THRESHOLD_=131072)": {"MALLOC_MMAP_THRESHOLD_": "131072"},
+    "glibc malloc as it comes (its mmap threshold rises with the blocks freed)": {},
+}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -150,30 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     args.output.mkdir(parents=True, exist_ok=True)
     scratch = args.output / "fsdp2_memory_runs"
     scratch.mkdir(exist_ok=True)
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    measured = {}
-    for compress in (True, False):
-        for strategy in ("ddp", "fsdp2"):
-            for width in (WIDTH, SMALL_WIDTH):
-                command = [
-                    *(sys.executable, __file__, "--strategy", strategy, "--width", str(width)),
-                    *("--compress", str(int(compress)), "--scratch", str(scratch)),
-                ]
-                subprocess.run(command, check=True, env=env, cwd=Path(__file__).parent)
-                measured[strategy, width, compress] = [
-                    json.loads((scratch / f"{strategy}_{width}_{compress}_rank{rank}.json").read_text()) for rank in (0, 1)
-                ]
-                print(strategy, width, compress, measured[strategy, width, compress], flush=True)
-    # what the model's size costs: the wide model's peaks less the same run's with a narrow one (the libraries,
-    # the process group and the data cost the same in both)
-    peaks = {
-        f"{strategy}{'' if compress else ' (no callbacks)'}": [
-            {kind: wide[kind] - narrow[kind] for kind in ("training", "fit")}
-            for wide, narrow in zip(measured[strategy, WIDTH, compress], measured[strategy, SMALL_WIDTH, compress], strict=True)
-        ]
-        for compress in (True, False)
-        for strategy in ("ddp", "fsdp2")
-    }
+    allocators = {name: _measure(scratch, environment) for name, environment in ALLOCATORS.items()}
     for path in scratch.iterdir():
         path.unlink()
     scratch.rmdir()
@@ -181,17 +215,7 @@ def main(argv: list[str] | None = None) -> None:
         "torch": torch.__version__,
         "machine": MACHINE,
         "parameters": sum(p.numel() for p in WideMLP().parameters()),
-        "peaks": peaks,
-        "measured": {
-            f"{strategy} width {width}{'' if compress else ' (no callbacks)'}": ranks
-            for (strategy, width, compress), ranks in measured.items()
-        },
-        "ratio": {
-            f"{kind}{suffix}": max(rank[kind] for rank in peaks[f"fsdp2{suffix}"])
-            / max(rank[kind] for rank in peaks[f"ddp{suffix}"])
-            for kind in ("training", "fit")
-            for suffix in ("", " (no callbacks)")
-        },
+        "allocators": allocators,
     }
     (args.output / "fsdp2_memory.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.output / "fsdp2_memory.md").write_text(markdown(results))
