@@ -525,3 +525,25 @@ def test_a_masked_model_kept_when_removal_fails_is_never_called_channels_removed
     assert not pruning.channels_removed
     assert count_parameters(pruning.pruned_model)[0] == count_parameters(model)[0]
     assert "channels removed" not in pruning.report_models()
+
+
+@pytest.mark.parametrize("tie_chunk", [3, 1 << 20])
+def test_ranking_drops_exactly_the_smallest_weights_and_of_equal_ones_the_first(monkeypatch: pytest.MonkeyPatch, tie_chunk: int):
+    """The ranking behind every mask, without sorting: exactly ``pruned`` entries go, none larger than one kept;
+    already-zero weights first, and of entries equal to the threshold those that come first (whatever the chunks
+    the ties are counted in), as on every rank alike."""
+    from lightning_compress import pruning
+
+    monkeypatch.setattr(pruning, "_TIE_CHUNK", tie_chunk)
+    ties = torch.tensor([0.0, 2.0, 0.0, 1.0, 1.0, 3.0, 0.0, 1.0, 1.0])
+    expected_dropped = [[], [0], [0, 2], [0, 2, 6], [0, 2, 3, 6], [0, 2, 3, 4, 6], [0, 2, 3, 4, 6, 7]]
+    for pruned, dropped in enumerate(expected_dropped):
+        keep = pruning._keep_largest(ties, pruned)
+        assert (~keep).nonzero().flatten().tolist() == dropped
+    assert not pruning._keep_largest(ties, len(ties)).any()
+    generator = torch.Generator().manual_seed(0)
+    magnitudes = torch.randn(10_000, generator=generator).abs()
+    magnitudes[::7] = 0.0
+    for pruned in (1, 1_429, 5_000, 9_999):
+        keep = pruning._keep_largest(magnitudes, pruned)
+        assert int((~keep).sum()) == pruned and magnitudes[~keep].max() <= magnitudes[keep].min()
