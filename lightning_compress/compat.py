@@ -215,9 +215,9 @@ def _shape_buffers_as_saved(pl_module: nn.Module, folder: Any) -> None:
                 module._buffers[name] = torch.empty(size, dtype=buffer.dtype, device=buffer.device)
 
 
-CHANNELS_REMOVED, FAKE_QUANT_INSERTED = 0, 1
-"""The ``order`` of the structures callbacks rebuild before the weights load: QAT inserts fake-quant into the
-network as channel pruning's shrink left it."""
+SETTINGS_CHECKED, CHANNELS_REMOVED, FAKE_QUANT_INSERTED = -1, 0, 1
+"""The ``order`` of the hooks that run before the weights load: a checkpoint's settings are checked before anything
+is rebuilt, and QAT inserts fake-quant into the network as channel pruning's shrink left it."""
 
 
 def rewrap_distributed(trainer: L.Trainer) -> None:

@@ -686,7 +686,9 @@ class MagnitudePruning(Callback, ReportsModels):
                 self.masks[name] = _keep_largest(magnitude.flatten(), round(target * magnitude.numel())).view_as(magnitude)
             return
         shapes = {name: parameters[name].shape for name in self._targets}
-        flat = torch.empty(sum(shape.numel() for shape in shapes.values()), device=parameters[self._targets[0]].device)
+        flat = torch.empty(
+            sum(shape.numel() for shape in shapes.values()), dtype=torch.float32, device=parameters[self._targets[0]].device
+        )
         for name, chunk in zip(shapes, flat.split([shape.numel() for shape in shapes.values()]), strict=True):
             chunk.copy_(sharding.full_tensor(parameters[name].detach()).flatten()).abs_()
         keep = _keep_largest(flat, round(target * flat.numel()))

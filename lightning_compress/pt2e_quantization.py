@@ -29,7 +29,9 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 from torchao.quantization.pt2e import (
+    FakeQuantize,
     FakeQuantizeBase,
+    FusedMovingAvgObsFakeQuantize,
     ObserverBase,
     disable_fake_quant,
     disable_observer,
@@ -145,14 +147,20 @@ class AttentionQueryKeyQuantizer(X86InductorQuantizer):
     """``X86InductorQuantizer`` that also quantizes the query and key entering ``scaled_dot_product_attention``,
     per tensor on a grid centred on zero (0..255, zero-point 128: the signed grid NNCF's transformer preset puts
     there, and the one OpenVINO's CPU plugin needs to compute the score product ``QK^T`` in int8; an off-centre
-    zero-point left attention in bf16). X86InductorQuantizer alone quantizes ``matmul`` (eager attention) but not
-    the fused attention op transformers call by default. Unsigned, not int8: Inductor fuses each quantize into the
+    zero-point left attention in bf16). X86InductorQuantizer's own placement (its global config: convolutions,
+    Linear layers, pooling) leaves attention float. Unsigned, not int8: Inductor fuses each quantize into the
     Linear before it, and its fused Linear labels an int8 output as uint8 (torch 2.14.1), which fails compilation.
 
     On a transformers BERT (6 x 512, 128 tokens, batch 1, one thread, AVX-512 VNNI; three runs, models in turns) our
     QAT model in OpenVINO took 16.1-16.5 ms with the query and key in int8, 16.4-16.7 ms without (NNCF's int8:
-    16.0-16.4 ms); in torch under Inductor and in ONNX Runtime it ran as fast either way. Skipped modules keep their
-    attention float, as their other ops; dynamic quantization (no observed ranges) leaves attention alone."""
+    16.0-16.4 ms); in torch under Inductor and in ONNX Runtime it ran as fast either way.
+
+    Left float: the query or key of an attention whose projection is float (skipped, by name or by type: the quantize
+    would fuse into nothing), one that is also the value (one observer per producer and consumer: the value would be
+    quantized too), and everything under dynamic quantization (no observed ranges). QAT observes these two with
+    ``FakeQuantize`` rather than torchao's fused kernel, whose scale for a centred grid (max/127, and zero-point 0
+    for inputs of one sign) is not the one conversion computes (max/127.5, zero-point 128): the model that trains is
+    the one that ships."""
 
     def annotate(self, model: GraphModule) -> GraphModule:
         super().annotate(model)
@@ -166,12 +174,38 @@ class AttentionQueryKeyQuantizer(X86InductorQuantizer):
             activation = config.input_activation if config is not None else None
             if activation is None or activation.is_dynamic:
                 continue
-            centred = dataclasses.replace(activation, qscheme=torch.per_tensor_symmetric, quant_min=None, quant_max=None)
-            for consumer, value in (_first_reshape(node, node.args[0]), _first_reshape(node, node.args[1])):
+            centred = dataclasses.replace(
+                activation,
+                qscheme=torch.per_tensor_symmetric,
+                quant_min=None,
+                quant_max=None,
+                observer_or_fake_quant_ctr=_consistent_fake_quant(activation.observer_or_fake_quant_ctr),
+            )
+            for argument in node.args[:2]:
+                if argument is node.args[2]:  # also the value
+                    continue
+                consumer, producer = _first_reshape(node, argument)
+                if producer.op == "call_function" and producer.target in _LAYER_OPS and not _quantized(producer):
+                    continue  # a float projection
                 annotation = consumer.meta.setdefault(QUANT_ANNOTATION_KEY, _X86InductorQuantizationAnnotation())
-                annotation.input_qspec_map[value] = centred
+                annotation.input_qspec_map[producer] = centred
                 annotation._annotated = True
         return model
+
+
+def _consistent_fake_quant(constructor: Any) -> Any:
+    """``constructor``, unless it is torchao's fused fake-quant kernel: then ``FakeQuantize`` over the same moving
+    averages, whose scale and zero-point are those conversion computes."""
+    made = getattr(getattr(constructor, "p", None), "func", constructor)
+    if isinstance(made, type) and issubclass(made, FusedMovingAvgObsFakeQuantize):
+        return FakeQuantize.with_args(observer=MovingAverageMinMaxObserver, eps=2**-12)
+    return constructor
+
+
+def _quantized(node: Any) -> bool:
+    """Whether the annotation of layer ``node`` quantizes its inputs (a skipped layer's is empty)."""
+    annotation = node.meta.get(QUANT_ANNOTATION_KEY)
+    return annotation is not None and bool(annotation.input_qspec_map)
 
 
 def _first_reshape(attention: Any, value: Any) -> tuple[Any, Any]:

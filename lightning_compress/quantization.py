@@ -273,6 +273,9 @@ class QuantizationAwareTraining(Callback, ReportsModels):
                 f"QuantizationAwareTraining: max_epochs={trainer.max_epochs} ends this fit before {', '.join(late)}: "
                 "what they schedule does not happen in it (it may in a resumed, longer one)."
             )
+        # registered before either path prepares: a shrink's path rebuilds from the checkpoint's config, and a state
+        # written from this callback's config must describe what was rebuilt
+        compat.run_before_weights_load(pl_module, self._refuse_another_config, order=compat.SETTINGS_CHECKED)
         pruning = [callback for callback in trainer.callbacks if isinstance(callback, MagnitudePruning)]
         self._shrinks = self._shrinks_before_start(pruning, pl_module)
         if self._shrinks:
@@ -282,7 +285,6 @@ class QuantizationAwareTraining(Callback, ReportsModels):
             self._restore_before_weights_load(pl_module)
             return
         self._prepare(trainer, pl_module)
-        compat.run_before_weights_load(pl_module, self._refuse_another_config, order=compat.FAKE_QUANT_INSERTED)
 
     def _refuse_another_config(self, checkpoint: dict[str, Any]) -> None:
         """A resumed fit quantizes as its checkpoint was trained: fake-quant prepared otherwise would place its

@@ -115,7 +115,7 @@ def test_pt2e_checkpoints_restore_for_test_and_load_from_checkpoint(tmp_path: Pa
     )
     state = torch.load(checkpoint.last_model_path, weights_only=True)["callbacks"]
     (saved,) = [value for key, value in state.items() if key.startswith("QuantizationAwareTraining")]
-    assert (saved["config_type"], saved["config_version"]) == ("InductorQuantizationConfig", 1)
+    assert (saved["config_type"], saved["config_version"]) == ("InductorQuantizationConfig", InductorQuantizationConfig.version)
     assert isinstance(config_from_state(saved), InductorQuantizationConfig)
 
     images = digits.test_set.tensors[0]
@@ -134,7 +134,10 @@ def test_pt2e_checkpoints_restore_for_test_and_load_from_checkpoint(tmp_path: Pa
     assert result["test/acc"] == pytest.approx(top1_accuracy(model, digits.test_dataloader()))
 
     saved["config_version"] = 99
-    with pytest.raises(ValueError, match="InductorQuantizationConfig is version 99; this lightning-compress reads up to 1"):
+    newest = InductorQuantizationConfig.version
+    with pytest.raises(
+        ValueError, match=f"InductorQuantizationConfig is version 99; this lightning-compress reads up to {newest}"
+    ):
         config_from_state(saved)
 
 
@@ -362,3 +365,63 @@ def test_resnet18_exports_run_without_this_package(tmp_path: Path, backend: str)
     eager = qat.quantized_model.net.program if backend == "x86_inductor" else qat.quantized_model
     with torch.no_grad():
         assert _predictions_of_export(exported, images, tmp_path) == eager(images).argmax(1).tolist()
+
+
+class _Attention(torch.nn.Module):
+    """One attention as transformers write it (projections, view and transpose into heads, the fused op); with
+    ``key_is_value`` the key projection's heads are also the value."""
+
+    def __init__(self, key_is_value: bool = False) -> None:
+        super().__init__()
+        self.query, self.key, self.value = (torch.nn.Linear(16, 16) for _ in range(3))
+        self.key_is_value = key_is_value
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = tokens.shape
+
+        def heads(layer: torch.nn.Linear) -> torch.Tensor:
+            return layer(tokens).view(batch, length, 2, 8).transpose(1, 2)
+
+        key = heads(self.key)
+        value = key if self.key_is_value else heads(self.value)
+        attended = torch.nn.functional.scaled_dot_product_attention(heads(self.query), key, value)
+        return attended.transpose(1, 2).reshape(batch, length, 16)
+
+
+def _attention_fake_quants(prepared: ExportedPart) -> list:
+    """The fake-quant modules (or None) that the query, key and value of the graph's attention come through."""
+    graph = prepared.graph
+    [attention] = [node for node in graph.graph.nodes if node.target is torch.ops.aten.scaled_dot_product_attention.default]
+    found = []
+    for node in attention.args[:3]:
+        while node.op == "call_function" and node.target in (torch.ops.aten.transpose.int, torch.ops.aten.view.default):
+            node = node.args[0]
+        found.append(graph.get_submodule(node.target) if node.op == "call_module" else None)
+    return found
+
+
+@pytest.mark.parametrize(
+    ("key_is_value", "skip", "quantized"),
+    [(False, [], (True, True, False)), (False, ["query"], (False, True, False)), (True, [], (True, False, False))],
+    ids=["query-and-key", "query-skipped", "key-is-value"],
+)
+def test_pt2e_quantizes_attentions_query_and_key_centred_on_the_grid_it_converts_to(
+    key_is_value: bool, skip: list[str], quantized: tuple[bool, bool, bool]
+):
+    """Query and key, each after its projection, on a grid centred on zero (zero-point 128), trained by a fake-quant
+    whose scale is the one conversion computes (torchao's fused kernel trains max/127 where conversion takes
+    max/127.5); never the value (a key that is also the value stays float: one observer would quantize both), and
+    not behind a skipped projection."""
+    torch.manual_seed(0)
+    tokens = torch.randn(4, 5, 16)
+    backend = InductorBackend(InductorQuantizationConfig())
+    prepared = backend.prepare_qat(_Attention(key_is_value), (tokens,), {}, skip, [])
+    backend.set_observers(prepared, True)
+    backend.set_fake_quant(prepared, True)
+    prepared(tokens)
+    fake_quants = _attention_fake_quants(prepared)
+    assert tuple(fake_quant is not None for fake_quant in fake_quants) == quantized
+    for fake_quant in filter(None, fake_quants):
+        scale, zero_point = fake_quant.calculate_qparams()
+        assert type(fake_quant).__name__ == "FakeQuantize" and int(zero_point) == 128
+        assert torch.equal(fake_quant.scale, scale) and int(fake_quant.zero_point) == 128

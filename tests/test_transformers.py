@@ -357,6 +357,7 @@ def test_pt2e_quantizes_the_query_and_key_of_attention_on_the_grid_openvino_runs
     assert _relative_error(output, fake_quant) <= 0.05
 
 
+@pytest.mark.slow  # 9 s, three fits; the fast suite neared 9 minutes
 def test_a_qat_checkpoint_from_before_attention_was_quantized_resumes_only_as_it_was_trained(tmp_path: Path, tokens: DigitTokens):
     """A checkpoint of version 1 of the torch.export engine's config (no ``attention_query_key``) trained attention
     in float: it reads as ``attention_query_key=False``, and a resumed fit that would quantize attention (the
