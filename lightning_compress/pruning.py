@@ -686,14 +686,13 @@ class MagnitudePruning(Callback, ReportsModels):
                 self.masks[name] = _keep_largest(magnitude.flatten(), round(target * magnitude.numel())).view_as(magnitude)
             return
         shapes = {name: parameters[name].shape for name in self._targets}
-        flat = torch.empty(
-            sum(shape.numel() for shape in shapes.values()), dtype=torch.float32, device=parameters[self._targets[0]].device
-        )
-        for name, chunk in zip(shapes, flat.split([shape.numel() for shape in shapes.values()]), strict=True):
+        sizes = [shape.numel() for shape in shapes.values()]
+        flat = torch.empty(sum(sizes), dtype=torch.float32, device=parameters[self._targets[0]].device)
+        for name, chunk in zip(shapes, flat.split(sizes), strict=True):
             chunk.copy_(sharding.full_tensor(parameters[name].detach()).flatten()).abs_()
         keep = _keep_largest(flat, round(target * flat.numel()))
         del flat
-        for name, chunk in zip(shapes, keep.split([shape.numel() for shape in shapes.values()]), strict=True):
+        for name, chunk in zip(shapes, keep.split(sizes), strict=True):
             self.masks[name] = chunk.view(shapes[name])
 
     def _parameters(self, pl_module: nn.Module) -> dict[str, nn.Parameter]:
