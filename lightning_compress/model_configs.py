@@ -4,10 +4,12 @@ transformers rebuilds a saved model from its config (``from_pretrained``), so a 
 states the original widths saves but does not load. After a removal, each transformers model inside the network
 gets the widths it now has where its config can state them: the MLP width (``intermediate_size``) when every layer
 of that width kept the same number of channels, and the head counts (``num_attention_heads``,
-``num_key_value_heads``) where the config states the head size on its own (``head_dim``, as Llama's does; BERT's
-and ViT's derive it from ``hidden_size / num_attention_heads``, so fewer heads of the same size cannot be stated).
-Whether the config then describes the model is checked, not assumed: the model is built from it on the meta
-device (no memory) and every parameter's shape compared.
+``num_key_value_heads``) when every attention kept as many heads, with the head size stated beside them
+(``head_dim``). Llama's config has ``head_dim``; ViT's does not, but its attention reads one when the config holds
+it, so it is added; BERT's attention derives the head size from ``hidden_size / num_attention_heads`` whatever the
+config holds, so fewer heads of the same size cannot be stated, and its config keeps its heads. Which is which is
+not looked up by class: the model is built from the config on the meta device (no memory) and every parameter's
+shape compared, for the head counts (stated only where that makes more of the model match) and for the whole.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def describe_pruned_models(network: nn.Module, widths_before: dict[str, tuple[in
             updated.add(id(model.config))
             prefix = f"{name}." if name else ""
             inside = [layout for layout in layouts if layout.attention.startswith(prefix) or not name]
-            _update(model.config, prefix, widths_before, widths_after, inside, network)
+            _update(model, prefix, widths_before, widths_after, inside, network)
     problems = []
     checked: list[str] = []
     for name, model in models:  # each outermost model, built from its config as from_pretrained would
@@ -58,13 +60,14 @@ def describe_pruned_models(network: nn.Module, widths_before: dict[str, tuple[in
 
 
 def _update(
-    config: object,
+    model: nn.Module,
     prefix: str,
     before: dict[str, tuple[int, int]],
     after: dict[str, tuple[int, int]],
     layouts: list[HeadLayout],
     network: nn.Module,
 ) -> None:
+    config = model.config
     old = getattr(config, "intermediate_size", None)
     if isinstance(old, int):
         widths = {
@@ -76,17 +79,38 @@ def _update(
         }
         if len(widths) == 1:
             config.intermediate_size = widths.pop()
-    if layouts and getattr(config, "head_dim", None) == layouts[0].head_size:
-        heads = {network.get_submodule(layout.query).out_features // layout.head_size for layout in layouts}
-        key_value_heads = {network.get_submodule(layout.key).out_features // layout.head_size for layout in layouts}
-        if len(heads) == len(key_value_heads) == 1 and isinstance(getattr(config, "num_attention_heads", None), int):
-            config.num_attention_heads = heads.pop()
-            if isinstance(getattr(config, "num_key_value_heads", None), int):
-                config.num_key_value_heads = key_value_heads.pop()
+    if layouts and isinstance(getattr(config, "num_attention_heads", None), int):
+        _state_head_counts(model, layouts, network)
+
+
+def _state_head_counts(model: nn.Module, layouts: list[HeadLayout], network: nn.Module) -> None:
+    """The head counts every attention in ``layouts`` has now, and the head size beside them, written into
+    ``model``'s config where the model built from it then matches more of ``model`` than before."""
+    config = model.config
+    head_size = {layout.head_size for layout in layouts}
+    heads = {network.get_submodule(layout.query).out_features // layout.head_size for layout in layouts}
+    key_value_heads = {network.get_submodule(layout.key).out_features // layout.head_size for layout in layouts}
+    if len(head_size) != 1 or len(heads) != 1 or len(key_value_heads) != 1:
+        return  # the attentions differ: one count cannot state them
+    stated = copy.deepcopy(config)
+    stated.head_dim, stated.num_attention_heads = head_size.pop(), heads.pop()
+    if isinstance(getattr(config, "num_key_value_heads", None), int):
+        stated.num_key_value_heads = key_value_heads.pop()
+    if len(_mismatches(model, stated)) < len(_mismatches(model, config)):
+        for setting in ("head_dim", "num_attention_heads", "num_key_value_heads"):
+            if hasattr(stated, setting):
+                setattr(config, setting, getattr(stated, setting))
 
 
 def _mismatch(model: nn.Module, config: object) -> str | None:
     """The first parameter whose shape the model built from ``config`` does not have, or ``None``."""
+    mismatches = _mismatches(model, config)
+    return mismatches[0] if mismatches else None
+
+
+def _mismatches(model: nn.Module, config: object) -> list[str]:
+    """Every parameter of ``model`` whose shape the model built from ``config`` (on the meta device) does not have,
+    one line each; one line if it cannot be built at all."""
     logger = logging.getLogger("transformers")
     level = logger.level
     logger.setLevel(logging.ERROR)
@@ -94,11 +118,12 @@ def _mismatch(model: nn.Module, config: object) -> str | None:
         with torch.device("meta"):
             fresh = type(model)(copy.deepcopy(config))  # transformers writes settings into the config it builds from
     except Exception as error:  # noqa: BLE001 - a config that cannot even build the model describes nothing
-        return f"building the model from it fails: {type(error).__name__}"
+        return [f"building the model from it fails: {type(error).__name__}"]
     finally:
         logger.setLevel(level)
     built = {name: tuple(parameter.shape) for name, parameter in fresh.named_parameters()}
-    for name, parameter in model.named_parameters():
-        if built.get(name) != tuple(parameter.shape):
-            return f"{name} is {list(parameter.shape)}, built from the config {list(built.get(name, ()))}"
-    return None
+    return [
+        f"{name} is {list(parameter.shape)}, built from the config {list(built.get(name, ()))}"
+        for name, parameter in model.named_parameters()
+        if built.get(name) != tuple(parameter.shape)
+    ]

@@ -458,6 +458,41 @@ def test_a_bert_pruned_in_its_mlps_only_reloads_with_from_pretrained(tmp_path: P
         assert torch.allclose(reloaded(**inputs).logits, pruned.eval()(**inputs).logits)
 
 
+@pytest.mark.slow  # 11 s; the fast suite nears 9 minutes
+def test_a_vit_with_heads_removed_states_its_head_size_and_reloads_with_from_pretrained(tmp_path: Path, tokens: DigitTokens):
+    """ViT's config derives the head size from ``hidden_size / num_attention_heads`` but its attention reads a
+    ``head_dim`` when the config has one: after half the heads go, the pruned model's config states both, so
+    ``save_pretrained``/``from_pretrained`` rebuild it (computing the same logits), and no warning is given."""
+    import warnings
+
+    from transformers import ViTForImageClassification
+
+    L.seed_everything(0)
+    module = ViTDigits()
+    residual = [f"model.vit.layers.{layer}.{name}" for layer in range(2) for name in ("attention.o_proj", "mlp.fc2")]
+    pruning = MagnitudePruning(
+        final_sparsity=0.5, start_epoch=0, end_epoch=1, mode="channels", export_format="none", skip=residual
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*config cannot describe")
+        _fit(tmp_path, module, pruning, tokens, limit_train_batches=3)
+    pruned = pruning.pruned_model.model
+    attention = pruned.vit.layers[0].attention
+    assert (attention.q_proj.out_features, attention.o_proj.in_features) == (16, 16)
+    assert pruned.vit.layers[1].mlp.fc1.out_features == 64
+    config = pruned.config
+    assert (config.num_attention_heads, config.head_dim, config.intermediate_size, config.hidden_size) == (2, 8, 64, 32)
+    assert module.model.config.num_attention_heads == 4 and not hasattr(module.model.config, "head_dim")
+
+    pruned.save_pretrained(tmp_path / "pruned")
+    reloaded = ViTForImageClassification.from_pretrained(tmp_path / "pruned").eval()
+    pixels = _test_batch(4)["pixel_values"]
+    with torch.no_grad():
+        expected = pruned.eval()(pixel_values=pixels).logits
+        assert torch.allclose(reloaded(pixel_values=pixels).logits, expected)
+        assert torch.allclose(module.model.eval()(pixel_values=pixels).logits, expected, atol=1e-4)
+
+
 def test_heads_of_a_llama_go_with_their_key_value_head_and_its_config_reloads_the_pruned_model(
     tmp_path: Path, source_bytes: PythonSourceDataModule
 ):
