@@ -50,6 +50,7 @@ from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
 )
 
 from lightning_compress import compat
+from lightning_compress.forward_graph import hold_own_tensors
 from lightning_compress.inputs import call_record, on_cpu, replayed_call
 from lightning_compress.network_call import export_dynamic_shapes, whole_sequence_arguments
 from lightning_compress.quantization_backend import (
@@ -312,9 +313,18 @@ class ExportedPart(nn.Module):
         self.added_arguments = dict(added_arguments or {})
         self.batch_norm_frozen = False
         self.graph_mode: tuple[bool, bool] | None = None  # (BatchNorm, dropout) training flags the ops hold now
+        self.__dict__["_mode_source"] = None
+
+    def follow_mode_of(self, module: nn.Module) -> None:
+        """Take ``module``'s training mode at each call: a LightningModule's forward prepared as one graph, whose
+        ``.train()``/``.eval()`` do not reach this part (it is not a child; its networks are)."""
+        self.__dict__["_mode_source"] = module
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if not (torch.compiler.is_exporting() or torch.compiler.is_compiling()):  # a trace sees the graph as it is
+            source = self.__dict__.get("_mode_source")
+            if source is not None:
+                self.training = source.training
             self._follow_mode()
         return self.graph(*args, **{**self.added_arguments, **kwargs})
 
@@ -438,6 +448,7 @@ class InductorBackend(QuantizationBackend):
     native_export = "torch_export"
     export_formats = ("torch_export", "onnx", "openvino")
     keeps_layer_modules = False  # an exported graph holds its layers' parameters, not the layers
+    prepares_whole_forward = True
 
     def prepared_name(self, name: str) -> str:
         return f"graph.{name}"  # ExportedPart.graph keeps the network's own names (the parameters are shared)
@@ -556,6 +567,7 @@ class InductorBackend(QuantizationBackend):
         with compat.quick_conv_batch_norm_rewrites():
             converted = convert_pt2e(graph)
         _drop_unused_tensors(converted)
+        hold_own_tensors(converted)  # its int8 weights: in the state_dict also where it becomes a module's forward
         return CompiledProgram(converted, part.added_arguments)
 
     def fake_quant_for_export(self, prepared: nn.Module) -> nn.Module:

@@ -322,7 +322,10 @@ class QuantizationAwareTraining(Callback, ReportsModels):
         self.backend.activate()
         self._example_inputs = first_calls(pl_module, training_batches(trainer, pl_module, 1), targets)
         whole = None
-        if self.modules is None and len(targets) > 1 and "" in self._example_inputs and self.backend.prepares_whole_forward:
+        # not under FSDP2: the graph calls the networks' layers, never the networks configure_model shards, whose
+        # forward is where FSDP2 gathers their parameters
+        one_graph = self.backend.prepares_whole_forward and not sharding.under_fsdp2(trainer)
+        if self.modules is None and len(targets) > 1 and "" in self._example_inputs and one_graph:
             # the forward may also use children without parameters (pooling, activations): they join the graph
             stateless = [name for name, child in pl_module.named_children() if not any(True for _ in child.parameters())]
             whole = self._quantize_forward(
@@ -810,7 +813,7 @@ class QuantizationAwareTraining(Callback, ReportsModels):
         return {part.name: part.swapped_layers for part in self.parts if part.quantized and part.swapped_layers}
 
     def _prepared_modules(self, pl_module: nn.Module) -> list[nn.Module]:
-        return [_get(pl_module, name) for name in self.prepared_names]
+        return [_prepared(pl_module, name) for name in self.prepared_names]
 
     def _switch(self, pl_module: nn.Module, fake_quant: bool | None = None, observers: bool | None = None) -> None:
         """Turn the fake-quant and observers of every prepared part on or off (``None``: as they are), each by the

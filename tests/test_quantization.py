@@ -22,7 +22,7 @@ from lightning_compress import PostTrainingQuantization, QuantizationAwareTraini
 from lightning_compress.app.data import DigitsDataModule
 from lightning_compress.app.models import ImageClassifier
 from lightning_compress.fx_quantization import is_prepared
-from lightning_compress.report import top1_accuracy
+from lightning_compress.report import serialized_size, top1_accuracy
 
 from conftest import quiet_trainer
 
@@ -473,6 +473,53 @@ def test_layers_as_direct_children_are_quantized_as_one_graph(tmp_path: Path, di
     expected = (fake_quant.argmax(1) == digits.test_set.tensors[1]).float().mean()
     assert tested[0]["test/acc"] == pytest.approx(float(expected), abs=1e-6)
     assert not is_prepared(tester_qat.float_model(fresh))
+
+
+@pytest.mark.slow  # 13 s: a fit, Inductor's compile, two exports each run in its runtime, a test from the checkpoint
+def test_the_torch_export_engine_quantizes_a_forward_over_several_networks_as_one_graph(tmp_path: Path, digits):
+    """The default engine exports the LightningModule's own forward over its networks (stem, blocks, pooling, head)
+    as one program: one part, every layer int8 in one compiled graph, the networks' parameters under their own
+    names; the graph follows the module's training mode (it is not a child); a fresh module tested from the
+    checkpoint gets the same graph back and scores what the trained fake-quant model scores."""
+    from lightning_compress.pt2e_quantization import CompiledProgram, ExportedPart
+
+    L.seed_everything(0)
+    model = _LayersAsChildren()
+    qat = QuantizationAwareTraining(start_epoch=1, export_dir=str(tmp_path), export_format=["torch_export", "onnx"])
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    quiet_trainer(tmp_path, [qat, checkpoint], 3, limit_train_batches=12, limit_val_batches=0).fit(model, datamodule=digits)
+    assert [(part.name, part.quantized) for part in qat.parts] == [("", True)]
+    assert qat.parts[0].int8_layers == 4 and qat.parts[0].float_layers == []
+    assert isinstance(model.forward.__self__, ExportedPart) and "stem.0.weight" in model.state_dict()
+
+    int8 = qat.quantized_model
+    assert isinstance(int8.forward.__self__, CompiledProgram)
+    assert not any(isinstance(child, ExportedPart | CompiledProgram) for child in int8.modules())  # no part per network
+    # the program's int8 weights are in the model's state_dict (what the report's size counts), the float ones gone
+    assert sum(tensor.dtype == torch.int8 for tensor in int8.state_dict().values()) == 4
+    assert serialized_size(int8) < 0.5 * serialized_size(qat.float_model(model))
+    fake_quant, quantized = _predictions(model, digits), _predictions(int8, digits)
+    assert (quantized.argmax(1) == fake_quant.argmax(1)).float().mean() >= 0.98
+    images = digits.test_set.tensors[0][:16]
+    with torch.no_grad():
+        shipped = torch.export.load(str(qat.export_paths["torch_export"])).module()(images)
+        assert torch.equal(shipped.argmax(1), int8(images).argmax(1))
+    assert set(qat.export_paths) == {"torch_export", "onnx"}  # each run in its runtime before it counts
+
+    with torch.no_grad():  # BatchNorm in the graph normalizes with the batch's statistics in training mode only
+        model.train()
+        in_training = model(images[:4])
+        model.eval()
+        assert not torch.allclose(in_training, model(images[:4]))
+
+    tester_qat = QuantizationAwareTraining()
+    fresh = _LayersAsChildren()
+    tested = quiet_trainer(tmp_path / "test", [tester_qat], 1).test(
+        fresh, datamodule=digits, ckpt_path=tmp_path / "last.ckpt", weights_only=True
+    )
+    assert isinstance(fresh.forward.__self__, ExportedPart)
+    expected = (fake_quant.argmax(1) == digits.test_set.tensors[1]).float().mean()
+    assert tested[0]["test/acc"] == pytest.approx(float(expected), abs=1e-6)
 
 
 @pytest.mark.parametrize("backend", ["x86", "x86_inductor"])
