@@ -42,6 +42,7 @@ from lightning_compress.quantization_backend import (
     chosen_config,
     config_from_state,
     config_state,
+    structure_only,
 )
 from lightning_compress.quantization_plan import QuantizedPart
 from lightning_compress.report import ReportsModels, count_parameters, print_quantized_parts
@@ -686,7 +687,7 @@ class QuantizationAwareTraining(Callback, ReportsModels):
         if failure:  # training_step calls a network directly, say, which now is only part of the graph
             install_forward(pl_module, template)
             return f"training_step fails with it ({failure})"
-        self._float_templates[""], self._float_names[""] = template, names
+        self._float_templates[""], self._float_names[""] = structure_only(template), names
         self.parts.append(QuantizedPart("", True, f"one graph: forward over {', '.join(networks)}"))
         return None
 
@@ -738,7 +739,7 @@ class QuantizationAwareTraining(Callback, ReportsModels):
                     reason = f"its children quantized alone break it ({first_line(split_error, limit=120)})"
             self._swap(pl_module, name, reason if children else f"cannot be traced ({reason})")
             return
-        self._float_templates[name] = template
+        self._float_templates[name] = structure_only(template)
         self._float_names[name] = self.backend.tensor_names(module, prepared)
         pl_module.set_submodule(name, prepared)
         note = (
@@ -784,7 +785,8 @@ class QuantizationAwareTraining(Callback, ReportsModels):
             if part.swapped_layers:
                 pl_module.set_submodule(part.name, module_swap.float_swapped(_get(pl_module, part.name)))
             elif part.quantized:
-                pl_module.set_submodule(part.name, self._float_templates.pop(part.name).train(pl_module.training))
+                pl_module.set_submodule(part.name, self._float_part(pl_module, part.name).train(pl_module.training))
+                self._float_templates.pop(part.name)
                 self._float_names.pop(part.name)
 
     def _restore_before_weights_load(self, pl_module: L.LightningModule) -> None:
@@ -796,7 +798,7 @@ class QuantizationAwareTraining(Callback, ReportsModels):
                 self._pl_module = pl_module
             for name, (template, names, _) in restored.items():
                 if template is not None:
-                    self._float_templates[name], self._float_names[name] = template, names
+                    self._float_templates[name], self._float_names[name] = structure_only(template), names
             self.parts = [
                 QuantizedPart(name, True, "restored from the checkpoint", swapped_layers=swapped)
                 for name, (_, _, swapped) in restored.items()

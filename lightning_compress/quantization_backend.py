@@ -404,12 +404,43 @@ class QuantizationBackend(ABC):
 
     @staticmethod
     def float_copy(template: nn.Module, prepared: nn.Module, names: dict[str, str]) -> nn.Module:
-        """``template`` (a float module) filled with the current weights of ``prepared``; ``names`` maps template
-        tensor names to prepared ones (see ``tensor_names``: fusion renames BN tensors, not the tensors)."""
+        """``template`` (a float module, its tensors on the meta device: see ``structure_only``) filled with copies,
+        on the CPU, of the current weights of ``prepared``; ``names`` maps template tensor names to prepared ones
+        (see ``tensor_names``: fusion renames BN tensors, not the tensors). Tied parameters stay tied."""
         state = prepared.state_dict()
         float_module = copy.deepcopy(template)
-        float_module.load_state_dict({name: state[prepared_name] for name, prepared_name in names.items()})
+        values = {name: state[prepared_name].detach().to("cpu", copy=True) for name, prepared_name in names.items()}
+        float_module.load_state_dict(values, assign=True)
+        _tie_as(float_module, template)
         return float_module.eval()
+
+
+def structure_only(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` whose parameters and persistent buffers are on the meta device: its structure, shapes,
+    dtypes and tied parameters, without the memory of a second model. What a QAT part's float version is rebuilt
+    from (``float_copy``), kept for the whole fit; a whole copy would cost every process one more model. Buffers no
+    state_dict carries (transformers' position ids, say) stay as they are: nothing would fill them again."""
+    memo: dict[int, Any] = {}
+    for parameter in module.parameters():  # a tied parameter once: its copies stay one parameter
+        memo[id(parameter)] = nn.Parameter(torch.empty_like(parameter, device="meta"), requires_grad=parameter.requires_grad)
+    for owner in module.modules():
+        for name, buffer in owner._buffers.items():
+            if buffer is not None and name not in owner._non_persistent_buffers_set:
+                memo[id(buffer)] = torch.empty_like(buffer, device="meta")
+    return copy.deepcopy(module, memo)
+
+
+def _tie_as(module: nn.Module, template: nn.Module) -> None:
+    """Give ``module`` the parameter ties ``template`` has (an embedding shared with an output layer): a state_dict
+    loads each name into a parameter of its own."""
+    names_by_parameter: dict[int, list[str]] = {}
+    for name, parameter in template.named_parameters(remove_duplicate=False):
+        names_by_parameter.setdefault(id(parameter), []).append(name)
+    for first, *others in (names for names in names_by_parameter.values() if len(names) > 1):
+        shared = module.get_parameter(first)
+        for name in others:
+            owner, _, attribute = name.rpartition(".")
+            setattr(module.get_submodule(owner), attribute, shared)
 
 
 def _memory(tensor: torch.Tensor) -> tuple:

@@ -207,6 +207,37 @@ def test_pt2e_qat_trains_a_llama_as_one_graph_with_its_cache_off(tmp_path: Path,
         assert int8_logits.shape == (2, length, 256) and _relative_error(int8_logits.numpy(), expected) <= 0.05
 
 
+@pytest.mark.slow  # 10 s
+def test_the_float_model_of_a_qat_llama_keeps_its_tied_embedding_and_the_callback_holds_no_second_copy(
+    tmp_path: Path, source_bytes: PythonSourceDataModule
+):
+    """QAT keeps each part's float structure for the whole fit, to rebuild the float model from the trained weights:
+    on the meta device (no second model in memory), with non-persistent buffers (the rotary frequencies) real. The
+    float model built from it holds the trained weights, its output layer still the embedding (tied), and computes
+    what the trained model does with fake-quant off."""
+    L.seed_everything(0)
+    module = LlamaBytes(tie_word_embeddings=True)
+    qat = QuantizationAwareTraining(start_epoch=0, skip=["model.lm_head"], export_format="none", convert_on_fit_end=False)
+    _fit(tmp_path, module, qat, source_bytes, epochs=1, limit_train_batches=4)
+    template = qat._float_templates["model"]
+    assert all(tensor.is_meta for tensor in template.state_dict().values())
+    assert not template.model.rotary_emb.inv_freq.is_meta
+
+    float_model = qat.float_model(module).model
+    assert float_model.lm_head.weight is float_model.model.embed_tokens.weight
+    assert sum(parameter.numel() for parameter in float_model.parameters()) == sum(
+        parameter.numel() for parameter in LlamaBytes(tie_word_embeddings=True).model.parameters()
+    )
+    trained = module.get_parameter(qat.parameter_name("model.model.embed_tokens.weight"))  # inside the exported graph
+    assert torch.equal(float_model.model.embed_tokens.weight, trained.detach())
+    tokens = next(iter(source_bytes.test_dataloader()))[0][:2]
+    qat.backend.set_fake_quant(module, enabled=False)
+    qat.backend.set_observers(module, enabled=False)
+    with torch.no_grad():
+        expected = module.eval().model(input_ids=tokens).logits
+        assert torch.allclose(float_model.eval()(input_ids=tokens).logits, expected, atol=1e-5)
+
+
 def test_a_keyword_only_forward_exports_every_format(tmp_path: Path, tokens: DigitTokens):
     L.seed_everything(0)
     pruning = MagnitudePruning(

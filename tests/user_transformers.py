@@ -169,7 +169,7 @@ class KeywordOnlyNet(L.LightningModule):
 class LlamaBytes(L.LightningModule):
     """A Llama language model (grouped-query attention: 4 query heads share 2 key-value heads) over bytes."""
 
-    def __init__(self, hidden_size: int = 32, layers: int = 2, lr: float = 3e-3) -> None:
+    def __init__(self, hidden_size: int = 32, layers: int = 2, lr: float = 3e-3, tie_word_embeddings: bool = False) -> None:
         super().__init__()
         config = LlamaConfig(
             vocab_size=256,
@@ -179,6 +179,7 @@ class LlamaBytes(L.LightningModule):
             num_attention_heads=4,
             num_key_value_heads=2,
             max_position_embeddings=128,
+            tie_word_embeddings=tie_word_embeddings,
         )
         self.model = LlamaForCausalLM(config)
         self.lr = lr
