@@ -17,6 +17,8 @@ import lightning as L
 import torch
 from torch import nn
 
+from lightning_compress import sharding
+
 OptimizerStates = list[dict[str, dict[str, Any]]]
 """Per optimizer, each parameter's state by the parameter's name in the module."""
 
@@ -27,6 +29,18 @@ def optimizer_states(trainer: L.Trainer, pl_module: nn.Module) -> OptimizerState
     return [
         {names[id(parameter)]: dict(state) for parameter, state in optimizer.state.items() if id(parameter) in names}
         for optimizer in trainer.optimizers
+    ]
+
+
+def whole_states(states: OptimizerStates) -> OptimizerStates:
+    """``states`` with each state tensor whole: gathered from the ranks where FSDP2 shards it (collective: every
+    rank holds the same optimizers, whose states are listed in the same order), else as it is."""
+    return [
+        {
+            name: {key: sharding.full_tensor(value) if isinstance(value, torch.Tensor) else value for key, value in state.items()}
+            for name, state in per_name.items()
+        }
+        for per_name in states
     ]
 
 
@@ -52,9 +66,16 @@ def rebuild_optimizers(trainer: L.Trainer, pl_module: nn.Module, states: Optimiz
             for parameter in group["params"]:
                 state = per_name.get(names.get(id(parameter)))
                 if state is not None:
-                    new.state[parameter] = {
-                        key: value.to(parameter.device) if isinstance(value, torch.Tensor) else value
-                        for key, value in state.items()
-                    }
+                    new.state[parameter] = {key: _laid_out_as(value, parameter) for key, value in state.items()}
     for old, config in zip(old_schedulers, trainer.lr_scheduler_configs, strict=True):
         config.scheduler.load_state_dict(old.state_dict())
+
+
+def _laid_out_as(value: Any, parameter: torch.Tensor) -> Any:
+    """A whole state tensor shaped like ``parameter`` as ``parameter`` is laid out (this rank's shard of it under
+    FSDP2); any other tensor (a step count) on its device."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    if value.dim() > 0 and value.shape == parameter.shape:
+        return sharding.like(value, parameter)
+    return value.to(parameter.device)

@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_deprecation, rank_zero_info, rank_zero_only, rank_zero_warn
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from typing_extensions import override
 
 from lightning_compress import channel_groups, compat, optimizers, sharding
@@ -218,12 +219,25 @@ class MagnitudePruning(Callback, ReportsModels):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.shrink_epoch is not None:
             self._restore_shrink_before_weights_load(pl_module)
+            if sharding.under_fsdp2(trainer):
+                # a distributed checkpoint written after the shrink loads into the smaller network: the networks
+                # configure_model sharded are gathered whole, shrunk as recorded, sharded again, and given new
+                # optimizers, all before the shards (weights and optimizer state) load
+                compat.run_before_distributed_weights_load(
+                    trainer,
+                    pl_module,
+                    lambda: sharding.gather_sharded_children(pl_module),
+                    lambda: self._shard_again(trainer, pl_module, optimizers_too=stage == "fit"),
+                )
         if stage != "fit":
             return
         sharding.check_strategy(trainer, "MagnitudePruning")
-        if self.mode == "channels" and self.shrink_epoch is not None:
-            # the smaller network would have to be sharded again as the user's configure_model sharded the larger one
-            sharding.refuse_under_fsdp2(trainer, f"MagnitudePruning(mode='channels', shrink_epoch={self.shrink_epoch})")
+        if self.mode == "channels" and self.shrink_epoch is not None and sharding.under_fsdp2(trainer):
+            if any(isinstance(callback, HoldsFakeQuant) for callback in trainer.callbacks):
+                # QAT would prepare the smaller network mid-fit, after configure_model sharded the larger one
+                sharding.refuse_under_fsdp2(
+                    trainer, f"MagnitudePruning(mode='channels', shrink_epoch={self.shrink_epoch}) beside quantization"
+                )
         if trainer.max_epochs is None or trainer.max_epochs < 0:
             return
         # Not an error: a run trained for fewer epochs now may be resumed with a larger max_epochs later.
@@ -277,6 +291,13 @@ class MagnitudePruning(Callback, ReportsModels):
             shared = trainer.strategy.broadcast(on_cpu((self._batches, self._calls)))
             self._batches, self._calls = on_device(shared, pl_module.device)
         self._resolve_names(pl_module)
+        if self.shrink_epoch is not None and self.mode == "channels" and isinstance(pl_module, FSDPModule):
+            raise ValueError(
+                f"MagnitudePruning(mode='channels', shrink_epoch={self.shrink_epoch}): {type(pl_module).__name__}'s "
+                "configure_model shards the LightningModule itself, which then holds the parameters the shrink "
+                "replaces: shard its networks instead (fully_shard(self.net)), which configure_model shards again "
+                "once smaller."
+            )
         if self.mode == "channels" and not self.shrunk:  # resumed after the shrink: nothing to mask any more
             self._find_groups(trainer, pl_module)
             if self.shrink_epoch is not None:
@@ -574,7 +595,7 @@ class MagnitudePruning(Callback, ReportsModels):
     def _check_the_module_runs_shrunk(self, pl_module: L.LightningModule) -> None:
         """Before training: a copy with one channel per group removed must still run a training step (a
         distillation hint adapter reading a shrinking layer, say, would fail only at shrink_epoch)."""
-        trial = copy.deepcopy(pl_module)
+        trial = sharding.full_copy(pl_module)  # whole, gathered from the ranks (collective) under FSDP2
         for root, groups in self._groups.items():
             keeps = [channel_groups.kept_channels(group, torch.zeros(group.size), group.blocks) for group in groups]
             network = trial.get_submodule(root)
@@ -595,10 +616,14 @@ class MagnitudePruning(Callback, ReportsModels):
             self._prune_to(trainer, pl_module, step)
         self._apply_masks(pl_module)
         self._sparsity_at_shrink = dict(zip(("overall", "per_layer"), self.measured_sparsity(pl_module), strict=True))
-        states = optimizers.optimizer_states(trainer, pl_module)
+        sharded = sharding.is_sharded(pl_module)
+        if sharded:  # a forward outside training (a resumed fit's observed step) leaves FSDP2's whole parameters
+            sharding.reshard(pl_module)  # registered, which the optimizers do not hold: their shards are
+        # whole (gathered from the ranks under FSDP2, in the same order on each): cut as the weights are cut
+        states = optimizers.whole_states(optimizers.optimizer_states(trainer, pl_module))
         shrunken: dict[str, nn.Module] = {}
         for root, groups in self._groups.items():
-            network = pl_module.get_submodule(root)
+            network = sharding.unsharded(pl_module.get_submodule(root))  # whole: every rank removes the same channels
             dropped = channel_groups.dropped_channels(
                 groups, [channel_groups.channels_kept_now(network, group) for group in groups]
             )
@@ -617,6 +642,8 @@ class MagnitudePruning(Callback, ReportsModels):
         for root, smaller in shrunken.items():
             pl_module.set_submodule(root, smaller)
         self.masks = {}
+        if sharded:
+            self._shard_again(trainer, pl_module, optimizers_too=False)
         compat.rewrap_distributed(trainer)  # every process shrank alike (same weights, same masks): sync the new ones
         optimizers.rebuild_optimizers(trainer, pl_module, states, changed_by="MagnitudePruning's shrink")
         removed = sum(len(channels) for dropped in self._dropped.values() for _, channels in dropped)
@@ -624,6 +651,21 @@ class MagnitudePruning(Callback, ReportsModels):
             f"MagnitudePruning: removed {removed} channels at epoch {trainer.current_epoch}; training goes on with "
             f"{count_parameters(pl_module)[0]:,} parameters."
         )
+
+    def _shard_again(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizers_too: bool) -> None:
+        """Under FSDP2: the user's ``configure_model`` shards the smaller networks as it sharded the larger ones
+        (it shards what is not yet sharded, as Lightning's later stages need too); with ``optimizers_too``, the
+        module's optimizers are built again over the new shards (a resume, before their state loads)."""
+        pl_module.configure_model()
+        unsharded = [root for root in self._dropped if not sharding.is_sharded(pl_module.get_submodule(root))]
+        if unsharded:
+            raise RuntimeError(
+                f"MagnitudePruning: {type(pl_module).__name__}.configure_model left {unsharded[0]!r} unsharded once its "
+                "channels were removed: shard each network that is not yet an FSDPModule "
+                "(if not isinstance(self.net, FSDPModule): fully_shard(self.net, ...))."
+            )
+        if optimizers_too:
+            trainer.strategy.setup_optimizers(trainer)
 
     def _restore_shrink(self, pl_module: nn.Module, checkpoint: dict[str, Any]) -> None:
         """Shrink a fresh network as the checkpoint's was, so that its weights load."""
@@ -635,7 +677,8 @@ class MagnitudePruning(Callback, ReportsModels):
         if state.get("dropped_channels"):
             if state.get("dense_state_dict") is not None:  # the report's dense row needs the original structure
                 self._unshrunk_copy = copy.deepcopy(pl_module).cpu()
-            _shrink_as_recorded(pl_module, state, checkpoint.get("state_dict", {}))
+            # a distributed checkpoint's metadata holds no weights: the network is the full one just gathered
+            _shrink_as_recorded(pl_module, state, checkpoint.get("state_dict"))
             self._dropped = {
                 root: [(layer, list(channels)) for layer, channels in entries]
                 for root, entries in state["dropped_channels"].items()
@@ -800,13 +843,17 @@ def restore_pruned_channels(pl_module: nn.Module, checkpoint: dict[str, Any]) ->
     return shrunk
 
 
-def _shrink_as_recorded(pl_module: nn.Module, state: dict[str, Any], weights: dict[str, torch.Tensor]) -> list[str]:
+def _shrink_as_recorded(pl_module: nn.Module, state: dict[str, Any], weights: dict[str, torch.Tensor] | None) -> list[str]:
+    """Remove the channels ``state`` recorded from ``pl_module``'s networks, each not already as small as
+    ``weights`` (the checkpoint's; ``None``: unknown, every network shrinks); the networks shrunk."""
     shrunk = []
     for root, entries in state["dropped_channels"].items():
         network = pl_module.get_submodule(root)
-        saved = {name.removeprefix(f"{root}."): value for name, value in weights.items() if name.startswith(f"{root}.")}
+        saved = {name.removeprefix(f"{root}."): value for name, value in (weights or {}).items() if name.startswith(f"{root}.")}
         # parameters only: fake-quant buffers (per-channel scales) are shaped when they first observe
-        if all(_saved_shape(saved, name) in (None, value.shape) for name, value in network.named_parameters()):
+        if weights is not None and all(
+            _saved_shape(saved, name) in (None, value.shape) for name, value in network.named_parameters()
+        ):
             continue  # already as small as the checkpoint's
         args, kwargs = replayed_call(state["dropped_inputs"][root])
         channel_groups.unmask_layer_norms(network)

@@ -30,6 +30,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from lightning_compress import compat
 from lightning_compress.network_call import NetworkCall, logits_of
@@ -143,12 +144,13 @@ def _tensors_in(value) -> Iterator[torch.Tensor]:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """All weights and biases, float or quantized, and how many of them are not zero."""
+    """All weights and biases, float or quantized, and how many of them are not zero. Of a network FSDP2 shards,
+    the whole weights' counts: collective, every rank must call it."""
     total = nonzero = 0
     for tensor in _weights(model):
         # torch's quantized tensors, and tensor subclasses that hold low-bit integers, count as the
-        # values they stand for
-        low_bit = tensor.is_quantized or type(tensor) not in (torch.Tensor, nn.Parameter)
+        # values they stand for; an FSDP2 shard (DTensor) counts as the whole tensor it is part of
+        low_bit = tensor.is_quantized or type(tensor) not in (torch.Tensor, nn.Parameter, DTensor)
         values = tensor.detach().dequantize() if low_bit else tensor.detach()
         total += values.numel()
         nonzero += int(torch.count_nonzero(values))

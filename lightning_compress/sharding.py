@@ -166,9 +166,9 @@ def gather_sharded_children(module: nn.Module) -> None:
     one). A module sharded as a whole holds FSDP's state for every parameter in it: no child can be swapped."""
     if isinstance(module, FSDPModule):
         raise ValueError(
-            f"{type(module).__name__}'s configure_model shards the LightningModule itself, so the fake-quant networks of "
-            "a distributed checkpoint cannot be rebuilt in a fresh one: shard its networks (fully_shard(self.net)) "
-            "instead, or test the module the fit trained."
+            f"{type(module).__name__}'s configure_model shards the LightningModule itself, so the networks of a "
+            "distributed checkpoint (fake-quant, or with channels removed) cannot be rebuilt in a fresh one: shard its "
+            "networks (fully_shard(self.net)) instead, or test the module the fit trained."
         )
     for name, child in list(module.named_children()):
         if is_sharded(child):  # itself, or blocks inside it

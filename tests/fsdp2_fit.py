@@ -211,6 +211,46 @@ def channels(output: Path) -> None:
     torch.save(ends, output / f"channels_rank{trainer.global_rank}.pt")
 
 
+def shrink(output: Path) -> None:
+    """Channel pruning sharded, the channels removed from the live network at the start of epoch 2: the smaller
+    network sharded again by configure_model, training on with its optimizer state cut; checkpointed each epoch, then
+    resumed from before the shrink (epoch 1) and from after it (epoch 2). Each run's end is dumped."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    ends = {}
+    for run, start in (("uninterrupted", None), ("resumed_before", "epoch=1.ckpt"), ("resumed_after", "epoch=2.ckpt")):
+        L.seed_everything(0)
+        model = ShardedClassifier()
+        pruning = MagnitudePruning(
+            mode="channels",
+            final_sparsity=0.5,
+            start_epoch=0,
+            end_epoch=2,
+            shrink_epoch=2,
+            update_every=3,
+            export_format="none",
+            plot=False,
+        )
+        callbacks = [pruning]
+        if start is None:
+            callbacks.append(ModelCheckpoint(dirpath=output / "checkpoints", save_top_k=-1, filename="{epoch}"))
+        trainer = _sharded_trainer(4, callbacks, output, enable_checkpointing=start is None)
+        kwargs = {} if start is None else {"ckpt_path": str(output / "checkpoints" / start)}
+        trainer.fit(model, datamodule=DigitsDataModule(batch_size=32), **kwargs)
+        images, labels = _test_images()
+        with torch.no_grad():
+            shrunken = pruning.pruned_model.net(images)
+        ends[run] = {
+            "weights": {name: full_tensor(tensor.detach()).clone() for name, tensor in model.net.state_dict().items()},
+            "shrunken": shrunken,
+            "labels": labels,
+            "sharded": is_sharded(model.net),
+            "shrunk": pruning.shrunk,
+            "global_step": trainer.global_step,
+        }
+    torch.save(ends, output / f"shrink_rank{trainer.global_rank}.pt")
+
+
 def test_from_checkpoint(output: Path) -> None:
     """QAT sharded and checkpointed (a distributed checkpoint); then a fresh module tested from that checkpoint, as
     ``trainer.test(ckpt_path=...)`` is used after training. The int8 predictions of both, per rank."""
@@ -348,6 +388,7 @@ if __name__ == "__main__":
         "distill": distillation,
         "pt2e": pt2e,
         "channels": channels,
+        "shrink": shrink,
         "test_ckpt": test_from_checkpoint,
         "resume_from_one": resume_from_one,
     }

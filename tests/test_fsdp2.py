@@ -110,6 +110,27 @@ def test_channel_pruning_under_fsdp2_removes_alike_on_both_ranks_and_resumes_exa
 
 
 @pytest.mark.slow
+def test_channels_removed_mid_fit_under_fsdp2_train_on_sharded_and_resume_exactly(tmp_path: Path):
+    """The channels leave the live network at shrink_epoch: the smaller network is sharded again by the user's
+    configure_model and trains on (both ranks alike, about half the weights); runs resumed from a distributed
+    checkpoint written before the shrink and from one written after it end with the same weights."""
+    ranks = _run(tmp_path, "shrink")
+    dense = sum(parameter.numel() for parameter in ImageClassifier().net.parameters())
+    for ends in ranks:
+        uninterrupted = ends["uninterrupted"]
+        assert uninterrupted["shrunk"] and uninterrupted["sharded"]
+        assert sum(tensor.numel() for tensor in uninterrupted["weights"].values()) < 0.6 * dense
+        for run in ("resumed_before", "resumed_after"):
+            resumed = ends[run]
+            assert resumed["shrunk"] and resumed["sharded"] and resumed["global_step"] == uninterrupted["global_step"]
+            for name, weight in uninterrupted["weights"].items():
+                assert torch.equal(weight, resumed["weights"][name]), (run, name)
+            assert torch.equal(uninterrupted["shrunken"], resumed["shrunken"]), run
+    assert all(torch.equal(ranks[0]["uninterrupted"]["weights"][k], v) for k, v in ranks[1]["uninterrupted"]["weights"].items())
+    assert _accuracy(ranks[0]["uninterrupted"]["shrunken"], ranks[0]["uninterrupted"]["labels"]) >= 0.8
+
+
+@pytest.mark.slow
 def test_a_fresh_module_tests_from_a_qat_distributed_checkpoint(tmp_path: Path):
     """``trainer.test(fresh_module, ckpt_path=folder)`` under FSDP2: the fake-quant structure is rebuilt before the
     distributed checkpoint loads into it (its per-channel ranges shaped as saved), and configure_model shards it
@@ -213,8 +234,11 @@ def _one_process_sharded_trainer(tmp_path: Path, callbacks: list = (), max_epoch
     ("callbacks", "message"),
     [
         (
-            lambda: [MagnitudePruning(mode="channels", start_epoch=0, end_epoch=1, shrink_epoch=1)],
-            r"MagnitudePruning\(mode='channels', shrink_epoch=1\)",
+            lambda: [
+                MagnitudePruning(mode="channels", start_epoch=0, end_epoch=1, shrink_epoch=1),
+                QuantizationAwareTraining(start_epoch=1),
+            ],
+            r"MagnitudePruning\(mode='channels', shrink_epoch=1\) beside quantization",
         ),
         (
             lambda: [MagnitudePruning(mode="channels", start_epoch=0, end_epoch=1), QuantizationAwareTraining(start_epoch=1)],
