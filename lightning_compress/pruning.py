@@ -617,8 +617,10 @@ class MagnitudePruning(Callback, ReportsModels):
         self._apply_masks(pl_module)
         self._sparsity_at_shrink = dict(zip(("overall", "per_layer"), self.measured_sparsity(pl_module), strict=True))
         sharded = sharding.is_sharded(pl_module)
-        if sharded:  # a forward outside training (a resumed fit's observed step) leaves FSDP2's whole parameters
-            sharding.reshard(pl_module)  # registered, which the optimizers do not hold: their shards are
+        if sharded:
+            # a forward outside training (a resumed fit's observed step) leaves FSDP2's whole parameters registered;
+            # the optimizers hold the shards, by which their state is found
+            sharding.reshard(pl_module)
         # whole (gathered from the ranks under FSDP2, in the same order on each): cut as the weights are cut
         states = optimizers.whole_states(optimizers.optimizer_states(trainer, pl_module))
         shrunken: dict[str, nn.Module] = {}
