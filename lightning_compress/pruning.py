@@ -177,6 +177,7 @@ class MagnitudePruning(Callback, ReportsModels):
         self.pruned_model: nn.Module | None = None
         self.channels_removed = False  # whether pruned_model is physically smaller (mode="channels", removal kept)
         self.dense_model: nn.Module | None = None
+        self._dense_slices: sharding.ShardedCopy | None = None  # under FSDP2 the dense baseline until fit end
         self.export_path: Path | None = None  # the TorchScript file
         self.export_paths: dict[str, Path] = {}  # every file written, by format
         self.plot_path: Path | None = None
@@ -306,15 +307,10 @@ class MagnitudePruning(Callback, ReportsModels):
             hidden = self._fake_quant is not None and self._fake_quant.hides_layers
             self._targets = list(self._select_layers(self._fake_quant.float_model(pl_module) if hidden else pl_module))
         self._apply_masks(pl_module)  # masks restored from a checkpoint take effect at once
-        if self._dense_state_dict is not None and self.dense_model is None:  # resumed after pruning began
-            # after the shrink, the dense model has the structure the module had before it was rebuilt smaller
-            self.dense_model = self._dense_copy(self._unshrunk_copy if self.shrunk else pl_module)
-            self.dense_model.load_state_dict(self._dense_state_dict)
-            self._dense_state_dict = None
-        self._unshrunk_copy = None
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore_dense_model(pl_module)
         steps_per_epoch = max(trainer.num_training_batches // trainer.accumulate_grad_batches, 1)
         start_step = self.start_epoch * steps_per_epoch
         end_step = self.end_epoch * steps_per_epoch
@@ -330,6 +326,23 @@ class MagnitudePruning(Callback, ReportsModels):
             end_step,
             self.update_every or steps_per_epoch,
         )
+
+    def _restore_dense_model(self, pl_module: L.LightningModule) -> None:
+        """The report's dense baseline from the checkpoint of a run resumed after pruning began. At train start:
+        a strategy that shards (FSDP2) restores the callbacks' state only after ``on_fit_start``."""
+        if self._dense_state_dict is None or self.dense_model is not None:
+            self._unshrunk_copy = None
+            return
+        # after the shrink, the dense model has the structure the module had before it was rebuilt smaller
+        structure = self._unshrunk_copy if self.shrunk else pl_module
+        if sharding.is_sharded(pl_module):
+            self._dense_slices = sharding.ShardedCopy(structure, self._dense_state_dict, sharding.mesh_of(pl_module))
+            channel_groups.unmask_layer_norms(self._dense_slices.structure)
+        else:
+            self.dense_model = self._dense_copy(structure)
+            self.dense_model.load_state_dict(self._dense_state_dict)
+        self._dense_state_dict = None
+        self._unshrunk_copy = None
 
     @override
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -353,8 +366,12 @@ class MagnitudePruning(Callback, ReportsModels):
 
     def _prune_to(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
         """Update the masks to the schedule's target at ``step``, apply them, record and log the result."""
-        if self.dense_model is None and not self.masks:
-            self.dense_model = self._dense_copy(pl_module)  # the report's dense baseline
+        if self.dense_model is None and self._dense_slices is None and not self.masks:  # the report's dense baseline
+            if sharding.is_sharded(pl_module):  # whole at fit end: until then each rank keeps its slices
+                self._dense_slices = sharding.ShardedCopy(pl_module)
+                channel_groups.unmask_layer_norms(self._dense_slices.structure)
+            else:
+                self.dense_model = self._dense_copy(pl_module)
         target = self.schedule.target(step)
         self._update_masks(pl_module, target)
         self._apply_masks(pl_module)
@@ -379,6 +396,9 @@ class MagnitudePruning(Callback, ReportsModels):
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._dense_slices is not None:  # every rank
+            self.dense_model = self._dense_slices.whole().cpu().eval()
+            self._dense_slices = None
         self._apply_masks(pl_module)
         self.pruned_model = self._float_copy(trainer, pl_module)  # shipped and measured on the CPU
         if self.mode == "channels" and not self.shrunk:
@@ -415,13 +435,18 @@ class MagnitudePruning(Callback, ReportsModels):
             "history": self.history,
             **{key: getattr(self, attribute) for key, attribute in _SAVED_SETTINGS.items()},
             # The report's dense row: without it a run resumed after pruning began would report one row less.
-            "dense_state_dict": None if self.dense_model is None else _cpu_state_dict(self.dense_model),
+            "dense_state_dict": self._dense_state(),
             "dropped_channels": {
                 root: [[layer, list(channels)] for layer, channels in dropped] for root, dropped in self._dropped.items()
             },
             "dropped_inputs": self._dropped_inputs,
             "sparsity_at_shrink": self._sparsity_at_shrink,
         }
+
+    def _dense_state(self) -> dict[str, torch.Tensor] | None:
+        if self._dense_slices is not None:  # every rank writes a checkpoint's state: each gathers it
+            return self._dense_slices.state_dict()
+        return None if self.dense_model is None else _cpu_state_dict(self.dense_model)
 
     @override
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:

@@ -6,6 +6,7 @@ Lightning's launcher starts rank 1 by re-running this script, so it must be a sc
 
 import sys
 import warnings
+import weakref
 from pathlib import Path
 
 import lightning as L
@@ -65,6 +66,21 @@ def _test_images() -> tuple[torch.Tensor, torch.Tensor]:
     return digits.test_set.tensors
 
 
+class WeightsBeforePruning(L.Callback):
+    """The network's weights, gathered whole, as the first training batch starts (before pruning's hook runs); and
+    how many of the parameters built whole in ``__init__`` are still alive when training ends (sharding replaced them)."""
+
+    def __init__(self, model: L.LightningModule) -> None:
+        self.built = [weakref.ref(parameter) for parameter in model.parameters()]
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == 0:
+            self.weights = {name: full_tensor(tensor.detach()).clone() for name, tensor in pl_module.state_dict().items()}
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.alive = sum(reference() is not None for reference in self.built)
+
+
 def pruning_and_qat(output: Path) -> None:
     """Unstructured pruning, then QAT of the pruned network, sharded; int8 exported once."""
     L.seed_everything(0)
@@ -73,7 +89,9 @@ def pruning_and_qat(output: Path) -> None:
     qat = QuantizationAwareTraining(
         start_epoch=2, freeze_bn_epoch=3, backend="x86", export_format="torchscript", export_dir=str(output)
     )
-    trainer = _fit(model, 4, [pruning, qat], output, enable_checkpointing=False)
+    before = WeightsBeforePruning(model)
+    trainer = _fit(model, 4, [before, pruning, qat], output, enable_checkpointing=False)
+    dense = pruning.dense_model.state_dict()
     images, labels = _test_images()
     with torch.no_grad():
         predictions = qat.quantized_model(images)
@@ -86,6 +104,10 @@ def pruning_and_qat(output: Path) -> None:
             "observers": observers,
             "sparsity": pruning.measured_sparsity(model)[0],
             "dense_sharded": is_sharded(pruning.dense_model) or is_sharded(qat.quantized_model),
+            # the report's dense baseline is the network as pruning began (each rank held its slices until fit end)
+            "whole_parameters_alive": before.alive,
+            "dense_as_before": set(dense) == set(before.weights)
+            and all(torch.equal(dense[name], before.weights[name]) for name in dense),
             "predictions": predictions,
             "labels": labels,
         },
@@ -166,6 +188,7 @@ def resume(output: Path, backend: str = "x86", mode: str = "resume") -> None:
         ends[run] = {
             "masks": {name: mask.cpu() for name, mask in pruning.masks.items()},
             "weights": {name: full_tensor(tensor.detach()).clone() for name, tensor in model.net.state_dict().items()},
+            "dense": pruning.dense_model.state_dict(),
             "predictions": predictions,
         }
     torch.save(ends, output / f"{mode}_rank{trainer.global_rank}.pt")
