@@ -342,7 +342,7 @@ class QuantizationAwareTraining(Callback, ReportsModels):
             rank_zero_warn("QuantizationAwareTraining: no submodule could be quantized; model unchanged.")
         self._show_parts()
         if sharding.under_fsdp2(trainer):
-            # torch.ao's prepare leaves the float layers it traced in reference cycles (each qconfig closes over
+            # the FX engine's prepare leaves the float layers it traced in reference cycles (each qconfig closes over
             # its own module) that share the prepared layers' parameters; once configure_model shards those, the
             # cycles alone hold every whole float parameter until Python's next full collection, which a training
             # loop may never reach (129 MiB per process for an MLP of 33.7M parameters, measured)
