@@ -445,7 +445,7 @@ class MagnitudePruning(Callback, ReportsModels):
 
     def _dense_state(self) -> dict[str, torch.Tensor] | None:
         if self._dense_slices is not None:  # every rank writes a checkpoint's state: each gathers it
-            return self._dense_slices.state_dict()
+            return _cpu_state_dict(self._dense_slices.whole())
         return None if self.dense_model is None else _cpu_state_dict(self.dense_model)
 
     @override

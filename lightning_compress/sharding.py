@@ -104,13 +104,13 @@ class ShardedCopy:
     """What ``full_copy(module)`` would return, kept until it is read with each rank holding only its slices of
     the sharded parameters: a whole copy per rank is what FSDP2 exists to avoid (pruning's dense baseline, read at
     fit end, held 129 MiB per process of a 33.7M-parameter model for the whole fit). The structure is kept on the
-    meta device, buffers whole. ``whole()`` and ``state_dict()`` gather (collective)."""
+    meta device, buffers whole. ``whole()`` gathers (collective)."""
 
     def __init__(self, module: nn.Module, state: dict[str, torch.Tensor] | None = None, mesh: Any = None) -> None:
         """``module`` as it is now (its sharded parameters' slices cloned, no communication); or, given ``state``
         (whole tensors by ``module``'s state_dict names, read from a checkpoint), those values, each parameter
         sliced over ``mesh`` along its first dimension as FSDP2 slices (kept whole without a mesh)."""
-        self._slices: dict[int, torch.Tensor] = {}  # by id of the template's meta parameter
+        self._slices: dict[int, torch.Tensor] = {}  # by id of the structure's meta parameter
         memo: dict[int, Any] = {}
         for name, parameter in module.named_parameters():  # tied ones once
             meta = nn.Parameter(torch.empty(parameter.shape, dtype=parameter.dtype, device="meta"), parameter.requires_grad)
@@ -133,7 +133,7 @@ class ShardedCopy:
     def whole(self) -> nn.Module:
         """The plain copy: whole parameters (gathered from every rank), rank 0's buffers (collective)."""
         replica = copy.deepcopy(self.structure)
-        wholes = {  # in the template's order, alike on every rank
+        wholes = {  # in the structure's order, alike on every rank
             id(meta): nn.Parameter(full_tensor(self._slices[id(meta)]).detach().clone(), requires_grad=meta.requires_grad)
             for meta in self.structure.parameters()
         }
@@ -146,10 +146,6 @@ class ShardedCopy:
             for buffer in replica.buffers():
                 torch.distributed.broadcast(buffer, src=0)
         return replica
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """``whole().state_dict()`` on the CPU (collective)."""
-        return {name: value.detach().cpu().clone() for name, value in self.whole().state_dict().items()}
 
 
 @contextlib.contextmanager
