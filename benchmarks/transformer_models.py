@@ -264,11 +264,10 @@ def run_seed(kind: str, seed: int, folder: Path, for_latency: bool = False) -> t
     start = {name: tensor.detach().clone() for name, tensor in pretrained.state_dict().items()}
     epochs = 1 if for_latency else FINETUNE_EPOCHS[kind]
     fp32, trainer = _fit(kind, shape, start, epochs, FINETUNE_LR, seed, datamodule, batches=batches)
-    fine_tuned = {name: tensor.detach().clone() for name, tensor in fp32.state_dict().items()}
     qat = QuantizationAwareTraining(
         start_epoch=0, calibration_batches=8, backend="x86_inductor", export_format=["onnx", "openvino"], export_dir=str(folder)
     )
-    _fit(kind, shape, fine_tuned, 1 if for_latency else QAT_EPOCHS[kind], QAT_LR, seed, datamodule, [qat], batches=batches)
+    _fit(kind, shape, fp32.state_dict(), 1 if for_latency else QAT_EPOCHS[kind], QAT_LR, seed, datamodule, [qat], batches=batches)
     accuracy_only = {}
     if not for_latency:  # the same structure as QAT's int8 model: its size and speed are QAT's row
         in_place = QuantizationAwareTraining(start_epoch=0, calibration_batches=8, backend="x86_inductor", export_format="none")

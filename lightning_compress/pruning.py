@@ -334,13 +334,7 @@ class MagnitudePruning(Callback, ReportsModels):
             self._unshrunk_copy = None
             return
         # after the shrink, the dense model has the structure the module had before it was rebuilt smaller
-        structure = self._unshrunk_copy if self.shrunk else pl_module
-        if sharding.is_sharded(pl_module):
-            self._dense_slices = sharding.ShardedCopy(structure, self._dense_state_dict, sharding.mesh_of(pl_module))
-            channel_groups.unmask_layer_norms(self._dense_slices.structure)
-        else:
-            self.dense_model = self._dense_copy(structure)
-            self.dense_model.load_state_dict(self._dense_state_dict)
+        self._keep_dense(pl_module, self._unshrunk_copy if self.shrunk else pl_module, self._dense_state_dict)
         self._dense_state_dict = None
         self._unshrunk_copy = None
 
@@ -366,12 +360,8 @@ class MagnitudePruning(Callback, ReportsModels):
 
     def _prune_to(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
         """Update the masks to the schedule's target at ``step``, apply them, record and log the result."""
-        if self.dense_model is None and self._dense_slices is None and not self.masks:  # the report's dense baseline
-            if sharding.is_sharded(pl_module):  # whole at fit end: until then each rank keeps its slices
-                self._dense_slices = sharding.ShardedCopy(pl_module)
-                channel_groups.unmask_layer_norms(self._dense_slices.structure)
-            else:
-                self.dense_model = self._dense_copy(pl_module)
+        if self.dense_model is None and self._dense_slices is None and not self.masks:
+            self._keep_dense(pl_module, pl_module)
         target = self.schedule.target(step)
         self._update_masks(pl_module, target)
         self._apply_masks(pl_module)
@@ -774,10 +764,17 @@ class MagnitudePruning(Callback, ReportsModels):
             return live
         return {name: live[self._fake_quant.parameter_name(name)] for name in {*self.masks, *self._weight_names()}}
 
-    def _dense_copy(self, pl_module: nn.Module) -> nn.Module:
-        dense = sharding.full_copy(pl_module).cpu().eval()
-        channel_groups.unmask_layer_norms(dense)
-        return dense
+    def _keep_dense(self, pl_module: nn.Module, structure: nn.Module, state: dict[str, torch.Tensor] | None = None) -> None:
+        """The report's dense baseline: ``structure`` (with ``state``'s values, from a checkpoint, where given) as a
+        whole CPU copy; under FSDP2 as each rank's slices, gathered whole at fit end."""
+        if sharding.is_sharded(pl_module):
+            self._dense_slices = sharding.ShardedCopy(structure, state, sharding.mesh_of(pl_module))
+            channel_groups.unmask_layer_norms(self._dense_slices.structure)
+            return
+        self.dense_model = sharding.full_copy(structure).cpu().eval()
+        channel_groups.unmask_layer_norms(self.dense_model)
+        if state is not None:
+            self.dense_model.load_state_dict(state)
 
     def _apply_masks(self, pl_module: nn.Module) -> None:
         if not self.masks:
