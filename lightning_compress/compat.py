@@ -62,6 +62,16 @@ def inductor_freezing():
     return inductor_config.patch(freezing=True)
 
 
+def only_marked_dimensions_dynamic():
+    """A context in which ``torch.compile`` leaves symbolic only the dimensions marked so
+    (``torch._dynamo.maybe_mark_dynamic``): by default a dimension whose size changed between calls becomes
+    symbolic when it compiles again (``automatic_dynamic_shapes``), which for a language model's sequence meant
+    slower int8 Linear kernels. The setting lives in the private ``torch._dynamo.config``."""
+    import torch._dynamo.config as dynamo_config
+
+    return dynamo_config.patch(automatic_dynamic_shapes=False)
+
+
 def decomposed_quantize_ops() -> Any:
     """``torch.ops.quantized_decomposed``: quantize and dequantize ops that ``torch.export`` keeps whole and that
     ONNX's dynamo exporter (QuantizeLinear/DequantizeLinear) and OpenVINO's FX frontend (FakeQuantize) read;

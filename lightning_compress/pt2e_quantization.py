@@ -21,6 +21,7 @@ import copy
 import dataclasses
 import operator
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -28,6 +29,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 from torch.fx import GraphModule
+from torch.utils import _pytree as pytree
 from torchao.quantization.pt2e import (
     FakeQuantize,
     FakeQuantizeBase,
@@ -51,8 +53,8 @@ from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
 
 from lightning_compress import compat
 from lightning_compress.forward_graph import hold_own_tensors
-from lightning_compress.inputs import call_record, on_cpu, replayed_call
-from lightning_compress.network_call import export_dynamic_shapes, whole_sequence_arguments
+from lightning_compress.inputs import call_record, first_line, on_cpu, replayed_call
+from lightning_compress.network_call import export_dynamic_shapes, varying_dimensions, whole_sequence_arguments
 from lightning_compress.quantization_backend import (
     DYNAMIC_LAYERS,
     QUANTIZABLE_LAYERS,
@@ -399,8 +401,21 @@ def _drop_batch_counters(graph: GraphModule) -> None:
 class CompiledProgram(nn.Module):
     """A converted int8 graph, compiled by Inductor (with freezing, which prepacks the int8 weights for
     oneDNN) on its first call: eagerly the graph runs reference quantize/dequantize ops, slower than fp32.
-    ``compile_ms`` is how long that first call took (the report's compile column); each new input shape compiles
-    again (``dynamic=False``, see the known limitations). ``added_arguments``: as ``ExportedPart``'s."""
+    ``compile_ms`` is how long that first call took (the report's compile column). ``added_arguments``: as
+    ``ExportedPart``'s.
+
+    The batch dimension is compiled as a symbol (``maybe_mark_dynamic``), so that a new batch size does not compile
+    again: one graph serves every batch size above 1 (Dynamo compiles batch 1 on its own), except where a kernel's
+    choice depends on the size (Inductor guarded the digits CNN on 2 <= batch <= 15, so batch 16 and up took a
+    graph of their own). Every other dimension stays static: a language model's new sequence length compiles
+    again, since Linear layers compiled with every dimension symbolic ran a transformers Llama 3.4x slower (see
+    the known limitations). Compiled for a symbolic batch, resnet18 at 64x64 ran 15% slower at batch 4
+    and 8% at batch 8 than graphs compiled for those sizes, a BERT and a Llama decoder within 1%
+    (``benchmarks/batch_sizes.py``, AVX-512 VNNI). A program that convolves a single-channel input (grayscale images) compiles for each
+    batch size: for a symbolic batch Inductor expects the int8 convolution's output in one memory layout and oneDNN
+    writes it in the other (a one-channel tensor is both contiguous and channels-last), and the compiled code's
+    stride check fails (torch 2.14). Where compiling for a symbolic batch fails otherwise, the program warns once
+    and compiles for each batch size from then on."""
 
     def __init__(self, program: GraphModule, added_arguments: dict[str, Any] | None = None) -> None:
         super().__init__()
@@ -409,25 +424,75 @@ class CompiledProgram(nn.Module):
         self.__dict__["_compiled"] = None
         self.compile_ms: float | None = None
 
+    symbolic_batch = True  # False once compiling for a symbolic batch failed (a class default: programs pickled before it)
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         kwargs = {**self.added_arguments, **kwargs}
         if torch.compiler.is_exporting() or torch.compiler.is_compiling():  # exported as the graph it is
             return self.program(*args, **kwargs)
         first_call = self.__dict__["_compiled"] is None
         if first_call:
-            self.__dict__["_compiled"] = torch.compile(self.program, dynamic=False)
+            self.symbolic_batch = self.symbolic_batch and not _convolves_one_channel(self.program)
+            self.__dict__["_compiled"] = torch.compile(self.program, dynamic=None if self.symbolic_batch else False)
         start = time.perf_counter()
-        with torch.no_grad(), compat.inductor_freezing():
-            output = self.__dict__["_compiled"](*args, **kwargs)
+        if not self.symbolic_batch:
+            output = self._compiled_call(args, kwargs)
+        else:
+            try:
+                _mark_batch_symbolic(args, kwargs)
+                output = self._compiled_call(args, kwargs)
+            except Exception as error:  # noqa: BLE001 - whatever failed, the per-shape compile is the fallback
+                per_shape = torch.compile(self.program, dynamic=False)
+                unmarked = pytree.tree_map_only(torch.Tensor, lambda tensor: tensor.view(tensor.shape), (args, kwargs))
+                # views carry no marks; where this call fails too, the input was at fault: it raises, nothing changes
+                output = self._compiled_call(*unmarked, compiled=per_shape)
+                warnings.warn(
+                    f"Compiling the int8 graph for any batch size failed ({first_line(error, limit=160)}); it compiles "
+                    "for each batch size instead.",
+                    stacklevel=2,
+                )
+                self.symbolic_batch = False
+                self.__dict__["_compiled"] = per_shape
         if first_call:
             self.compile_ms = (time.perf_counter() - start) * 1000.0
         return output
+
+    def _compiled_call(self, args: tuple, kwargs: dict[str, Any], compiled: Callable | None = None) -> Any:
+        with torch.no_grad(), compat.inductor_freezing(), compat.only_marked_dimensions_dynamic():
+            return (self.__dict__["_compiled"] if compiled is None else compiled)(*args, **kwargs)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_compiled"] = None  # a copy compiles again: compiled code is tied to the module it was made for
         state["compile_ms"] = None
         return state
+
+
+def _convolves_one_channel(program: GraphModule) -> bool:
+    """Whether a 2-D convolution of ``program`` takes a single-channel input (its weight's input channels times
+    its groups; a depthwise convolution's weights have one input channel each but its input has many)."""
+    for node in program.graph.nodes:
+        if node.target is not torch.ops.aten.conv2d.default:
+            continue
+        weight = node.args[1]
+        while isinstance(weight, torch.fx.Node) and weight.op == "call_function":  # dequantize(int8 weight, ...)
+            weight = weight.args[0]
+        if not isinstance(weight, torch.fx.Node) or weight.op != "get_attr":
+            continue
+        groups = node.args[6] if len(node.args) > 6 else 1
+        if operator.attrgetter(weight.target)(program).shape[1] * groups == 1:
+            return True
+    return False
+
+
+def _mark_batch_symbolic(args: tuple, kwargs: dict[str, Any]) -> None:
+    """Mark the batch dimension of a call's tensors (``varying_dimensions``) as one ``torch.compile`` may leave
+    symbolic (a weak mark: a graph compiled for one size, or a graph that fixes the size, ignores it); their other
+    dimensions are compiled as they are. On every call, in about 8 us: any call may compile again."""
+    tensors = [leaf for leaf in pytree.tree_leaves((args, kwargs)) if isinstance(leaf, torch.Tensor)]
+    for tensor, varying in zip(tensors, varying_dimensions(tensors), strict=True):
+        if varying.get(0) == "batch":
+            torch._dynamo.maybe_mark_dynamic(tensor, 0)
 
 
 def _export(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[GraphModule, dict[str, Any]]:

@@ -12,6 +12,7 @@ import importlib.util
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -235,6 +236,78 @@ def test_pt2e_observers_are_those_of_its_quantizer():
         QuantizationAwareTraining(backend="x86_inductor", observer="histogram")  # PTQ's, not QAT's
     with pytest.raises(ValueError, match=r"observes post-training quantization with observer='histogram', range_method='mse'"):
         PostTrainingQuantization(backend="x86_inductor", observer="moving_average_minmax", range_method="max")
+
+
+def _int8_digits_cnn(digits, channels: int) -> tuple[CompiledProgram, torch.Tensor]:
+    """The default CNN's int8 program from the pt2e backend (not compiled yet), observed on digits images given
+    ``channels`` channels, and the test images so given."""
+    torch.manual_seed(0)
+    train, test = (images.expand(-1, channels, -1, -1) for images in (digits.train_set.tensors[0], digits.test_set.tensors[0]))
+    backend = backend_for(InductorQuantizationConfig())
+    backend.activate()
+    prepared = backend.prepare_qat(ImageClassifier(in_channels=channels).net.train(), (train[:8],), {}, [], []).eval()
+    backend.set_fake_quant(prepared, enabled=False)
+    with torch.no_grad():
+        for batch in train[:64].split(16):
+            prepared(batch)
+    return backend.convert(prepared), test
+
+
+def _graphs_compiled_per_call(int8: CompiledProgram, images: torch.Tensor, batches: tuple[int, ...]) -> list[int]:
+    """Run ``int8`` at each batch size, checking it against its converted graph; the count of graphs compiled so far
+    after each call."""
+    from torch._dynamo.utils import counters
+
+    graphs = []
+    for batch in batches:
+        with torch.no_grad():
+            output, reference = int8(images[:batch]), int8.program(images[:batch])
+        assert torch.allclose(output, reference, atol=1e-3 * reference.abs().max().item())
+        graphs.append(counters["stats"]["unique_graphs"])
+    return graphs
+
+
+def test_the_int8_program_compiles_once_for_every_batch_size_past_the_first(digits):
+    """Batch 1 compiles on its own (Dynamo specializes it); the next batch size compiles one graph with the batch
+    symbolic, which the sizes after it reuse (Inductor may split the range where a kernel depends on the size:
+    on the digits CNN at 16 and up, which this test stays below). Each computes what the converted graph does.
+    Grayscale images compile per batch size (see ``CompiledProgram``), without a warning: the user did nothing
+    wrong."""
+    int8, images = _int8_digits_cnn(digits, channels=3)
+    graphs = _graphs_compiled_per_call(int8, images, (1, 3, 5, 7, 11, 2, 1))
+    assert int8.symbolic_batch
+    assert graphs[1] == graphs[0] + 1  # the second batch size compiled once more ...
+    assert graphs[-1] == graphs[1]  # ... and no size after it did
+
+    grayscale, images = _int8_digits_cnn(digits, channels=1)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        graphs = _graphs_compiled_per_call(grayscale, images, (1, 3, 5, 3))
+    assert not grayscale.symbolic_batch and not [warning for warning in said if "batch size" in str(warning.message)]
+    assert graphs[2] == graphs[1] + 1 and graphs[3] == graphs[2]  # one graph per batch size, each kept
+
+
+def test_the_int8_program_compiles_per_batch_size_where_a_symbolic_batch_fails(digits, monkeypatch):
+    """Where Dynamo or Inductor cannot compile the graph for a symbolic batch, the program says so once and compiles
+    for each batch size: the user's call still gets the int8 result. The failure is made real: a dimension that
+    the graph fixes (the image's channels) marked as one that must stay symbolic."""
+    from lightning_compress import pt2e_quantization
+
+    def channels_symbolic(args, kwargs):
+        for tensor in args:
+            torch._dynamo.mark_dynamic(tensor, 1)
+
+    monkeypatch.setattr(pt2e_quantization, "_mark_batch_symbolic", channels_symbolic)
+    int8, images = _int8_digits_cnn(digits, channels=3)
+    with pytest.warns(UserWarning, match=r"failed \(Constraints violated .*\); it compiles for each batch size instead"):
+        with torch.no_grad():
+            output = int8(images[:4])
+    assert not int8.symbolic_batch
+    with torch.no_grad(), warnings.catch_warnings(record=True) as later:
+        warnings.simplefilter("always")
+        assert torch.allclose(output, int8.program(images[:4]), atol=1e-3 * output.abs().max().item())
+        assert torch.allclose(int8(images[:6]), int8.program(images[:6]), atol=1e-3 * output.abs().max().item())
+    assert not [warning for warning in later if "batch size" in str(warning.message)]  # said once
 
 
 def test_an_exported_part_trains_again_when_lightning_restores_modes_by_attribute():
