@@ -409,10 +409,10 @@ class CompiledProgram(nn.Module):
     choice depends on the size (Inductor guarded the digits CNN on 2 <= batch <= 15, so batch 16 and up took a
     graph of their own). Every other dimension stays static: a language model's new sequence length compiles
     again, since Linear layers compiled with every dimension symbolic ran a transformers Llama 3.4x slower (see
-    the known limitations). Compiled for a symbolic batch, resnet18 at 64x64 ran 15% slower at batch 4
-    and 8% at batch 8 than graphs compiled for those sizes, a BERT and a Llama decoder within 1%
-    (``benchmarks/batch_sizes.py``, AVX-512 VNNI). A program that convolves a single-channel input (grayscale images) compiles for each
-    batch size: for a symbolic batch Inductor expects the int8 convolution's output in one memory layout and oneDNN
+    the known limitations). Compiled for a symbolic batch, resnet18 at 64x64 ran 15% slower at batch 4 and 8% at
+    batch 8 than graphs compiled for those sizes, a BERT and a Llama decoder within 1% (``benchmarks/batch_sizes.py``,
+    AVX-512 VNNI). A program that convolves a single-channel input (grayscale images) compiles for each batch
+    size: for a symbolic batch Inductor expects the int8 convolution's output in one memory layout and oneDNN
     writes it in the other (a one-channel tensor is both contiguous and channels-last), and the compiled code's
     stride check fails (torch 2.14). Where compiling for a symbolic batch fails otherwise, the program warns once
     and compiles for each batch size from then on."""
