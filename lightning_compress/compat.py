@@ -65,8 +65,8 @@ def inductor_freezing():
 def only_marked_dimensions_dynamic():
     """A context in which ``torch.compile`` leaves symbolic only the dimensions marked so
     (``torch._dynamo.maybe_mark_dynamic``): by default a dimension whose size changed between calls becomes
-    symbolic when it compiles again (``automatic_dynamic_shapes``), which for a language model's sequence meant
-    slower int8 Linear kernels. The setting lives in the private ``torch._dynamo.config``."""
+    symbolic when it compiles again (``automatic_dynamic_shapes``), a language model's sequence included. The
+    setting lives in the private ``torch._dynamo.config``."""
     import torch._dynamo.config as dynamo_config
 
     return dynamo_config.patch(automatic_dynamic_shapes=False)

@@ -407,14 +407,15 @@ class CompiledProgram(nn.Module):
     The batch dimension is compiled as a symbol (``maybe_mark_dynamic``), so that a new batch size does not compile
     again: one graph serves every batch size above 1 (Dynamo compiles batch 1 on its own), except where a kernel's
     choice depends on the size (Inductor guarded the digits CNN on 2 <= batch <= 15, so batch 16 and up took a
-    graph of their own). Every other dimension stays static: a language model's new sequence length compiles
-    again, since Linear layers compiled with every dimension symbolic ran a transformers Llama 3.4x slower (see
-    the known limitations). Compiled for a symbolic batch, resnet18 at 64x64 ran 15% slower at batch 4 and 8% at
-    batch 8 than graphs compiled for those sizes, a BERT and a Llama decoder within 1% (``benchmarks/batch_sizes.py``,
-    AVX-512 VNNI). A program that convolves a single-channel input (grayscale images) compiles for each batch
-    size: for a symbolic batch Inductor expects the int8 convolution's output in one memory layout and oneDNN
-    writes it in the other (a one-channel tensor is both contiguous and channels-last), and the compiled code's
-    stride check fails (torch 2.14). Where compiling for a symbolic batch fails otherwise, the program warns once
+    graph of their own). A language model's first ``STATIC_SEQUENCE_LENGTHS`` sequence lengths compile as they
+    are, the next one with its sequence symbolic too, a graph every later length takes (Dynamo compiles a function
+    at most 8 times, then runs it eagerly: its reference ops). Other dimensions stay as they are. Compiled for a
+    symbolic batch, resnet18 at 64x64 ran 15% slower at batch 4 and 8% at batch 8 than graphs compiled for those
+    sizes, a BERT and a Llama decoder within 1% (``benchmarks/batch_sizes.py``, AVX-512 VNNI). A program that
+    convolves a single-channel input (grayscale images) compiles for each batch size: for a symbolic batch
+    Inductor expects the int8 convolution's output in one memory layout and oneDNN writes it in the other (a
+    one-channel tensor is both contiguous and channels-last), and the compiled code's stride check fails (torch
+    2.14). Where compiling for a symbolic batch fails otherwise, the program warns once
     and compiles for each batch size from then on."""
 
     def __init__(self, program: GraphModule, added_arguments: dict[str, Any] | None = None) -> None:
@@ -425,6 +426,11 @@ class CompiledProgram(nn.Module):
         self.compile_ms: float | None = None
 
     symbolic_batch = True  # False once compiling for a symbolic batch failed (a class default: programs pickled before it)
+    # How many sequence lengths compile as they are before one graph takes them all: Dynamo compiles a function
+    # at most 8 times (``recompile_limit``) and then runs it eagerly, which for an int8 graph means its reference
+    # quantize/dequantize ops (a small Llama: 160 ms a call against 1.2 ms compiled); each length can take two
+    # graphs (batch 1 and the symbolic batch), so three lengths leave room for the symbolic sequence's.
+    STATIC_SEQUENCE_LENGTHS: ClassVar[int] = 3
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         kwargs = {**self.added_arguments, **kwargs}
@@ -439,8 +445,9 @@ class CompiledProgram(nn.Module):
             output = self._compiled_call(args, kwargs)
         else:
             try:
-                _mark_batch_symbolic(args, kwargs)
-                output = self._compiled_call(args, kwargs)
+                sequence = self._sequence_symbolic(args, kwargs)
+                _mark_symbolic(args, kwargs, sequence=sequence)
+                output = self._compiled_call(args, kwargs, marked_only=not sequence)
             except Exception as error:  # noqa: BLE001 - whatever failed, the per-shape compile is the fallback
                 per_shape = torch.compile(self.program, dynamic=False)
                 unmarked = pytree.tree_map_only(torch.Tensor, lambda tensor: tensor.view(tensor.shape), (args, kwargs))
@@ -457,14 +464,30 @@ class CompiledProgram(nn.Module):
             self.compile_ms = (time.perf_counter() - start) * 1000.0
         return output
 
-    def _compiled_call(self, args: tuple, kwargs: dict[str, Any], compiled: Callable | None = None) -> Any:
-        with torch.no_grad(), compat.inductor_freezing(), compat.only_marked_dimensions_dynamic():
+    def _sequence_symbolic(self, args: tuple, kwargs: dict[str, Any]) -> bool:
+        """Whether this call's sequence dimension is compiled as a symbol: once the program has seen more than
+        ``STATIC_SEQUENCE_LENGTHS`` lengths, from then on (a model generating or reading text of every length)."""
+        lengths = self.__dict__.setdefault("_sequence_lengths", set())
+        length = _sequence_length(args, kwargs)
+        if length is not None:
+            lengths.add(length)
+        return len(lengths) > self.STATIC_SEQUENCE_LENGTHS
+
+    def _compiled_call(
+        self, args: tuple, kwargs: dict[str, Any], compiled: Callable | None = None, marked_only: bool = True
+    ) -> Any:
+        """The compiled program's output for the call; ``marked_only``: no dimension but those marked becomes
+        symbolic, else Dynamo's default too (a dimension whose size changed compiles as a symbol), which a graph
+        break's later graphs need (their inputs are the earlier one's outputs, which nothing marks)."""
+        dimensions = compat.only_marked_dimensions_dynamic() if marked_only else contextlib.nullcontext()
+        with torch.no_grad(), compat.inductor_freezing(), dimensions:
             return (self.__dict__["_compiled"] if compiled is None else compiled)(*args, **kwargs)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_compiled"] = None  # a copy compiles again: compiled code is tied to the module it was made for
         state["compile_ms"] = None
+        state.pop("_sequence_lengths", None)  # ... and counts the lengths it compiles for anew
         return state
 
 
@@ -485,14 +508,29 @@ def _convolves_one_channel(program: GraphModule) -> bool:
     return False
 
 
-def _mark_batch_symbolic(args: tuple, kwargs: dict[str, Any]) -> None:
-    """Mark the batch dimension of a call's tensors (``varying_dimensions``) as one ``torch.compile`` may leave
-    symbolic (a weak mark: a graph compiled for one size, or a graph that fixes the size, ignores it); their other
-    dimensions are compiled as they are. On every call, in about 8 us: any call may compile again."""
-    tensors = [leaf for leaf in pytree.tree_leaves((args, kwargs)) if isinstance(leaf, torch.Tensor)]
+def _call_tensors(args: tuple, kwargs: dict[str, Any]) -> list[torch.Tensor]:
+    return [leaf for leaf in pytree.tree_leaves((args, kwargs)) if isinstance(leaf, torch.Tensor)]
+
+
+def _sequence_length(args: tuple, kwargs: dict[str, Any]) -> int | None:
+    """The length of a call's sequence dimension (``varying_dimensions``), ``None`` for a call without one."""
+    tensors = _call_tensors(args, kwargs)
     for tensor, varying in zip(tensors, varying_dimensions(tensors), strict=True):
-        if varying.get(0) == "batch":
-            torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        if varying.get(1) == "sequence":
+            return tensor.shape[1]
+    return None
+
+
+def _mark_symbolic(args: tuple, kwargs: dict[str, Any], sequence: bool) -> None:
+    """Mark the batch dimension of a call's tensors (``varying_dimensions``), and their sequence dimension where
+    ``sequence``, as ones ``torch.compile`` may leave symbolic (a weak mark, kept by the caller's tensors: a graph
+    compiled for one size, or a graph that fixes the size, ignores it); their other dimensions are compiled as they
+    are. On every call, in about 8 us: any call may compile again."""
+    tensors = _call_tensors(args, kwargs)
+    for tensor, varying in zip(tensors, varying_dimensions(tensors), strict=True):
+        for dimension, kind in varying.items():
+            if kind == "batch" or (sequence and kind == "sequence"):
+                torch._dynamo.maybe_mark_dynamic(tensor, dimension)
 
 
 def _export(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[GraphModule, dict[str, Any]]:

@@ -293,11 +293,11 @@ def test_the_int8_program_compiles_per_batch_size_where_a_symbolic_batch_fails(d
     the graph fixes (the image's channels) marked as one that must stay symbolic."""
     from lightning_compress import pt2e_quantization
 
-    def channels_symbolic(args, kwargs):
+    def channels_symbolic(args, kwargs, sequence):
         for tensor in args:
             torch._dynamo.mark_dynamic(tensor, 1)
 
-    monkeypatch.setattr(pt2e_quantization, "_mark_batch_symbolic", channels_symbolic)
+    monkeypatch.setattr(pt2e_quantization, "_mark_symbolic", channels_symbolic)
     int8, images = _int8_digits_cnn(digits, channels=3)
     with pytest.warns(UserWarning, match=r"failed \(Constraints violated .*\); it compiles for each batch size instead"):
         with torch.no_grad():

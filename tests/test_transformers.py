@@ -187,6 +187,34 @@ def test_dynamic_int8_without_torch_ao_takes_a_llama_whole_and_any_sequence_leng
         assert _relative_error(output, int8_logits) <= 1e-3
 
 
+@pytest.mark.slow  # 40 s: Inductor compiles the int8 Llama for four lengths and once more for every length
+def test_an_int8_language_model_compiles_a_few_lengths_then_one_graph_for_every_length(source_bytes: PythonSourceDataModule):
+    """Dynamo compiles a function at most ``recompile_limit`` (8) times and then runs it eagerly: an int8 graph's
+    reference ops, 130x slower than compiled on a small Llama. The program compiles its first
+    ``STATIC_SEQUENCE_LENGTHS`` lengths as they are, then the sequence as a symbol: twelve lengths stay under the
+    limit, the last ones compile nothing, and each computes what the converted graph does."""
+    from torch._dynamo.utils import counters
+
+    from lightning_compress.pt2e_quantization import CompiledProgram, InductorQuantizationConfig
+    from lightning_compress.quantization_backend import backend_for
+
+    torch.manual_seed(0)
+    model = LlamaBytes().model.eval()
+    tokens = next(iter(source_bytes.test_dataloader()))[0][:2]
+    int8 = backend_for(InductorQuantizationConfig()).quantize_dynamic(model, call=((), {"input_ids": tokens[:, :16]}))
+    assert isinstance(int8, CompiledProgram)
+    before = counters["stats"]["unique_graphs"]
+    graphs = []
+    for length in range(10, 22):
+        with torch.no_grad():
+            output = int8(input_ids=tokens[:, :length]).logits
+            reference = int8.program(input_ids=tokens[:, :length], **int8.added_arguments).logits  # its cache off
+        assert _relative_error(output.numpy(), reference) <= 1e-3
+        graphs.append(counters["stats"]["unique_graphs"] - before)
+    assert graphs[-1] < torch._dynamo.config.recompile_limit  # compiled to the end, never run eagerly
+    assert graphs[-1] == graphs[-6]  # the last six lengths compiled nothing
+
+
 @pytest.mark.slow  # 30 s: Inductor compiles the int8 model once per sequence length
 def test_pt2e_qat_trains_a_llama_as_one_graph_with_its_cache_off(tmp_path: Path, source_bytes: PythonSourceDataModule):
     """The torch.export engine prepares a whole ``LlamaForCausalLM`` as one graph (its forward returned a key-value
