@@ -62,7 +62,7 @@ class CallLayout:
 
     def tensors(self, args: tuple, kwargs: dict[str, Any]) -> list[torch.Tensor]:
         """The tensors of a call laid out as the observed one, in input order."""
-        tensors = [leaf for leaf in pytree.tree_leaves((tuple(args), dict(kwargs))) if isinstance(leaf, torch.Tensor)]
+        tensors = call_tensors(args, kwargs)
         if len(tensors) != len(self.input_names):
             raise ValueError(f"the call holds {len(tensors)} tensors; the network was exported with {list(self.input_names)}")
         return tensors
@@ -159,6 +159,11 @@ class NetworkCall:
         """The same call with other tensors in its inputs' places (an image resized, say)."""
         args, kwargs = self.layout.rebuild(tensors)
         return dataclasses.replace(self, args=args, kwargs=kwargs)
+
+
+def call_tensors(args: tuple, kwargs: dict[str, Any]) -> list[torch.Tensor]:
+    """The tensors of the call ``(*args, **kwargs)``, in input order (nested containers flattened)."""
+    return [leaf for leaf in pytree.tree_leaves((tuple(args), dict(kwargs))) if isinstance(leaf, torch.Tensor)]
 
 
 def varying_dimensions(tensors: Sequence[torch.Tensor]) -> list[dict[int, str]]:

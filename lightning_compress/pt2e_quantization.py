@@ -54,7 +54,12 @@ from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
 from lightning_compress import compat
 from lightning_compress.forward_graph import hold_own_tensors
 from lightning_compress.inputs import call_record, first_line, on_cpu, replayed_call
-from lightning_compress.network_call import export_dynamic_shapes, varying_dimensions, whole_sequence_arguments
+from lightning_compress.network_call import (
+    call_tensors,
+    export_dynamic_shapes,
+    varying_dimensions,
+    whole_sequence_arguments,
+)
 from lightning_compress.quantization_backend import (
     DYNAMIC_LAYERS,
     QUANTIZABLE_LAYERS,
@@ -445,8 +450,10 @@ class CompiledProgram(nn.Module):
             output = self._compiled_call(args, kwargs)
         else:
             try:
-                sequence = self._sequence_symbolic(args, kwargs)
-                _mark_symbolic(args, kwargs, sequence=sequence)
+                tensors = call_tensors(args, kwargs)
+                dimensions = varying_dimensions(tensors)
+                sequence = self._sequence_symbolic(tensors, dimensions)
+                _mark_symbolic(tensors, dimensions, sequence=sequence)
                 output = self._compiled_call(args, kwargs, marked_only=not sequence)
             except Exception as error:  # noqa: BLE001 - whatever failed, the per-shape compile is the fallback
                 per_shape = torch.compile(self.program, dynamic=False)
@@ -464,13 +471,14 @@ class CompiledProgram(nn.Module):
             self.compile_ms = (time.perf_counter() - start) * 1000.0
         return output
 
-    def _sequence_symbolic(self, args: tuple, kwargs: dict[str, Any]) -> bool:
-        """Whether this call's sequence dimension is compiled as a symbol: once the program has seen more than
-        ``STATIC_SEQUENCE_LENGTHS`` lengths, from then on (a model generating or reading text of every length)."""
+    def _sequence_symbolic(self, tensors: list[torch.Tensor], dimensions: list[dict[int, str]]) -> bool:
+        """Whether a call with ``tensors`` (their ``varying_dimensions``) compiles its sequence dimension as a
+        symbol: once the program has seen more than ``STATIC_SEQUENCE_LENGTHS`` lengths, from then on (a model
+        generating or reading text of every length)."""
         lengths = self.__dict__.setdefault("_sequence_lengths", set())
-        length = _sequence_length(args, kwargs)
-        if length is not None:
-            lengths.add(length)
+        lengths.update(
+            tensor.shape[1] for tensor, varying in zip(tensors, dimensions, strict=True) if varying.get(1) == "sequence"
+        )
         return len(lengths) > self.STATIC_SEQUENCE_LENGTHS
 
     def _compiled_call(
@@ -508,26 +516,12 @@ def _convolves_one_channel(program: GraphModule) -> bool:
     return False
 
 
-def _call_tensors(args: tuple, kwargs: dict[str, Any]) -> list[torch.Tensor]:
-    return [leaf for leaf in pytree.tree_leaves((args, kwargs)) if isinstance(leaf, torch.Tensor)]
-
-
-def _sequence_length(args: tuple, kwargs: dict[str, Any]) -> int | None:
-    """The length of a call's sequence dimension (``varying_dimensions``), ``None`` for a call without one."""
-    tensors = _call_tensors(args, kwargs)
-    for tensor, varying in zip(tensors, varying_dimensions(tensors), strict=True):
-        if varying.get(1) == "sequence":
-            return tensor.shape[1]
-    return None
-
-
-def _mark_symbolic(args: tuple, kwargs: dict[str, Any], sequence: bool) -> None:
-    """Mark the batch dimension of a call's tensors (``varying_dimensions``), and their sequence dimension where
-    ``sequence``, as ones ``torch.compile`` may leave symbolic (a weak mark, kept by the caller's tensors: a graph
-    compiled for one size, or a graph that fixes the size, ignores it); their other dimensions are compiled as they
-    are. On every call, in about 8 us: any call may compile again."""
-    tensors = _call_tensors(args, kwargs)
-    for tensor, varying in zip(tensors, varying_dimensions(tensors), strict=True):
+def _mark_symbolic(tensors: list[torch.Tensor], dimensions: list[dict[int, str]], sequence: bool) -> None:
+    """Mark the batch dimension of a call's ``tensors`` (of their ``varying_dimensions``), and their sequence
+    dimension where ``sequence``, as ones ``torch.compile`` may leave symbolic (a weak mark, kept by the caller's
+    tensors: a graph compiled for one size, or a graph that fixes the size, ignores it); their other dimensions are
+    compiled as they are. On every call: any call may compile again."""
+    for tensor, varying in zip(tensors, dimensions, strict=True):
         for dimension, kind in varying.items():
             if kind == "batch" or (sequence and kind == "sequence"):
                 torch._dynamo.maybe_mark_dynamic(tensor, dimension)

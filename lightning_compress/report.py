@@ -206,9 +206,9 @@ def latency_ms(
 
 def compile_ms(model: nn.Module) -> float | None:
     """Milliseconds a model spent compiling on its first call (the pt2e engine's int8 programs, which Inductor
-    compiles then; a new sequence length compiles again, a new batch size once), summed over its compiled parts;
-    ``None`` for a model that compiles nothing. Read after the model has run: the latency's warm-up keeps the
-    compile out of the latency."""
+    compiles then; a later batch size or sequence length may compile again, not counted here), summed over its
+    compiled parts; ``None`` for a model that compiles nothing. Read after the model has run: the latency's warm-up
+    keeps the compile out of the latency."""
     times = [part.compile_ms for part in model.modules() if getattr(part, "compile_ms", None) is not None]
     return sum(times) if times else None
 

@@ -12,10 +12,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.utils._pytree as pytree
 from torch import nn
 
 from lightning_compress import compat
+from lightning_compress.network_call import call_tensors
 
 
 class RuntimeModel(nn.Module):
@@ -34,7 +34,7 @@ class RuntimeModel(nn.Module):
         self.output_names: list[str] = []
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor | dict[str, torch.Tensor]:
-        tensors = [leaf for leaf in pytree.tree_leaves((args, kwargs)) if isinstance(leaf, torch.Tensor)]
+        tensors = call_tensors(args, kwargs)
         outputs = [
             torch.from_numpy(np.asarray(output)) for output in self.run([tensor.detach().cpu().numpy() for tensor in tensors])
         ]
