@@ -161,6 +161,14 @@ class LearnedRangeFakeQuantize(_LearnableFakeQuantize):
         self.symmetric = self.qscheme in (torch.per_channel_symmetric, torch.per_tensor_symmetric)
         self.enable_observer(True)
 
+    @property
+    def observing(self) -> bool:
+        return bool(self.static_enabled[0])
+
+    def observed_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scale and zero-point a call writes into the parameters while the observer is on."""
+        return self.activation_post_process.calculate_qparams()
+
     def size_for(self, channels: int) -> None:
         """One scale and zero-point per output channel of the layer this grid quantizes the weights of."""
         if self.is_per_channel and self.scale.numel() != channels:

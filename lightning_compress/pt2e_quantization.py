@@ -280,9 +280,21 @@ class LearnedRangeFakeQuantize(LearnableFakeQuantize):
         self.scale.requires_grad_(learning)
         self.zero_point.requires_grad_(learning and not self.symmetric)
 
-    def _initialize_or_update_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+    @property
+    def observing(self) -> bool:
+        return bool(self.observer_enabled[0])
+
+    def observed_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scale and zero-point a call writes into the parameters while the observer is on."""
+        return self._grid(*self.activation_post_process.calculate_qparams())
+
+    def _grid(self, scale: torch.Tensor, zero_point: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.symmetric:  # the grid's centre (observers given a range put an unsigned one at 127)
             zero_point = torch.full_like(zero_point, (self.quant_min + self.quant_max + 1) // 2)
+        return scale, zero_point
+
+    def _initialize_or_update_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        scale, zero_point = self._grid(scale, zero_point)
         self._resize(scale.shape)
         self.scale.data.copy_(scale)
         self.zero_point.data.copy_(zero_point.float())
@@ -298,6 +310,18 @@ class LearnedRangeFakeQuantize(LearnableFakeQuantize):
             self._resize(state_dict[f"{prefix}scale"].shape)
             self._initialized = True
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _size_learned_ranges(graph: GraphModule) -> None:
+    """One learned scale per channel of each weight a learned-range fake-quant quantizes per channel, from the shape
+    the export recorded: sized before FSDP2 shards the graph (a ``DTensor`` cannot be resized), not at the first call."""
+    for node in graph.graph.nodes:
+        if node.op != "call_module":
+            continue
+        fake_quantize = graph.get_submodule(node.target)
+        value = node.args[0].meta.get("val") if node.args and hasattr(node.args[0], "meta") else None
+        if isinstance(fake_quantize, LearnedRangeFakeQuantize) and fake_quantize.is_per_channel and value is not None:
+            fake_quantize._resize(torch.Size([value.shape[fake_quantize.ch_axis]]))
 
 
 class ExportedPart(nn.Module):
@@ -601,6 +625,7 @@ class InductorBackend(QuantizationBackend):
                 graph = prepare_qat_pt2e(exported, self._quantizer(True, skip_names, skip_types))
         finally:
             module.train(was_training)
+        _size_learned_ranges(graph)
         return ExportedPart(graph, added).train(was_training)
 
     def input_record(self, args: tuple, kwargs: dict[str, Any]) -> Any:

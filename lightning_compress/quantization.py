@@ -258,8 +258,6 @@ class QuantizationAwareTraining(Callback, ReportsModels):
         sharding.check_strategy(trainer, "QuantizationAwareTraining")
         if sharding.under_fsdp2(trainer):  # a resumed fit: observers' ranges take the shapes they were saved with
             compat.run_before_distributed_weights_load(trainer, pl_module)
-        if self.config.learnable_ranges:
-            sharding.refuse_under_fsdp2(trainer, "QuantizationAwareTraining(learnable_ranges=True)")
         # Not an error: a run trained for fewer epochs now may be resumed with a larger max_epochs later.
         late = [
             f"{name}={epoch}"
@@ -433,6 +431,9 @@ class QuantizationAwareTraining(Callback, ReportsModels):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         sharding.synchronize_buffers(trainer, pl_module)  # the ranges every rank fake-quantizes with: rank 0's
+        if self.config.learnable_ranges and sharding.under_fsdp2(trainer):
+            for module in self._prepared_modules(pl_module):
+                range_learning.keep_observed_ranges(module)
 
     @override
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:

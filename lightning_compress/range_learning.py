@@ -24,6 +24,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
+
+from lightning_compress import sharding
 
 DEFAULT_LEARNING_RATE = 0.01  # the best of 0.001, 0.003, 0.01 and 0.03 on one seed of digits (3 and 4 bits)
 BETAS = (0.9, 0.999)
@@ -46,6 +49,24 @@ def learned_ranges(module: nn.Module, prefix: str = "") -> dict[str, nn.Paramete
     return ranges
 
 
+def keep_observed_ranges(module: nn.Module) -> None:
+    """Write the range each observing fake-quant's observer holds into its range parameters, as they are laid out.
+
+    A fake-quant writes its observer's range into the parameters at each call, which is what they hold when the
+    observers freeze and the ranges start to learn. Under FSDP2 that write lands in the gathered copy of the
+    parameters, which FSDP2 frees after the step: each rank's slices would keep their initial ranges (ones), and the
+    ranges would start learning (and a checkpoint, and validation, would fake-quantize) from those. Called after each
+    training step where the parameters are sharded, once the ranks hold rank 0's observers."""
+    for fake_quantize in module.modules():
+        if getattr(fake_quantize, "learns_range", False) and fake_quantize.observing:
+            with torch.no_grad():
+                for parameter, value in zip(
+                    (fake_quantize.scale, fake_quantize.zero_point), fake_quantize.observed_range(), strict=True
+                ):
+                    whole = value.to(parameter.dtype).reshape(parameter.shape)
+                    sharding.local(parameter).copy_(sharding.local(sharding.like(whole, parameter)))
+
+
 class RangeOptimizer:
     """Adam on each scale's logarithm (relative steps) and on each zero-point (steps of the grid).
 
@@ -64,37 +85,61 @@ class RangeOptimizer:
     @torch.no_grad()
     def step(self, ranges: Mapping[str, nn.Parameter], pace: float = 1.0) -> None:
         """One Adam step of every range that holds a gradient, at ``learning_rate * pace``; a non-finite gradient
-        (an overflowing mixed-precision step, which the model's optimizer skips too) is dropped."""
+        (an overflowing mixed-precision step, which the model's optimizer skips too) is dropped, on every rank alike.
+
+        Under FSDP2 a range is a ``DTensor`` whose slices the ranks hold: Adam is elementwise, so each rank steps
+        its slice (its state sliced alike), and only the finiteness check is agreed between the ranks."""
+        stepped = {name: parameter for name, parameter in ranges.items() if parameter.grad is not None}
+        gradients = {}
+        for name, parameter in stepped.items():
+            gradients[name], parameter.grad = parameter.grad, None
+        finite = [bool(torch.isfinite(sharding.local(gradient)).all()) for gradient in gradients.values()]
+        if any(isinstance(parameter, DTensor) for parameter in stepped.values()):
+            finite = sharding.true_on_every_rank(finite)
         beta1, beta2 = BETAS
-        for name, parameter in ranges.items():
-            gradient = parameter.grad
-            if gradient is None:
+        for (name, parameter), is_finite in zip(stepped.items(), finite, strict=True):
+            if not is_finite:
                 continue
-            parameter.grad = None
-            if not torch.isfinite(gradient).all():
-                continue
+            value, gradient = sharding.local(parameter), sharding.local(gradients[name])
             is_scale = name.endswith("scale")
             if is_scale:
-                gradient = gradient * parameter  # d loss / d log(scale)
-            state = self.state.get(name)
-            if state is None or state["mean"].shape != parameter.shape:
-                zeros = torch.zeros_like(parameter)
-                state = self.state[name] = {"steps": 0, "mean": zeros, "square": zeros.clone()}
-            elif state["mean"].device != parameter.device:  # restored from a checkpoint loaded onto the CPU
-                state["mean"], state["square"] = state["mean"].to(parameter.device), state["square"].to(parameter.device)
+                gradient = gradient * value  # d loss / d log(scale)
+            state = self._state_laid_out_as(name, parameter)
             state["steps"] += 1
-            state["mean"].mul_(beta1).add_(gradient, alpha=1 - beta1)
-            state["square"].mul_(beta2).addcmul_(gradient, gradient, value=1 - beta2)
-            mean = state["mean"] / (1 - beta1 ** state["steps"])
-            root_mean_square = (state["square"] / (1 - beta2 ** state["steps"])).sqrt()
-            update = self.learning_rate * pace * mean / (root_mean_square + EPSILON)
+            mean, square = sharding.local(state["mean"]), sharding.local(state["square"])
+            mean.mul_(beta1).add_(gradient, alpha=1 - beta1)
+            square.mul_(beta2).addcmul_(gradient, gradient, value=1 - beta2)
+            root_mean_square = (square / (1 - beta2 ** state["steps"])).sqrt()
+            update = self.learning_rate * pace * (mean / (1 - beta1 ** state["steps"])) / (root_mean_square + EPSILON)
             if is_scale:
-                parameter.mul_(torch.exp(-update))
+                value.mul_(torch.exp(-update))
             else:
-                parameter.sub_(update)
+                value.sub_(update)
+
+    def _state_laid_out_as(self, name: str, parameter: nn.Parameter) -> dict[str, Any]:
+        """The Adam state of range ``name``, laid out as ``parameter`` is (its slices under FSDP2, on its device):
+        new where the range has none yet or has been resized; a checkpoint's whole tensors sliced as it is."""
+        state = self.state.get(name)
+        if state is None or state["mean"].shape != parameter.shape:
+            zeros = torch.zeros_like(parameter)
+            state = self.state[name] = {"steps": 0, "mean": zeros, "square": zeros.clone()}
+        elif isinstance(state["mean"], DTensor) != isinstance(parameter, DTensor) or state["mean"].device != parameter.device:
+            # restored from a checkpoint (whole, loaded onto the CPU)
+            state["mean"], state["square"] = sharding.like(state["mean"], parameter), sharding.like(state["square"], parameter)
+        return state
 
     def state_dict(self) -> dict[str, Any]:
-        return {"learning_rate": self.learning_rate, "ranges": {name: dict(state) for name, state in self.state.items()}}
+        """Whole tensors, gathered where the ranges are sharded (collective there: every rank calls it, as Lightning
+        does when it writes a checkpoint)."""
+        return {
+            "learning_rate": self.learning_rate,
+            "ranges": {
+                name: {
+                    key: sharding.full_tensor(value) if isinstance(value, torch.Tensor) else value for key, value in state.items()
+                }
+                for name, state in self.state.items()
+            },
+        }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         self.state = {name: dict(state) for name, state in state_dict.get("ranges", {}).items()}

@@ -62,6 +62,22 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's slice of ``tensor`` where it is a ``DTensor`` (sharing its storage: an in-place change of the
+    slice changes the ``DTensor``), else ``tensor`` itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def true_on_every_rank(flags: list[bool]) -> list[bool]:
+    """Each of ``flags`` and-ed over every process (collective where several run): for a decision each rank makes
+    from its own slices that every rank must take alike."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1 or not flags:
+        return flags
+    agreed = torch.tensor(flags, dtype=torch.int32)
+    torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)
+    return [bool(flag) for flag in agreed]
+
+
 def like(tensor: torch.Tensor, parameter: torch.Tensor) -> torch.Tensor:
     """``tensor`` (whole, the same on every rank) laid out as ``parameter`` is: this rank's slice of it where
     ``parameter`` is a ``DTensor`` (no communication), else ``tensor`` on ``parameter``'s device."""

@@ -401,6 +401,62 @@ def pt2e(output: Path) -> None:
     )
 
 
+def learned_ranges(output: Path, backend: str, mode: str) -> None:
+    """QAT with learned ranges (LSQ) sharded, checkpointed each epoch: observers set the ranges in epoch 1 and the
+    ranges learn from epoch 2 on; then fresh sharded runs resumed from the epoch-1 distributed checkpoint (observers
+    on; they freeze after the resume) and from the epoch-2 one (the ranges already learning). Each run's gathered
+    ranges, the ranges the observers left, and int8 predictions are dumped."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_compress.range_learning import learned_ranges as ranges_of
+
+    class ObservedRanges(L.Callback):
+        """At the start of epoch 2, before the ranges take their first step: the learned scales (gathered) and the
+        scales the frozen observers hold."""
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if trainer.current_epoch == 2 and batch_idx == 0:
+                self.ranges = {name: full_tensor(p.detach()).clone() for name, p in ranges_of(pl_module.net).items()}
+                self.observers = {
+                    f"{name}.scale": module.activation_post_process.calculate_qparams()[0].flatten()
+                    for name, module in pl_module.net.named_modules()
+                    if getattr(module, "learns_range", False)
+                }
+
+    ends = {}
+    for run, start in (("uninterrupted", None), ("resumed_observing", "epoch=1.ckpt"), ("resumed_learning", "epoch=2.ckpt")):
+        L.seed_everything(0)
+        model = ShardedClassifier()
+        qat = QuantizationAwareTraining(
+            backend=backend,
+            start_epoch=1,
+            freeze_bn_epoch=2,
+            freeze_observer_epoch=2,
+            learnable_ranges=True,
+            export_format="none",
+        )
+        observed = ObservedRanges()
+        callbacks = [qat, observed]
+        if start is None:
+            callbacks.append(ModelCheckpoint(dirpath=output / "checkpoints", save_top_k=-1, filename="{epoch}"))
+        trainer = _sharded_trainer(4, callbacks, output, enable_checkpointing=start is None)
+        kwargs = {} if start is None else {"ckpt_path": str(output / "checkpoints" / start)}
+        trainer.fit(model, datamodule=DigitsDataModule(batch_size=32), **kwargs)
+        images, labels = _test_images()
+        with torch.no_grad():
+            predictions = qat.quantized_model(images)
+        ends[run] = {
+            "ranges": {name: full_tensor(p.detach()).clone() for name, p in ranges_of(model.net).items()},
+            "observed": getattr(observed, "ranges", None),
+            "observers": getattr(observed, "observers", None),
+            "weights": {name: full_tensor(tensor.detach()).clone() for name, tensor in model.net.state_dict().items()},
+            "predictions": predictions,
+            "labels": labels,
+            "sharded": is_sharded(model.net),
+        }
+    torch.save(ends, output / f"{mode}_rank{trainer.global_rank}.pt")
+
+
 if __name__ == "__main__":
     modes = {
         "prune_qat": pruning_and_qat,
@@ -414,5 +470,7 @@ if __name__ == "__main__":
         "shrink": shrink,
         "test_ckpt": test_from_checkpoint,
         "resume_from_one": resume_from_one,
+        "lsq": lambda output: learned_ranges(output, "x86", "lsq"),
+        "lsq_pt2e": lambda output: learned_ranges(output, "x86_inductor", "lsq_pt2e"),
     }
     modes[sys.argv[2]](Path(sys.argv[1]))

@@ -208,6 +208,44 @@ def test_distillation_with_student_and_teacher_sharded_trains_one_student_on_bot
     assert _accuracy(rank0["teacher_predictions"], rank0["labels"]) >= 0.95
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["lsq", pytest.param("lsq_pt2e", id="torch_export_engine")])
+def test_learned_ranges_under_fsdp2_start_from_the_observers_learn_alike_on_both_ranks_and_resume_exactly(
+    tmp_path: Path, mode: str
+):
+    """LSQ's range parameters are sharded like the weights: the ranges the observers set (written by each call into
+    FSDP2's gathered copy, which it frees) reach the slices the ranks hold, so the ranges start learning from them;
+    each rank steps its slices, and both ranks end with the same ranges and int8 model. Runs resumed from a
+    distributed checkpoint written while the observers were on, and from one written while the ranges learned, end
+    as the uninterrupted run did."""
+    rank0, rank1 = _run(tmp_path, mode)
+    uninterrupted = rank0["uninterrupted"]
+    assert uninterrupted["sharded"] and uninterrupted["ranges"]
+    assert {name.rsplit(".", 1)[-1] for name in uninterrupted["ranges"]} == {"scale", "zero_point"}
+    for run in ("uninterrupted", "resumed_observing"):
+        observed, observers = rank0[run]["observed"], rank0[run]["observers"]
+        assert set(observers) <= set(observed) and observers
+        for name, scale in observers.items():  # where the ranges start learning: the frozen observers' ranges
+            assert torch.equal(observed[name].flatten(), scale.to(observed[name].dtype)), (run, name)
+    moved = [
+        name
+        for name, scale in uninterrupted["ranges"].items()
+        if name.endswith("scale") and not torch.equal(scale, uninterrupted["observed"][name])
+    ]
+    assert len(moved) == len(rank0["uninterrupted"]["observers"])  # every scale learned
+    for name, value in uninterrupted["ranges"].items():
+        assert torch.equal(value, rank1["uninterrupted"]["ranges"][name]), name
+    assert torch.equal(uninterrupted["predictions"], rank1["uninterrupted"]["predictions"])
+    for ends in (rank0, rank1):
+        for run in ("resumed_observing", "resumed_learning"):
+            resumed = ends[run]
+            assert set(resumed["weights"]) == set(ends["uninterrupted"]["weights"])
+            for name, weight in ends["uninterrupted"]["weights"].items():
+                assert torch.equal(weight, resumed["weights"][name]), (run, name)
+            assert torch.equal(ends["uninterrupted"]["predictions"], resumed["predictions"]), run
+    assert _accuracy(uninterrupted["predictions"], uninterrupted["labels"]) >= 0.9
+
+
 def test_strategies_the_callbacks_cannot_run_under_are_named_with_the_supported_ones():
     with pytest.raises(
         ValueError,
@@ -253,7 +291,6 @@ def _one_process_sharded_trainer(tmp_path: Path, callbacks: list = (), max_epoch
             lambda: [MagnitudePruning(mode="channels", start_epoch=0, end_epoch=1), QuantizationAwareTraining(start_epoch=1)],
             r"MagnitudePruning\(mode='channels'\) beside QuantizationAwareTraining \(it removes the channels at QAT's start\)",
         ),
-        (lambda: [QuantizationAwareTraining(learnable_ranges=True, freeze_observer_epoch=1)], r"learnable_ranges=True\)"),
     ],
 )
 def test_what_does_not_run_sharded_yet_stops_before_training(tmp_path: Path, callbacks, message):
