@@ -26,6 +26,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torchmetrics import MeanMetric
 
 from lightning_compress import sharding
@@ -226,8 +227,6 @@ class DistillationModule(L.LightningModule, ReportsModels):
         # Runs after compression callbacks' setup (QAT may have rebuilt the student) and before a resumed
         # checkpoint's weights load, so the adapters exist by then.
         if stage == "fit":
-            if self.hints:  # the adapters are built here, outside configure_model: unsharded, their gradients unsynchronized
-                sharding.refuse_under_fsdp2(self.trainer, "DistillationModule(hints=...)")
             self._check_shapes_and_build_adapters(example_input(self.trainer, self))
 
     def _check_shapes_and_build_adapters(self, images: torch.Tensor) -> None:
@@ -314,6 +313,14 @@ class DistillationModule(L.LightningModule, ReportsModels):
         self.log("train/acc", self.train_accuracy, on_step=False, on_epoch=True)
         return loss
 
+    def on_fit_start(self) -> None:
+        if sharding.under_fsdp2(self.trainer) and any(not isinstance(p, DTensor) for p in self.hint_adapters.parameters()):
+            raise ValueError(
+                "DistillationModule(hints=...) under FSDP2: the hint adapters are not sharded, so the ranks would train "
+                "different ones; leave configure_optimizers to DistillationModule (super().configure_optimizers() "
+                "shards them), or shard each of self.hint_adapters.values() in configure_model."
+            )
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # Under FSDP2 each rank keeps its own BatchNorm statistics: every rank takes rank 0's, as DDP does, so the
         # ranks hold one student (and a checkpoint, which holds one rank's buffers, resumes that student).
@@ -358,7 +365,14 @@ class DistillationModule(L.LightningModule, ReportsModels):
 
     def configure_optimizers(self) -> Any:
         """The user's ``LightningModule`` student's own optimizer configuration, else AdamW with a cosine
-        schedule over ``max_epochs``; the hint adapters train with the student either way."""
+        schedule over ``max_epochs``; the hint adapters train with the student either way.
+
+        Under FSDP2 the adapters, built in ``setup`` and left whole by a ``configure_model`` that shards the
+        student and teacher, are sharded here first, each on its own: unsharded, nothing would average their
+        gradients over the ranks (FSDP2 reduces only what it shards), and the ranks would train different ones."""
+        if sharding.under_fsdp2(self.trainer):
+            for adapter in self.hint_adapters.values():
+                sharding.shard_if_whole(adapter, self.device_mesh["data_parallel"])
         if self._student_module is None:
             optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
             epochs = max(self.trainer.max_epochs or 1, 1)
@@ -379,8 +393,9 @@ class DistillationModule(L.LightningModule, ReportsModels):
         # A QAT checkpoint holds fake-quant modules: rebuild them so that load_from_checkpoint fits.
         restore_pruned_channels(self, checkpoint)  # a checkpoint written after shrink_epoch holds smaller layers
         restore_quantization(self, checkpoint)
-        # load_from_checkpoint builds the module without running setup: make the saved adapters exist.
-        for key, weight in checkpoint["state_dict"].items():
+        # load_from_checkpoint builds the module without running setup: make the saved adapters exist. (A distributed
+        # checkpoint's weights are not in it: they load into the module, whose setup built the adapters.)
+        for key, weight in checkpoint.get("state_dict", {}).items():
             prefix, _, rest = key.partition(".")
             index, _, name = rest.partition(".")
             if prefix == "hint_adapters" and name == "weight" and index not in self.hint_adapters:

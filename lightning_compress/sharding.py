@@ -57,6 +57,16 @@ def is_sharded(module: nn.Module) -> bool:
     return any(isinstance(child, FSDPModule) for child in module.modules())
 
 
+def shard_if_whole(module: nn.Module, mesh: Any) -> None:
+    """``fully_shard(module)`` over ``mesh`` unless FSDP2 already shards its parameters (a ``configure_model`` that
+    shards the LightningModule as a whole shards it too). ``module`` must be called itself: FSDP2 gathers the
+    parameters in its forward."""
+    from torch.distributed.fsdp import fully_shard
+
+    if not any(isinstance(parameter, DTensor) for parameter in module.parameters()):
+        fully_shard(module, mesh=mesh)
+
+
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """The whole of ``tensor``: gathered from every rank where it is a ``DTensor`` (collective), else itself."""
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor

@@ -13,6 +13,7 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
 
 from lightning_compress import (
     DistillationModule,
@@ -340,20 +341,10 @@ class ShardedDistillation(DistillationModule):
 def distillation(output: Path) -> None:
     """A small student distilled from a trained teacher, both sharded; the student's gathered weights and test
     predictions, and the teacher's, per rank."""
+    teacher = _trained_teacher()
+    trained_teacher = {name: tensor.detach().clone() for name, tensor in teacher.state_dict().items()}
     L.seed_everything(0)
-    teacher = ImageClassifier()  # trained first, on one process alike on each rank (same seed, same batches)
-    L.Trainer(
-        max_epochs=3,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    ).fit(teacher, datamodule=DigitsDataModule(batch_size=32))
-    trained_teacher = {name: tensor.detach().clone() for name, tensor in teacher.net.state_dict().items()}
-    L.seed_everything(0)
-    module = ShardedDistillation(student=SmallCNN(widths=(8, 16, 32)), teacher=teacher.net.eval(), temperature=4.0, alpha=0.9)
+    module = ShardedDistillation(student=SmallCNN(widths=(8, 16, 32)), teacher=teacher.eval(), temperature=4.0, alpha=0.9)
     trainer = _fit(module, 3, [], output, enable_checkpointing=False)
     module.eval()  # the student predicts with the BatchNorm statistics every rank took from rank 0
     images, labels = _test_images()
@@ -372,6 +363,69 @@ def distillation(output: Path) -> None:
         },
         output / f"distill_rank{trainer.global_rank}.pt",
     )
+
+
+def distillation_with_hints(output: Path) -> None:
+    """Distillation with a hint (the student's last convolution pulled, through a learned adapter, towards the
+    teacher's), student and teacher sharded by configure_model, checkpointed each epoch; then a fresh sharded run
+    resumed from the epoch-1 distributed checkpoint. Each run's gathered student and adapter, and whether the adapter
+    was sharded, per rank."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    teacher = _trained_teacher()
+    ends = {}
+    for run in ("uninterrupted", "resumed"):
+        L.seed_everything(0)
+        module = ShardedDistillation(
+            student=SmallCNN(widths=(8, 16, 32)),
+            teacher=teacher.eval(),
+            temperature=4.0,
+            alpha=0.9,
+            hints={"features.8": "features.8"},
+        )
+        adapter_before = None
+
+        class AdapterAtStart(L.Callback):
+            def on_train_start(self, trainer, pl_module) -> None:
+                nonlocal adapter_before
+                adapter_before = {k: full_tensor(v.detach()).clone() for k, v in pl_module.hint_adapters.state_dict().items()}
+
+        callbacks = [AdapterAtStart()]
+        if run == "uninterrupted":
+            callbacks.append(ModelCheckpoint(dirpath=output / "checkpoints", save_top_k=-1, filename="{epoch}"))
+        kwargs = {} if run == "uninterrupted" else {"ckpt_path": str(output / "checkpoints" / "epoch=1.ckpt")}
+        trainer = _sharded_trainer(3, callbacks, output, enable_checkpointing=run == "uninterrupted")
+        trainer.fit(module, datamodule=DigitsDataModule(batch_size=32), **kwargs)
+        module.eval()
+        images, labels = _test_images()
+        with torch.no_grad():
+            predictions = module.student(images)
+        ends[run] = {
+            "student": {name: full_tensor(tensor.detach()).clone() for name, tensor in module.student.state_dict().items()},
+            "adapter": {name: full_tensor(tensor.detach()).clone() for name, tensor in module.hint_adapters.state_dict().items()},
+            "adapter_at_start": adapter_before,
+            "adapter_sharded": all(isinstance(p, DTensor) for p in module.hint_adapters.parameters()),
+            "hint_loss": float(trainer.callback_metrics["train/hint_loss"]),
+            "predictions": predictions,
+            "labels": labels,
+        }
+    torch.save(ends, output / f"distill_hints_rank{trainer.global_rank}.pt")
+
+
+def _trained_teacher() -> torch.nn.Module:
+    """The app's digits classifier trained for 3 epochs on one process, alike on each rank (same seed, same batches)."""
+    L.seed_everything(0)
+    teacher = ImageClassifier()
+    L.Trainer(
+        max_epochs=3,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    ).fit(teacher, datamodule=DigitsDataModule(batch_size=32))
+    return teacher.net
 
 
 def pt2e(output: Path) -> None:
@@ -470,6 +524,7 @@ if __name__ == "__main__":
         "shrink": shrink,
         "test_ckpt": test_from_checkpoint,
         "resume_from_one": resume_from_one,
+        "distill_hints": distillation_with_hints,
         "lsq": lambda output: learned_ranges(output, "x86", "lsq"),
         "lsq_pt2e": lambda output: learned_ranges(output, "x86_inductor", "lsq_pt2e"),
     }

@@ -301,17 +301,47 @@ def test_what_does_not_run_sharded_yet_stops_before_training(tmp_path: Path, cal
     assert model.net.features[0].weight.grad is None  # nothing trained
 
 
-def test_distillation_hints_stop_before_a_sharded_fit(tmp_path: Path):
-    """Hint adapters are built at setup, outside the user's configure_model: unsharded, their gradients would differ
-    between ranks. Refused in one line before training."""
+def test_distillation_hints_whose_adapters_stay_whole_under_fsdp2_stop_before_training(tmp_path: Path):
+    """DistillationModule's configure_optimizers shards the hint adapters (built in setup); a subclass whose own
+    configure_optimizers skips it would leave them whole, each rank training its own: one line before training."""
+    from torch.distributed.fsdp import fully_shard
+
     from lightning_compress import DistillationModule
     from lightning_compress.app.models import SmallCNN
 
-    module = DistillationModule(student=SmallCNN(), teacher=SmallCNN().eval(), hints={"features.4": "features.4"})
+    class AdaptersLeftWhole(DistillationModule):
+        def configure_model(self):
+            for network in (self.student, self.teacher):
+                fully_shard(network, mesh=self.device_mesh["data_parallel"])
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters())
+
+    module = AdaptersLeftWhole(student=SmallCNN(), teacher=SmallCNN().eval(), hints={"features.4": "features.4"})
     trainer = _one_process_sharded_trainer(tmp_path)
-    with pytest.raises(ValueError, match=r"^DistillationModule\(hints=\.\.\.\) does not run under ModelParallelStrategy"):
+    with pytest.raises(ValueError, match=r"^DistillationModule\(hints=\.\.\.\) under FSDP2: the hint adapters are not sharded"):
         trainer.fit(module, datamodule=DigitsDataModule(batch_size=32))
     assert all(parameter.grad is None for parameter in module.student.parameters())
+
+
+@pytest.mark.slow
+def test_distillation_hints_under_fsdp2_train_one_sharded_adapter_and_resume_exactly(tmp_path: Path):
+    """The hint adapters are sharded like the networks (FSDP2 averages their gradients): both ranks end with the same
+    student and adapter, the adapter trained; a run resumed from the epoch-1 distributed checkpoint ends as the
+    uninterrupted one."""
+    rank0, rank1 = _run(tmp_path, "distill_hints")
+    for run in ("uninterrupted", "resumed"):
+        assert rank0[run]["adapter_sharded"] and rank1[run]["adapter_sharded"]
+        for part in ("student", "adapter"):
+            assert all(torch.equal(rank0[run][part][name], rank1[run][part][name]) for name in rank0[run][part]), (run, part)
+    uninterrupted = rank0["uninterrupted"]
+    assert any(
+        not torch.equal(uninterrupted["adapter"][k], uninterrupted["adapter_at_start"][k]) for k in uninterrupted["adapter"]
+    )
+    for part in ("student", "adapter"):
+        assert all(torch.equal(uninterrupted[part][k], rank0["resumed"][part][k]) for k in uninterrupted[part]), part
+    assert torch.equal(uninterrupted["predictions"], rank0["resumed"]["predictions"])
+    assert _accuracy(uninterrupted["predictions"], uninterrupted["labels"]) >= 0.8
 
 
 @pytest.mark.slow
