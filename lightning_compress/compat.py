@@ -163,6 +163,7 @@ def run_before_distributed_weights_load(
     pl_module: L.LightningModule,
     before: Callable[[], None] = lambda: None,
     after: Callable[[], None] = lambda: None,
+    by: str = "",
 ) -> None:
     """Run the hooks of ``run_before_weights_load`` also where the Trainer's strategy loads a distributed checkpoint
     (a folder, as ``ModelParallelStrategy`` writes), between ``before()`` and ``after()``.
@@ -174,6 +175,10 @@ def run_before_distributed_weights_load(
     shapes the checkpoint saved them with (see ``_shape_buffers_as_saved``), hooks or not. A full checkpoint (a
     file) loads as before: under ``ModelParallelStrategy`` its weights too are read inside ``load_checkpoint``, so a
     structure the hooks would rebuild is not rebuilt in time for one.
+
+    Several callbacks may ask, each ``by`` its own name (asked again, its steps replace the ones it gave): every
+    ``before`` runs, then the hooks, then every ``after``, whichever callback came first in the Trainer. Each step
+    must do nothing where it has nothing to do (gathering what is already whole, sharding what is sharded).
     """
     from pathlib import Path
 
@@ -181,8 +186,10 @@ def run_before_distributed_weights_load(
 
     strategy = trainer.strategy
     if strategy.__dict__.get(_WRAPPED_LOAD) is pl_module:
+        strategy.__dict__[_LOAD_STEPS][by] = (before, after)
         return
     original = type(strategy).load_checkpoint.__get__(strategy)
+    steps = {by: (before, after)}
 
     def load_checkpoint(checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
         if getattr(strategy, "lightning_module", pl_module) is not pl_module:  # the trainer now runs another module
@@ -190,20 +197,24 @@ def run_before_distributed_weights_load(
         metadata = Path(checkpoint_path) / _METADATA_FILENAME
         hooks = pl_module.__dict__.get(_HOOKS_BEFORE_WEIGHTS_LOAD, [])
         if hooks and metadata.is_file():
-            before()
+            for before, _ in steps.values():
+                before()
             checkpoint = torch.load(metadata, map_location="cpu", weights_only=False)  # the user's own checkpoint
             for _, hook in sorted(hooks, key=lambda entry: entry[0]):
                 hook(checkpoint)
-            after()
+            for _, after in steps.values():
+                after()
         if metadata.is_file():
             _shape_buffers_as_saved(pl_module, Path(checkpoint_path))
         return original(checkpoint_path, *args, **kwargs)
 
     strategy.load_checkpoint = load_checkpoint
     strategy.__dict__[_WRAPPED_LOAD] = pl_module
+    strategy.__dict__[_LOAD_STEPS] = steps
 
 
 _WRAPPED_LOAD = "_lightning_compress_wrapped_load_for"
+_LOAD_STEPS = "_lightning_compress_load_steps"
 
 
 def _shape_buffers_as_saved(pl_module: nn.Module, folder: Any) -> None:

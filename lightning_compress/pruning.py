@@ -229,16 +229,11 @@ class MagnitudePruning(Callback, ReportsModels):
                     pl_module,
                     lambda: sharding.gather_sharded_children(pl_module),
                     lambda: self._shard_again(trainer, pl_module, optimizers_too=stage == "fit"),
+                    by=self.state_key,
                 )
         if stage != "fit":
             return
         sharding.check_strategy(trainer, "MagnitudePruning")
-        if self.mode == "channels" and self.shrink_epoch is not None and sharding.under_fsdp2(trainer):
-            if any(isinstance(callback, HoldsFakeQuant) for callback in trainer.callbacks):
-                # QAT would prepare the smaller network mid-fit, after configure_model sharded the larger one
-                sharding.refuse_under_fsdp2(
-                    trainer, f"MagnitudePruning(mode='channels', shrink_epoch={self.shrink_epoch}) beside quantization"
-                )
         if trainer.max_epochs is None or trainer.max_epochs < 0:
             return
         # Not an error: a run trained for fewer epochs now may be resumed with a larger max_epochs later.
@@ -262,10 +257,6 @@ class MagnitudePruning(Callback, ReportsModels):
                 f"MagnitudePruning(mode='channels') would have to remove its channels at epoch {epoch}, before its "
                 f"end_epoch={self.end_epoch}: end the ramp by then, or set shrink_epoch."
             )
-        sharding.refuse_under_fsdp2(
-            pl_module.trainer,
-            "MagnitudePruning(mode='channels') beside QuantizationAwareTraining (it removes the channels at QAT's start)",
-        )
         self.shrink_epoch = epoch
         self._restore_shrink_before_weights_load(pl_module)
 
@@ -673,14 +664,7 @@ class MagnitudePruning(Callback, ReportsModels):
         """Under FSDP2: the user's ``configure_model`` shards the smaller networks as it sharded the larger ones
         (it shards what is not yet sharded, as Lightning's later stages need too); with ``optimizers_too``, the
         module's optimizers are built again over the new shards (a resume, before their state loads)."""
-        pl_module.configure_model()
-        unsharded = [root for root in self._dropped if not sharding.is_sharded(pl_module.get_submodule(root))]
-        if unsharded:
-            raise RuntimeError(
-                f"MagnitudePruning: {type(pl_module).__name__}.configure_model left {unsharded[0]!r} unsharded once its "
-                "channels were removed: shard each network that is not yet an FSDPModule "
-                "(if not isinstance(self.net, FSDPModule): fully_shard(self.net, ...))."
-            )
+        sharding.shard_again(pl_module, list(self._dropped), "MagnitudePruning", "once its channels were removed")
         if optimizers_too:
             trainer.strategy.setup_optimizers(trainer)
 

@@ -252,12 +252,16 @@ class QuantizationAwareTraining(Callback, ReportsModels):
                 # the fake-quant structure is rebuilt in whole copies of them, which configure_model then shards
                 # again (Lightning calls it once per stage: it is written to shard only what is not yet sharded)
                 compat.run_before_distributed_weights_load(
-                    trainer, pl_module, lambda: sharding.gather_sharded_children(pl_module), pl_module.configure_model
+                    trainer,
+                    pl_module,
+                    lambda: sharding.gather_sharded_children(pl_module),
+                    pl_module.configure_model,
+                    by=self.state_key,
                 )
             return
         sharding.check_strategy(trainer, "QuantizationAwareTraining")
         if sharding.under_fsdp2(trainer):  # a resumed fit: observers' ranges take the shapes they were saved with
-            compat.run_before_distributed_weights_load(trainer, pl_module)
+            compat.run_before_distributed_weights_load(trainer, pl_module, by=self.state_key)
         # Not an error: a run trained for fewer epochs now may be resumed with a larger max_epochs later.
         late = [
             f"{name}={epoch}"
@@ -375,9 +379,19 @@ class QuantizationAwareTraining(Callback, ReportsModels):
         after this one in the Trainer), then give the optimizers and DDP the prepared network's parameters."""
         for pruning in self._shrinks:
             pruning.shrink_if_due(trainer, pl_module)
+        sharded = sharding.is_sharded(pl_module)
+        if sharded:
+            sharding.reshard(pl_module)  # the optimizers hold the shards, by which their state is found
         states = optimizers.optimizer_states(trainer, pl_module)
+        if sharded:
+            # under FSDP2, QAT prepares whole networks (gathered from the ranks), which the user's configure_model then
+            # shards again; the optimizer state is gathered whole too, and laid out as the new shards
+            states = optimizers.whole_states(states)
+            gathered = sharding.gather_sharded_children(pl_module)
         self._prepare(trainer, pl_module)
-        if not self.prepared_names:
+        if sharded:
+            sharding.shard_again(pl_module, gathered, "QuantizationAwareTraining", "once fake-quant was inserted")
+        elif not self.prepared_names:
             return
         compat.rewrap_distributed(trainer)  # every process prepared alike: synchronize the new parameters
         new_names = {

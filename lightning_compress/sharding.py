@@ -239,19 +239,36 @@ def reshard(module: nn.Module) -> None:
             child.reshard()
 
 
-def gather_sharded_children(module: nn.Module) -> None:
+def gather_sharded_children(module: nn.Module) -> list[str]:
     """Replace each child of ``module`` that FSDP2 shards by a plain copy with whole parameters (collective): for a
     structure rebuilt after ``configure_model`` sharded the one it replaces (``configure_model`` then shards the new
-    one). A module sharded as a whole holds FSDP's state for every parameter in it: no child can be swapped."""
+    one). A module sharded as a whole holds FSDP's state for every parameter in it: no child can be swapped. The
+    names of the children replaced."""
     if isinstance(module, FSDPModule):
         raise ValueError(
             f"{type(module).__name__}'s configure_model shards the LightningModule itself, so the networks of a "
             "distributed checkpoint (fake-quant, or with channels removed) cannot be rebuilt in a fresh one: shard its "
             "networks (fully_shard(self.net)) instead, or test the module the fit trained."
         )
+    gathered = []
     for name, child in list(module.named_children()):
         if is_sharded(child):  # itself, or blocks inside it
             setattr(module, name, full_copy(child))
+            gathered.append(name)
+    return gathered
+
+
+def shard_again(pl_module: L.LightningModule, networks: list[str], by: str, when: str) -> None:
+    """The user's ``configure_model`` shards ``networks`` (names in ``pl_module``), rebuilt whole by ``by`` (``when``),
+    as it sharded the ones they replace: it is written to shard what is not yet sharded, as Lightning's later stages
+    need too. One line where it left one whole."""
+    pl_module.configure_model()
+    unsharded = [name for name in networks if not is_sharded(pl_module.get_submodule(name))]
+    if unsharded:
+        raise RuntimeError(
+            f"{by}: {type(pl_module).__name__}.configure_model left {unsharded[0]!r} unsharded {when}: shard each "
+            "network that is not yet an FSDPModule (if not isinstance(self.net, FSDPModule): fully_shard(self.net, ...))."
+        )
 
 
 def under_fsdp2(trainer: L.Trainer) -> bool:
@@ -259,14 +276,6 @@ def under_fsdp2(trainer: L.Trainer) -> bool:
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     return isinstance(trainer.strategy, ModelParallelStrategy)
-
-
-def refuse_under_fsdp2(trainer: L.Trainer, what: str) -> None:
-    """One line, before training, for a setting that does not run sharded yet."""
-    if under_fsdp2(trainer):
-        raise ValueError(
-            f"{what} does not run under ModelParallelStrategy (FSDP2) yet: use strategy='ddp' for it, or leave it out."
-        )
 
 
 def synchronize_buffers(trainer: L.Trainer, module: nn.Module) -> None:

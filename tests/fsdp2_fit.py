@@ -275,6 +275,45 @@ def shrink(output: Path) -> None:
     torch.save(ends, output / f"shrink_rank{trainer.global_rank}.pt")
 
 
+def shrink_then_qat(output: Path, backend: str | None, mode: str) -> None:
+    """Channel pruning beside QAT (``backend``'s engine; the default with None), sharded: the channels leave the live
+    network at QAT's start_epoch (2), QAT prepares the smaller network, and configure_model shards it again;
+    checkpointed each epoch, then resumed from before the shrink (epoch 1) and from after QAT prepared (epoch 2).
+    Each run's gathered weights and int8 predictions, per rank."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    ends = {}
+    for run, start in (("uninterrupted", None), ("resumed_before", "epoch=1.ckpt"), ("resumed_after", "epoch=2.ckpt")):
+        L.seed_everything(0)
+        model = ShardedClassifier()
+        pruning = MagnitudePruning(
+            mode="channels", final_sparsity=0.5, start_epoch=0, end_epoch=2, update_every=3, export_format="none", plot=False
+        )
+        qat = QuantizationAwareTraining(
+            start_epoch=2, freeze_bn_epoch=3, export_format="none", **({} if backend is None else {"backend": backend})
+        )
+        callbacks = [qat, pruning]  # QAT first: it has the shrink happen before it prepares, whatever the order
+        if start is None:
+            callbacks.append(ModelCheckpoint(dirpath=output / "checkpoints", save_top_k=-1, filename="{epoch}"))
+        trainer = _sharded_trainer(4, callbacks, output, enable_checkpointing=start is None)
+        kwargs = {} if start is None else {"ckpt_path": str(output / "checkpoints" / start)}
+        trainer.fit(model, datamodule=DigitsDataModule(batch_size=32), **kwargs)
+        images, labels = _test_images()
+        with torch.no_grad():
+            predictions = qat.quantized_model(images)
+        ends[run] = {
+            "weights": {name: full_tensor(tensor.detach()).clone() for name, tensor in model.net.state_dict().items()},
+            "parameters": sum(tensor.numel() for tensor in qat.float_model(model).parameters()),
+            "predictions": predictions,
+            "labels": labels,
+            "sharded": is_sharded(model.net),
+            "shrunk": pruning.shrunk,
+            "prepared": qat.prepared_names,
+            "global_step": trainer.global_step,
+        }
+    torch.save(ends, output / f"{mode}_rank{trainer.global_rank}.pt")
+
+
 def test_from_checkpoint(output: Path) -> None:
     """QAT sharded and checkpointed (a distributed checkpoint); then a fresh module tested from that checkpoint, as
     ``trainer.test(ckpt_path=...)`` is used after training. The int8 predictions of both, per rank."""
@@ -525,6 +564,8 @@ if __name__ == "__main__":
         "test_ckpt": test_from_checkpoint,
         "resume_from_one": resume_from_one,
         "distill_hints": distillation_with_hints,
+        "shrink_qat": lambda output: shrink_then_qat(output, None, "shrink_qat"),
+        "shrink_qat_fx": lambda output: shrink_then_qat(output, "x86", "shrink_qat_fx"),
         "lsq": lambda output: learned_ranges(output, "x86", "lsq"),
         "lsq_pt2e": lambda output: learned_ranges(output, "x86_inductor", "lsq_pt2e"),
     }
