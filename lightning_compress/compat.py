@@ -72,6 +72,15 @@ def only_marked_dimensions_dynamic():
     return dynamo_config.patch(automatic_dynamic_shapes=False)
 
 
+def compiles_up_to(graphs: int):
+    """A context in which Dynamo compiles a function up to ``graphs`` times before it runs it eagerly
+    (``recompile_limit``, 8 by default: a function compiled per input shape reaches it at its ninth shape). The
+    setting lives in the private ``torch._dynamo.config``."""
+    import torch._dynamo.config as dynamo_config
+
+    return dynamo_config.patch(recompile_limit=graphs)
+
+
 def decomposed_quantize_ops() -> Any:
     """``torch.ops.quantized_decomposed``: quantize and dequantize ops that ``torch.export`` keeps whole and that
     ONNX's dynamo exporter (QuantizeLinear/DequantizeLinear) and OpenVINO's FX frontend (FakeQuantize) read;

@@ -460,6 +460,9 @@ class CompiledProgram(nn.Module):
     # quantize/dequantize ops (a small Llama: 160 ms a call against 1.2 ms compiled); each length can take two
     # graphs (batch 1 and the symbolic batch), so three lengths leave room for the symbolic sequence's.
     STATIC_SEQUENCE_LENGTHS: ClassVar[int] = 3
+    # How many graphs a program compiled per batch size may hold (one per size; each a few seconds to compile):
+    # past Dynamo's default of 8 it would run eagerly from the ninth size on.
+    PER_SIZE_GRAPHS: ClassVar[int] = 64
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         kwargs = {**self.added_arguments, **kwargs}
@@ -512,7 +515,11 @@ class CompiledProgram(nn.Module):
         symbolic, else Dynamo's default too (a dimension whose size changed compiles as a symbol), which a graph
         break's later graphs need (their inputs are the earlier one's outputs, which nothing marks)."""
         dimensions = compat.only_marked_dimensions_dynamic() if marked_only else contextlib.nullcontext()
-        with torch.no_grad(), compat.inductor_freezing(), dimensions:
+        # compiled per batch size, a program takes a graph for each size a server sends it
+        sizes = (
+            contextlib.nullcontext() if self.symbolic_batch and compiled is None else compat.compiles_up_to(self.PER_SIZE_GRAPHS)
+        )
+        with torch.no_grad(), compat.inductor_freezing(), dimensions, sizes:
             return (self.__dict__["_compiled"] if compiled is None else compiled)(*args, **kwargs)
 
     def __getstate__(self) -> dict[str, Any]:

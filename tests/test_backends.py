@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import itertools
 import re
 import subprocess
 import sys
@@ -285,6 +286,18 @@ def test_the_int8_program_compiles_once_for_every_batch_size_past_the_first(digi
         graphs = _graphs_compiled_per_call(grayscale, images, (1, 3, 5, 3))
     assert not grayscale.symbolic_batch and not [warning for warning in said if "batch size" in str(warning.message)]
     assert graphs[2] == graphs[1] + 1 and graphs[3] == graphs[2]  # one graph per batch size, each kept
+
+
+@pytest.mark.slow
+def test_a_program_compiled_per_batch_size_compiles_past_dynamos_eight_graphs(digits):
+    """Dynamo compiles a function at most 8 times (``recompile_limit``) and then runs it eagerly: an int8 graph's
+    reference ops, many times slower. A program compiled per batch size (grayscale images) compiles a graph for each
+    of twelve sizes, and every size seen before takes its graph again."""
+    grayscale, images = _int8_digits_cnn(digits, channels=1)
+    sizes = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12)
+    graphs = _graphs_compiled_per_call(grayscale, images, sizes + (3, 12))
+    assert not grayscale.symbolic_batch
+    assert [after - before for before, after in itertools.pairwise(graphs)] == [1] * (len(sizes) - 1) + [0, 0]
 
 
 def test_the_int8_program_compiles_per_batch_size_where_a_symbolic_batch_fails(digits, monkeypatch):
