@@ -181,9 +181,9 @@ def run_before_distributed_weights_load(
     ``on_load_checkpoint`` runs, so the structure must be rebuilt earlier still: the strategy's ``load_checkpoint``
     is wrapped, and the hooks read the folder's ``meta.pt`` (Lightning's private layout: everything but the module
     and optimizer state, the callbacks' states included). Every folder load also gives the module's buffers the
-    shapes the checkpoint saved them with (see ``_shape_buffers_as_saved``), hooks or not. A full checkpoint (a
-    file) loads as before: under ``ModelParallelStrategy`` its weights too are read inside ``load_checkpoint``, so a
-    structure the hooks would rebuild is not rebuilt in time for one.
+    shapes the checkpoint saved them with (see ``_shape_buffers_as_saved``), hooks or not. A full checkpoint (one
+    file, ``save_distributed_checkpoint=False``) is read inside ``load_checkpoint`` too: the hooks read the file
+    (memory-mapped, whole weights included) first.
 
     Several callbacks may ask, each ``by`` its own name (asked again, its steps replace the ones it gave): every
     ``before`` runs, then the hooks, then every ``after``, whichever callback came first in the Trainer. Each step
@@ -204,18 +204,23 @@ def run_before_distributed_weights_load(
         if getattr(strategy, "lightning_module", pl_module) is not pl_module:  # the trainer now runs another module
             return original(checkpoint_path, *args, **kwargs)
         metadata = Path(checkpoint_path) / _METADATA_FILENAME
+        full = Path(checkpoint_path).is_file()  # one file, the whole state dict in it
         hooks = pl_module.__dict__.get(_HOOKS_BEFORE_WEIGHTS_LOAD, [])
-        if hooks and metadata.is_file():
+        if hooks and (metadata.is_file() or full):
             for before, _ in steps.values():
                 before()
-            checkpoint = torch.load(metadata, map_location="cpu", weights_only=False)  # the user's own checkpoint
+            # the user's own checkpoint
+            checkpoint = torch.load(metadata if metadata.is_file() else checkpoint_path, **_READ_WHOLE)
             for _, hook in sorted(hooks, key=lambda entry: entry[0]):
                 hook(checkpoint)
             for _, after in steps.values():
                 after()
         if metadata.is_file():
             _shape_buffers_as_saved(pl_module, Path(checkpoint_path))
-        return original(checkpoint_path, *args, **kwargs)
+        loaded = original(checkpoint_path, *args, **kwargs)
+        if full:
+            _buffers_as_saved(pl_module, torch.load(checkpoint_path, **_READ_WHOLE)["state_dict"])
+        return loaded
 
     strategy.load_checkpoint = load_checkpoint
     strategy.__dict__[_WRAPPED_LOAD] = pl_module
@@ -223,6 +228,20 @@ def run_before_distributed_weights_load(
 
 
 _WRAPPED_LOAD = "_lightning_compress_wrapped_load_for"
+_READ_WHOLE = {"map_location": "cpu", "weights_only": False, "mmap": True}  # a file read in pages, as it is used
+
+
+def _buffers_as_saved(pl_module: nn.Module, state_dict: dict[str, Any]) -> None:
+    """Give each buffer of ``pl_module`` the value ``state_dict`` (a full checkpoint's) saved, after
+    ``ModelParallelStrategy`` loaded it: Lightning hands an FSDP2 module a full checkpoint one tensor at a time, in
+    dicts without the ``_metadata`` that says which version of a module wrote them, and torch's observers read such a
+    dict as written by their first version, resetting ``eps`` to float32's (the torch.export engine's QAT observers
+    use 2**-12). A distributed checkpoint loads into the tensors in place and keeps it."""
+    with torch.no_grad():
+        for name, buffer in pl_module.named_buffers():
+            saved = state_dict.get(name)
+            if isinstance(saved, torch.Tensor) and saved.shape == buffer.shape:
+                buffer.copy_(saved)
 _LOAD_STEPS = "_lightning_compress_load_steps"
 
 

@@ -4,6 +4,7 @@ user's ``configure_model``) on 2 CPU processes (gloo); each rank dumps what it e
 Lightning's launcher starts rank 1 by re-running this script, so it must be a script, not a test.
 """
 
+import os
 import sys
 import warnings
 import weakref
@@ -39,13 +40,21 @@ class ShardedClassifier(ImageClassifier):
             fully_shard(self.net, mesh=self.device_mesh["data_parallel"])
 
 
+# Lightning's distributed checkpoints (a folder, each rank writing its shards) unless the test sets it to "full"
+# (one file with the whole state dict, ``save_distributed_checkpoint=False``)
+CHECKPOINTS = os.environ.get("FSDP2_CHECKPOINTS", "distributed")
+
+
 def _sharded_trainer(max_epochs: int, callbacks: list, folder: Path | None = None, **kwargs) -> L.Trainer:
     """A quiet Trainer on 2 CPU processes under ModelParallelStrategy, data-parallel only (FSDP2)."""
+    strategy = ModelParallelStrategy(
+        data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=CHECKPOINTS != "full"
+    )
     return L.Trainer(
         max_epochs=max_epochs,
         accelerator="cpu",
         devices=2,
-        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+        strategy=strategy,
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
