@@ -386,6 +386,15 @@ class ShardedDistillation(DistillationModule):
                 fully_shard(network, mesh=mesh)
 
 
+class ShardedStudent(DistillationModule):
+    """Distillation with only the student sharded: the frozen teacher is held whole on each rank (it takes no
+    gradients, so nothing needs reducing)."""
+
+    def configure_model(self) -> None:
+        if not isinstance(self.student, FSDPModule):
+            fully_shard(self.student, mesh=self.device_mesh["data_parallel"])
+
+
 def distillation(output: Path) -> None:
     """A small student distilled from a trained teacher, both sharded; the student's gathered weights and test
     predictions, and the teacher's, per rank."""
@@ -415,16 +424,18 @@ def distillation(output: Path) -> None:
 
 def distillation_with_hints(output: Path) -> None:
     """Distillation with a hint (the student's last convolution pulled, through a learned adapter, towards the
-    teacher's), student and teacher sharded by configure_model, checkpointed each epoch; then a fresh sharded run
+    teacher's), the student sharded by configure_model and the teacher whole, checkpointed each epoch; then a fresh
+    sharded run
     resumed from the epoch-1 distributed checkpoint. Each run's gathered student and adapter, and whether the adapter
     was sharded, per rank."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     teacher = _trained_teacher()
+    teacher_state = {name: tensor.detach().clone() for name, tensor in teacher.state_dict().items()}
     ends = {}
     for run in ("uninterrupted", "resumed"):
         L.seed_everything(0)
-        module = ShardedDistillation(
+        module = ShardedStudent(
             student=SmallCNN(widths=(8, 16, 32)),
             teacher=teacher.eval(),
             temperature=4.0,
@@ -453,6 +464,10 @@ def distillation_with_hints(output: Path) -> None:
             "adapter": {name: full_tensor(tensor.detach()).clone() for name, tensor in module.hint_adapters.state_dict().items()},
             "adapter_at_start": adapter_before,
             "adapter_sharded": all(isinstance(p, DTensor) for p in module.hint_adapters.parameters()),
+            "teacher_whole": not any(isinstance(p, DTensor) for p in module.teacher.parameters()),
+            "teacher_unchanged": all(
+                torch.equal(module.teacher.state_dict()[name], tensor) for name, tensor in teacher_state.items()
+            ),
             "hint_loss": float(trainer.callback_metrics["train/hint_loss"]),
             "predictions": predictions,
             "labels": labels,

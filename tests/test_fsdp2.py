@@ -350,12 +350,13 @@ def test_distillation_hints_whose_adapters_stay_whole_under_fsdp2_stop_before_tr
 
 @pytest.mark.slow
 def test_distillation_hints_under_fsdp2_train_one_sharded_adapter_and_resume_exactly(tmp_path: Path):
-    """The hint adapters are sharded like the networks (FSDP2 averages their gradients): both ranks end with the same
-    student and adapter, the adapter trained; a run resumed from the epoch-1 distributed checkpoint ends as the
-    uninterrupted one."""
+    """The hint adapters are sharded like the student (FSDP2 averages their gradients), the frozen teacher left whole
+    by configure_model: both ranks end with the same student and adapter, the adapter trained, the teacher as it
+    was; a run resumed from the epoch-1 distributed checkpoint ends as the uninterrupted one."""
     rank0, rank1 = _run(tmp_path, "distill_hints")
     for run in ("uninterrupted", "resumed"):
         assert rank0[run]["adapter_sharded"] and rank1[run]["adapter_sharded"]
+        assert rank0[run]["teacher_whole"] and rank0[run]["teacher_unchanged"] and rank1[run]["teacher_unchanged"]
         for part in ("student", "adapter"):
             assert all(torch.equal(rank0[run][part][name], rank1[run][part][name]) for name in rank0[run][part]), (run, part)
     uninterrupted = rank0["uninterrupted"]
