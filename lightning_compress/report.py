@@ -32,7 +32,7 @@ from rich.table import Table
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from lightning_compress import compat
+from lightning_compress import compat, sharding
 from lightning_compress.network_call import NetworkCall, logits_of
 from lightning_compress.runtimes import RuntimeModel
 from lightning_compress.selection import without_training_aids
@@ -439,12 +439,16 @@ class ReportsModels(Protocol):
 
 def models_to_report(trainer, pl_module: nn.Module) -> dict[str, nn.Module]:
     """The trained module as ``fp32``, then what the module itself (a distillation teacher, say) and each
-    compression callback contribute; each without its training aids (hint adapters), which are never shipped."""
+    compression callback contribute; each without its training aids (hint adapters), which are never shipped.
+
+    Under FSDP2 a model still sharded (the trained module, a sharded teacher) is given as a plain copy with its
+    parameters gathered whole: call this on every process (the gathers are collective), then measure on one; a
+    sharded model measured on one process alone would wait forever for the others' slices."""
     models: dict[str, nn.Module] = {BASELINE: pl_module}
     for source in (pl_module, *trainer.callbacks):
         if isinstance(source, ReportsModels):
             models.update(source.report_models())
-    return {name: without_training_aids(_on_the_cpu(model)) for name, model in models.items()}
+    return {name: without_training_aids(_on_the_cpu(sharding.unsharded(model))) for name, model in models.items()}
 
 
 def _on_the_cpu(model: nn.Module) -> nn.Module:

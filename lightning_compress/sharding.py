@@ -110,7 +110,8 @@ def full_copy(module: nn.Module) -> nn.Module:
     """A deep copy of ``module`` that FSDP2 does not manage: the original classes, every parameter whole (gathered
     from the ranks, on the device its shard was on), rank 0's buffers (FSDP2 leaves each rank its own BatchNorm
     statistics; the copy must be the same model on every rank), FSDP's hooks and state left behind; any other hook
-    and attribute copied as ``copy.deepcopy`` copies them. Collective where ``module`` is sharded."""
+    and attribute copied as ``copy.deepcopy`` copies them, a sharded module kept as a plain attribute (not a
+    child) copied as this copies. Collective where ``module`` is sharded."""
     if not is_sharded(module):
         return copy.deepcopy(module)
     memo: dict[int, Any] = {}
@@ -118,6 +119,10 @@ def full_copy(module: nn.Module) -> nn.Module:
         if isinstance(parameter, DTensor):
             whole = parameter.full_tensor().detach().clone()
             memo[id(parameter)] = nn.Parameter(whole, requires_grad=parameter.requires_grad)
+    for layer in module.modules():  # a sharded module held as a plain attribute (DistillationModule's teacher)
+        for value in vars(layer).values():
+            if isinstance(value, nn.Module) and id(value) not in memo and is_sharded(value):
+                memo[id(value)] = full_copy(value)
     with _without_fsdp(module):
         replica = copy.deepcopy(module, memo)
     if torch.distributed.is_initialized():

@@ -27,6 +27,7 @@ from lightning_compress.app.data import DigitsDataModule
 from lightning_compress.app.models import ImageClassifier, SmallCNN
 from lightning_compress.app.text import ByteTransformer, PythonSourceDataModule
 from lightning_compress.lowbit_quantization import LowBitLinearConfig
+from lightning_compress.report import CompressionReport, models_to_report
 from lightning_compress.sharding import full_tensor, is_sharded
 
 warnings.filterwarnings("ignore")
@@ -409,8 +410,17 @@ def distillation(output: Path) -> None:
     teacher_weights = {name: full_tensor(tensor.detach()).clone() for name, tensor in module.teacher.state_dict().items()}
     with torch.no_grad():
         predictions, teacher_predictions = module.student(images), module.teacher(images)
+    # the report's models (the trained module and the teacher, both sharded) gathered on every rank (collective),
+    # measured on rank 0 alone, as a user's script would
+    reported = models_to_report(trainer, module)
+    report = None
+    if trainer.is_global_zero:
+        measured = CompressionReport.from_models(reported, [(images, labels)], images[:1], runs=2, warmup=1)
+        report = {row.name: row.accuracy for row in measured.measurements}
     torch.save(
         {
+            "report": report,
+            "reported_sharded": [name for name, network in reported.items() if is_sharded(network)],
             "student": student,
             "teacher": teacher_weights,
             "predictions": predictions,

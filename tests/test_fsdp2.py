@@ -246,6 +246,12 @@ def test_distillation_with_student_and_teacher_sharded_trains_one_student_on_bot
     assert torch.equal(rank0["predictions"], rank1["predictions"])
     assert _accuracy(rank0["predictions"], rank0["labels"]) >= 0.8
     assert _accuracy(rank0["teacher_predictions"], rank0["labels"]) >= 0.95
+    # the report: the sharded module and teacher gathered whole on every rank, measured on rank 0 alone (sharded,
+    # rank 0 would wait forever for rank 1's slices)
+    assert rank0["reported_sharded"] == rank1["reported_sharded"] == [] and rank1["report"] is None
+    assert set(rank0["report"]) == {"fp32", "teacher"}
+    assert rank0["report"]["fp32"] == pytest.approx(_accuracy(rank0["predictions"], rank0["labels"]))
+    assert rank0["report"]["teacher"] == pytest.approx(_accuracy(rank0["teacher_predictions"], rank0["labels"]))
 
 
 @pytest.mark.slow
