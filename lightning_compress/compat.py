@@ -242,6 +242,8 @@ def _buffers_as_saved(pl_module: nn.Module, state_dict: dict[str, Any]) -> None:
             saved = state_dict.get(name)
             if isinstance(saved, torch.Tensor) and saved.shape == buffer.shape:
                 buffer.copy_(saved)
+
+
 _LOAD_STEPS = "_lightning_compress_load_steps"
 
 
