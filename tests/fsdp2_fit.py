@@ -71,6 +71,19 @@ def _fit(model: L.LightningModule, max_epochs: int, callbacks: list, folder: Pat
     return trainer
 
 
+def _fit_from(model: L.LightningModule, max_epochs: int, callbacks: list, output: Path, start: str | None) -> L.Trainer:
+    """A sharded fit on the digits: uninterrupted (``start`` None), writing a checkpoint each epoch into
+    ``output/checkpoints``; else resumed from the checkpoint named ``start`` there."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    if start is None:
+        callbacks = [*callbacks, ModelCheckpoint(dirpath=output / "checkpoints", save_top_k=-1, filename="{epoch}")]
+    trainer = _sharded_trainer(max_epochs, callbacks, output, enable_checkpointing=start is None)
+    resume_from = None if start is None else str(output / "checkpoints" / start)
+    trainer.fit(model, datamodule=DigitsDataModule(batch_size=32), ckpt_path=resume_from)
+    return trainer
+
+
 def _test_images() -> tuple[torch.Tensor, torch.Tensor]:
     digits = DigitsDataModule()
     digits.setup()
@@ -178,21 +191,16 @@ def resume(output: Path, backend: str = "x86", mode: str = "resume") -> None:
     """Pruning and QAT (with ``backend``'s engine) sharded, checkpointed each epoch (Lightning's distributed
     checkpoints: each rank writes its shards); then a fresh sharded run resumed mid-ramp from the epoch-1 checkpoint.
     Both runs' ends are dumped."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
 
     ends = {}
-    for run in ("uninterrupted", "resumed"):
+    for run, start in (("uninterrupted", None), ("resumed", "epoch=1.ckpt")):
         L.seed_everything(0)
         model = ShardedClassifier()
         pruning = MagnitudePruning(
             final_sparsity=0.6, start_epoch=0, end_epoch=2, update_every=3, export_format="none", plot=False
         )
         qat = QuantizationAwareTraining(start_epoch=2, freeze_bn_epoch=3, export_format="none", backend=backend)
-        checkpoints = ModelCheckpoint(dirpath=output / "checkpoints", save_top_k=-1, filename="{epoch}")
-        callbacks = [pruning, qat, checkpoints] if run == "uninterrupted" else [pruning, qat]
-        kwargs = {} if run == "uninterrupted" else {"ckpt_path": str(output / "checkpoints" / "epoch=1.ckpt")}
-        trainer = _sharded_trainer(4, callbacks, output, enable_checkpointing=run == "uninterrupted")
-        trainer.fit(model, datamodule=DigitsDataModule(batch_size=32), **kwargs)
+        trainer = _fit_from(model, 4, [pruning, qat], output, start)
         images, _ = _test_images()
         with torch.no_grad():
             predictions = qat.quantized_model(images)
@@ -209,20 +217,15 @@ def channels(output: Path) -> None:
     """Channel pruning sharded: masks on the sharded weights during training, the channels removed from a whole
     copy at fit end (exported once); checkpointed each epoch, then a fresh sharded run resumed mid-ramp from the
     epoch-1 distributed checkpoint. Both runs' ends are dumped."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
 
     ends = {}
-    for run in ("uninterrupted", "resumed"):
+    for run, start in (("uninterrupted", None), ("resumed", "epoch=1.ckpt")):
         L.seed_everything(0)
         model = ShardedClassifier()
         pruning = MagnitudePruning(
             mode="channels", final_sparsity=0.5, start_epoch=0, end_epoch=2, update_every=3, export_dir=str(output)
         )  # plot=True, the default: every rank measures, rank 0 draws
-        checkpoints = ModelCheckpoint(dirpath=output / "checkpoints", save_top_k=-1, filename="{epoch}")
-        callbacks = [pruning, checkpoints] if run == "uninterrupted" else [pruning]
-        kwargs = {} if run == "uninterrupted" else {"ckpt_path": str(output / "checkpoints" / "epoch=1.ckpt")}
-        trainer = _sharded_trainer(3, callbacks, output, enable_checkpointing=run == "uninterrupted")
-        trainer.fit(model, datamodule=DigitsDataModule(batch_size=32), **kwargs)
+        trainer = _fit_from(model, 3, [pruning], output, start)
         images, labels = _test_images()
         gathered = ImageClassifier()  # a plain network, given the trained weights below
         weights = {name: full_tensor(tensor.detach()).clone() for name, tensor in model.net.state_dict().items()}
@@ -249,7 +252,6 @@ def shrink(output: Path) -> None:
     """Channel pruning sharded, the channels removed from the live network at the start of epoch 2: the smaller
     network sharded again by configure_model, training on with its optimizer state cut; checkpointed each epoch, then
     resumed from before the shrink (epoch 1) and from after it (epoch 2). Each run's end is dumped."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
 
     ends = {}
     for run, start in (("uninterrupted", None), ("resumed_before", "epoch=1.ckpt"), ("resumed_after", "epoch=2.ckpt")):
@@ -265,12 +267,7 @@ def shrink(output: Path) -> None:
             export_format="none",
             plot=False,
         )
-        callbacks = [pruning]
-        if start is None:
-            callbacks.append(ModelCheckpoint(dirpath=output / "checkpoints", save_top_k=-1, filename="{epoch}"))
-        trainer = _sharded_trainer(4, callbacks, output, enable_checkpointing=start is None)
-        kwargs = {} if start is None else {"ckpt_path": str(output / "checkpoints" / start)}
-        trainer.fit(model, datamodule=DigitsDataModule(batch_size=32), **kwargs)
+        trainer = _fit_from(model, 4, [pruning], output, start)
         images, labels = _test_images()
         with torch.no_grad():
             shrunken = pruning.pruned_model.net(images)
@@ -290,7 +287,6 @@ def shrink_then_qat(output: Path, backend: str | None, mode: str) -> None:
     network at QAT's start_epoch (2), QAT prepares the smaller network, and configure_model shards it again;
     checkpointed each epoch, then resumed from before the shrink (epoch 1) and from after QAT prepared (epoch 2).
     Each run's gathered weights and int8 predictions, per rank."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
 
     ends = {}
     for run, start in (("uninterrupted", None), ("resumed_before", "epoch=1.ckpt"), ("resumed_after", "epoch=2.ckpt")):
@@ -302,12 +298,8 @@ def shrink_then_qat(output: Path, backend: str | None, mode: str) -> None:
         qat = QuantizationAwareTraining(
             start_epoch=2, freeze_bn_epoch=3, export_format="none", **({} if backend is None else {"backend": backend})
         )
-        callbacks = [qat, pruning]  # QAT first: it has the shrink happen before it prepares, whatever the order
-        if start is None:
-            callbacks.append(ModelCheckpoint(dirpath=output / "checkpoints", save_top_k=-1, filename="{epoch}"))
-        trainer = _sharded_trainer(4, callbacks, output, enable_checkpointing=start is None)
-        kwargs = {} if start is None else {"ckpt_path": str(output / "checkpoints" / start)}
-        trainer.fit(model, datamodule=DigitsDataModule(batch_size=32), **kwargs)
+        # QAT first: it has the shrink happen before it prepares, whatever the order
+        trainer = _fit_from(model, 4, [qat, pruning], output, start)
         images, labels = _test_images()
         with torch.no_grad():
             predictions = qat.quantized_model(images)
@@ -438,12 +430,11 @@ def distillation_with_hints(output: Path) -> None:
     sharded run
     resumed from the epoch-1 distributed checkpoint. Each run's gathered student and adapter, and whether the adapter
     was sharded, per rank."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
 
     teacher = _trained_teacher()
     teacher_state = {name: tensor.detach().clone() for name, tensor in teacher.state_dict().items()}
     ends = {}
-    for run in ("uninterrupted", "resumed"):
+    for run, start in (("uninterrupted", None), ("resumed", "epoch=1.ckpt")):
         L.seed_everything(0)
         module = ShardedStudent(
             student=SmallCNN(widths=(8, 16, 32)),
@@ -459,12 +450,7 @@ def distillation_with_hints(output: Path) -> None:
                 nonlocal adapter_before
                 adapter_before = {k: full_tensor(v.detach()).clone() for k, v in pl_module.hint_adapters.state_dict().items()}
 
-        callbacks = [AdapterAtStart()]
-        if run == "uninterrupted":
-            callbacks.append(ModelCheckpoint(dirpath=output / "checkpoints", save_top_k=-1, filename="{epoch}"))
-        kwargs = {} if run == "uninterrupted" else {"ckpt_path": str(output / "checkpoints" / "epoch=1.ckpt")}
-        trainer = _sharded_trainer(3, callbacks, output, enable_checkpointing=run == "uninterrupted")
-        trainer.fit(module, datamodule=DigitsDataModule(batch_size=32), **kwargs)
+        trainer = _fit_from(module, 3, [AdapterAtStart()], output, start)
         module.eval()
         images, labels = _test_images()
         with torch.no_grad():
@@ -533,7 +519,6 @@ def learned_ranges(output: Path, backend: str, mode: str) -> None:
     ranges learn from epoch 2 on; then fresh sharded runs resumed from the epoch-1 distributed checkpoint (observers
     on; they freeze after the resume) and from the epoch-2 one (the ranges already learning). Each run's gathered
     ranges, the ranges the observers left, and int8 predictions are dumped."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
 
     from lightning_compress.range_learning import learned_ranges as ranges_of
 
@@ -563,12 +548,7 @@ def learned_ranges(output: Path, backend: str, mode: str) -> None:
             export_format="none",
         )
         observed = ObservedRanges()
-        callbacks = [qat, observed]
-        if start is None:
-            callbacks.append(ModelCheckpoint(dirpath=output / "checkpoints", save_top_k=-1, filename="{epoch}"))
-        trainer = _sharded_trainer(4, callbacks, output, enable_checkpointing=start is None)
-        kwargs = {} if start is None else {"ckpt_path": str(output / "checkpoints" / start)}
-        trainer.fit(model, datamodule=DigitsDataModule(batch_size=32), **kwargs)
+        trainer = _fit_from(model, 4, [qat, observed], output, start)
         images, labels = _test_images()
         with torch.no_grad():
             predictions = qat.quantized_model(images)
