@@ -119,9 +119,12 @@ def full_copy(module: nn.Module) -> nn.Module:
         if isinstance(parameter, DTensor):
             whole = parameter.full_tensor().detach().clone()
             memo[id(parameter)] = nn.Parameter(whole, requires_grad=parameter.requires_grad)
-    for layer in module.modules():  # a sharded module held as a plain attribute (DistillationModule's teacher)
+    # a sharded module held only as a plain attribute (DistillationModule's teacher); one that is also a child (its
+    # LightningModule student, held as both) is copied as the child it is
+    children = {id(layer) for layer in module.modules()}
+    for layer in module.modules():
         for value in vars(layer).values():
-            if isinstance(value, nn.Module) and id(value) not in memo and is_sharded(value):
+            if isinstance(value, nn.Module) and id(value) not in children and id(value) not in memo and is_sharded(value):
                 memo[id(value)] = full_copy(value)
     with _without_fsdp(module):
         replica = copy.deepcopy(module, memo)

@@ -354,6 +354,35 @@ def test_distillation_hints_whose_adapters_stay_whole_under_fsdp2_stop_before_tr
     assert all(parameter.grad is None for parameter in module.student.parameters())
 
 
+def test_a_whole_copy_of_a_sharded_distillation_module_keeps_its_student_one_network_and_gathers_its_teacher(tmp_path: Path):
+    """``full_copy`` (the report's rows, QAT's conversion) of a DistillationModule whose configure_model shards a
+    LightningModule student and the teacher: the teacher, held as a plain attribute, comes out whole, and the
+    student, held both as the child ``net`` and as the LightningModule whose configure_optimizers is reused, stays one
+    network in the copy."""
+    from torch.distributed.fsdp import fully_shard
+
+    from lightning_compress import DistillationModule
+    from lightning_compress.sharding import full_copy, is_sharded
+
+    class Sharded(DistillationModule):
+        def configure_model(self):
+            for network in (self.student, self.teacher):
+                fully_shard(network, mesh=self.device_mesh["data_parallel"])
+
+    module = Sharded(student=ImageClassifier(), teacher=ImageClassifier().net.eval())
+    trainer = _one_process_sharded_trainer(tmp_path)
+    trainer.fit(module, datamodule=DigitsDataModule(batch_size=32))
+    assert is_sharded(module.student) and is_sharded(module.teacher)
+    copy = full_copy(module)
+    assert not is_sharded(copy.student) and not is_sharded(copy.teacher) and copy.teacher is not module.teacher
+    assert copy._student_module is copy.net
+    images = torch.randn(4, 1, 8, 8)
+    module.eval()
+    with torch.no_grad():
+        assert torch.equal(copy.eval()(images), module(images))
+        assert torch.equal(copy.teacher(images), module.teacher(images))
+
+
 @pytest.mark.slow
 def test_distillation_hints_under_fsdp2_train_one_sharded_adapter_and_resume_exactly(tmp_path: Path):
     """The hint adapters are sharded like the student (FSDP2 averages their gradients), the frozen teacher left whole
