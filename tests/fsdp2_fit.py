@@ -71,16 +71,24 @@ def _fit(model: L.LightningModule, max_epochs: int, callbacks: list, folder: Pat
     return trainer
 
 
-def _fit_from(model: L.LightningModule, max_epochs: int, callbacks: list, output: Path, start: str | None) -> L.Trainer:
-    """A sharded fit on the digits: uninterrupted (``start`` None), writing a checkpoint each epoch into
-    ``output/checkpoints``; else resumed from the checkpoint named ``start`` there."""
+def _fit_from(
+    model: L.LightningModule,
+    max_epochs: int,
+    callbacks: list,
+    output: Path,
+    start: str | None,
+    datamodule: L.LightningDataModule | None = None,
+    **kwargs,
+) -> L.Trainer:
+    """A sharded fit (on the digits unless ``datamodule`` says otherwise): uninterrupted (``start`` None), writing a
+    checkpoint each epoch into ``output/checkpoints``; else resumed from the checkpoint named ``start`` there."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     if start is None:
         callbacks = [*callbacks, ModelCheckpoint(dirpath=output / "checkpoints", save_top_k=-1, filename="{epoch}")]
-    trainer = _sharded_trainer(max_epochs, callbacks, output, enable_checkpointing=start is None)
+    trainer = _sharded_trainer(max_epochs, callbacks, output, enable_checkpointing=start is None, **kwargs)
     resume_from = None if start is None else str(output / "checkpoints" / start)
-    trainer.fit(model, datamodule=DigitsDataModule(batch_size=32), ckpt_path=resume_from)
+    trainer.fit(model, datamodule=datamodule or DigitsDataModule(batch_size=32), ckpt_path=resume_from)
     return trainer
 
 
@@ -185,6 +193,29 @@ def low_bit(output: Path) -> None:
             losses[name] = float(torch.nn.functional.cross_entropy(logits[name].flatten(0, 1), labels.flatten()))
     ends = {"losses": losses, "logits": logits["low-bit"], "sharded": is_sharded(qat.quantized_model)}
     torch.save(ends, output / f"lowbit_rank{trainer.global_rank}.pt")
+
+
+def low_bit_resumed(output: Path) -> None:
+    """Low-bit QAT (8da4w) of the language model sharded block by block and whole, checkpointed each epoch; then a
+    fresh sharded run resumed from the epoch-1 distributed checkpoint (low-bit QAT on since epoch 1). Each run's
+    gathered weights and low-bit logits, per rank."""
+    ends = {}
+    for run, start in (("uninterrupted", None), ("resumed", "epoch=1.ckpt")):
+        L.seed_everything(0)
+        data = PythonSourceDataModule(block_size=32, batch_size=16, train_bytes=20_000, eval_bytes=4_000)
+        model = ShardedLanguageModel(block_size=32, width=64, layers=2, heads=2)
+        qat = QuantizationAwareTraining(start_epoch=1, config=LowBitLinearConfig(scheme="8da4w"), export_format="none")
+        trainer = _fit_from(model, 3, [qat], output, start, datamodule=data, limit_val_batches=0)
+        data.setup("test")
+        tokens, _ = next(iter(data.test_dataloader()))
+        with torch.no_grad():
+            logits = qat.quantized_model(tokens)
+        ends[run] = {
+            "weights": {name: full_tensor(tensor.detach()).clone() for name, tensor in model.state_dict().items()},
+            "logits": logits,
+            "global_step": trainer.global_step,
+        }
+    torch.save(ends, output / f"lowbit_resume_rank{trainer.global_rank}.pt")
 
 
 def resume(output: Path, backend: str = "x86", mode: str = "resume") -> None:
@@ -571,6 +602,7 @@ if __name__ == "__main__":
         "resume": resume,
         "resume_pt2e": lambda output: resume(output, "x86_inductor", "resume_pt2e"),
         "lowbit": low_bit,
+        "lowbit_resume": low_bit_resumed,
         "distill": distillation,
         "pt2e": pt2e,
         "channels": channels,

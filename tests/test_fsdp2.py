@@ -77,6 +77,22 @@ def test_low_bit_qat_of_a_language_model_sharded_block_by_block_converts_alike_o
 
 
 @pytest.mark.slow
+def test_low_bit_qat_of_a_wholly_sharded_language_model_resumes_from_its_distributed_checkpoint_exactly(tmp_path: Path):
+    """Low-bit QAT (8da4w) of a language model sharded block by block and as a whole: a run resumed from the epoch-1
+    distributed checkpoint (QAT on since epoch 1) ends with the uninterrupted run's weights and low-bit logits."""
+    ranks = _run(tmp_path, "lowbit_resume")
+    assert (tmp_path / "checkpoints" / "epoch=1.ckpt").is_dir()
+    for ends in ranks:
+        uninterrupted, resumed = ends["uninterrupted"], ends["resumed"]
+        assert resumed["global_step"] == uninterrupted["global_step"]
+        assert set(resumed["weights"]) == set(uninterrupted["weights"])
+        for name, weight in uninterrupted["weights"].items():
+            assert torch.equal(weight, resumed["weights"][name]), name
+        assert torch.equal(uninterrupted["logits"], resumed["logits"])
+    assert torch.equal(ranks[0]["uninterrupted"]["logits"], ranks[1]["uninterrupted"]["logits"])
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["resume", pytest.param("resume_pt2e", id="torch_export_engine")])
 def test_a_sharded_run_resumed_from_its_distributed_checkpoint_ends_as_the_uninterrupted_one(tmp_path: Path, mode: str):
     ranks = _run(tmp_path, mode)
