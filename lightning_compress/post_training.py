@@ -170,6 +170,14 @@ class PostTrainingQuantization(Callback, ReportsModels):
         self._calls = first_calls(pl_module, training_batches(trainer, pl_module, 1), self._targets)
 
     @override
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # the BatchNorm statistics the int8 model is built from: rank 0's on every rank, so a checkpoint (which holds
+        # one rank's buffers) resumes the fit this one is
+        sharding.synchronize_buffers(trainer, pl_module)
+
+    @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         pl_module = sharding.unsharded(pl_module)  # under FSDP2: a whole copy, gathered once, calibrated and converted
         self.backend.activate()
@@ -352,6 +360,12 @@ class DynamicQuantization(Callback, ReportsModels):
             raise ValueError("DynamicQuantization: the model has no Linear, LSTM or GRU layer to quantize.")
         self._batches = training_batches(trainer, pl_module, 1)
         self._calls = first_calls(pl_module, self._batches, self._targets)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        sharding.synchronize_buffers(trainer, pl_module)  # as PostTrainingQuantization does, for the same reason
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -148,19 +148,24 @@ def pruning_and_qat(output: Path) -> None:
 
 
 def post_training(output: Path) -> None:
-    """A sharded fit, then post-training static and dynamic int8 of the gathered weights."""
-    L.seed_everything(0)
-    model = ShardedClassifier()
-    ptq = PostTrainingQuantization(calibration_batches=4, export_format="none")
-    dynamic = DynamicQuantization(export_format="none")
-    trainer = _fit(model, 2, [ptq, dynamic], output, enable_checkpointing=False)
-    images, labels = _test_images()
-    with torch.no_grad():
-        static, dynamic_predictions = ptq.quantized_model(images), dynamic.quantized_model(images)
-    torch.save(
-        {"static": static, "dynamic": dynamic_predictions, "labels": labels},
-        output / f"ptq_rank{trainer.global_rank}.pt",
-    )
+    """A sharded fit, then post-training static and dynamic int8 of the gathered weights; checkpointed each epoch,
+    then a fresh sharded run resumed from the epoch-0 distributed checkpoint. Each run's int8 predictions, per rank."""
+    ends = {}
+    for run, start in (("uninterrupted", None), ("resumed", "epoch=0.ckpt")):
+        L.seed_everything(0)
+        model = ShardedClassifier()
+        ptq = PostTrainingQuantization(calibration_batches=4, export_format="none")
+        dynamic = DynamicQuantization(export_format="none")
+        trainer = _fit_from(model, 2, [ptq, dynamic], output, start)
+        images, labels = _test_images()
+        with torch.no_grad():
+            ends[run] = {
+                "static": ptq.quantized_model(images),
+                "dynamic": dynamic.quantized_model(images),
+                "labels": labels,
+                "weights": {name: full_tensor(tensor.detach()).clone() for name, tensor in model.net.state_dict().items()},
+            }
+    torch.save(ends, output / f"ptq_rank{trainer.global_rank}.pt")
 
 
 class ShardedLanguageModel(ByteTransformer):
