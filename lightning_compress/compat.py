@@ -204,13 +204,14 @@ def run_before_distributed_weights_load(
         if getattr(strategy, "lightning_module", pl_module) is not pl_module:  # the trainer now runs another module
             return original(checkpoint_path, *args, **kwargs)
         metadata = Path(checkpoint_path) / _METADATA_FILENAME
-        full = Path(checkpoint_path).is_file()  # one file, the whole state dict in it
+        # the user's own checkpoint: one file holding the whole state dict (read once, for the hooks and the buffers),
+        # or a folder whose metadata holds all but the weights
+        full = torch.load(checkpoint_path, **_READ_WHOLE) if Path(checkpoint_path).is_file() else None
         hooks = pl_module.__dict__.get(_HOOKS_BEFORE_WEIGHTS_LOAD, [])
-        if hooks and (metadata.is_file() or full):
+        if hooks and (metadata.is_file() or full is not None):
             for before, _ in steps.values():
                 before()
-            # the user's own checkpoint
-            checkpoint = torch.load(metadata if metadata.is_file() else checkpoint_path, **_READ_WHOLE)
+            checkpoint = full if full is not None else torch.load(metadata, **_READ_WHOLE)
             for _, hook in sorted(hooks, key=lambda entry: entry[0]):
                 hook(checkpoint)
             for _, after in steps.values():
@@ -218,8 +219,8 @@ def run_before_distributed_weights_load(
         if metadata.is_file():
             _shape_buffers_as_saved(pl_module, Path(checkpoint_path))
         loaded = original(checkpoint_path, *args, **kwargs)
-        if full:
-            _buffers_as_saved(pl_module, torch.load(checkpoint_path, **_READ_WHOLE)["state_dict"])
+        if full is not None:
+            _buffers_as_saved(pl_module, full["state_dict"])
         return loaded
 
     strategy.load_checkpoint = load_checkpoint
@@ -228,6 +229,7 @@ def run_before_distributed_weights_load(
 
 
 _WRAPPED_LOAD = "_lightning_compress_wrapped_load_for"
+_LOAD_STEPS = "_lightning_compress_load_steps"
 _READ_WHOLE = {"map_location": "cpu", "weights_only": False, "mmap": True}  # a file read in pages, as it is used
 
 
@@ -242,9 +244,6 @@ def _buffers_as_saved(pl_module: nn.Module, state_dict: dict[str, Any]) -> None:
             saved = state_dict.get(name)
             if isinstance(saved, torch.Tensor) and saved.shape == buffer.shape:
                 buffer.copy_(saved)
-
-
-_LOAD_STEPS = "_lightning_compress_load_steps"
 
 
 def _shape_buffers_as_saved(pl_module: nn.Module, folder: Any) -> None:
