@@ -526,8 +526,6 @@ class QuantizationAwareTraining(Callback, ReportsModels):
         self._switch(pl_module, observers=False)
         for module in self._prepared_modules(pl_module):
             sharding.broadcast_buffers(module, trainer)  # every rank converts rank 0's ranges, whatever its last batch saw
-        if sharding.is_sharded(pl_module):  # the report's fake-quant row, and what is converted: whole, unsharded
-            self._pl_module = pl_module = sharding.full_copy(pl_module).cpu()
         if not self.convert_on_fit_end:
             return
         if trainer.current_epoch <= self.start_epoch and not self._calibrated:
@@ -540,6 +538,16 @@ class QuantizationAwareTraining(Callback, ReportsModels):
                 "activations have no int8 kernel: the model stays fake-quantized (no int8 conversion or export)."
             )
             return
+        if sharding.is_sharded(pl_module):
+            # Gathered whole once, on every rank, for the conversion and rank 0's exports, and freed after them (its
+            # FX graphs are reference cycles: collected now, not whenever Python next collects): the report gathers
+            # the live module again when it is built. Kept, it would cost every rank one more model.
+            self._convert_and_export(trainer, sharding.full_copy(pl_module).cpu())
+            gc.collect()
+        else:
+            self._convert_and_export(trainer, pl_module)
+
+    def _convert_and_export(self, trainer: L.Trainer, pl_module: nn.Module) -> None:
         self.quantized_model = self.convert(pl_module)
         if self.export_formats:
             self.export_paths = self._export(trainer, pl_module) or {}
@@ -610,7 +618,7 @@ class QuantizationAwareTraining(Callback, ReportsModels):
         """An int8 copy of ``pl_module``: each fake-quant part converted; a part whose int8 version fails
         to run (an op with no int8 kernel) is kept in float and marked so in ``parts``."""
         pl_module = sharding.unsharded(pl_module)  # whole, gathered from the ranks (collective) under FSDP2
-        quantized = copy.deepcopy(pl_module).cpu().eval()
+        quantized = self._copy_without_parts(pl_module)
         for part in self.parts:
             if not part.quantized:
                 continue
@@ -638,7 +646,7 @@ class QuantizationAwareTraining(Callback, ReportsModels):
     def float_model(self, pl_module: nn.Module) -> nn.Module:
         """A plain fp32 copy of ``pl_module`` with the current weights (separate Conv and BN again)."""
         pl_module = sharding.unsharded(pl_module)  # whole, gathered from the ranks (collective) under FSDP2
-        float_module = copy.deepcopy(pl_module).cpu().eval()
+        float_module = self._copy_without_parts(pl_module)
         for name in self.prepared_names:
             _put(float_module, name, self._float_part(pl_module, name).cpu())
         return float_module
@@ -647,7 +655,7 @@ class QuantizationAwareTraining(Callback, ReportsModels):
         """A copy of ``pl_module`` whose fake-quant parts are written as ONNX and OpenVINO read them (see
         the backend's ``fake_quant_for_export``): what the ``onnx`` and ``openvino`` exports hold."""
         pl_module = sharding.unsharded(pl_module)  # whole, gathered from the ranks (collective) under FSDP2
-        deployable = copy.deepcopy(pl_module).cpu().eval()
+        deployable = self._copy_without_parts(pl_module)
         for part in self.parts:
             if part.quantized:
                 _put(deployable, part.name, self.backend.fake_quant_for_export(_prepared(pl_module, part.name)))
@@ -832,6 +840,14 @@ class QuantizationAwareTraining(Callback, ReportsModels):
         if name in self._swapped_parts():
             return module_swap.float_swapped(copy.deepcopy(_get(pl_module, name))).eval()
         return self.backend.float_copy(self._float_templates[name], _prepared(pl_module, name), self._float_names[name])
+
+    def _copy_without_parts(self, pl_module: nn.Module) -> nn.Module:
+        """A CPU copy of ``pl_module`` in eval mode whose prepared parts are empty modules, for the caller to put a
+        converted, float or exportable version of each in: copying a part only to replace it would hold one more
+        copy of its weights at once, for a large model the memory of a whole model on every process. (The module's
+        forward quantized as one graph, part ``""``, holds its networks: that copy keeps them.)"""
+        memo: dict[int, Any] = {id(_get(pl_module, name)): nn.Module() for name in self.prepared_names if name}
+        return copy.deepcopy(pl_module, memo).cpu().eval()
 
     def _swapped_parts(self) -> dict[str, list[str]]:
         return {part.name: part.swapped_layers for part in self.parts if part.quantized and part.swapped_layers}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
@@ -114,6 +115,10 @@ def full_copy(module: nn.Module) -> nn.Module:
     child) copied as this copies. Collective where ``module`` is sharded."""
     if not is_sharded(module):
         return copy.deepcopy(module)
+    # A copy that held FX graphs (a prepared or converted part: each graph and its module point at each other) is
+    # freed only by the garbage collector: before gathering another whole model, free the ones already dropped, or
+    # a fit end's copies (dense, float, converted) pile up on every rank.
+    gc.collect()
     memo: dict[int, Any] = {}
     for parameter in module.parameters():  # in registration order, on every rank alike
         if isinstance(parameter, DTensor):
