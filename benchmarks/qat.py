@@ -201,10 +201,11 @@ def _qat(
     return model, qat
 
 
-def regime_arms(regime_name: str, fp32_epochs: int, qat_epochs: int, scratch: Path):
+def regime_arms(regime_name: str, fp32_epochs: int, qat_epochs: int, scratch: Path, engines: tuple[str, ...] = BACKENDS):
     """``train_and_predict`` for ``kfold_accuracy``: fp32, PTQ int8 and QAT (observers and LSQ; 8 bits, and 4 and 3
     bits where the regime asks) of one regime, every arm fine-tuned from the same fp32 weights of the fold; on the
-    FX engine, and at 8 bits (its only grid) on the torch.export engine (arms ending in ``_pt2e``)."""
+    FX engine, and at 8 bits (its only grid) on the torch.export engine (arms ending in ``_pt2e``); ``engines``
+    picks the engines whose arms run."""
     regime = REGIMES[regime_name]
     fit_seconds: dict[str, list[float]] = {}
 
@@ -216,11 +217,13 @@ def regime_arms(regime_name: str, fp32_epochs: int, qat_epochs: int, scratch: Pa
         fp32_path = scratch / "fp32.pt"
         torch.save(model.net.state_dict(), fp32_path)
         predictions = {"fp32": predicted_classes(model, images)}
-        for backend, suffix in ENGINES.items():
+        for backend in engines:
+            suffix = ENGINES[backend]
             ptq = PostTrainingQuantization(calibration_batches=8, backend=backend, export_format="none")
             fit(copy.deepcopy(model), 0, [ptq], seed, datamodule)
             predictions[f"ptq_int8{suffix}"] = predicted_classes(ptq.quantized_model, images)
         arms = [(bits, "x86") for bits in REGIME_BITS[regime_name]] + [(8, "x86_inductor")]
+        arms = [(bits, backend) for bits, backend in arms if backend in engines]
         for bits, backend in arms:
             for learnable_ranges in (False, True):
                 arm = f"{'lsq' if learnable_ranges else 'qat'}_{bits}bit{ENGINES[backend]}"
@@ -235,17 +238,49 @@ def regime_arms(regime_name: str, fp32_epochs: int, qat_epochs: int, scratch: Pa
 
 
 def accuracy_kfold(
-    regimes: list[str], fp32_epochs: int, qat_epochs: int, folds: int, seeds: list[int], scratch: Path
+    regimes: list[str],
+    fp32_epochs: int,
+    qat_epochs: int,
+    folds: int,
+    seeds: list[int],
+    scratch: Path,
+    engines: tuple[str, ...] = BACKENDS,
+    earlier: Path | None = None,
 ) -> list[dict]:
     rows = []
     for regime_name in regimes:
-        train_and_predict, fit_seconds = regime_arms(regime_name, fp32_epochs, qat_epochs, scratch)
+        train_and_predict, fit_seconds = regime_arms(regime_name, fp32_epochs, qat_epochs, scratch, engines)
         result = kfold_accuracy(train_and_predict, folds=folds, seeds=seeds)
         result["regime"] = regime_name
         result["machine"] = MACHINE
         result["qat_fit_s"] = {arm: round(statistics.mean(values), 1) for arm, values in fit_seconds.items()}
+        if set(engines) != set(BACKENDS):
+            result = _with_earlier_engines(result, earlier)
         rows.append(result)
     return rows
+
+
+def _with_earlier_engines(result: dict, earlier: Path | None) -> dict:
+    """``result`` (one regime, some engines' arms) with the other engines' arms of the last run's row for the
+    regime: valid pairs only where both runs trained the same fp32 models, which the fp32 arm's accuracy on every
+    seed, equal to the last digit, vouches for (the folds and seeds must match too); otherwise it stops."""
+    rows = json.loads(earlier.read_text())["accuracy"] if earlier is not None and earlier.exists() else []
+    before = next((row for row in rows if row["regime"] == result["regime"]), None)
+    same = ("folds", "seeds", "images")
+    if before is None or any(before[key] != result[key] for key in same):
+        raise SystemExit(f"--engines: no earlier row of {result['regime']!r} with these folds and seeds to pair with.")
+    if before["arms"]["fp32"]["per_seed"] != result["arms"]["fp32"]["per_seed"]:
+        raise SystemExit(
+            f"--engines: the fp32 models of {result['regime']!r} differ from the earlier run's "
+            f"({before['arms']['fp32']['per_seed']} against {result['arms']['fp32']['per_seed']}): run every engine."
+        )
+    merged = dict(before)
+    arms = before["arms"] | result["arms"]
+    order = ["fp32", "ptq_int8", "ptq_int8_pt2e", *(f"{k}_{b}bit" for b in (8, 4, 3) for k in ("qat", "lsq"))]
+    merged["arms"] = {arm: arms[arm] for arm in [*order, *arms] if arm in arms}  # as a run of both engines orders them
+    merged["qat_fit_s"] = before["qat_fit_s"] | result["qat_fit_s"]
+    merged["machine"] = result["machine"]
+    return merged
 
 
 def training_step_time(steps: int) -> dict:
@@ -389,6 +424,14 @@ def main(argv: list[str] | None = None) -> None:
         choices=list(REGIMES),
         help="accuracy regimes to measure; the others keep their rows from the last run's qat.json",
     )
+    parser.add_argument(
+        "--engines",
+        nargs="+",
+        default=list(BACKENDS),
+        choices=list(BACKENDS),
+        help="engines whose accuracy arms run; the other engine's arms of each regime are kept from the last run's "
+        "qat.json where its fp32 models were the same",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--fp32-epochs", type=int, default=10)
     parser.add_argument("--qat-epochs", type=int, default=6)
@@ -410,7 +453,11 @@ def main(argv: list[str] | None = None) -> None:
         "latency_machine": latency_machine,
         "latency_from_earlier_run": args.skip_latency,
         "accuracy": with_earlier_rows(
-            accuracy_kfold(args.regimes, args.fp32_epochs, args.qat_epochs, args.folds, args.seeds, scratch),
+            accuracy_kfold(
+                *(args.regimes, args.fp32_epochs, args.qat_epochs, args.folds, args.seeds, scratch),
+                engines=tuple(args.engines),
+                earlier=args.output / "qat.json",
+            ),
             args.output / "qat.json",
             "accuracy",
             "regime",
