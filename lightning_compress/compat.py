@@ -140,11 +140,14 @@ def packed_weight_and_bias(module: nn.Module) -> Any:
     return packed() if callable(packed) else None
 
 
-def run_before_weights_load(pl_module: L.LightningModule, hook: Callable[[dict[str, Any]], None], order: int) -> None:
+def run_before_weights_load(pl_module: L.LightningModule, hook: Callable[[dict[str, Any]], None], order: int, by: str) -> None:
     """Run ``hook(checkpoint)`` before Lightning loads a checkpoint's weights into ``pl_module``, then the
     module's own ``on_load_checkpoint``. Hooks run by ``order``, lowest first, whichever registered first: a
     structure built on another (fake-quant inserted into a network whose channels were removed) is rebuilt
-    after it, whatever the order of the callbacks in the Trainer.
+    after it, whatever the order of the callbacks in the Trainer. ``by`` names the hook (its callback's state key
+    and what it does): registered again, at each fit's ``setup``, it replaces the one of that name, so that a
+    module fitted several times runs each once, and the hooks of an earlier fit's callback give way to the
+    callback that takes its place.
 
     Lightning 2.6 loads the module's state_dict before any callback's ``load_state_dict`` or
     ``on_load_checkpoint``, and ``trainer.ckpt_path`` is unset in ``setup``: a callback that changes the
@@ -152,19 +155,23 @@ def run_before_weights_load(pl_module: L.LightningModule, hook: Callable[[dict[s
     """
     hooks = pl_module.__dict__.get(_HOOKS_BEFORE_WEIGHTS_LOAD)
     if hooks is None:
-        hooks = pl_module.__dict__[_HOOKS_BEFORE_WEIGHTS_LOAD] = []
+        hooks = pl_module.__dict__[_HOOKS_BEFORE_WEIGHTS_LOAD] = {}
         own_hook = pl_module.on_load_checkpoint
 
         def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
-            for _, registered in sorted(hooks, key=lambda entry: entry[0]):
-                registered(checkpoint)
+            _run_hooks_before_weights_load(pl_module, checkpoint)
             own_hook(checkpoint)
 
         pl_module.on_load_checkpoint = on_load_checkpoint
-    hooks.append((order, hook))
+    hooks[by] = (order, hook)
 
 
 _HOOKS_BEFORE_WEIGHTS_LOAD = "_lightning_compress_hooks_before_weights_load"
+
+
+def _run_hooks_before_weights_load(pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+    for _, hook in sorted(pl_module.__dict__.get(_HOOKS_BEFORE_WEIGHTS_LOAD, {}).values(), key=lambda entry: entry[0]):
+        hook(checkpoint)
 
 
 def run_before_distributed_weights_load(
@@ -207,13 +214,10 @@ def run_before_distributed_weights_load(
         # the user's own checkpoint: one file holding the whole state dict (read once, for the hooks and the buffers),
         # or a folder whose metadata holds all but the weights
         full = torch.load(checkpoint_path, **_READ_WHOLE) if Path(checkpoint_path).is_file() else None
-        hooks = pl_module.__dict__.get(_HOOKS_BEFORE_WEIGHTS_LOAD, [])
-        if hooks and (metadata.is_file() or full is not None):
+        if pl_module.__dict__.get(_HOOKS_BEFORE_WEIGHTS_LOAD) and (metadata.is_file() or full is not None):
             for before, _ in steps.values():
                 before()
-            checkpoint = full if full is not None else torch.load(metadata, **_READ_WHOLE)
-            for _, hook in sorted(hooks, key=lambda entry: entry[0]):
-                hook(checkpoint)
+            _run_hooks_before_weights_load(pl_module, full if full is not None else torch.load(metadata, **_READ_WHOLE))
             for _, after in steps.values():
                 after()
         if metadata.is_file():

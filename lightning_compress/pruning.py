@@ -192,7 +192,6 @@ class MagnitudePruning(Callback, ReportsModels):
         self._dropped: dict[str, list[tuple[str, list[int]]]] = {}
         self._dropped_inputs: dict[str, dict] = {}
         self._sparsity_at_shrink: dict[str, Any] = {}  # measured_sparsity just before the shrink
-        self._shrink_hook_on: nn.Module | None = None
         self._unshrunk_copy: nn.Module | None = None  # the module as built, before a resume shrank it
         self._float_from: HoldsFakeQuant | None = None  # the callback whose float copy pruned_model is
         self._fake_quant: HoldsFakeQuant | None = None  # QAT in the same fit: it may hold the weights under other names
@@ -262,11 +261,12 @@ class MagnitudePruning(Callback, ReportsModels):
 
     def _restore_shrink_before_weights_load(self, pl_module: L.LightningModule) -> None:
         """A checkpoint written after the shrink holds the smaller network: rebuild it before its weights load."""
-        if self._shrink_hook_on is not pl_module:
-            compat.run_before_weights_load(
-                pl_module, lambda checkpoint: self._restore_shrink(pl_module, checkpoint), order=compat.CHANNELS_REMOVED
-            )
-            self._shrink_hook_on = pl_module
+        compat.run_before_weights_load(
+            pl_module,
+            lambda checkpoint: self._restore_shrink(pl_module, checkpoint),
+            order=compat.CHANNELS_REMOVED,
+            by=f"{self.state_key} shrink",
+        )
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

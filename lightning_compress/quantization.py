@@ -279,7 +279,9 @@ class QuantizationAwareTraining(Callback, ReportsModels):
             )
         # registered before either path prepares: a shrink's path rebuilds from the checkpoint's config, and a state
         # written from this callback's config must describe what was rebuilt
-        compat.run_before_weights_load(pl_module, self._refuse_another_config, order=compat.SETTINGS_CHECKED)
+        compat.run_before_weights_load(
+            pl_module, self._refuse_another_config, order=compat.SETTINGS_CHECKED, by=f"{self.state_key} settings"
+        )
         pruning = [callback for callback in trainer.callbacks if isinstance(callback, MagnitudePruning)]
         self._shrinks = self._shrinks_before_start(pruning, pl_module)
         if self._shrinks:
@@ -834,7 +836,7 @@ class QuantizationAwareTraining(Callback, ReportsModels):
                 for name, (_, _, swapped) in restored.items()
             ]
 
-        compat.run_before_weights_load(pl_module, restore, order=compat.FAKE_QUANT_INSERTED)
+        compat.run_before_weights_load(pl_module, restore, order=compat.FAKE_QUANT_INSERTED, by=f"{self.state_key} parts")
 
     def _float_part(self, pl_module: nn.Module, name: str) -> nn.Module:
         if name in self._swapped_parts():

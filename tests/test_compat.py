@@ -133,7 +133,7 @@ def test_run_before_weights_load_runs_before_the_state_dict_is_loaded(tmp_path: 
                 events.append((f"rebuild {self.order}", tuple(pl_module.net.features[0].weight.shape)))
                 pl_module.net = type(pl_module.net)(widths=[4])
 
-            compat.run_before_weights_load(pl_module, rebuild, order=self.order)
+            compat.run_before_weights_load(pl_module, rebuild, order=self.order, by=f"rebuild {self.order}")
 
     class Own(ImageClassifier):
         def on_load_checkpoint(self, checkpoint):
@@ -144,6 +144,23 @@ def test_run_before_weights_load_runs_before_the_state_dict_is_loaded(tmp_path: 
     trainer.fit(resumed, datamodule=digits, ckpt_path=tmp_path / "wide.ckpt")
     assert events == [("rebuild 0", (8, 1, 3, 3)), ("rebuild 1", (4, 1, 3, 3)), ("own hook", None)]
     assert resumed.net.features[0].weight.shape == (4, 1, 3, 3) and trainer.global_step == 4  # loaded, then went on
+
+
+def test_a_hook_registered_again_under_its_name_replaces_the_earlier_one():
+    """Callbacks register their hooks at every fit's setup: a module fitted twice, or by a new callback in the place
+    of an earlier fit's, runs each named hook once, the latest, in order; the module's own hook last."""
+    events = []
+
+    class Module(L.LightningModule):
+        def on_load_checkpoint(self, checkpoint):
+            events.append("own")
+
+    module = Module()
+    compat.run_before_weights_load(module, lambda checkpoint: events.append("first fit's parts"), order=1, by="QAT parts")
+    compat.run_before_weights_load(module, lambda checkpoint: events.append("shrink"), order=0, by="pruning shrink")
+    compat.run_before_weights_load(module, lambda checkpoint: events.append("second fit's parts"), order=1, by="QAT parts")
+    module.on_load_checkpoint({})
+    assert events == ["shrink", "second fit's parts", "own"]
 
 
 def test_run_before_distributed_weights_load_rebuilds_and_shapes_buffers_before_the_strategy_loads(tmp_path: Path):
@@ -173,7 +190,9 @@ def test_run_before_distributed_weights_load_rebuilds_and_shapes_buffers_before_
             return {}
 
     trainer = SimpleNamespace(strategy=Strategy())
-    compat.run_before_weights_load(module, lambda checkpoint: events.append(("hook", checkpoint["callbacks"])), order=0)
+    compat.run_before_weights_load(
+        module, lambda checkpoint: events.append(("hook", checkpoint["callbacks"])), order=0, by="Restorer"
+    )
     compat.run_before_distributed_weights_load(
         trainer, module, lambda: events.append(("before",)), lambda: events.append(("after",))
     )
