@@ -134,8 +134,7 @@ def full_copy(module: nn.Module) -> nn.Module:
     with _without_fsdp(module):
         replica = copy.deepcopy(module, memo)
     if torch.distributed.is_initialized():
-        for buffer in replica.buffers():
-            torch.distributed.broadcast(buffer, src=0)
+        _take_rank_zeros(list(replica.buffers()))
     return replica
 
 
@@ -182,8 +181,7 @@ class ShardedCopy:
                 if parameter is not None:
                     layer._parameters[key] = wholes[originals[id(parameter)]]
         if torch.distributed.is_initialized():
-            for buffer in replica.buffers():
-                torch.distributed.broadcast(buffer, src=0)
+            _take_rank_zeros(list(replica.buffers()))
         return replica
 
 
@@ -303,5 +301,18 @@ def broadcast_buffers(module: nn.Module, trainer: L.Trainer) -> None:
     """Every rank takes rank 0's buffers of ``module`` (observers' ranges, BatchNorm statistics), as DDP does before
     each forward; FSDP2 leaves buffers to each rank. Collective where several processes run."""
     if trainer.world_size > 1 and torch.distributed.is_initialized():
-        for buffer in module.buffers():
-            torch.distributed.broadcast(buffer, src=0)
+        _take_rank_zeros(list(module.buffers()))
+
+
+def _take_rank_zeros(tensors: list[torch.Tensor]) -> None:
+    """Every rank's ``tensors`` (the same list on each) take rank 0's values: one broadcast per dtype and device,
+    not one per tensor. A transformer's observers hold hundreds of small buffers, broadcast after every step; each
+    collective costs its own round trip (tens of microseconds with gloo), whatever its size."""
+    groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+    for tensor in tensors:
+        groups.setdefault((tensor.dtype, tensor.device), []).append(tensor)
+    for group in groups.values():
+        flat = torch.cat([tensor.detach().reshape(-1) for tensor in group])
+        torch.distributed.broadcast(flat, src=0)
+        for tensor, values in zip(group, flat.split([tensor.numel() for tensor in group]), strict=True):
+            tensor.detach().copy_(values.view_as(tensor))
