@@ -72,6 +72,19 @@ def only_marked_dimensions_dynamic():
     return dynamo_config.patch(automatic_dynamic_shapes=False)
 
 
+def only_compiled_code():
+    """A context in which a ``torch.compile``d function runs only graphs it compiled before: a call whose guards
+    match none raises instead of compiling (``would_compile`` tells that error apart), so that the settings a
+    compile needs can be left out of calls that need none (``torch.compiler.set_stance``)."""
+    return torch.compiler.set_stance("fail_on_recompile")
+
+
+def would_compile(error: BaseException) -> bool:
+    """Whether ``error`` is the one a call raises in ``only_compiled_code`` where it would have compiled (a plain
+    ``RuntimeError``, known by its message in torch 2.14)."""
+    return isinstance(error, RuntimeError) and "stance is 'fail_on_recompile'" in str(error)
+
+
 def compiles_up_to(graphs: int):
     """A context in which Dynamo compiles a function up to ``graphs`` times before it runs it eagerly
     (``recompile_limit``, 8 by default: a function compiled per input shape reaches it at its ninth shape). The
