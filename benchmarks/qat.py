@@ -15,7 +15,8 @@ turns): shared machines are noisy, so compare ratios, not absolute milliseconds 
    weights, and QAT fine-tuning of them with observer ranges and with learned ranges (LSQ), at 8 bits, and at
    4 and 3 bits on the default and the starved CNN (4 on mobilenet_v2, ``REGIME_BITS``), on the FX engine; PTQ
    and 8-bit QAT (observers and LSQ) on the torch.export engine too, the default, whose grids are 8-bit only.
-   ``--regimes`` picks the regimes measured; the others keep their rows from the last run.
+   ``--regimes`` picks the regimes measured; the others keep their rows from the last run (``--skip-accuracy``:
+   all of them; ``--engines``: one engine's arms, see ``_with_earlier_engines``).
 3. Training step time with fake-quant relative to fp32.
 """
 
@@ -418,6 +419,9 @@ def main(argv: list[str] | None = None) -> None:
         "--skip-latency", action="store_true", help="keep the latency table of the last run's qat.json (marked as such)"
     )
     parser.add_argument(
+        "--skip-accuracy", action="store_true", help="keep the accuracy rows of the last run's qat.json (no k-fold fits)"
+    )
+    parser.add_argument(
         "--regimes",
         nargs="+",
         default=list(REGIMES),
@@ -453,7 +457,9 @@ def main(argv: list[str] | None = None) -> None:
         "latency_machine": latency_machine,
         "latency_from_earlier_run": args.skip_latency,
         "accuracy": with_earlier_rows(
-            accuracy_kfold(
+            []
+            if args.skip_accuracy
+            else accuracy_kfold(
                 *(args.regimes, args.fp32_epochs, args.qat_epochs, args.folds, args.seeds, scratch),
                 engines=tuple(args.engines),
                 earlier=args.output / "qat.json",
