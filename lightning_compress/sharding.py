@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import gc
 from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
@@ -115,10 +114,6 @@ def full_copy(module: nn.Module) -> nn.Module:
     child) copied as this copies. Collective where ``module`` is sharded."""
     if not is_sharded(module):
         return copy.deepcopy(module)
-    # A copy that held FX graphs (a prepared or converted part: each graph and its module point at each other) is
-    # freed only by the garbage collector: before gathering another whole model, free the ones already dropped, or
-    # a fit end's copies (dense, float, converted) pile up on every rank.
-    gc.collect()
     memo: dict[int, Any] = {}
     for parameter in module.parameters():  # in registration order, on every rank alike
         if isinstance(parameter, DTensor):
@@ -134,7 +129,7 @@ def full_copy(module: nn.Module) -> nn.Module:
     with _without_fsdp(module):
         replica = copy.deepcopy(module, memo)
     if torch.distributed.is_initialized():
-        _take_rank_zeros(list(replica.buffers()))
+        _broadcast_from_rank_zero(list(replica.buffers()))
     return replica
 
 
@@ -181,7 +176,7 @@ class ShardedCopy:
                 if parameter is not None:
                     layer._parameters[key] = wholes[originals[id(parameter)]]
         if torch.distributed.is_initialized():
-            _take_rank_zeros(list(replica.buffers()))
+            _broadcast_from_rank_zero(list(replica.buffers()))
         return replica
 
 
@@ -301,10 +296,10 @@ def broadcast_buffers(module: nn.Module, trainer: L.Trainer) -> None:
     """Every rank takes rank 0's buffers of ``module`` (observers' ranges, BatchNorm statistics), as DDP does before
     each forward; FSDP2 leaves buffers to each rank. Collective where several processes run."""
     if trainer.world_size > 1 and torch.distributed.is_initialized():
-        _take_rank_zeros(list(module.buffers()))
+        _broadcast_from_rank_zero(list(module.buffers()))
 
 
-def _take_rank_zeros(tensors: list[torch.Tensor]) -> None:
+def _broadcast_from_rank_zero(tensors: list[torch.Tensor]) -> None:
     """Every rank's ``tensors`` (the same list on each) take rank 0's values: one broadcast per dtype and device,
     not one per tensor. A transformer's observers hold hundreds of small buffers, broadcast after every step; each
     collective costs its own round trip (tens of microseconds with gloo), whatever its size."""
