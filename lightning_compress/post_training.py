@@ -215,6 +215,7 @@ class PostTrainingQuantization(Callback, ReportsModels):
 
             self.export_paths = self._export(trainer, pl_module, runtime_model) or {}
             self.export_path = self.export_paths.get("torchscript")
+        sharding.free_dropped_copies(trainer.lightning_module)  # under FSDP2 the whole and calibrated copies
 
     def _prepare(self, model: nn.Module, name: str, float_layers: list[str]) -> list[str]:
         """Insert observers into ``name`` whole or, where it cannot be traced (or is never called itself, as a
@@ -396,6 +397,7 @@ class DynamicQuantization(Callback, ReportsModels):
         if self.export_formats:
             self.export_paths = self._export(trainer, pl_module) or {}
             self.export_path = self.export_paths.get("torchscript")
+        sharding.free_dropped_copies(pl_module)
 
     def _replacements(self, model: nn.Module, name: str) -> dict[str, nn.Module]:
         """The int8 version of ``model``'s submodule ``name`` (from the call a training step made of it, the layers

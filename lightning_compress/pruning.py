@@ -10,7 +10,6 @@ the masks are applied again, so neither momentum nor weight decay can revive a p
 from __future__ import annotations
 
 import copy
-import gc
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -408,11 +407,7 @@ class MagnitudePruning(Callback, ReportsModels):
         if self.plot:
             _, per_layer = self.measured_sparsity(pl_module)  # every rank: under FSDP2 it gathers the weights
             self.plot_path = self._plot(trainer, per_layer)
-        if sharding.is_sharded(pl_module):
-            # The whole copies gathered on the way are dropped, but a copy holding FX graphs (QAT's parts: each graph
-            # and its module point at each other) is freed only by the garbage collector: now, before another
-            # callback gathers a whole model on every rank, not whenever Python next collects.
-            gc.collect()
+        sharding.free_dropped_copies(pl_module)
 
     @override
     def state_dict(self) -> dict[str, Any]:

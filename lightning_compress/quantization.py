@@ -540,14 +540,10 @@ class QuantizationAwareTraining(Callback, ReportsModels):
                 "activations have no int8 kernel: the model stays fake-quantized (no int8 conversion or export)."
             )
             return
-        if sharding.is_sharded(pl_module):
-            # Gathered whole once, on every rank, for the conversion and rank 0's exports, and freed after them (its
-            # FX graphs are reference cycles: collected now, not whenever Python next collects): the report gathers
-            # the live module again when it is built. Kept, it would cost every rank one more model.
-            self._convert_and_export(trainer, sharding.full_copy(pl_module).cpu())
-            gc.collect()
-        else:
-            self._convert_and_export(trainer, pl_module)
+        # Under FSDP2 gathered whole once, on every rank, for the conversion and rank 0's exports, and freed after
+        # them: the report gathers the live module again when it is built. Kept, it would cost every rank a model.
+        self._convert_and_export(trainer, sharding.full_copy(pl_module).cpu() if sharding.is_sharded(pl_module) else pl_module)
+        sharding.free_dropped_copies(pl_module)
 
     def _convert_and_export(self, trainer: L.Trainer, pl_module: nn.Module) -> None:
         self.quantized_model = self.convert(pl_module)
